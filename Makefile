@@ -1,0 +1,56 @@
+# onprem: `make run` starts a demo control plane and agent; `make test` sets up and runs everything.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PROTOS := $(shell find protos -name '*.proto' | sort)
+
+.PHONY: setup system-deps venv proto check-generated lint test test-fast run clean
+
+setup: system-deps venv
+
+system-deps:
+	@tools/setup_system.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+# Regenerate the Python code and stubs in generated/ from protos/ (commit the result).
+proto: venv
+	$(BIN)/python -m grpc_tools.protoc -Iprotos \
+		--python_out=generated --pyi_out=generated --grpc_python_out=generated \
+		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=generated \
+		$(PROTOS)
+	@touch generated/onprem/__init__.py generated/onprem/v1/__init__.py
+
+# Fails when generated/ does not match protos/.
+check-generated: venv
+	@tmp=$$(mktemp -d); \
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp \
+		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=$$tmp $(PROTOS) >/dev/null; \
+	if ! diff -r -x __init__.py -x __pycache__ $$tmp/onprem generated/onprem >/dev/null; then \
+		echo "generated/ is stale: run 'make proto' and commit the result"; \
+		diff -r -q -x __init__.py -x __pycache__ $$tmp/onprem generated/onprem; rm -rf $$tmp; exit 1; fi; \
+	rm -rf $$tmp; echo "generated/ is up to date"
+
+lint: venv check-generated
+	$(BIN)/ruff check .
+	$(BIN)/mypy agent control_plane tunnel tools tests
+	$(BIN)/buf lint
+
+test: setup lint
+	$(BIN)/pytest -q -ra
+
+test-fast: venv
+	$(BIN)/pytest -q -x -m "not slow"
+
+run: setup
+	$(BIN)/python -m tools.demo
+
+clean:
+	rm -rf var/demo build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,140 @@
+"""`onprem-agent`: enroll once, then run as a service.
+
+    onprem-agent enroll --config agent.yaml --token onpe_...
+    onprem-agent run --config agent.yaml
+    onprem-agent check-config --config agent.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import grpc
+
+from agent.config import AgentConfig, load_config
+from agent.dispatcher import Dispatcher
+from agent.handlers.apps import AppHandler
+from agent.handlers.database import DatabaseHandler
+from agent.handlers.files import FolderHandler
+from agent.identity import Identity, IdentityError, load_identity, make_key_and_csr, save_identity
+from agent.profiles import ConfigError
+from agent.tunnel_client import TunnelClient, channel_credentials, channel_options
+from onprem.v1 import enrollment_pb2, enrollment_pb2_grpc
+
+log = logging.getLogger("onprem.agent")
+
+DEFAULT_CONFIG = os.environ.get("ONPREM_AGENT_CONFIG", "/etc/onprem-agent/agent.yaml")
+
+
+def build_dispatcher(config: AgentConfig) -> Dispatcher:
+    return Dispatcher({
+        "database_query": DatabaseHandler(config.profiles.databases),
+        "file_op": FolderHandler(config.profiles.folders),
+        "app_call": AppHandler(config.profiles.apps),
+    })
+
+
+async def enroll(config: AgentConfig, token: str, name: str) -> Identity:
+    key_pem, csr_pem = make_key_and_csr(name)
+    async with grpc.aio.secure_channel(
+        config.control_plane.enroll_address, channel_credentials(config, None), options=channel_options(config)
+    ) as channel:
+        response = await enrollment_pb2_grpc.EnrollmentStub(channel).Enroll(
+            enrollment_pb2.EnrollRequest(token=token, csr_pem=csr_pem.decode(), name=name,
+                                         hostname=socket.gethostname()),
+            timeout=30,
+        )
+    identity = Identity(response.agent_id, response.group, key_pem, response.certificate_pem.encode())
+    save_identity(config.identity_dir, identity)
+    return identity
+
+
+async def run(config: AgentConfig, identity: Identity) -> None:
+    dispatcher = build_dispatcher(config)
+    client = TunnelClient(config, identity, dispatcher)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("agent %s (group %s) starting; control plane %s; %d profiles",
+             identity.agent_id, identity.group, config.control_plane.address, len(dispatcher.profiles()))
+    try:
+        await client.run(stop)
+    finally:
+        await dispatcher.aclose()
+    log.info("agent stopped")
+
+
+def _load(path: str) -> AgentConfig:
+    return load_config(Path(path))
+
+
+def _cmd_enroll(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    token = args.token or os.environ.get("ONPREM_ENROLLMENT_TOKEN", "")
+    if not token:
+        print("onprem-agent enroll: pass --token or set ONPREM_ENROLLMENT_TOKEN", file=sys.stderr)
+        return 2
+    name = args.name or config.name or socket.gethostname()
+    try:
+        identity = asyncio.run(enroll(config, token, name))
+    except grpc.aio.AioRpcError as exc:
+        print(f"onprem-agent enroll: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print(f"enrolled as {identity.agent_id} in group {identity.group}; "
+          f"certificate valid until {identity.not_after.isoformat()}; identity in {config.identity_dir}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    identity = load_identity(config.identity_dir)
+    asyncio.run(run(config, identity))
+    return 0
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    p = config.profiles
+    print(f"config OK: control plane {config.control_plane.address}; "
+          f"{len(p.databases)} database, {len(p.folders)} folder, {len(p.apps)} app profiles")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onprem-agent", description="The onprem agent.")
+    parser.add_argument("--log-level", default=os.environ.get("ONPREM_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    enroll_p = sub.add_parser("enroll", help="make a key pair and enroll with a token")
+    enroll_p.add_argument("--config", default=DEFAULT_CONFIG)
+    enroll_p.add_argument("--token", help="the enrollment token (or ONPREM_ENROLLMENT_TOKEN)")
+    enroll_p.add_argument("--name", help="the agent's name (default: the config's name, or the host name)")
+    enroll_p.set_defaults(func=_cmd_enroll)
+    run_p = sub.add_parser("run", help="hold the tunnel and serve requests")
+    run_p.add_argument("--config", default=DEFAULT_CONFIG)
+    run_p.set_defaults(func=_cmd_run)
+    check = sub.add_parser("check-config", help="validate the config and exit")
+    check.add_argument("--config", default=DEFAULT_CONFIG)
+    check.set_defaults(func=_cmd_check_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (ConfigError, IdentityError) as exc:
+        print(f"onprem-agent: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

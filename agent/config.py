@@ -1,0 +1,95 @@
+"""The agent's YAML config: where the control plane is, where the identity
+lives, and the profiles the site allows.
+
+    control_plane: {address: cp.example.com:8444, ca_file: /etc/onprem-agent/ca.pem}
+    identity_dir: /var/lib/onprem-agent
+    max_in_flight: 64
+    profiles: {databases: {...}, folders: {...}, apps: {...}}
+
+`control_plane.enroll_address` defaults to the same host at port 8445, where
+the control plane serves enrollment without a client certificate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.profiles import ConfigError, Profiles, parse_profiles
+
+DEFAULT_ENROLL_PORT = 8445
+
+
+@dataclass(frozen=True)
+class ControlPlaneConfig:
+    #: host:port of the agent listener (mTLS, the tunnel).
+    address: str
+    #: host:port of the enrollment listener (TLS, no client certificate).
+    enroll_address: str
+    #: The control plane's CA certificate, which signs its server certificate.
+    ca_file: Path
+    #: The TLS name to expect, when it differs from the host in `address`.
+    server_name: str | None = None
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    control_plane: ControlPlaneConfig
+    identity_dir: Path
+    profiles: Profiles
+    max_in_flight: int = 64
+    name: str | None = None
+
+
+def _split_host_port(address: str, field: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{field}: expected host:port, got {address!r}")
+    return host, int(port)
+
+
+def parse_config(raw: Any, *, base_dir: Path) -> AgentConfig:
+    """Validate a parsed YAML document; relative paths are taken from `base_dir`."""
+    if not isinstance(raw, dict):
+        raise ConfigError("the config must be a YAML mapping")
+    unknown = set(raw) - {"control_plane", "identity_dir", "profiles", "max_in_flight", "name"}
+    if unknown:
+        raise ConfigError(f"unknown top-level keys: {', '.join(sorted(unknown))}")
+    cp = raw.get("control_plane")
+    if not isinstance(cp, dict) or "address" not in cp or "ca_file" not in cp:
+        raise ConfigError("control_plane: needs 'address' (host:port) and 'ca_file'")
+    address = str(cp["address"])
+    host, _ = _split_host_port(address, "control_plane.address")
+    enroll_address = str(cp.get("enroll_address") or f"{host}:{DEFAULT_ENROLL_PORT}")
+    _split_host_port(enroll_address, "control_plane.enroll_address")
+    identity = raw.get("identity_dir")
+    if not identity:
+        raise ConfigError("identity_dir: required (where `enroll` writes the key and certificate)")
+    max_in_flight = raw.get("max_in_flight", 64)
+    if not isinstance(max_in_flight, int) or not 1 <= max_in_flight <= 10_000:
+        raise ConfigError("max_in_flight: an integer from 1 to 10000")
+    return AgentConfig(
+        control_plane=ControlPlaneConfig(
+            address=address,
+            enroll_address=enroll_address,
+            ca_file=(base_dir / str(cp["ca_file"])).resolve(),
+            server_name=str(cp["server_name"]) if cp.get("server_name") else None,
+        ),
+        identity_dir=(base_dir / str(identity)).resolve(),
+        profiles=parse_profiles(raw.get("profiles") or {}),
+        max_in_flight=max_in_flight,
+        name=str(raw["name"]) if raw.get("name") else None,
+    )
+
+
+def load_config(path: Path) -> AgentConfig:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    return parse_config(raw, base_dir=path.parent)

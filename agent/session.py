@@ -1,0 +1,247 @@
+"""The agent's end of one tunnel stream: the asyncio shell around
+`tunnel.protocol.AgentConnection`.
+
+One reader loop feeds frames to the protocol and acts on the events; one
+writer task sends; one heartbeat task watches the peer. Each request runs in
+its own task, which waits for its own credit before sending each chunk, so a
+slow consumer at the far end stalls only its own request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+import grpc
+
+from agent.dispatcher import Dispatcher
+from agent.handlers.base import RequestContext
+from onprem.v1 import tunnel_pb2
+from tunnel.aio import CreditWaiters, FrameWriter, StreamClosed
+from tunnel.errors import Code, RequestError
+from tunnel.protocol import (
+    AgentConnection,
+    AgentFrame,
+    CancelReceived,
+    ControlFrame,
+    CreditGranted,
+    DataReceived,
+    DrainReceived,
+    Event,
+    FrameIgnored,
+    PingReceived,
+    PongReceived,
+    RequestStarted,
+)
+
+log = logging.getLogger("onprem.agent.session")
+
+
+class SessionLost(Exception):
+    """The stream to the control plane ended or went silent."""
+
+
+class TunnelCall(Protocol):
+    async def read(self) -> object: ...
+    async def write(self, request: AgentFrame) -> None: ...
+
+
+class _Body:
+    """A request's body as its handler reads it: credit flows back as it is consumed."""
+
+    def __init__(self, on_consumed: Callable[[int], None]) -> None:
+        self._queue: asyncio.Queue[tuple[bytes, bool]] = asyncio.Queue()
+        self._on_consumed = on_consumed
+
+    def feed(self, data: bytes, end: bool) -> None:
+        self._queue.put_nowait((data, end))
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            data, end = await self._queue.get()
+            if data:
+                yield data
+                self._on_consumed(len(data))
+            if end:
+                return
+
+
+class AgentSession:
+    def __init__(
+        self,
+        call: TunnelCall,
+        conn: AgentConnection,
+        dispatcher: Dispatcher,
+        *,
+        max_in_flight: int,
+    ) -> None:
+        self._call = call
+        self._conn = conn
+        self._dispatcher = dispatcher
+        self._max_in_flight = max_in_flight
+        self._writer: FrameWriter[AgentFrame] = FrameWriter(call.write)
+        self._credit = CreditWaiters()
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._bodies: dict[int, _Body] = {}
+        self._cancelled: set[int] = set()
+        self._nonces = itertools.count(1)
+        loop = asyncio.get_running_loop()
+        self._clock = loop.time
+        self._last_heard = self._clock()
+        self.draining = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def run(self) -> None:
+        """Serve requests until the stream ends; raises SessionLost then."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                group.create_task(self._writer.run(), name="tunnel-writer")
+                group.create_task(self._heartbeat(), name="tunnel-heartbeat")
+                group.create_task(self._read_loop(), name="tunnel-reader")
+        except* (StreamClosed, SessionLost) as eg:
+            raise SessionLost(str(eg.exceptions[0])) from None
+        finally:
+            self._writer.close(SessionLost("session closed"))
+            for task in self._tasks.values():
+                task.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    async def drain(self, grace: float) -> None:
+        """Take no new work, tell the control plane, and wait up to `grace` s for in-flight requests."""
+        self.draining = True
+        self._writer.send_nowait(self._conn.status(draining=True, in_flight=self.in_flight))
+        if self._tasks:
+            await asyncio.wait(list(self._tasks.values()), timeout=grace)
+
+    async def _drain_then_leave(self, drain: tunnel_pb2.Drain) -> None:
+        grace = drain.grace_period.ToTimedelta().total_seconds() if drain.HasField("grace_period") else 30.0
+        await self.drain(grace)
+        raise SessionLost(f"drained at the control plane's request ({drain.reason})")
+
+    async def _read_loop(self) -> None:
+        while True:
+            frame = await self._call.read()
+            if frame is grpc.aio.EOF:
+                raise SessionLost("the control plane closed the stream")
+            assert isinstance(frame, ControlFrame)
+            self._last_heard = self._clock()
+            for event in self._conn.receive(frame):
+                self._on_event(event)
+
+    def _on_event(self, event: Event) -> None:
+        match event:
+            case RequestStarted(rid, start):
+                self._start(rid, start)
+            case DataReceived(rid, data, end):
+                body = self._bodies.get(rid)
+                if body is not None:
+                    body.feed(data, end)
+            case CancelReceived(rid, reason):
+                task = self._tasks.get(rid)
+                if task is not None:
+                    log.info("request %d cancelled by the control plane: %s", rid, reason)
+                    self._cancelled.add(rid)
+                    task.cancel()
+            case CreditGranted(rid, _):
+                self._credit.wake(rid)
+            case PingReceived(nonce):
+                self._writer.send_nowait(self._conn.pong(nonce))
+            case PongReceived():
+                pass
+            case DrainReceived(drain):
+                if not self.draining:
+                    log.info("the control plane asked this agent to drain: %s", drain.reason)
+                    self._group.create_task(self._drain_then_leave(drain), name="tunnel-drain")
+            case FrameIgnored(rid, why):
+                log.debug("ignored a frame for request %d: %s", rid, why)
+            case _:
+                log.warning("unexpected event %r", event)
+
+    def _start(self, rid: int, start: tunnel_pb2.RequestStart) -> None:
+        if self.draining:
+            self._writer.send_nowait(self._conn.end(rid, Code.UNAVAILABLE, "the agent is draining", "AGENT_DRAINING"))
+            return
+        if len(self._tasks) >= self._max_in_flight:
+            self._writer.send_nowait(
+                self._conn.end(
+                    rid, Code.RESOURCE_EXHAUSTED,
+                    f"the agent runs at most {self._max_in_flight} requests at once", "AGENT_BUSY",
+                )
+            )
+            return
+        body: _Body | None = None
+        if start.has_body:
+            body = _Body(lambda size: self._data_consumed(rid, size))
+            self._bodies[rid] = body
+        task = asyncio.get_running_loop().create_task(self._run_request(rid, start, body), name=f"request-{rid}")
+        self._tasks[rid] = task
+        task.add_done_callback(lambda _t: self._forget(rid))
+
+    def _forget(self, rid: int) -> None:
+        self._tasks.pop(rid, None)
+        self._bodies.pop(rid, None)
+        self._cancelled.discard(rid)
+        self._credit.forget(rid)
+
+    def _data_consumed(self, rid: int, size: int) -> None:
+        frame = self._conn.data_consumed(rid, size)
+        if frame is not None:
+            self._writer.send_nowait(frame)
+
+    async def _run_request(self, rid: int, start: tunnel_pb2.RequestStart, body: _Body | None) -> None:
+        code, message, reason = Code.OK, "", ""
+        timeout = start.timeout.ToTimedelta().total_seconds() if start.HasField("timeout") else None
+        context = RequestContext(
+            request_id=rid,
+            body=body.__aiter__() if body is not None else None,
+            max_chunk_bytes=self._conn.max_chunk_bytes,
+        )
+        try:
+            async with asyncio.timeout(timeout) as deadline:
+                async for chunk in self._dispatcher.handle(start, context):
+                    size = chunk.ByteSize()
+                    await self._credit.wait_for(rid, size, self._conn.chunk_credit)
+                    await self._writer.send(self._conn.send_chunk(rid, chunk, size), size)
+        except RequestError as exc:
+            code, message, reason = exc.code, exc.message, exc.reason
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            code, message, reason = Code.DEADLINE_EXCEEDED, "the request's deadline passed on the agent", "DEADLINE"
+        except asyncio.CancelledError:
+            if rid in self._cancelled:
+                # The control plane asked for this: it waits for one `end`.
+                self._send_end(rid, Code.CANCELLED, "cancelled by the caller", "CANCELLED")
+            raise
+        except StreamClosed:
+            return
+        except Exception:
+            log.exception("request %d failed inside the agent", rid)
+            code = Code.INTERNAL
+            message = f"the agent failed to run request {rid}; its log has the details"
+            reason = "AGENT_INTERNAL"
+        self._send_end(rid, code, message, reason)
+
+    def _send_end(self, rid: int, code: Code, message: str, reason: str) -> None:
+        with contextlib.suppress(StreamClosed):
+            self._writer.send_nowait(self._conn.end(rid, code, message, reason))
+
+    async def _heartbeat(self) -> None:
+        assert self._conn.welcome is not None
+        interval = self._conn.welcome.heartbeat_interval.ToTimedelta().total_seconds()
+        while True:
+            await asyncio.sleep(interval / 2)
+            now = self._clock()
+            if now - self._last_heard > 3 * interval:
+                raise SessionLost(f"heard nothing from the control plane for {now - self._last_heard:.0f} s")
+            if now - self._writer.last_write >= interval / 2:
+                self._writer.send_nowait(self._conn.ping(next(self._nonces)))

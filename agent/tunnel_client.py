@@ -1,0 +1,145 @@
+"""Holds the agent's one outbound stream to the control plane, forever.
+
+Dial out with the agent's certificate, say Hello, serve requests until the
+stream ends, then back off (full jitter, capped) and dial again. Nothing
+here listens: the private network opens no inbound port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import random
+import socket
+from dataclasses import dataclass
+
+import grpc
+
+from agent import __version__
+from agent.config import AgentConfig
+from agent.dispatcher import Dispatcher
+from agent.identity import Identity
+from agent.session import AgentSession, SessionLost
+from onprem.v1 import tunnel_pb2, tunnel_pb2_grpc
+from tunnel.channel_options import CLIENT_OPTIONS
+from tunnel.errors import RemoteProtocolError
+from tunnel.protocol import AgentConnection, ControlFrame
+
+log = logging.getLogger("onprem.agent.tunnel")
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Full-jitter exponential backoff: wait uniform(0, min(cap, base * 2**attempt))."""
+
+    base: float = 0.5
+    cap: float = 30.0
+    #: A session that lasted this long resets the attempt count.
+    stable_after: float = 60.0
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0, min(self.cap, self.base * 2 ** min(attempt, 16)))
+
+
+def channel_credentials(config: AgentConfig, identity: Identity | None) -> grpc.ChannelCredentials:
+    ca = config.control_plane.ca_file.read_bytes()
+    if identity is None:
+        return grpc.ssl_channel_credentials(root_certificates=ca)
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=identity.key_pem, certificate_chain=identity.cert_pem
+    )
+
+
+def channel_options(config: AgentConfig) -> list[tuple[str, int | str]]:
+    options = list(CLIENT_OPTIONS)
+    if config.control_plane.server_name:
+        options.append(("grpc.ssl_target_name_override", config.control_plane.server_name))
+    return options
+
+
+class TunnelClient:
+    def __init__(
+        self, config: AgentConfig, identity: Identity, dispatcher: Dispatcher, backoff: Backoff | None = None
+    ) -> None:
+        self._config = config
+        self._identity = identity
+        self._dispatcher = dispatcher
+        self._backoff = backoff or Backoff()
+        self._started_at = dt.datetime.now(dt.UTC)
+        self.session: AgentSession | None = None
+        self.sessions_opened = 0
+
+    def _hello(self) -> tunnel_pb2.Hello:
+        hello = tunnel_pb2.Hello(
+            agent_version=__version__,
+            hostname=socket.gethostname(),
+            profiles=self._dispatcher.profiles(),
+            max_in_flight=self._config.max_in_flight,
+        )
+        hello.started_at.FromDatetime(self._started_at)
+        return hello
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keep a session open until `stop` is set."""
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        async with grpc.aio.secure_channel(
+            self._config.control_plane.address,
+            channel_credentials(self._config, self._identity),
+            options=channel_options(self._config),
+        ) as channel:
+            stub = tunnel_pb2_grpc.AgentTunnelStub(channel)
+            while not stop.is_set():
+                began = loop.time()
+                session_task = loop.create_task(self._session(stub))
+                stop_task = loop.create_task(stop.wait())
+                try:
+                    await asyncio.wait({session_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stop_task.cancel()
+                if not session_task.done():
+                    session_task.cancel()
+                    await asyncio.gather(session_task, return_exceptions=True)
+                    return
+                exc = session_task.exception()
+                if isinstance(exc, grpc.aio.AioRpcError):
+                    log.warning("control plane %s: %s: %s", self._config.control_plane.address,
+                                exc.code().name, exc.details())
+                elif isinstance(exc, SessionLost | RemoteProtocolError):
+                    log.warning("session ended: %s", exc)
+                elif exc is not None:
+                    log.error("session failed", exc_info=exc)
+                if loop.time() - began >= self._backoff.stable_after:
+                    attempt = 0
+                delay = self._backoff.delay(attempt)
+                attempt += 1
+                log.info("reconnecting in %.1f s", delay)
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                except TimeoutError:
+                    pass
+
+    async def _session(self, stub: tunnel_pb2_grpc.AgentTunnelAsyncStub) -> None:
+        conn = AgentConnection()
+        call = stub.Connect()
+        try:
+            await call.write(conn.hello(self._hello()))
+            first = await call.read()
+            if first is grpc.aio.EOF:
+                await call.wait_for_connection()
+                raise SessionLost("the control plane closed the stream before welcoming us")
+            assert isinstance(first, ControlFrame)
+            conn.receive(first)
+            assert conn.welcome is not None
+            log.info(
+                "connected to %s as %s in group %s (session %s)",
+                self._config.control_plane.address, conn.welcome.agent_id, conn.welcome.group,
+                conn.welcome.session_id,
+            )
+            self.sessions_opened += 1
+            self.session = AgentSession(call, conn, self._dispatcher, max_in_flight=self._config.max_in_flight)
+            await self.session.run()
+        finally:
+            self.session = None
+            call.cancel()

@@ -1,0 +1,1 @@
+"""The operator-facing gRPC services: one module per service, errors mapped in `errors`."""

@@ -1,0 +1,150 @@
+"""`onprem.v1.AgentService`: agents, groups and enrollment tokens."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any
+
+import grpc
+
+from control_plane import store as store_mod
+from control_plane.api import errors
+from control_plane.app import KIND_BY_NAME, ControlPlane
+from control_plane.auth import Principal
+from control_plane.sessions import AgentSession
+from control_plane.store import AgentRow, AuditEntry
+from onprem.v1 import agents_pb2, agents_pb2_grpc
+from tunnel.errors import Code, InvalidArgument, NotFound
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+DEFAULT_TOKEN_TTL = dt.timedelta(hours=1)
+MAX_TOKEN_TTL = dt.timedelta(days=7)
+
+
+def agent_message(row: AgentRow, session: AgentSession | None) -> agents_pb2.Agent:
+    agent = agents_pb2.Agent(
+        agent_id=row.agent_id,
+        name=row.name,
+        group=row.group_name,
+        hostname=row.hostname,
+        version=row.version,
+    )
+    agent.enrolled_at.FromDatetime(row.enrolled_at)
+    agent.certificate_expires_at.FromDatetime(row.cert_expires_at)
+    if row.revoked:
+        agent.state = agents_pb2.AGENT_STATE_REVOKED
+    elif session is not None and session.is_open:
+        agent.state = agents_pb2.AGENT_STATE_DRAINING if session.draining else agents_pb2.AGENT_STATE_ACTIVE
+        agent.hostname = session.hello.hostname
+        agent.version = session.hello.agent_version
+        agent.in_flight = session.in_flight
+        agent.max_in_flight = session.max_in_flight
+        agent.last_seen_at.FromDatetime(session.last_seen_at)
+        if session.hello.HasField("started_at"):
+            started = session.hello.started_at.ToDatetime(dt.UTC)
+            agent.uptime.FromTimedelta(max(dt.datetime.now(dt.UTC) - started, dt.timedelta(0)))
+        agent.profiles.extend(session.hello.profiles)
+        return agent
+    else:
+        agent.state = agents_pb2.AGENT_STATE_INACTIVE
+    if row.last_seen_at is not None:
+        agent.last_seen_at.FromDatetime(row.last_seen_at)
+    for p in row.profiles:
+        agent.profiles.add(name=p.name, kind=KIND_BY_NAME.get(p.kind, 0), read_only=p.read_only, dialect=p.dialect)
+    return agent
+
+
+class AgentService(agents_pb2_grpc.AgentServiceServicer):
+    def __init__(self, cp: ControlPlane) -> None:
+        self._cp = cp
+
+    def _audit(self, principal: Principal, method: str, began: float, *, group: str | None = None,
+               agent_id: str | None = None, detail: str = "") -> None:
+        self._cp.audit.record(AuditEntry(
+            at=dt.datetime.now(dt.UTC), principal=principal.name, role=principal.role,
+            method=f"/onprem.v1.AgentService/{method}", kind="admin", code=int(Code.OK), outcome="OK",
+            group_name=group, agent_id=agent_id, duration_ms=int((time.monotonic() - began) * 1000),
+            detail=detail,
+        ))
+
+    async def _agent(self, principal: Principal, agent_id: str) -> AgentRow:
+        if not agent_id:
+            raise InvalidArgument("'agent_id' is required", reason="MISSING_AGENT_ID")
+        row = await self._cp.blocking(self._cp.store.get_agent, agent_id)
+        if row is None or not principal.may_use_group(row.group_name):
+            raise NotFound(f"no agent has the id '{agent_id}'", reason="AGENT_NOT_FOUND")
+        return row
+
+    @errors.unary
+    async def ListAgents(self, request: agents_pb2.ListAgentsRequest, context: Context) -> agents_pb2.ListAgentsResponse:
+        principal = await self._cp.authenticate(context)
+        if request.group:
+            self._cp.require_group(principal, request.group)
+        rows = await self._cp.blocking(self._cp.store.list_agents, request.group or None)
+        return agents_pb2.ListAgentsResponse(agents=[
+            agent_message(row, self._cp.registry.get(row.agent_id))
+            for row in rows if principal.may_use_group(row.group_name)
+        ])
+
+    @errors.unary
+    async def GetAgent(self, request: agents_pb2.GetAgentRequest, context: Context) -> agents_pb2.GetAgentResponse:
+        principal = await self._cp.authenticate(context)
+        row = await self._agent(principal, request.agent_id)
+        return agents_pb2.GetAgentResponse(agent=agent_message(row, self._cp.registry.get(row.agent_id)))
+
+    @errors.unary
+    async def ListGroups(self, request: agents_pb2.ListGroupsRequest, context: Context) -> agents_pb2.ListGroupsResponse:
+        principal = await self._cp.authenticate(context)
+        groups = await self._cp.blocking(self._cp.store.list_groups)
+        agents = await self._cp.blocking(self._cp.store.list_agents, None)
+        response = agents_pb2.ListGroupsResponse()
+        for g in groups:
+            if not principal.may_use_group(g.name):
+                continue
+            members = [a for a in agents if a.group_name == g.name and not a.revoked]
+            active = [s for s in self._cp.registry.in_group(g.name) if not s.draining]
+            group = response.groups.add(name=g.name, agent_count=len(members), active_agent_count=len(active))
+            group.created_at.FromDatetime(g.created_at)
+        return response
+
+    @errors.unary
+    async def CreateEnrollmentToken(
+        self, request: agents_pb2.CreateEnrollmentTokenRequest, context: Context
+    ) -> agents_pb2.CreateEnrollmentTokenResponse:
+        began = time.monotonic()
+        principal = await self._cp.authenticate(context)
+        self._cp.require_admin(principal)
+        try:
+            store_mod.validate_group_name(request.group)
+        except ValueError as exc:
+            raise InvalidArgument(f"'group': {exc}", reason="INVALID_GROUP") from None
+        self._cp.require_group(principal, request.group)
+        ttl = request.ttl.ToTimedelta() if request.HasField("ttl") else DEFAULT_TOKEN_TTL
+        if not dt.timedelta(0) < ttl <= MAX_TOKEN_TTL:
+            raise InvalidArgument(f"'ttl' must be more than 0 and at most {MAX_TOKEN_TTL}", reason="INVALID_TTL")
+        token, row = await self._cp.blocking(
+            self._cp.store.create_enrollment_token, request.group, ttl, request.description
+        )
+        self._audit(principal, "CreateEnrollmentToken", began, group=request.group, detail=f"token {row.token_id}")
+        response = agents_pb2.CreateEnrollmentTokenResponse(token=token, group=row.group_name)
+        response.expires_at.FromDatetime(row.expires_at)
+        return response
+
+    @errors.unary
+    async def RevokeAgent(self, request: agents_pb2.RevokeAgentRequest, context: Context) -> agents_pb2.RevokeAgentResponse:
+        began = time.monotonic()
+        principal = await self._cp.authenticate(context)
+        self._cp.require_admin(principal)
+        row = await self._agent(principal, request.agent_id)
+        row = await self._cp.blocking(self._cp.store.revoke_agent, row.agent_id, request.reason or "revoked by operator")
+        session = self._cp.registry.get(row.agent_id)
+        if session is not None:
+            session.close(f"revoked: {row.revoked_reason}")
+        self._audit(principal, "RevokeAgent", began, group=row.group_name, agent_id=row.agent_id,
+                    detail=request.reason[:200])
+        return agents_pb2.RevokeAgentResponse(agent=agent_message(row, None))
+
+
+

@@ -1,0 +1,83 @@
+"""The one place where operator-API exceptions become gRPC statuses.
+
+Servicer methods raise `tunnel.errors.RequestError` subclasses (their own, or
+an agent's, re-raised from its final status). The boundary aborts the call
+with the error's code and message, and attaches a `google.rpc.Status` with an
+`ErrorInfo` (reason, domain) in `grpc-status-details-bin`, so that clients in
+any language can branch on a stable reason instead of message text. Any
+other exception is a bug: it is logged with its traceback and the caller gets
+INTERNAL with no internals.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from tunnel.errors import Internal, RequestError
+
+log = logging.getLogger("onprem.control_plane.api")
+
+ERROR_DOMAIN = "onprem.dev"
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def status_details(error: RequestError) -> tuple[tuple[str, bytes], ...]:
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(code=int(error.code), message=error.message, details=[detail])
+    return (("grpc-status-details-bin", status.SerializeToString()),)
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], error: RequestError) -> None:
+    await context.abort(grpc.StatusCode[error.code.name], error.message, status_details(error))
+
+
+def _internal(method: str) -> RequestError:
+    log.exception("%s failed", method)
+    return Internal("internal error in the control plane; its log has the details", reason="INTERNAL")
+
+
+def unary(
+    fn: Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+        try:
+            return await fn(self, request, context)
+        except RequestError as exc:
+            await abort(context, exc)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            await abort(context, _internal(fn.__name__))
+        raise AssertionError("unreachable: abort raises")
+
+    return wrapper
+
+
+def streaming(
+    fn: Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]]:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> AsyncIterator[Resp]:
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except RequestError as exc:
+            await abort(context, exc)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            await abort(context, _internal(fn.__name__))
+
+    return wrapper

@@ -1,0 +1,117 @@
+"""`onprem.v1.FileService`: file operations relayed to a folder profile of a group."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from control_plane.api import errors
+from control_plane.app import ControlPlane
+from control_plane.sessions import Exchange
+from onprem.v1 import files_pb2, files_pb2_grpc, tunnel_pb2
+from tunnel.errors import InvalidArgument, RequestError
+
+Context = grpc.aio.ServicerContext[Any, Any]
+FOLDER = tunnel_pb2.PROFILE_KIND_FOLDER
+
+
+def _method(name: str) -> str:
+    return f"/onprem.v1.FileService/{name}"
+
+
+async def pump_body(exchange: Exchange, parts: AsyncIterator[bytes]) -> None:
+    """Forward an operator's upload to the agent, within the request's credit.
+
+    A bad upload message fails the request for whoever reads its result.
+    """
+    try:
+        async for data in parts:
+            await exchange.send_body(data)
+        await exchange.send_body(b"", end_of_data=True)
+    except RequestError as exc:
+        exchange.fail(exc)
+
+
+async def result_while_uploading(exchange: Exchange, parts: AsyncIterator[bytes]) -> tunnel_pb2.ResponseChunk:
+    """Upload and wait for the one result; an early error from the agent stops the upload."""
+    pump = asyncio.get_running_loop().create_task(pump_body(exchange, parts))
+    try:
+        return await exchange.single()
+    finally:
+        if not pump.done():
+            pump.cancel()
+        await asyncio.gather(pump, return_exceptions=True)
+
+
+class FileService(files_pb2_grpc.FileServiceServicer):
+    def __init__(self, cp: ControlPlane) -> None:
+        self._cp = cp
+
+    async def _unary(self, context: Context, name: str, group: str, profile: str, op: files_pb2.FileOp) -> tunnel_pb2.ResponseChunk:
+        start = tunnel_pb2.RequestStart(file_op=op)
+        async with self._cp.relay(
+            context, method=_method(name), group=group, kind=FOLDER, profile=profile, start=start
+        ) as exchange:
+            return await exchange.single()
+
+    @errors.unary
+    async def List(self, request: files_pb2.ListRequest, context: Context) -> files_pb2.ListResponse:
+        chunk = await self._unary(context, "List", request.group, request.profile, files_pb2.FileOp(list=request))
+        return chunk.list
+
+    @errors.unary
+    async def Stat(self, request: files_pb2.StatRequest, context: Context) -> files_pb2.StatResponse:
+        chunk = await self._unary(context, "Stat", request.group, request.profile, files_pb2.FileOp(stat=request))
+        return chunk.stat
+
+    @errors.unary
+    async def Delete(self, request: files_pb2.DeleteRequest, context: Context) -> files_pb2.DeleteResponse:
+        chunk = await self._unary(context, "Delete", request.group, request.profile, files_pb2.FileOp(delete=request))
+        return chunk.delete
+
+    @errors.unary
+    async def Move(self, request: files_pb2.MoveRequest, context: Context) -> files_pb2.MoveResponse:
+        chunk = await self._unary(context, "Move", request.group, request.profile, files_pb2.FileOp(move=request))
+        return chunk.move
+
+    @errors.unary
+    async def MakeDirectory(
+        self, request: files_pb2.MakeDirectoryRequest, context: Context
+    ) -> files_pb2.MakeDirectoryResponse:
+        op = files_pb2.FileOp(make_directory=request)
+        chunk = await self._unary(context, "MakeDirectory", request.group, request.profile, op)
+        return chunk.make_directory
+
+    @errors.streaming
+    async def Read(self, request: files_pb2.ReadRequest, context: Context) -> AsyncIterator[files_pb2.ReadResponse]:
+        start = tunnel_pb2.RequestStart(file_op=files_pb2.FileOp(read=request))
+        async with self._cp.relay(
+            context, method=_method("Read"), group=request.group, kind=FOLDER, profile=request.profile, start=start
+        ) as exchange:
+            async for chunk in exchange:
+                yield chunk.read
+
+    @errors.unary
+    async def Write(
+        self, request_iterator: AsyncIterator[files_pb2.WriteRequest], context: Context
+    ) -> files_pb2.WriteResponse:
+        first = await anext(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise InvalidArgument("the first message of Write must carry 'header'", reason="MISSING_HEADER")
+        header = first.header
+
+        async def data() -> AsyncIterator[bytes]:
+            async for message in request_iterator:
+                if message.HasField("header"):
+                    raise InvalidArgument("'header' may only come in the first message", reason="HEADER_REPEATED")
+                yield message.data
+
+        start = tunnel_pb2.RequestStart(file_op=files_pb2.FileOp(write=header), has_body=True)
+        async with self._cp.relay(
+            context, method=_method("Write"), group=header.group, kind=FOLDER, profile=header.profile, start=start
+        ) as exchange:
+            chunk = await result_while_uploading(exchange, data())
+            return chunk.write

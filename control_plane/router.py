@@ -1,0 +1,149 @@
+"""Which agent runs a request: the registry of live sessions and the router.
+
+A request goes only to an agent of its group that is connected, not
+draining, and advertises the profile; among those, the least loaded one with
+room under its advertised concurrency limit. Failure is explained: an
+unknown group or profile is NOT_FOUND, a known one with no agent able to
+take it right now is UNAVAILABLE, and agents that stay full past a short
+wait make it RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from control_plane.sessions import AgentSession, Exchange
+from onprem.v1 import tunnel_pb2
+from tunnel.errors import NotFound, ResourceExhausted, Unavailable
+
+log = logging.getLogger("onprem.control_plane.router")
+
+KIND_NAMES = {
+    tunnel_pb2.PROFILE_KIND_DATABASE: "database",
+    tunnel_pb2.PROFILE_KIND_FOLDER: "folder",
+    tunnel_pb2.PROFILE_KIND_APP: "app",
+}
+
+
+class Registry:
+    """The live sessions, one per agent: a newer session supersedes an older one."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, AgentSession] = {}
+        self._changed = asyncio.Event()
+
+    def add(self, session: AgentSession) -> None:
+        old = self._sessions.get(session.agent_id)
+        if old is not None and old is not session:
+            log.info("agent %s reconnected; closing its older session %s", session.agent_id, old.session_id)
+            old.close("superseded by a newer session of the same agent")
+        self._sessions[session.agent_id] = session
+        session.on_change = self.notify
+        self.notify()
+
+    def remove(self, session: AgentSession) -> None:
+        if self._sessions.get(session.agent_id) is session:
+            del self._sessions[session.agent_id]
+        self.notify()
+
+    def get(self, agent_id: str) -> AgentSession | None:
+        return self._sessions.get(agent_id)
+
+    def all(self) -> list[AgentSession]:
+        return list(self._sessions.values())
+
+    def in_group(self, group: str) -> list[AgentSession]:
+        return [s for s in self._sessions.values() if s.group == group and s.is_open]
+
+    def notify(self) -> None:
+        """Wake requests waiting for capacity; called whenever load or membership changes."""
+        # Each waiter holds the event current when it began waiting; setting
+        # it and starting a fresh one wakes exactly those waiters.
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_for_change(self, seconds: float) -> None:
+        changed = self._changed
+        try:
+            await asyncio.wait_for(changed.wait(), seconds)
+        except TimeoutError:
+            pass
+
+
+@dataclass(frozen=True)
+class GroupFacts:
+    """What the store knows of a group, for explaining why nothing can serve."""
+
+    exists: bool
+    known_profiles: frozenset[tuple[int, str]]
+
+
+class Router:
+    def __init__(
+        self,
+        registry: Registry,
+        group_facts: Callable[[str], Awaitable[GroupFacts]],
+        *,
+        queue_wait: float = 2.0,
+    ) -> None:
+        self._registry = registry
+        self._group_facts = group_facts
+        self._queue_wait = queue_wait
+
+    def _eligible(self, group: str, kind: int, profile: str) -> list[AgentSession]:
+        return [s for s in self._registry.in_group(group) if not s.draining and s.offers(kind, profile)]
+
+    async def open(self, group: str, kind: int, profile: str, start: tunnel_pb2.RequestStart) -> Exchange:
+        """Send `start` to the best agent, waiting briefly if all are busy."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._queue_wait
+        while True:
+            eligible = self._eligible(group, kind, profile)
+            if not eligible:
+                raise await self._explain(group, kind, profile)
+            free = [s for s in eligible if s.has_capacity()]
+            if free:
+                session = min(free, key=lambda s: s.in_flight / s.max_in_flight)
+                return session.open(start)
+            remaining = give_up - loop.time()
+            if remaining <= 0:
+                raise ResourceExhausted(
+                    f"every agent of group '{group}' offering {KIND_NAMES.get(kind, '?')} profile "
+                    f"'{profile}' is running its maximum of requests; retry shortly",
+                    reason="AGENTS_BUSY",
+                )
+            await self._registry.wait_for_change(remaining)
+
+    async def _explain(self, group: str, kind: int, profile: str) -> Exception:
+        kind_name = KIND_NAMES.get(kind, "?")
+        connected = self._registry.in_group(group)
+        facts = await self._group_facts(group)
+        if not facts.exists and not connected:
+            return NotFound(f"group '{group}' does not exist", reason="GROUP_NOT_FOUND")
+        known = facts.known_profiles | {p for s in connected for p in s.profiles}
+        if (kind, profile) not in known:
+            offered = sorted(name for k, name in known if k == kind)
+            return NotFound(
+                f"no agent of group '{group}' offers a {kind_name} profile named '{profile}'"
+                f" (offered: {', '.join(offered) or 'none'})",
+                reason="PROFILE_NOT_FOUND",
+            )
+        if not connected:
+            return Unavailable(
+                f"no agent of group '{group}' is connected; start or check the group's agents",
+                reason="NO_ACTIVE_AGENT",
+            )
+        offering = [s for s in connected if s.offers(kind, profile)]
+        if offering and all(s.draining for s in offering):
+            return Unavailable(
+                f"every agent of group '{group}' offering {kind_name} profile '{profile}' is draining",
+                reason="AGENTS_DRAINING",
+            )
+        return Unavailable(
+            f"no connected agent of group '{group}' offers {kind_name} profile '{profile}' right now "
+            f"(the agents that offered it are offline)",
+            reason="NO_ACTIVE_AGENT",
+        )

@@ -1,0 +1,155 @@
+"""Builds and runs the control plane's three listeners.
+
+- operator listener (TLS, bearer tokens): the operator services, server
+  reflection and `grpc.health.v1.Health`;
+- agent listener (mTLS): `AgentTunnel/Connect`;
+- enrollment listener (TLS, no client certificate): `Enrollment/Enroll`.
+
+On SIGTERM or SIGINT: health turns NOT_SERVING, agents are told to drain,
+in-flight requests get a grace period, then the servers stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from control_plane.api.agents import AgentService
+from control_plane.api.apps import AppService
+from control_plane.api.database import DatabaseService
+from control_plane.api.files import FileService
+from control_plane.app import ControlPlane, Settings
+from control_plane.ca import CertificateAuthority
+from control_plane.enrollment import EnrollmentService
+from control_plane.store import Store
+from control_plane.tunnel_service import AgentTunnelService
+from onprem.v1 import (
+    agents_pb2,
+    agents_pb2_grpc,
+    apps_pb2,
+    apps_pb2_grpc,
+    database_pb2,
+    database_pb2_grpc,
+    enrollment_pb2_grpc,
+    files_pb2,
+    files_pb2_grpc,
+    tunnel_pb2_grpc,
+)
+from tunnel.channel_options import SERVER_OPTIONS
+
+log = logging.getLogger("onprem.control_plane.server")
+
+OPERATOR_SERVICES = [
+    database_pb2.DESCRIPTOR.services_by_name["DatabaseService"].full_name,
+    files_pb2.DESCRIPTOR.services_by_name["FileService"].full_name,
+    apps_pb2.DESCRIPTOR.services_by_name["AppService"].full_name,
+    agents_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    state_dir: Path
+    operator_listen: str = "127.0.0.1:8443"
+    agent_listen: str = "127.0.0.1:8444"
+    enroll_listen: str = "127.0.0.1:8445"
+    database_url: str | None = None
+    #: Names the server certificate must carry (host names and IP addresses).
+    hostnames: tuple[str, ...] = ("localhost", "127.0.0.1")
+    grace_period: float = 30.0
+    settings: Settings = field(default_factory=Settings)
+
+    @property
+    def store_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.state_dir / 'control-plane.db'}"
+
+
+def open_control_plane(config: ServerConfig) -> ControlPlane:
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(config.store_url)
+    store.create_schema()
+    ca = CertificateAuthority.load_or_create(config.state_dir / "ca")
+    return ControlPlane(store, ca, config.settings)
+
+
+class ControlPlaneServer:
+    def __init__(self, config: ServerConfig, cp: ControlPlane) -> None:
+        self.config = config
+        self.cp = cp
+        self.health = health.aio.HealthServicer()
+        self.ports: dict[str, int] = {}
+        self._servers: list[grpc.aio.Server] = []
+        self._audit_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        key, chain = self.cp.ca.server_identity(self.config.state_dir / "ca", list(self.config.hostnames))
+        ca_pem = self.cp.ca.cert_pem
+        tls = grpc.ssl_server_credentials([(key, chain)])
+        mtls = grpc.ssl_server_credentials([(key, chain)], root_certificates=ca_pem, require_client_auth=True)
+
+        operator = grpc.aio.server(options=SERVER_OPTIONS)
+        database_pb2_grpc.add_DatabaseServiceServicer_to_server(DatabaseService(self.cp), operator)
+        files_pb2_grpc.add_FileServiceServicer_to_server(FileService(self.cp), operator)
+        apps_pb2_grpc.add_AppServiceServicer_to_server(AppService(self.cp), operator)
+        agents_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(self.cp), operator)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, operator)
+        reflection.enable_server_reflection(
+            [*OPERATOR_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
+            operator,
+        )
+        agent = grpc.aio.server(options=SERVER_OPTIONS)
+        tunnel_pb2_grpc.add_AgentTunnelServicer_to_server(AgentTunnelService(self.cp), agent)
+        enroll = grpc.aio.server(options=SERVER_OPTIONS)
+        enrollment_pb2_grpc.add_EnrollmentServicer_to_server(EnrollmentService(self.cp), enroll)
+
+        for name, server, address, creds in (
+            ("operator", operator, self.config.operator_listen, tls),
+            ("agent", agent, self.config.agent_listen, mtls),
+            ("enroll", enroll, self.config.enroll_listen, tls),
+        ):
+            port = server.add_secure_port(address, creds)
+            if port == 0:
+                raise OSError(f"cannot listen on {address} for the {name} listener (in use?)")
+            self.ports[name] = port
+            self._servers.append(server)
+        for server in self._servers:
+            await server.start()
+        self._audit_task = asyncio.get_running_loop().create_task(self.cp.audit.run(), name="audit-writer")
+        for service in [*OPERATOR_SERVICES, ""]:
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("listening: operator %s, agents %s, enrollment %s",
+                 self.config.operator_listen, self.config.agent_listen, self.config.enroll_listen)
+
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.config.grace_period if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        for session in self.cp.registry.all():
+            session.drain("the control plane is shutting down", dt.timedelta(seconds=grace))
+        # Operators first, so in-flight requests finish while agent streams stay up.
+        operator, agent, enroll = self._servers
+        await enroll.stop(0)
+        await operator.stop(grace)
+        for session in self.cp.registry.all():
+            session.close("the control plane is shutting down")
+        await agent.stop(1)
+        if self._audit_task is not None:
+            self._audit_task.cancel()
+            await asyncio.gather(self._audit_task, return_exceptions=True)
+
+    async def serve_until_signal(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down: draining agents, %.0f s grace for in-flight requests", self.config.grace_period)
+        await self.stop()

@@ -1,0 +1,322 @@
+"""The control plane's end of each agent stream: the asyncio shell around
+`tunnel.protocol.ControlPlaneConnection`, and `Exchange`, one request's view
+of it for the operator API.
+
+The reader loop never blocks: chunks go to their request's queue, which the
+request's credit window bounds, so a slow operator of one request holds at
+most one window of data and stalls no other request on the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+
+from onprem.v1 import tunnel_pb2
+from tunnel.aio import CreditWaiters, FrameWriter, RequestGone, StreamClosed
+from tunnel.errors import Code, RemoteProtocolError, RequestError, Unavailable
+from tunnel.protocol import (
+    AgentFrame,
+    ChunkReceived,
+    ControlFrame,
+    ControlPlaneConnection,
+    CreditGranted,
+    Event,
+    FrameIgnored,
+    PingReceived,
+    PongReceived,
+    RequestEnded,
+    StatusReceived,
+)
+
+log = logging.getLogger("onprem.control_plane.sessions")
+
+
+class SessionClosed(Exception):
+    """The agent's stream ended."""
+
+
+@dataclass(frozen=True)
+class _End:
+    error: RequestError | None
+
+
+class Exchange:
+    """One request on an agent's stream, as the operator API sees it.
+
+    Iterate it for result chunks; it raises the request's error at the end,
+    if any. Close it (`async with`) to cancel the request on the agent when
+    the operator goes away early.
+    """
+
+    def __init__(self, session: AgentSession, rid: int) -> None:
+        self.session = session
+        self.request_id = rid
+        self._queue: asyncio.Queue[ChunkReceived | _End] = asyncio.Queue()
+        self._unacked = 0
+        self.ended = False
+        #: Whether any chunk reached the operator (a retry is unsafe then).
+        self.delivered = False
+        self.bytes_out = 0
+
+    # -- fed by the session's reader --
+    def _deliver(self, item: ChunkReceived | _End) -> None:
+        self._queue.put_nowait(item)
+
+    # -- used by the operator API --
+    def __aiter__(self) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
+        return self
+
+    async def __anext__(self) -> tunnel_pb2.ResponseChunk:
+        # The previous chunk is consumed once the operator asks for the next:
+        # only now does its credit go back to the agent.
+        if self._unacked:
+            self.session._consumed(self.request_id, self._unacked)
+            self._unacked = 0
+        if self.ended:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, _End):
+            self.ended = True
+            if item.error is not None:
+                raise item.error
+            raise StopAsyncIteration
+        self._unacked = item.size
+        self.delivered = True
+        self.bytes_out += item.size
+        return item.chunk
+
+    async def single(self) -> tunnel_pb2.ResponseChunk:
+        """The one chunk of a unary result."""
+        result: tunnel_pb2.ResponseChunk | None = None
+        async for chunk in self:
+            if result is None:
+                result = chunk
+        if result is None:
+            raise RequestError.from_status(Code.INTERNAL, "the agent ended the request without a result")
+        return result
+
+    async def send_body(self, data: bytes, *, end_of_data: bool = False) -> None:
+        """Send request data, split to the chunk limit, waiting for credit."""
+        limit = self.session.conn.limits.max_chunk_bytes
+        pieces = [data[i:i + limit] for i in range(0, len(data), limit)] or [b""]
+        for i, piece in enumerate(pieces):
+            last = end_of_data and i == len(pieces) - 1
+            try:
+                await self.session._credit.wait_for(self.request_id, len(piece), self.session.conn.data_credit)
+            except RequestGone:
+                return  # the agent already ended the request; its status tells why
+            frame = self.session.conn.send_data(self.request_id, piece, end_of_data=last)
+            await self.session._writer.send(frame, len(piece))
+
+    def fail(self, error: RequestError) -> None:
+        """End the request with `error` for its reader, and cancel it on the agent."""
+        self._deliver(_End(error))
+        self.session._cancel(self.request_id, error.message)
+
+    async def aclose(self, reason: str = "the caller went away") -> None:
+        if not self.ended:
+            self.session._cancel(self.request_id, reason)
+
+    async def __aenter__(self) -> Exchange:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class AgentSession:
+    """One live agent stream on the control plane."""
+
+    def __init__(
+        self,
+        conn: ControlPlaneConnection,
+        write: Callable[[ControlFrame], Awaitable[object]],
+        read: Callable[[], Awaitable[object]],
+        *,
+        agent_id: str,
+        name: str,
+        group: str,
+        cert_expires_at: dt.datetime | None,
+    ) -> None:
+        assert conn.hello is not None
+        self.conn = conn
+        self.hello: tunnel_pb2.Hello = conn.hello
+        self.agent_id = agent_id
+        self.name = name
+        self.group = group
+        self.cert_expires_at = cert_expires_at
+        self.session_id = uuid.uuid4().hex[:12]
+        self.connected_at = dt.datetime.now(dt.UTC)
+        self.last_seen_at = self.connected_at
+        self.draining = False
+        self.max_in_flight = max(1, conn.hello.max_in_flight or 1)
+        self.profiles = {(p.kind, p.name) for p in conn.hello.profiles}
+        self._read = read
+        self._writer: FrameWriter[ControlFrame] = FrameWriter(write)
+        self._credit = CreditWaiters()
+        self._exchanges: dict[int, Exchange] = {}
+        self._nonces = itertools.count(1)
+        loop = asyncio.get_running_loop()
+        self._clock = loop.time
+        self._last_heard = self._clock()
+        self._closed: str | None = None
+        #: Set when the agent broke the protocol; the stream ends with an error status.
+        self.protocol_error: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        #: Set when the session ends, for whoever waits on capacity.
+        self.on_change: Callable[[], None] = lambda: None
+
+    @property
+    def in_flight(self) -> int:
+        return self.conn.in_flight
+
+    @property
+    def is_open(self) -> bool:
+        return self._closed is None
+
+    def offers(self, kind: int, profile: str) -> bool:
+        return (kind, profile) in self.profiles
+
+    def has_capacity(self) -> bool:
+        return self.conn.in_flight < self.max_in_flight
+
+    def welcome_frame(self) -> ControlFrame:
+        return self.conn.welcome(agent_id=self.agent_id, group=self.group, session_id=self.session_id)
+
+    async def serve(self) -> None:
+        """Run the stream until it ends; fail whatever is in flight then."""
+        self._task = asyncio.current_task()
+        reason = "the agent closed its stream"
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._writer.run(), name=f"writer-{self.agent_id}")
+                group.create_task(self._heartbeat(), name=f"heartbeat-{self.agent_id}")
+                group.create_task(self._read_loop(), name=f"reader-{self.agent_id}")
+        except* SessionClosed as eg:
+            reason = str(eg.exceptions[0])
+        except* RemoteProtocolError as eg:
+            reason = f"the agent broke the tunnel protocol: {eg.exceptions[0]}"
+            log.warning("agent %s (%s): %s", self.name, self.agent_id, reason)
+            self.protocol_error = str(eg.exceptions[0])
+        except* (StreamClosed, grpc.aio.AioRpcError) as eg:
+            reason = f"the stream failed: {eg.exceptions[0]}"
+        finally:
+            # A cancelled serve() (superseded, revoked, shutdown) set _closed.
+            self._fail_all(self._closed or reason)
+
+    def close(self, reason: str) -> None:
+        """End the session (superseded, revoked, shutting down)."""
+        if self._closed is None:
+            self._closed = reason
+        if self._task is not None:
+            self._task.cancel()
+
+    def drain(self, reason: str, grace: dt.timedelta) -> None:
+        self.draining = True
+        try:
+            self._writer.send_nowait(self.conn.drain(reason, grace))
+        except StreamClosed:
+            pass
+        self.on_change()
+
+    def open(self, start: tunnel_pb2.RequestStart) -> Exchange:
+        if self._closed is not None:
+            raise Unavailable(f"agent {self.name} ({self.agent_id}) just disconnected: {self._closed}")
+        rid, frame = self.conn.start_request(start)
+        exchange = Exchange(self, rid)
+        self._exchanges[rid] = exchange
+        self._writer.send_nowait(frame)
+        return exchange
+
+    # -- internals --
+    def _consumed(self, rid: int, size: int) -> None:
+        frame = self.conn.consumed(rid, size)
+        if frame is not None and self._closed is None:
+            try:
+                self._writer.send_nowait(frame)
+            except StreamClosed:
+                pass
+
+    def _cancel(self, rid: int, reason: str) -> None:
+        frame = self.conn.cancel(rid, reason)
+        if frame is not None and self._closed is None:
+            try:
+                self._writer.send_nowait(frame)
+            except StreamClosed:
+                pass
+
+    async def _read_loop(self) -> None:
+        while True:
+            frame = await self._read()
+            if frame is grpc.aio.EOF:
+                raise SessionClosed("the agent closed its stream")
+            assert isinstance(frame, AgentFrame)
+            self._last_heard = self._clock()
+            for event in self.conn.receive(frame):
+                self._on_event(event)
+
+    def _on_event(self, event: Event) -> None:
+        match event:
+            case ChunkReceived(rid):
+                exchange = self._exchanges.get(rid)
+                if exchange is not None:
+                    exchange._deliver(event)
+            case RequestEnded(rid, code, message, reason):
+                exchange = self._exchanges.pop(rid, None)
+                self._credit.forget(rid)
+                if exchange is not None:
+                    error = None if code == Code.OK else RequestError.from_status(code, message, reason)
+                    exchange._deliver(_End(error))
+                self.on_change()
+            case CreditGranted(rid, _):
+                self._credit.wake(rid)
+            case PingReceived(nonce):
+                self._writer.send_nowait(self.conn.pong(nonce))
+            case PongReceived():
+                pass
+            case StatusReceived(status):
+                if status.draining and not self.draining:
+                    log.info("agent %s (%s) is draining", self.name, self.agent_id)
+                self.draining = status.draining
+                self.on_change()
+            case FrameIgnored(rid, why):
+                log.debug("agent %s: ignored a frame for request %d: %s", self.agent_id, rid, why)
+            case _:
+                log.warning("agent %s: unexpected event %r", self.agent_id, event)
+
+    async def _heartbeat(self) -> None:
+        interval = self.conn.limits.heartbeat_interval.total_seconds()
+        while True:
+            await asyncio.sleep(interval / 2)
+            now = self._clock()
+            silent = now - self._last_heard
+            if silent > 3 * interval:
+                raise SessionClosed(f"the agent was silent for {silent:.0f} s (heartbeats missed)")
+            self.last_seen_at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=silent)
+            if now - self._writer.last_write >= interval / 2:
+                self._writer.send_nowait(self.conn.ping(next(self._nonces)))
+
+    def _fail_all(self, reason: str) -> None:
+        if self._closed is None:
+            self._closed = reason
+        self._writer.close(SessionClosed(reason))
+        self._credit.wake_all()
+        for rid, exchange in list(self._exchanges.items()):
+            exchange._deliver(
+                _End(Unavailable(
+                    f"agent {self.name} ({self.agent_id}) was lost while running the request "
+                    f"({reason}); the request may have run in part or in full",
+                    reason="AGENT_LOST",
+                ))
+            )
+            self._credit.forget(rid)
+        self._exchanges.clear()
+        self.on_change()

@@ -1,0 +1,103 @@
+"""`onprem.v1.AgentTunnel/Connect`: where an agent's stream arrives.
+
+TLS has already checked that the client certificate chains to our CA; here
+the certificate must also name an enrolled, unrevoked agent and be the one
+last issued to it. Then Hello, Welcome, and the session serves until the
+stream ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from control_plane.app import NAME_BY_KIND, ControlPlane
+from control_plane.sessions import AgentSession
+from control_plane.store import AdvertisedProfile, AgentRow
+from onprem.v1 import tunnel_pb2, tunnel_pb2_grpc
+from tunnel.errors import RemoteProtocolError
+from tunnel.protocol import AgentFrame, ControlPlaneConnection
+
+log = logging.getLogger("onprem.control_plane.tunnel")
+
+HELLO_TIMEOUT = 10.0
+
+
+class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
+    def __init__(self, cp: ControlPlane) -> None:
+        self._cp = cp
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[AgentRow, x509.Certificate]:
+        pem = (context.auth_context().get("x509_pem_cert") or [b""])[0]
+        if not pem:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required: enroll the agent first")
+        cert = x509.load_pem_x509_certificate(pem)
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        agent_id = str(names[0].value) if names else ""
+        row = await self._cp.blocking(self._cp.store.get_agent, agent_id)
+        if row is None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"agent '{agent_id}' is not enrolled here")
+        assert row is not None
+        if row.revoked:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"agent '{agent_id}' was revoked ({row.revoked_reason}); enroll it again with a new token",
+            )
+        if row.cert_serial != cert.serial_number:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this certificate of agent '{agent_id}' was replaced by a newer one",
+            )
+        return row, cert
+
+    async def Connect(
+        self, request_iterator: Any, context: grpc.aio.ServicerContext[AgentFrame, tunnel_pb2.ConnectResponse]
+    ) -> None:
+        row, cert = await self._authenticate(context)
+        conn = ControlPlaneConnection(self._cp.settings.limits)
+        try:
+            first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT)
+            if first is grpc.aio.EOF:
+                return
+            assert isinstance(first, AgentFrame)
+            conn.receive(first)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no hello within {HELLO_TIMEOUT:.0f} s")
+        except RemoteProtocolError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"tunnel protocol: {exc}")
+        hello = conn.hello
+        assert hello is not None
+        session = AgentSession(
+            conn, context.write, context.read,
+            agent_id=row.agent_id, name=row.name, group=row.group_name,
+            cert_expires_at=cert.not_valid_after_utc,
+        )
+        profiles = [
+            AdvertisedProfile(name=p.name, kind=NAME_BY_KIND.get(p.kind, "unknown"), read_only=p.read_only,
+                              dialect=p.dialect)
+            for p in hello.profiles
+        ]
+        await self._cp.blocking(
+            self._cp.store.record_hello, row.agent_id, hello.hostname[:255], hello.agent_version[:64], profiles
+        )
+        await context.write(session.welcome_frame())
+        self._cp.registry.add(session)
+        log.info("agent %s (%s) of group %s connected from %s, session %s, %d profiles",
+                 row.name, row.agent_id, row.group_name, context.peer(), session.session_id, len(profiles))
+        try:
+            await session.serve()
+        finally:
+            self._cp.registry.remove(session)
+            log.info("agent %s (%s) session %s ended", row.name, row.agent_id, session.session_id)
+            try:
+                await self._cp.blocking(self._cp.store.touch_agent, row.agent_id, dt.datetime.now(dt.UTC))
+            except Exception:
+                log.exception("could not record when agent %s was last seen", row.agent_id)
+        if session.protocol_error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"tunnel protocol: {session.protocol_error}")

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs the system packages the tests use (a real PostgreSQL server, unixODBC
+# with the psqlODBC and SQLite ODBC drivers), when they are missing. Needs root for
+# apt; without root it only reports what is missing.
+set -euo pipefail
+
+need=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+[ -e /usr/lib/x86_64-linux-gnu/libodbc.so.2 ] || [ -e /usr/lib/aarch64-linux-gnu/libodbc.so.2 ] || need+=(unixodbc)
+dpkg -s odbc-postgresql >/dev/null 2>&1 || need+=(odbc-postgresql)
+dpkg -s libsqliteodbc >/dev/null 2>&1 || need+=(libsqliteodbc)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "missing system packages: ${need[*]} (run as root, or: sudo apt-get install ${need[*]})" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# Debian starts a cluster on install; the tests start their own.
+if command -v pg_lsclusters >/dev/null 2>&1; then
+  pg_lsclusters -h 2>/dev/null | while read -r ver name _; do pg_ctlcluster "$ver" "$name" stop 2>/dev/null || true; done
+fi

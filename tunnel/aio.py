@@ -1,0 +1,130 @@
+"""The asyncio pieces both ends of the tunnel share.
+
+`protocol` decides what to send; this module owns how it is sent: one writer
+task per stream (grpc.aio allows one outstanding write per call), a bounded
+byte budget for data frames, and waiting for per-request credit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+F = TypeVar("F")
+
+#: Data frames queued for the wire, across all requests of a stream.
+DEFAULT_MAX_QUEUED_BYTES = 4 * 1024 * 1024
+
+
+class StreamClosed(Exception):
+    """The stream ended; nothing more can be sent on it."""
+
+
+class FrameWriter(Generic[F]):
+    """The single writer of one stream, fed by a queue bounded in bytes.
+
+    Control frames (credit, cancel, end, ping) go through `send_nowait` and
+    never wait: they are small, and the reader loop must never block behind
+    data. Data frames go through `send`, which waits while the queue holds
+    `max_queued_bytes`; each request's credit already bounds its own share.
+    """
+
+    def __init__(self, write: Callable[[F], Awaitable[object]], max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES) -> None:
+        self._write = write
+        self._max = max_queued_bytes
+        self._queue: deque[tuple[F, int]] = deque()
+        self._queued_bytes = 0
+        self._nonempty = asyncio.Event()
+        self._space = asyncio.Event()
+        self._space.set()
+        self._closed: BaseException | None = None
+        loop = asyncio.get_running_loop()
+        self._clock = loop.time
+        #: Loop time of the last frame written; heartbeats read it.
+        self.last_write = self._clock()
+
+    def send_nowait(self, frame: F) -> None:
+        if self._closed is not None:
+            raise StreamClosed(str(self._closed))
+        self._queue.append((frame, 0))
+        self._nonempty.set()
+
+    async def send(self, frame: F, size: int) -> None:
+        while self._queued_bytes >= self._max:
+            if self._closed is not None:
+                raise StreamClosed(str(self._closed))
+            self._space.clear()
+            await self._space.wait()
+        if self._closed is not None:
+            raise StreamClosed(str(self._closed))
+        self._queued_bytes += size
+        self._queue.append((frame, size))
+        self._nonempty.set()
+
+    def close(self, why: BaseException) -> None:
+        """Stop accepting frames and wake every waiter; idempotent."""
+        if self._closed is None:
+            self._closed = why
+        self._space.set()
+        self._nonempty.set()
+
+    async def run(self) -> None:
+        """Write queued frames until closed; a failed write closes the writer and raises."""
+        try:
+            while True:
+                if not self._queue:
+                    if self._closed is not None:
+                        return
+                    self._nonempty.clear()
+                    await self._nonempty.wait()
+                    continue
+                frame, size = self._queue.popleft()
+                await self._write(frame)
+                self.last_write = self._clock()
+                if size:
+                    self._queued_bytes -= size
+                    if self._queued_bytes < self._max:
+                        self._space.set()
+        except BaseException as exc:
+            self.close(exc)
+            raise
+
+
+class RequestGone(Exception):
+    """The request ended while its sender waited for credit."""
+
+
+class CreditWaiters:
+    """Lets senders of many requests wait for credit granted to their own request."""
+
+    def __init__(self) -> None:
+        self._events: dict[int, asyncio.Event] = {}
+
+    async def wait_for(self, rid: int, needed: int, credit: Callable[[int], int | None]) -> None:
+        """Return once `credit(rid)` covers `needed`; raise RequestGone if it turns None."""
+        while True:
+            available = credit(rid)
+            if available is None:
+                raise RequestGone(f"request {rid} ended")
+            if available >= needed:
+                return
+            event = self._events.setdefault(rid, asyncio.Event())
+            event.clear()
+            await event.wait()
+
+    def wake(self, rid: int) -> None:
+        event = self._events.get(rid)
+        if event is not None:
+            event.set()
+
+    def forget(self, rid: int) -> None:
+        """Drop a request's waiter, waking it so it sees the request is gone."""
+        event = self._events.pop(rid, None)
+        if event is not None:
+            event.set()
+
+    def wake_all(self) -> None:
+        for event in self._events.values():
+            event.set()

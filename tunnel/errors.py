@@ -1,0 +1,181 @@
+"""Errors that end a request, each with the gRPC status it maps to.
+
+    OnpremError
+    ├── RequestError                 ends one request; `code` is its gRPC status
+    │   ├── InvalidArgument          the caller's input is malformed
+    │   ├── NotFound                 no such group, profile, path, agent
+    │   ├── AlreadyExists
+    │   ├── PermissionDenied         authenticated, but not allowed
+    │   ├── Unauthenticated          no or bad credentials
+    │   ├── FailedPrecondition       valid, but not in this state (read-only ...)
+    │   ├── ResourceExhausted        a size or concurrency limit was hit
+    │   ├── Unavailable              the agent or the system behind it is unreachable
+    │   ├── DeadlineExceeded
+    │   ├── Cancelled
+    │   ├── Aborted                  e.g. a transaction conflict
+    │   ├── Unimplemented
+    │   └── Internal                 a bug; details go to the log, not the caller
+    └── ProtocolError                a peer broke the tunnel protocol
+        ├── LocalProtocolError       we did
+        └── RemoteProtocolError      the other side did
+
+Handlers raise these; exactly one place per process turns them into a
+status (the operator API's error boundary, the agent's request runner).
+`Code` mirrors gRPC's numbering so that this module needs no grpc import.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Code(enum.IntEnum):
+    """gRPC status codes, by their wire numbers."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
+class OnpremError(Exception):
+    """The root of every error this project raises on purpose."""
+
+
+class RequestError(OnpremError):
+    """Ends one request with `code` and a message a person can act on.
+
+    `reason` is a stable UPPER_SNAKE_CASE word a program can branch on.
+    """
+
+    code: Code = Code.UNKNOWN
+    default_reason: str = "UNKNOWN"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+
+    @staticmethod
+    def from_status(code: int, message: str, reason: str = "") -> RequestError:
+        """Rebuild the error a peer reported in a final status."""
+        try:
+            cls = _BY_CODE[Code(code)]
+        except (ValueError, KeyError):
+            cls = Internal
+        return cls(message, reason=reason or None)
+
+
+class InvalidArgument(RequestError):
+    code = Code.INVALID_ARGUMENT
+    default_reason = "INVALID_ARGUMENT"
+
+
+class NotFound(RequestError):
+    code = Code.NOT_FOUND
+    default_reason = "NOT_FOUND"
+
+
+class AlreadyExists(RequestError):
+    code = Code.ALREADY_EXISTS
+    default_reason = "ALREADY_EXISTS"
+
+
+class PermissionDenied(RequestError):
+    code = Code.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
+
+
+class Unauthenticated(RequestError):
+    code = Code.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
+class FailedPrecondition(RequestError):
+    code = Code.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(RequestError):
+    code = Code.RESOURCE_EXHAUSTED
+    default_reason = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(RequestError):
+    code = Code.UNAVAILABLE
+    default_reason = "UNAVAILABLE"
+
+
+class DeadlineExceeded(RequestError):
+    code = Code.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(RequestError):
+    code = Code.CANCELLED
+    default_reason = "CANCELLED"
+
+
+class Aborted(RequestError):
+    code = Code.ABORTED
+    default_reason = "ABORTED"
+
+
+class Unimplemented(RequestError):
+    code = Code.UNIMPLEMENTED
+    default_reason = "UNIMPLEMENTED"
+
+
+class Internal(RequestError):
+    code = Code.INTERNAL
+    default_reason = "INTERNAL"
+
+
+_BY_CODE: dict[Code, type[RequestError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        PermissionDenied,
+        Unauthenticated,
+        FailedPrecondition,
+        ResourceExhausted,
+        Unavailable,
+        DeadlineExceeded,
+        Cancelled,
+        Aborted,
+        Unimplemented,
+        Internal,
+    )
+}
+
+
+class ProtocolError(OnpremError):
+    """A peer broke the tunnel protocol; the stream cannot be trusted any more."""
+
+    def __init__(self, message: str) -> None:
+        if type(self) is ProtocolError:
+            raise TypeError("raise LocalProtocolError or RemoteProtocolError")
+        super().__init__(message)
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to send something the protocol forbids: a bug on our side."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol forbids."""
