@@ -16,12 +16,10 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
-import grpc
-
 from agent.dispatcher import Dispatcher
 from agent.handlers.base import RequestContext
 from onprem.v1 import tunnel_pb2
-from tunnel.aio import CreditWaiters, FrameWriter, StreamClosed
+from tunnel.aio import EOF, CreditWaiters, FrameWriter, StreamClosed
 from tunnel.errors import Code, RequestError
 from tunnel.protocol import (
     AgentConnection,
@@ -130,7 +128,7 @@ class AgentSession:
     async def _read_loop(self) -> None:
         while True:
             frame = await self._call.read()
-            if frame is grpc.aio.EOF:
+            if frame is EOF:
                 raise SessionLost("the control plane closed the stream")
             assert isinstance(frame, ControlFrame)
             self._last_heard = self._clock()

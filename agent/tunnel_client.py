@@ -22,6 +22,7 @@ from agent.dispatcher import Dispatcher
 from agent.identity import Identity
 from agent.session import AgentSession, SessionLost
 from onprem.v1 import tunnel_pb2, tunnel_pb2_grpc
+from tunnel.aio import EOF
 from tunnel.channel_options import CLIENT_OPTIONS
 from tunnel.errors import RemoteProtocolError
 from tunnel.protocol import AgentConnection, ControlFrame
@@ -122,11 +123,11 @@ class TunnelClient:
 
     async def _session(self, stub: tunnel_pb2_grpc.AgentTunnelAsyncStub) -> None:
         conn = AgentConnection()
-        call = stub.Connect()
+        call = stub.Connect()  # type: ignore[call-arg]  # stream opened without an iterator: we write()
         try:
             await call.write(conn.hello(self._hello()))
             first = await call.read()
-            if first is grpc.aio.EOF:
+            if first is EOF:
                 await call.wait_for_connection()
                 raise SessionLost("the control plane closed the stream before welcoming us")
             assert isinstance(first, ControlFrame)

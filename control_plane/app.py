@@ -13,11 +13,11 @@ import datetime as dt
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import grpc
 
@@ -41,7 +41,7 @@ KIND_BY_NAME = {
     "folder": tunnel_pb2.PROFILE_KIND_FOLDER,
     "app": tunnel_pb2.PROFILE_KIND_APP,
 }
-NAME_BY_KIND = {v: k for k, v in KIND_BY_NAME.items()}
+NAME_BY_KIND: dict[int, str] = {v: k for k, v in KIND_BY_NAME.items()}
 
 #: How long an authenticated token is trusted without asking the store again.
 TOKEN_CACHE_SECONDS = 10.0
@@ -85,7 +85,7 @@ class ControlPlane:
 
     # -- operator authentication --
     async def authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
-        token = parse_bearer(context.invocation_metadata())
+        token = parse_bearer(cast(Sequence[tuple[str, str | bytes]], context.invocation_metadata()))
         if token is None:
             raise Unauthenticated(
                 "missing or malformed credentials: send the metadata 'authorization: Bearer <token>'",

@@ -17,7 +17,7 @@ log = logging.getLogger("onprem.control_plane.audit")
 
 
 class AuditLog:
-    def __init__(self, write: Callable[[AuditEntry], None], run_blocking: Callable[..., asyncio.Future[None]],
+    def __init__(self, write: Callable[[AuditEntry], object], run_blocking: Callable[..., asyncio.Future[object]],
                  max_queued: int = 10_000) -> None:
         self._write = write
         self._run_blocking = run_blocking

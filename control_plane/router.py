@@ -21,7 +21,7 @@ from tunnel.errors import NotFound, ResourceExhausted, Unavailable
 
 log = logging.getLogger("onprem.control_plane.router")
 
-KIND_NAMES = {
+KIND_NAMES: dict[int, str] = {
     tunnel_pb2.PROFILE_KIND_DATABASE: "database",
     tunnel_pb2.PROFILE_KIND_FOLDER: "folder",
     tunnel_pb2.PROFILE_KIND_APP: "app",

@@ -84,7 +84,7 @@ class ControlPlaneServer:
     def __init__(self, config: ServerConfig, cp: ControlPlane) -> None:
         self.config = config
         self.cp = cp
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.ports: dict[str, int] = {}
         self._servers: list[grpc.aio.Server] = []
         self._audit_task: asyncio.Task[None] | None = None

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import grpc
 
 from onprem.v1 import tunnel_pb2
-from tunnel.aio import CreditWaiters, FrameWriter, RequestGone, StreamClosed
+from tunnel.aio import EOF, CreditWaiters, FrameWriter, RequestGone, StreamClosed
 from tunnel.errors import Code, RemoteProtocolError, RequestError, Unavailable
 from tunnel.protocol import (
     AgentFrame,
@@ -256,7 +256,7 @@ class AgentSession:
     async def _read_loop(self) -> None:
         while True:
             frame = await self._read()
-            if frame is grpc.aio.EOF:
+            if frame is EOF:
                 raise SessionClosed("the agent closed its stream")
             assert isinstance(frame, AgentFrame)
             self._last_heard = self._clock()

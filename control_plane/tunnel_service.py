@@ -21,6 +21,7 @@ from control_plane.app import NAME_BY_KIND, ControlPlane
 from control_plane.sessions import AgentSession
 from control_plane.store import AdvertisedProfile, AgentRow
 from onprem.v1 import tunnel_pb2, tunnel_pb2_grpc
+from tunnel.aio import EOF
 from tunnel.errors import RemoteProtocolError
 from tunnel.protocol import AgentFrame, ControlPlaneConnection
 
@@ -34,7 +35,7 @@ class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
         self._cp = cp
 
     async def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[AgentRow, x509.Certificate]:
-        pem = (context.auth_context().get("x509_pem_cert") or [b""])[0]
+        pem = next(iter(context.auth_context().get("x509_pem_cert") or [b""]))
         if not pem:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required: enroll the agent first")
         cert = x509.load_pem_x509_certificate(pem)
@@ -56,14 +57,16 @@ class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
             )
         return row, cert
 
-    async def Connect(
+    # Connect reads and writes through `context` (one writer task), so it
+    # returns nothing instead of being a generator as the generated base says.
+    async def Connect(  # type: ignore[override]
         self, request_iterator: Any, context: grpc.aio.ServicerContext[AgentFrame, tunnel_pb2.ConnectResponse]
     ) -> None:
         row, cert = await self._authenticate(context)
         conn = ControlPlaneConnection(self._cp.settings.limits)
         try:
             first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT)
-            if first is grpc.aio.EOF:
+            if first is EOF:
                 return
             assert isinstance(first, AgentFrame)
             conn.receive(first)

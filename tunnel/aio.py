@@ -12,7 +12,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
+import grpc
+
 F = TypeVar("F")
+
+#: What grpc.aio's `read()` returns at the end of a stream (missing from grpc-stubs).
+EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]
 
 #: Data frames queued for the wire, across all requests of a stream.
 DEFAULT_MAX_QUEUED_BYTES = 4 * 1024 * 1024

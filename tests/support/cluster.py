@@ -1,0 +1,205 @@
+"""Real control-plane and agent processes for end-to-end tests.
+
+Each process is started from the installed console scripts, on free
+loopback ports, with its own state folder; tests stop them with real
+signals (SIGTERM, SIGKILL) and the fixtures clean up whatever is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+
+from onprem.v1 import agents_pb2, agents_pb2_grpc
+from tests.support.postgres import free_port
+
+BIN = Path(sys.executable).parent
+
+
+def _bin(name: str) -> str:
+    return str(BIN / name)
+
+
+@dataclass
+class ControlPlaneProcess:
+    state_dir: Path
+    operator_port: int = field(default_factory=free_port)
+    agent_port: int = field(default_factory=free_port)
+    enroll_port: int = field(default_factory=free_port)
+    database_url: str | None = None
+    extra_args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def operator_address(self) -> str:
+        return f"127.0.0.1:{self.operator_port}"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.state_dir / "ca" / "ca.pem"
+
+    def _common(self) -> list[str]:
+        args = ["--state-dir", str(self.state_dir)]
+        if self.database_url:
+            args += ["--database-url", self.database_url]
+        return args
+
+    def start(self) -> None:
+        log = open(self.state_dir.parent / f"{self.state_dir.name}.log", "ab")  # noqa: SIM115
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [_bin("onprem-control-plane"), "--log-level", "DEBUG", "serve", *self._common(),
+             "--operator-listen", f"127.0.0.1:{self.operator_port}",
+             "--agent-listen", f"127.0.0.1:{self.agent_port}",
+             "--enroll-listen", f"127.0.0.1:{self.enroll_port}",
+             "--grace-period", "5", *self.extra_args],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        _wait_for_port(self.operator_port, self.proc)
+
+    def admin_token(self, name: str = "admin") -> str:
+        return self.cli("create-admin-token", "--name", name)
+
+    def token(self, name: str, role: str, groups: str) -> str:
+        return self.cli("create-token", "--name", name, "--role", role, "--groups", groups)
+
+    def enrollment_token(self, group: str) -> str:
+        return self.cli("create-enrollment-token", "--group", group)
+
+    def cli(self, *args: str) -> str:
+        out = subprocess.run(
+            [_bin("onprem-control-plane"), args[0], *self._common(), *args[1:]],
+            check=True, capture_output=True, text=True,
+        )
+        return out.stdout.strip()
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+@dataclass
+class AgentProcess:
+    home: Path
+    control_plane: ControlPlaneProcess
+    profiles: dict[str, Any]
+    name: str = "agent"
+    max_in_flight: int = 64
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config_file(self) -> Path:
+        return self.home / "agent.yaml"
+
+    def write_config(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        config = {
+            "control_plane": {
+                "address": f"127.0.0.1:{self.control_plane.agent_port}",
+                "enroll_address": f"127.0.0.1:{self.control_plane.enroll_port}",
+                "ca_file": str(self.control_plane.ca_file),
+            },
+            "identity_dir": str(self.home / "identity"),
+            "max_in_flight": self.max_in_flight,
+            "name": self.name,
+            "profiles": self.profiles,
+        }
+        self.config_file.write_text(yaml.safe_dump(config))
+
+    def enroll(self, group: str) -> None:
+        self.write_config()
+        token = self.control_plane.enrollment_token(group)
+        subprocess.run(
+            [_bin("onprem-agent"), "enroll", "--config", str(self.config_file), "--token", token],
+            check=True, capture_output=True, env={**os.environ, **self.env},
+        )
+
+    @property
+    def agent_id(self) -> str:
+        import json
+
+        return str(json.loads((self.home / "identity" / "agent.json").read_text())["agent_id"])
+
+    def start(self) -> None:
+        log = open(self.home / "agent.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [_bin("onprem-agent"), "--log-level", "DEBUG", "run", "--config", str(self.config_file)],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+        )
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listened on port {port} within {timeout} s")
+
+
+@asynccontextmanager
+async def operator_channel(cp: ControlPlaneProcess) -> AsyncIterator[grpc.aio.Channel]:
+    creds = grpc.ssl_channel_credentials(root_certificates=cp.ca_file.read_bytes())
+    async with grpc.aio.secure_channel(cp.operator_address, creds) as channel:
+        yield channel
+
+
+def bearer(token: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+async def wait_for_agent_state(
+    channel: grpc.aio.Channel, token: str, agent_id: str, state: int, within: float = 30
+) -> agents_pb2.Agent:
+    stub = agents_pb2_grpc.AgentServiceStub(channel)
+    deadline = time.monotonic() + within
+    agent = None
+    while time.monotonic() < deadline:
+        agent = (await stub.GetAgent(agents_pb2.GetAgentRequest(agent_id=agent_id), metadata=bearer(token))).agent
+        if agent.state == state:
+            return agent
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"agent {agent_id} did not reach state {state} within {within} s (last: {agent})")

@@ -1,0 +1,203 @@
+"""`make run`: a control plane and one enrolled agent on embedded defaults.
+
+Starts, under var/demo/:
+- a control plane: operator API on 127.0.0.1:8443, agent listener on
+  127.0.0.1:8444, enrollment on 127.0.0.1:8445, state in var/demo/control-plane;
+- a small HTTP app on 127.0.0.1:8480 (the `demo-app` profile's target);
+- one agent in group `demo` with the profiles `demo-db` (SQLite with sample
+  tables), `demo-files` (a sample folder) and `demo-app`.
+
+It writes the CA to var/demo/ca.pem and an admin token to var/demo/admin.token,
+prints grpcurl commands that work when pasted, and stops everything on Ctrl-C.
+Running it again reuses the state (the same CA, token and agent).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import yaml
+
+from onprem.v1 import agents_pb2, agents_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "var" / "demo"
+BIN = Path(sys.executable).parent
+OPERATOR, AGENT, ENROLL, APP_PORT = "127.0.0.1:8443", "127.0.0.1:8444", "127.0.0.1:8445", 8480
+
+
+def make_sample_database(path: Path) -> None:
+    if path.exists():
+        return
+    with sqlite3.connect(path) as db:
+        db.executescript("""
+            CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT NOT NULL, country TEXT, since DATE);
+            CREATE TABLE orders (
+                id INTEGER PRIMARY KEY, customer_id INTEGER NOT NULL REFERENCES customers(id),
+                total NUMERIC NOT NULL, status TEXT NOT NULL, created_at TIMESTAMP NOT NULL);
+            INSERT INTO customers VALUES
+                (1, 'Acme GmbH', 'DE', '2019-03-01'), (2, 'Globex Ltd', 'GB', '2020-11-15'),
+                (3, 'Initech', 'US', '2021-06-30'), (4, 'Umbrella SA', 'FR', '2023-01-09');
+            INSERT INTO orders VALUES
+                (1, 1, 1299.00, 'shipped', '2026-10-01 09:12:00'), (2, 2, 87.50, 'open', '2026-10-03 14:40:00'),
+                (3, 3, 410.20, 'open', '2026-10-07 08:05:00'), (4, 1, 15.99, 'cancelled', '2026-10-09 17:30:00'),
+                (5, 4, 2200.00, 'shipped', '2026-10-12 11:00:00');
+        """)
+
+
+def make_sample_folder(path: Path) -> None:
+    if path.exists():
+        return
+    (path / "reports").mkdir(parents=True)
+    (path / "incoming").mkdir()
+    (path / "README.txt").write_text("Files the demo agent exposes as the demo-files profile.\n")
+    (path / "reports" / "2026-10.csv").write_text(
+        "customer,orders,total\nAcme GmbH,2,1314.99\nGlobex Ltd,1,87.50\nInitech,1,410.20\nUmbrella SA,1,2200.00\n"
+    )
+
+
+def wait_for_port(address: str, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
+    import socket
+
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"demo: the {what} exited with code {proc.returncode}; see {DEMO}/*.log")
+        with socket.socket() as s:
+            if s.connect_ex((host, int(port))) == 0:
+                return
+        time.sleep(0.1)
+    sys.exit(f"demo: the {what} did not listen on {address} within {timeout:.0f} s (port in use?)")
+
+
+def wait_for_agent(token: str, ca: bytes, timeout: float = 30) -> agents_pb2.Agent:
+    deadline = time.monotonic() + timeout
+    with grpc.secure_channel(OPERATOR, grpc.ssl_channel_credentials(ca)) as channel:
+        stub = agents_pb2_grpc.AgentServiceStub(channel)
+        while time.monotonic() < deadline:
+            agents = stub.ListAgents(agents_pb2.ListAgentsRequest(group="demo"),
+                                     metadata=(("authorization", f"Bearer {token}"),)).agents
+            active = [a for a in agents if a.state == agents_pb2.AGENT_STATE_ACTIVE]
+            if active:
+                return active[0]
+            time.sleep(0.2)
+    sys.exit(f"demo: the agent did not connect within {timeout:.0f} s; see {DEMO}/agent.log")
+
+
+def commands() -> str:
+    g = ".venv/bin/grpcurl -cacert var/demo/ca.pem -H \"authorization: Bearer $(cat var/demo/admin.token)\""
+    return f"""
+Try these (from {ROOT}):
+
+  # what the control plane serves (server reflection)
+  {g} {OPERATOR} list
+  {g} {OPERATOR} describe onprem.v1.DatabaseService
+
+  # health
+  .venv/bin/grpcurl -cacert var/demo/ca.pem {OPERATOR} grpc.health.v1.Health/Check
+
+  # agents and groups
+  {g} {OPERATOR} onprem.v1.AgentService/ListAgents
+  {g} {OPERATOR} onprem.v1.AgentService/ListGroups
+
+  # a query, streamed from the agent's SQLite database
+  {g} -d '{{"group": "demo", "profile": "demo-db", "sql": "SELECT id, name, country FROM customers WHERE id <= :max", "parameters": {{"max": {{"int64Value": "3"}}}}}}' {OPERATOR} onprem.v1.DatabaseService/Query
+
+  # files
+  {g} -d '{{"group": "demo", "profile": "demo-files", "path": "", "recursive": true}}' {OPERATOR} onprem.v1.FileService/List
+  {g} -d '{{"group": "demo", "profile": "demo-files", "path": "reports/2026-10.csv"}}' {OPERATOR} onprem.v1.FileService/Read
+
+  # an on-prem HTTP app; the agent adds the API key, the caller never sees it
+  {g} -d '{{"head": {{"group": "demo", "profile": "demo-app", "method": "GET", "path": "orders"}}}}' {OPERATOR} onprem.v1.AppService/Call
+
+Press Ctrl-C to stop everything.
+"""
+
+
+def main() -> None:
+    DEMO.mkdir(parents=True, exist_ok=True)
+    cp_state, agent_home = DEMO / "control-plane", DEMO / "agent"
+    make_sample_database(DEMO / "demo.db")
+    make_sample_folder(DEMO / "files")
+    key_file = DEMO / "app.key"
+    if not key_file.exists():
+        key_file.write_text(secrets.token_urlsafe(24))
+    env = {**os.environ, "DEMO_APP_KEY": key_file.read_text().strip()}
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(args: list[str], log: str) -> subprocess.Popen[bytes]:
+        with open(DEMO / log, "ab") as out:
+            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        procs.append(proc)
+        return proc
+
+    def cp_cli(*args: str) -> str:
+        out = subprocess.run([str(BIN / "onprem-control-plane"), args[0], "--state-dir", str(cp_state), *args[1:]],
+                             check=True, capture_output=True, text=True)
+        return out.stdout.strip()
+
+    try:
+        app = start([sys.executable, "-m", "tools.demo.http_app", "--port", str(APP_PORT)], "http-app.log")
+        wait_for_port(f"127.0.0.1:{APP_PORT}", app, "demo HTTP app")
+        cp = start([str(BIN / "onprem-control-plane"), "serve", "--state-dir", str(cp_state),
+                    "--operator-listen", OPERATOR, "--agent-listen", AGENT, "--enroll-listen", ENROLL,
+                    "--grace-period", "5"], "control-plane.log")
+        wait_for_port(OPERATOR, cp, "control plane")
+        shutil.copyfile(cp_state / "ca" / "ca.pem", DEMO / "ca.pem")
+        token_file = DEMO / "admin.token"
+        if not token_file.exists():
+            token_file.write_text(cp_cli("create-admin-token", "--name", "demo-admin") + "\n")
+            token_file.chmod(0o600)
+        config = {
+            "control_plane": {"address": AGENT, "enroll_address": ENROLL, "ca_file": str(DEMO / "ca.pem")},
+            "identity_dir": str(agent_home / "identity"),
+            "name": "demo-agent",
+            "profiles": {
+                "databases": {"demo-db": {"url": f"sqlite:///{DEMO / 'demo.db'}", "read_only": False}},
+                "folders": {"demo-files": {"root": str(DEMO / "files"), "read_only": False}},
+                "apps": {"demo-app": {"base_url": f"http://127.0.0.1:{APP_PORT}/api/",
+                                      "headers_from_env": {"X-Api-Key": "DEMO_APP_KEY"}}},
+            },
+        }
+        agent_home.mkdir(parents=True, exist_ok=True)
+        config_file = agent_home / "agent.yaml"
+        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        if not (agent_home / "identity" / "agent.json").exists():
+            enrollment = cp_cli("create-enrollment-token", "--group", "demo", "--description", "make run")
+            subprocess.run([str(BIN / "onprem-agent"), "enroll", "--config", str(config_file), "--token", enrollment],
+                           check=True, env=env)
+        start([str(BIN / "onprem-agent"), "run", "--config", str(config_file)], "agent.log")
+        agent = wait_for_agent(token_file.read_text().strip(), (DEMO / "ca.pem").read_bytes())
+        print(f"\nonprem demo is up: control plane on {OPERATOR}, agent {agent.name} ({agent.agent_id}) "
+              f"ACTIVE in group demo with profiles demo-db, demo-files, demo-app.\n"
+              f"CA: var/demo/ca.pem   admin token: var/demo/admin.token   logs: var/demo/*.log")
+        print(commands(), flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        sys.exit(f"demo: a process exited unexpectedly; see {DEMO}/*.log")
+    except KeyboardInterrupt:
+        print("\nstopping…", flush=True)
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in reversed(procs):
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    main()
