@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import yaml
 
-from onprem.v1 import agents_pb2, agents_pb2_grpc
+from onprem.v1 import agents_pb2, agents_pb2_grpc, database_pb2_grpc
 from tests.support.postgres import free_port
 
 BIN = Path(sys.executable).parent
@@ -85,7 +85,7 @@ class ControlPlaneProcess:
         )
         return out.stdout.strip()
 
-    def signal(self, sig: signal.Signals) -> None:
+    def send_signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
 
@@ -187,6 +187,15 @@ async def operator_channel(cp: ControlPlaneProcess) -> AsyncIterator[grpc.aio.Ch
         yield channel
 
 
+def database_stub(channel: grpc.aio.Channel) -> database_pb2_grpc.DatabaseServiceAsyncStub:
+    # Typed through an aio channel, the generated stub's overload gives the async flavour.
+    return database_pb2_grpc.DatabaseServiceStub(channel)
+
+
+def agents_stub(channel: grpc.aio.Channel) -> agents_pb2_grpc.AgentServiceAsyncStub:
+    return agents_pb2_grpc.AgentServiceStub(channel)
+
+
 def bearer(token: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {token}"),)
 
@@ -194,7 +203,7 @@ def bearer(token: str) -> tuple[tuple[str, str]]:
 async def wait_for_agent_state(
     channel: grpc.aio.Channel, token: str, agent_id: str, state: int, within: float = 30
 ) -> agents_pb2.Agent:
-    stub = agents_pb2_grpc.AgentServiceStub(channel)
+    stub = agents_stub(channel)
     deadline = time.monotonic() + within
     agent = None
     while time.monotonic() < deadline:
