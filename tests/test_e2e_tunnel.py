@@ -266,6 +266,10 @@ async def test_sigkill_of_the_agent_fails_its_in_flight_requests_with_unavailabl
         with pytest.raises(grpc.aio.AioRpcError) as offline:
             await collect_rows(stub, query(GROUP, "pg", "SELECT 1"), token)
         assert offline.value.code() == grpc.StatusCode.UNAVAILABLE
+    # The killed agent could not cancel its statement; end it so later tests start clean.
+    with psycopg.connect(postgres.dsn(), autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE wait_event = 'PgSleep' "
+                     "AND datname = current_database()")
 
 
 async def _drain(call: grpc.aio.UnaryStreamCall) -> None:  # type: ignore[type-arg]

@@ -485,8 +485,11 @@ def _sleeping_backends(server: PostgresServer) -> int:
     """How many backends are inside pg_sleep right now."""
     with psycopg.connect(server.dsn("postgres"), autocommit=True) as conn:
         row = conn.execute(
-            # The active statement is the cursor's FETCH, so look for what it waits on.
+            # The active statement is the cursor's FETCH, so look for what it waits on; only in
+            # this module's database, so that other tests' sleepers do not count.
             "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND wait_event = 'PgSleep'"
+            " AND datname = %s",
+            (server.database,),
         ).fetchone()
         return int(row[0]) if row else 0
 
