@@ -22,6 +22,7 @@ from pathlib import Path
 from control_plane.app import Settings
 from control_plane.server import ControlPlaneServer, ServerConfig, open_control_plane
 from control_plane.store import Store, validate_group_name
+from tunnel.protocol import Limits
 
 
 def _state_dir(value: str) -> Path:
@@ -45,7 +46,10 @@ def _store(args: argparse.Namespace) -> Store:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    settings = Settings(agent_cert_validity=dt.timedelta(days=args.agent_cert_days))
+    settings = Settings(
+        agent_cert_validity=dt.timedelta(days=args.agent_cert_days),
+        limits=Limits(heartbeat_interval=dt.timedelta(seconds=args.heartbeat_interval)),
+    )
     config = ServerConfig(
         state_dir=args.state_dir,
         operator_listen=args.operator_listen,
@@ -112,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a name or IP the server certificate must carry (repeatable)")
     serve.add_argument("--grace-period", type=float, default=30.0)
     serve.add_argument("--agent-cert-days", type=float, default=30.0)
+    serve.add_argument("--heartbeat-interval", type=float, default=10.0,
+                       help="seconds between pings on a quiet agent stream; 3 missed end it")
     serve.set_defaults(func=_serve)
 
     admin = sub.add_parser("create-admin-token", help="create an admin token for every group")

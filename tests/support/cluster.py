@@ -129,12 +129,12 @@ class AgentProcess:
         }
         self.config_file.write_text(yaml.safe_dump(config))
 
-    def enroll(self, group: str) -> None:
+    def enroll(self, group: str, token: str | None = None, *, check: bool = True) -> subprocess.CompletedProcess[str]:
         self.write_config()
-        token = self.control_plane.enrollment_token(group)
-        subprocess.run(
+        token = token or self.control_plane.enrollment_token(group)
+        return subprocess.run(
             [_bin("onprem-agent"), "enroll", "--config", str(self.config_file), "--token", token],
-            check=True, capture_output=True, env={**os.environ, **self.env},
+            check=check, capture_output=True, text=True, env={**os.environ, **self.env},
         )
 
     @property
