@@ -156,7 +156,8 @@ async def test_errors_carry_a_machine_readable_reason(cp: ControlPlaneProcess) -
                 database_pb2.QueryRequest(group="nowhere", profile="db", sql="SELECT 1"), metadata=bearer(token)
             ):
                 pass
-    details = next(bytes(v) for k, v in info.value.trailing_metadata() or () if k == "grpc-status-details-bin")
+    trailers: list[tuple[str, bytes]] = list(info.value.trailing_metadata() or ())  # type: ignore[arg-type]
+    details = dict(trailers)["grpc-status-details-bin"]
     status = status_pb2.Status.FromString(details)
     error = error_details_pb2.ErrorInfo()
     assert status.details[0].Unpack(error)
