@@ -14,6 +14,7 @@ Running it again reuses the state (the same CA, token and agent).
 
 from __future__ import annotations
 
+import argparse
 import os
 import secrets
 import shutil
@@ -30,9 +31,25 @@ import yaml
 from onprem.v1 import agents_pb2, agents_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "var" / "demo"
 BIN = Path(sys.executable).parent
+# Set from the command line in main(); the defaults are what the README promises.
+DEMO = ROOT / "var" / "demo"
 OPERATOR, AGENT, ENROLL, APP_PORT = "127.0.0.1:8443", "127.0.0.1:8444", "127.0.0.1:8445", 8480
+
+
+def configure(directory: Path, base_port: int, app_port: int) -> None:
+    global DEMO, OPERATOR, AGENT, ENROLL, APP_PORT
+    DEMO = directory.resolve()
+    OPERATOR, AGENT, ENROLL = (f"127.0.0.1:{base_port + i}" for i in range(3))
+    APP_PORT = app_port
+
+
+def shown(path: Path) -> str:
+    """A path as the printed commands use it: relative to the repository when inside it."""
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def make_sample_database(path: Path) -> None:
@@ -95,7 +112,9 @@ def wait_for_agent(token: str, ca: bytes, timeout: float = 30) -> agents_pb2.Age
 
 
 def commands() -> str:
-    g = ".venv/bin/grpcurl -cacert var/demo/ca.pem -H \"authorization: Bearer $(cat var/demo/admin.token)\""
+    ca, token = shown(DEMO / "ca.pem"), shown(DEMO / "admin.token")
+    grpcurl = shown(BIN / "grpcurl")
+    g = f"{grpcurl} -cacert {ca} -H \"authorization: Bearer $(cat {token})\""
     return f"""
 Try these (from {ROOT}):
 
@@ -104,7 +123,7 @@ Try these (from {ROOT}):
   {g} {OPERATOR} describe onprem.v1.DatabaseService
 
   # health
-  .venv/bin/grpcurl -cacert var/demo/ca.pem {OPERATOR} grpc.health.v1.Health/Check
+  {grpcurl} -cacert {ca} {OPERATOR} grpc.health.v1.Health/Check
 
   # agents and groups
   {g} {OPERATOR} onprem.v1.AgentService/ListAgents
@@ -125,6 +144,13 @@ Press Ctrl-C to stop everything.
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m tools.demo", description="Run the onprem demo.")
+    parser.add_argument("--dir", type=Path, default=DEMO, help="where the demo keeps its state (var/demo)")
+    parser.add_argument("--base-port", type=int, default=8443,
+                        help="operator API port; the agent and enrollment listeners take the next two")
+    parser.add_argument("--app-port", type=int, default=APP_PORT, help="port of the demo HTTP app")
+    args = parser.parse_args()
+    configure(args.dir, args.base_port, args.app_port)
     DEMO.mkdir(parents=True, exist_ok=True)
     cp_state, agent_home = DEMO / "control-plane", DEMO / "agent"
     make_sample_database(DEMO / "demo.db")
@@ -146,6 +172,12 @@ def main() -> None:
                              check=True, capture_output=True, text=True)
         return out.stdout.strip()
 
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Explicit handlers: a shell that starts us in the background leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         app = start([sys.executable, "-m", "tools.demo.http_app", "--port", str(APP_PORT)], "http-app.log")
         wait_for_port(f"127.0.0.1:{APP_PORT}", app, "demo HTTP app")
@@ -180,9 +212,9 @@ def main() -> None:
         agent = wait_for_agent(token_file.read_text().strip(), (DEMO / "ca.pem").read_bytes())
         print(f"\nonprem demo is up: control plane on {OPERATOR}, agent {agent.name} ({agent.agent_id}) "
               f"ACTIVE in group demo with profiles demo-db, demo-files, demo-app.\n"
-              f"CA: var/demo/ca.pem   admin token: var/demo/admin.token   logs: var/demo/*.log")
+              f"CA: {shown(DEMO / 'ca.pem')}   admin token: {shown(DEMO / 'admin.token')}   "
+              f"logs: {shown(DEMO)}/*.log")
         print(commands(), flush=True)
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
         sys.exit(f"demo: a process exited unexpectedly; see {DEMO}/*.log")
