@@ -42,6 +42,8 @@ class AgentConfig:
     profiles: Profiles
     max_in_flight: int = 64
     name: str | None = None
+    #: On SIGTERM, how long in-flight requests may take before they are cancelled.
+    drain_grace_seconds: float = 30.0
 
 
 def _split_host_port(address: str, field: str) -> tuple[str, int]:
@@ -55,7 +57,7 @@ def parse_config(raw: Any, *, base_dir: Path) -> AgentConfig:
     """Validate a parsed YAML document; relative paths are taken from `base_dir`."""
     if not isinstance(raw, dict):
         raise ConfigError("the config must be a YAML mapping")
-    unknown = set(raw) - {"control_plane", "identity_dir", "profiles", "max_in_flight", "name"}
+    unknown = set(raw) - {"control_plane", "identity_dir", "profiles", "max_in_flight", "name", "drain_grace_seconds"}
     if unknown:
         raise ConfigError(f"unknown top-level keys: {', '.join(sorted(unknown))}")
     cp = raw.get("control_plane")
@@ -71,6 +73,9 @@ def parse_config(raw: Any, *, base_dir: Path) -> AgentConfig:
     max_in_flight = raw.get("max_in_flight", 64)
     if not isinstance(max_in_flight, int) or not 1 <= max_in_flight <= 10_000:
         raise ConfigError("max_in_flight: an integer from 1 to 10000")
+    grace = raw.get("drain_grace_seconds", 30.0)
+    if not isinstance(grace, int | float) or not 0 <= grace <= 3600:
+        raise ConfigError("drain_grace_seconds: a number of seconds from 0 to 3600")
     return AgentConfig(
         control_plane=ControlPlaneConfig(
             address=address,
@@ -82,6 +87,7 @@ def parse_config(raw: Any, *, base_dir: Path) -> AgentConfig:
         profiles=parse_profiles(raw.get("profiles") or {}),
         max_in_flight=max_in_flight,
         name=str(raw["name"]) if raw.get("name") else None,
+        drain_grace_seconds=float(grace),
     )
 
 

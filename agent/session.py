@@ -16,11 +16,13 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
+import grpc
+
 from agent.dispatcher import Dispatcher
 from agent.handlers.base import RequestContext
 from onprem.v1 import tunnel_pb2
 from tunnel.aio import EOF, CreditWaiters, FrameWriter, StreamClosed
-from tunnel.errors import Code, RequestError
+from tunnel.errors import Code, RemoteProtocolError, RequestError
 from tunnel.protocol import (
     AgentConnection,
     AgentFrame,
@@ -46,6 +48,7 @@ class SessionLost(Exception):
 class TunnelCall(Protocol):
     async def read(self) -> object: ...
     async def write(self, request: AgentFrame) -> None: ...
+    async def done_writing(self) -> None: ...
 
 
 class _Body:
@@ -104,7 +107,11 @@ class AgentSession:
                 group.create_task(self._writer.run(), name="tunnel-writer")
                 group.create_task(self._heartbeat(), name="tunnel-heartbeat")
                 group.create_task(self._read_loop(), name="tunnel-reader")
-        except* (StreamClosed, SessionLost) as eg:
+        except* grpc.aio.AioRpcError as eg:
+            error = eg.exceptions[0]
+            assert isinstance(error, grpc.aio.AioRpcError)
+            raise SessionLost(f"the stream failed: {error.code().name}: {error.details()}") from None
+        except* (StreamClosed, SessionLost, RemoteProtocolError) as eg:
             raise SessionLost(str(eg.exceptions[0])) from None
         finally:
             self._writer.close(SessionLost("session closed"))
@@ -119,6 +126,11 @@ class AgentSession:
         self._writer.send_nowait(self._conn.status(draining=True, in_flight=self.in_flight))
         if self._tasks:
             await asyncio.wait(list(self._tasks.values()), timeout=grace)
+
+    async def close_gracefully(self) -> None:
+        """Send what is queued, then half-close: the control plane ends the stream once it has read it all."""
+        await self._writer.flush()
+        await self._call.done_writing()
 
     async def _drain_then_leave(self, drain: tunnel_pb2.Drain) -> None:
         grace = drain.grace_period.ToTimedelta().total_seconds() if drain.HasField("grace_period") else 30.0

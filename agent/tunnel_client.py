@@ -100,8 +100,7 @@ class TunnelClient:
                 finally:
                     stop_task.cancel()
                 if not session_task.done():
-                    session_task.cancel()
-                    await asyncio.gather(session_task, return_exceptions=True)
+                    await self._drain(session_task)
                     return
                 exc = session_task.exception()
                 if isinstance(exc, grpc.aio.AioRpcError):
@@ -120,6 +119,24 @@ class TunnelClient:
                     await asyncio.wait_for(stop.wait(), timeout=delay)
                 except TimeoutError:
                     pass
+
+    async def _drain(self, session_task: asyncio.Task[None]) -> None:
+        """Stop taking work, let in-flight requests finish within the grace period, then close."""
+        session = self.session
+        if session is not None:
+            grace = self._config.drain_grace_seconds
+            if session.in_flight:
+                log.info("draining: waiting up to %.0f s for %d in-flight requests", grace, session.in_flight)
+            await session.drain(grace)
+            try:
+                # Cancelling the call could drop final statuses still in flight on the wire:
+                # half-close instead, and let the control plane end the stream.
+                await asyncio.wait_for(session.close_gracefully(), 5)
+                await asyncio.wait_for(asyncio.shield(session_task), 5)
+            except (TimeoutError, grpc.aio.AioRpcError, SessionLost):
+                pass
+        session_task.cancel()
+        await asyncio.gather(session_task, return_exceptions=True)
 
     async def _session(self, stub: tunnel_pb2_grpc.AgentTunnelAsyncStub) -> None:
         conn = AgentConnection()

@@ -288,3 +288,25 @@ async def test_a_restarted_control_plane_sees_the_agent_come_back_by_itself(
         await wait_for_agent_state(channel, token, agent.agent_id, ACTIVE, within=60)
         stub = database_stub(channel)
         assert await collect_rows(stub, query(GROUP, "pg", "SELECT generate_series(1, 5)"), token) == 5
+
+
+async def test_sigterm_lets_the_agents_in_flight_request_finish_then_exits_0(
+    fresh_cluster: tuple[ControlPlaneProcess, AgentProcess, str], postgres: PostgresServer,
+) -> None:
+    cp, agent, token = fresh_cluster
+    await _active(cp, agent, token)
+    async with operator_channel(cp) as channel:
+        stub = database_stub(channel)
+        running = asyncio.ensure_future(collect_rows(stub, query(GROUP, "pg", "SELECT pg_sleep(3)"), token))
+        await wait_until_pg(postgres, running=True)
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGTERM)
+        await wait_for_agent_state(channel, token, agent.agent_id, agents_pb2.AGENT_STATE_DRAINING)
+        # While draining it takes no new work...
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await collect_rows(stub, query(GROUP, "pg", "SELECT 1"), token)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "is draining" in (refused.value.details() or "")
+        # ...but what it had started finishes.
+        assert await running == 1
+    assert await asyncio.to_thread(agent.proc.wait, 30) == 0

@@ -44,6 +44,8 @@ class FrameWriter(Generic[F]):
         self._nonempty = asyncio.Event()
         self._space = asyncio.Event()
         self._space.set()
+        self._empty = asyncio.Event()
+        self._empty.set()
         self._closed: BaseException | None = None
         loop = asyncio.get_running_loop()
         self._clock = loop.time
@@ -54,6 +56,7 @@ class FrameWriter(Generic[F]):
         if self._closed is not None:
             raise StreamClosed(str(self._closed))
         self._queue.append((frame, 0))
+        self._empty.clear()
         self._nonempty.set()
 
     async def send(self, frame: F, size: int) -> None:
@@ -66,7 +69,12 @@ class FrameWriter(Generic[F]):
             raise StreamClosed(str(self._closed))
         self._queued_bytes += size
         self._queue.append((frame, size))
+        self._empty.clear()
         self._nonempty.set()
+
+    async def flush(self) -> None:
+        """Wait until every queued frame is written (or the writer closed)."""
+        await self._empty.wait()
 
     def close(self, why: BaseException) -> None:
         """Stop accepting frames and wake every waiter; idempotent."""
@@ -74,12 +82,14 @@ class FrameWriter(Generic[F]):
             self._closed = why
         self._space.set()
         self._nonempty.set()
+        self._empty.set()
 
     async def run(self) -> None:
         """Write queued frames until closed; a failed write closes the writer and raises."""
         try:
             while True:
                 if not self._queue:
+                    self._empty.set()
                     if self._closed is not None:
                         return
                     self._nonempty.clear()

@@ -1,0 +1,194 @@
+"""The asyncio pieces around the protocol, without a network: writer, backoff, routing."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import cast
+
+import pytest
+
+from agent.tunnel_client import Backoff
+from control_plane.router import GroupFacts, Registry, Router
+from onprem.v1 import tunnel_pb2
+from tunnel.aio import FrameWriter, StreamClosed
+from tunnel.errors import NotFound, ResourceExhausted, Unavailable
+
+DB = tunnel_pb2.PROFILE_KIND_DATABASE
+
+
+async def test_the_writer_sends_frames_in_order_one_write_at_a_time() -> None:
+    written: list[int] = []
+    writing = 0
+
+    async def write(frame: int) -> None:
+        nonlocal writing
+        writing += 1
+        assert writing == 1, "two writes outstanding at once"
+        await asyncio.sleep(0)
+        written.append(frame)
+        writing -= 1
+
+    writer: FrameWriter[int] = FrameWriter(write)
+    task = asyncio.create_task(writer.run())
+    for i in range(5):
+        await writer.send(i, 10)
+    writer.send_nowait(5)
+    await writer.flush()
+    assert written == [0, 1, 2, 3, 4, 5]
+    writer.close(StreamClosed("done"))
+    await task
+
+
+async def test_data_frames_wait_while_the_queue_is_full_but_control_frames_do_not() -> None:
+    release = asyncio.Event()
+
+    async def write(frame: str) -> None:
+        await release.wait()
+
+    writer: FrameWriter[str] = FrameWriter(write, max_queued_bytes=100)
+    task = asyncio.create_task(writer.run())
+    await writer.send("first", 60)
+    await asyncio.sleep(0)  # the writer is now stuck writing "first", which still counts
+    await writer.send("second", 60)  # 60 < 100: accepted
+    blocked = asyncio.create_task(writer.send("third", 1))  # 120 >= 100: must wait
+    await asyncio.sleep(0.01)
+    assert not blocked.done()
+    writer.send_nowait("pong")  # never waits
+    release.set()
+    await asyncio.wait_for(blocked, 1)
+    writer.close(StreamClosed("done"))
+    await task
+
+
+async def test_a_closed_writer_refuses_frames_and_wakes_waiting_senders() -> None:
+    async def write(frame: str) -> None:
+        await asyncio.Event().wait()
+
+    writer: FrameWriter[str] = FrameWriter(write, max_queued_bytes=10)
+    task = asyncio.create_task(writer.run())
+    await writer.send("a", 10)
+    waiting = asyncio.create_task(writer.send("b", 10))
+    await asyncio.sleep(0.01)
+    writer.close(StreamClosed("stream ended"))
+    with pytest.raises(StreamClosed):
+        await waiting
+    with pytest.raises(StreamClosed):
+        writer.send_nowait("c")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+def test_backoff_is_full_jitter_and_capped() -> None:
+    backoff = Backoff(base=0.5, cap=30.0)
+    for attempt in range(40):
+        ceiling = min(30.0, 0.5 * 2**attempt)
+        delays = [backoff.delay(attempt) for _ in range(200)]
+        assert all(0 <= d <= ceiling for d in delays)
+        assert max(delays) > ceiling / 2  # spread over the whole range, not clustered
+    assert max(backoff.delay(1000) for _ in range(200)) <= 30.0
+
+
+@dataclass
+class FakeSession:
+    agent_id: str
+    group: str
+    profiles: set[tuple[int, str]]
+    in_flight: int = 0
+    max_in_flight: int = 2
+    draining: bool = False
+    is_open: bool = True
+    session_id: str = "s"
+    opened: list[tunnel_pb2.RequestStart] = field(default_factory=list)
+
+    def offers(self, kind: int, profile: str) -> bool:
+        return (kind, profile) in self.profiles
+
+    def has_capacity(self) -> bool:
+        return self.in_flight < self.max_in_flight
+
+    def open(self, start: tunnel_pb2.RequestStart) -> str:
+        self.in_flight += 1
+        self.opened.append(start)
+        return self.agent_id
+
+    def close(self, reason: str) -> None:
+        self.is_open = False
+
+    on_change: object = None
+
+
+def router_with(*sessions: FakeSession, facts: GroupFacts | None = None, wait: float = 0.05) -> Router:
+    registry = Registry()
+    for s in sessions:
+        registry.add(s)  # type: ignore[arg-type]
+
+    async def group_facts(group: str) -> GroupFacts:
+        return facts or GroupFacts(exists=False, known_profiles=frozenset())
+
+    return Router(registry, group_facts, queue_wait=wait)
+
+
+async def pick(router: Router, profile: str) -> object:
+    """The fake session's id that the router opened the request on."""
+    return await router.open("g", DB, profile, tunnel_pb2.RequestStart())
+
+
+async def test_the_router_picks_the_least_loaded_agent_offering_the_profile() -> None:
+    busy = FakeSession("a1", "g", {(DB, "erp")}, in_flight=1)
+    idle = FakeSession("a2", "g", {(DB, "erp")})
+    other = FakeSession("a3", "g", {(DB, "crm")})
+    router = router_with(busy, idle, other)
+    assert await pick(router, "erp") == "a2"
+
+
+async def test_the_router_skips_draining_agents() -> None:
+    draining = FakeSession("a1", "g", {(DB, "erp")}, draining=True)
+    active = FakeSession("a2", "g", {(DB, "erp")}, in_flight=1)
+    assert await pick(router_with(draining, active), "erp") == "a2"
+
+
+async def test_an_unknown_group_is_not_found() -> None:
+    with pytest.raises(NotFound, match="group 'nope' does not exist"):
+        await router_with().open("nope", DB, "erp", tunnel_pb2.RequestStart())
+
+
+async def test_a_profile_no_agent_of_the_group_offers_is_not_found() -> None:
+    router = router_with(FakeSession("a1", "g", {(DB, "erp")}))
+    with pytest.raises(NotFound, match=r"offers a database profile named 'crm' \(offered: erp\)"):
+        await router.open("g", DB, "crm", tunnel_pb2.RequestStart())
+
+
+async def test_a_known_group_with_no_connected_agent_is_unavailable() -> None:
+    router = router_with(facts=GroupFacts(exists=True, known_profiles=frozenset({(DB, "erp")})))
+    with pytest.raises(Unavailable, match="no agent of group 'g' is connected"):
+        await router.open("g", DB, "erp", tunnel_pb2.RequestStart())
+
+
+async def test_when_every_agent_is_full_the_request_waits_then_is_resource_exhausted() -> None:
+    full = FakeSession("a1", "g", {(DB, "erp")}, in_flight=2)
+    with pytest.raises(ResourceExhausted, match="running its maximum of requests"):
+        await router_with(full).open("g", DB, "erp", tunnel_pb2.RequestStart())
+
+
+async def test_a_waiting_request_takes_capacity_as_soon_as_it_frees_up() -> None:
+    full = FakeSession("a1", "g", {(DB, "erp")}, in_flight=2)
+    router = router_with(full, wait=5)
+    waiting = asyncio.create_task(pick(router, "erp"))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    full.in_flight = 1
+    router._registry.notify()
+    assert await asyncio.wait_for(waiting, 1) == "a1"
+
+
+def test_a_newer_session_of_the_same_agent_supersedes_the_older() -> None:
+    registry = Registry()
+    old, new = FakeSession("a1", "g", set()), FakeSession("a1", "g", set())
+    registry.add(old)  # type: ignore[arg-type]
+    registry.add(new)  # type: ignore[arg-type]
+    assert not old.is_open
+    assert registry.get("a1") is cast(object, new)
+    registry.remove(old)  # type: ignore[arg-type]  # the old session's cleanup must not evict the new one
+    assert registry.get("a1") is cast(object, new)
