@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from onprem.v1 import agents_pb2, database_pb2
-from tests.support.cluster import (
+from tools.cluster import (
     AgentProcess,
     ControlPlaneProcess,
     bearer,

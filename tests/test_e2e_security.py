@@ -14,7 +14,8 @@ import pytest
 from agent.identity import load_identity, make_key_and_csr
 from control_plane.ca import CertificateAuthority
 from onprem.v1 import agents_pb2, database_pb2, tunnel_pb2, tunnel_pb2_grpc
-from tests.support.cluster import (
+from tests.support.postgres import PostgresServer
+from tools.cluster import (
     AgentProcess,
     ControlPlaneProcess,
     agents_stub,
@@ -23,7 +24,6 @@ from tests.support.cluster import (
     operator_channel,
     wait_for_agent_state,
 )
-from tests.support.postgres import PostgresServer
 
 ACTIVE, REVOKED = agents_pb2.AGENT_STATE_ACTIVE, agents_pb2.AGENT_STATE_REVOKED
 

@@ -17,7 +17,8 @@ import psycopg
 import pytest
 
 from onprem.v1 import agents_pb2, database_pb2, database_pb2_grpc, values_pb2
-from tests.support.cluster import (
+from tests.support.postgres import PostgresServer
+from tools.cluster import (
     AgentProcess,
     ControlPlaneProcess,
     bearer,
@@ -25,7 +26,6 @@ from tests.support.cluster import (
     operator_channel,
     wait_for_agent_state,
 )
-from tests.support.postgres import PostgresServer
 
 GROUP = "e2e"
 ACTIVE = agents_pb2.AGENT_STATE_ACTIVE

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from onprem.v1 import agents_pb2
-from tests.support.cluster import AgentProcess, ControlPlaneProcess, operator_channel, wait_for_agent_state
+from tools.cluster import AgentProcess, ControlPlaneProcess, operator_channel, wait_for_agent_state
 
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
 

@@ -16,7 +16,7 @@ from agent.handlers.apps import AppHandler
 from agent.handlers.base import RequestContext
 from agent.profiles import AppProfile
 from onprem.v1 import apps_pb2, tunnel_pb2
-from tests.support.postgres import free_port
+from tools.ports import free_port
 from tunnel.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
 
 BIG = bytes(range(256)) * 1000  # 256 000 bytes

@@ -519,7 +519,7 @@ async def test_pg_cancellation_stops_the_statement_on_the_server(
 
 
 async def test_pg_unreachable_is_unavailable_without_the_password(pg_db: PostgresServer) -> None:
-    from tests.support.postgres import free_port
+    from tools.ports import free_port
 
     secret = "s3cret-Pa55word"
     url = f"postgresql+psycopg://onprem:{secret}@127.0.0.1:{free_port()}/x"

@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from tools.ports import free_port
 
 PASSWORD = "onprem-test-secret"
 
@@ -29,12 +30,6 @@ def _bindir() -> Path:
     if found:
         return Path(found).parent
     raise RuntimeError("PostgreSQL server binaries not found: install the 'postgresql' package")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)

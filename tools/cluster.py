@@ -1,4 +1,4 @@
-"""Real control-plane and agent processes for end-to-end tests.
+"""Real control-plane and agent processes, for end-to-end tests and benchmarks.
 
 Each process is started from the installed console scripts, on free
 loopback ports, with its own state folder; tests stop them with real
@@ -23,7 +23,7 @@ import grpc
 import yaml
 
 from onprem.v1 import agents_pb2, agents_pb2_grpc, database_pb2_grpc
-from tests.support.postgres import free_port
+from tools.ports import free_port
 
 BIN = Path(sys.executable).parent
 
