@@ -27,7 +27,7 @@ from control_plane.ca import CertificateAuthority
 from control_plane.router import GroupFacts, Registry, Router
 from control_plane.sessions import Exchange
 from control_plane.store import AuditEntry, Store
-from onprem.v1 import tunnel_pb2
+from onprem.v1 import profiles_pb2, tunnel_pb2
 from tunnel.errors import Code, InvalidArgument, PermissionDenied, RequestError, Unauthenticated
 from tunnel.protocol import Limits
 
@@ -37,9 +37,9 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 KIND_BY_NAME = {
-    "database": tunnel_pb2.PROFILE_KIND_DATABASE,
-    "folder": tunnel_pb2.PROFILE_KIND_FOLDER,
-    "app": tunnel_pb2.PROFILE_KIND_APP,
+    "database": profiles_pb2.PROFILE_KIND_DATABASE,
+    "folder": profiles_pb2.PROFILE_KIND_FOLDER,
+    "app": profiles_pb2.PROFILE_KIND_APP,
 }
 NAME_BY_KIND: dict[int, str] = {v: k for k, v in KIND_BY_NAME.items()}
 

@@ -15,7 +15,7 @@ import pytest
 from agent.handlers.apps import AppHandler
 from agent.handlers.base import RequestContext
 from agent.profiles import AppProfile
-from onprem.v1 import apps_pb2, tunnel_pb2
+from onprem.v1 import apps_pb2, profiles_pb2, tunnel_pb2
 from tools.ports import free_port
 from tunnel.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
 
@@ -267,4 +267,4 @@ async def test_path_with_spaces_and_unicode_stays_under_base(handler: AppHandler
 
 def test_profiles_are_advertised() -> None:
     handler = AppHandler({"a": AppProfile(name="a", base_url="https://a.internal/")})
-    assert handler.profiles() == [tunnel_pb2.Profile(name="a", kind=tunnel_pb2.PROFILE_KIND_APP)]
+    assert handler.profiles() == [profiles_pb2.Profile(name="a", kind=profiles_pb2.PROFILE_KIND_APP)]

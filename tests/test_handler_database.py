@@ -16,7 +16,7 @@ import pytest
 from agent.handlers.base import RequestContext
 from agent.handlers.database import DatabaseHandler
 from agent.profiles import DatabaseProfile
-from onprem.v1 import database_pb2, tunnel_pb2, values_pb2
+from onprem.v1 import database_pb2, profiles_pb2, tunnel_pb2, values_pb2
 from tests.support.postgres import PostgresServer
 from tunnel.errors import (
     AlreadyExists,
@@ -580,8 +580,8 @@ def test_profiles_are_advertised_with_dialect_and_read_only(tmp_path: Path) -> N
         }
     )
     assert handler.profiles() == [
-        tunnel_pb2.Profile(name="a", kind=tunnel_pb2.PROFILE_KIND_DATABASE, read_only=True, dialect="postgresql"),
-        tunnel_pb2.Profile(name="b", kind=tunnel_pb2.PROFILE_KIND_DATABASE, read_only=False, dialect="sqlite"),
+        profiles_pb2.Profile(name="a", kind=profiles_pb2.PROFILE_KIND_DATABASE, read_only=True, dialect="postgresql"),
+        profiles_pb2.Profile(name="b", kind=profiles_pb2.PROFILE_KIND_DATABASE, read_only=False, dialect="sqlite"),
     ]
 
 

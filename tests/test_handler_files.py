@@ -13,7 +13,7 @@ import pytest
 from agent.handlers.base import RequestContext
 from agent.handlers.files import FolderHandler
 from agent.profiles import FolderProfile
-from onprem.v1 import files_pb2, tunnel_pb2
+from onprem.v1 import files_pb2, profiles_pb2, tunnel_pb2
 from tunnel.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -413,6 +413,6 @@ async def test_read_only_profile_reads(handler: FolderHandler) -> None:
 
 def test_profiles_are_advertised(handler: FolderHandler) -> None:
     assert handler.profiles() == [
-        tunnel_pb2.Profile(name="f", kind=tunnel_pb2.PROFILE_KIND_FOLDER, read_only=False),
-        tunnel_pb2.Profile(name="ro", kind=tunnel_pb2.PROFILE_KIND_FOLDER, read_only=True),
+        profiles_pb2.Profile(name="f", kind=profiles_pb2.PROFILE_KIND_FOLDER, read_only=False),
+        profiles_pb2.Profile(name="ro", kind=profiles_pb2.PROFILE_KIND_FOLDER, read_only=True),
     ]

@@ -10,11 +10,11 @@ import pytest
 
 from agent.tunnel_client import Backoff
 from control_plane.router import GroupFacts, Registry, Router
-from onprem.v1 import tunnel_pb2
+from onprem.v1 import profiles_pb2, tunnel_pb2
 from tunnel.aio import FrameWriter, StreamClosed
 from tunnel.errors import NotFound, ResourceExhausted, Unavailable
 
-DB = tunnel_pb2.PROFILE_KIND_DATABASE
+DB = profiles_pb2.PROFILE_KIND_DATABASE
 
 
 async def test_the_writer_sends_frames_in_order_one_write_at_a_time() -> None:

@@ -20,7 +20,7 @@ import httpx
 
 from agent.handlers.base import RequestContext
 from agent.profiles import AppProfile
-from onprem.v1 import apps_pb2, tunnel_pb2
+from onprem.v1 import apps_pb2, profiles_pb2, tunnel_pb2
 from tunnel.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -93,8 +93,8 @@ class AppHandler:
         self._transport = transport
         self._clients: dict[str, httpx.AsyncClient] = {}
 
-    def profiles(self) -> list[tunnel_pb2.Profile]:
-        return [tunnel_pb2.Profile(name=p.name, kind=tunnel_pb2.PROFILE_KIND_APP) for p in self._profiles.values()]
+    def profiles(self) -> list[profiles_pb2.Profile]:
+        return [profiles_pb2.Profile(name=p.name, kind=profiles_pb2.PROFILE_KIND_APP) for p in self._profiles.values()]
 
     def _client(self, profile: AppProfile) -> httpx.AsyncClient:
         client = self._clients.get(profile.name)
@@ -172,6 +172,29 @@ class AppHandler:
                 # Raw bytes: the body stays as the Content-Encoding header sent along says.
                 async for data in response.aiter_raw(chunk_size):
                     yield tunnel_pb2.ResponseChunk(call=apps_pb2.CallResponse(body=data))
+
+    async def check(self, profile_name: str) -> list[profiles_pb2.ProfileCheck]:
+        """Reach the base URL with the injected headers; 401/403 means the credentials are refused."""
+        profile = self._profiles.get(profile_name)
+        if profile is None:
+            raise NotFound(f"app profile '{profile_name}' is not configured on this agent", reason="PROFILE_NOT_FOUND")
+        try:
+            headers = self._headers(profile, apps_pb2.CallHead())
+        except RequestError as exc:
+            return [profiles_pb2.ProfileCheck(name="credentials", ok=False, message=exc.message)]
+        try:
+            with _http_errors(profile):
+                response = await self._client(profile).request("GET", profile.base_url, headers=headers)
+        except RequestError as exc:
+            return [profiles_pb2.ProfileCheck(name="reachable", ok=False, message=exc.message)]
+        checks = [profiles_pb2.ProfileCheck(
+            name="reachable", ok=True, message=f"GET {profile.base_url} answered HTTP {response.status_code}")]
+        refused = response.status_code in (401, 407, 403)
+        checks.append(profiles_pb2.ProfileCheck(
+            name="credentials", ok=not refused,
+            message=f"the app refused the injected credentials (HTTP {response.status_code})" if refused
+            else "the app did not refuse the injected credentials"))
+        return checks
 
     async def aclose(self) -> None:
         clients, self._clients = list(self._clients.values()), {}

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from onprem.v1 import tunnel_pb2
+from onprem.v1 import profiles_pb2, tunnel_pb2
 
 #: The largest `ResponseChunk` payload a handler should produce, in bytes.
 #: The tunnel refuses chunks above the negotiated maximum (`Welcome.max_chunk_bytes`).
@@ -28,7 +28,7 @@ class RequestContext:
 class Handler(Protocol):
     """Runs one kind of payload against the profiles of that kind."""
 
-    def profiles(self) -> list[tunnel_pb2.Profile]:
+    def profiles(self) -> list[profiles_pb2.Profile]:
         """The profiles this handler offers, as advertised in Hello."""
         ...
 
@@ -38,6 +38,14 @@ class Handler(Protocol):
         Cancellation arrives as `asyncio.CancelledError` at an await: stop the
         work (cancel the statement, close the file, abort the HTTP call) and
         re-raise it.
+        """
+        ...
+
+    async def check(self, profile: str) -> list[profiles_pb2.ProfileCheck]:
+        """Check that the profile works: reachable, credentials accepted, and what else the kind allows.
+
+        Never raises for a failing check: each failure is a ProfileCheck with ok=False and a
+        message saying what to fix. Raises NotFound for an unknown profile.
         """
         ...
 

@@ -42,7 +42,7 @@ from sqlalchemy.pool import QueuePool
 
 from agent.handlers.base import RequestContext
 from agent.profiles import DatabaseProfile
-from onprem.v1 import database_pb2, tunnel_pb2, values_pb2
+from onprem.v1 import database_pb2, profiles_pb2, tunnel_pb2, values_pb2
 from tunnel.errors import (
     Aborted,
     AlreadyExists,
@@ -651,10 +651,10 @@ class DatabaseHandler:
         self._profiles = dict(profiles)
         self._runtimes: dict[str, _Runtime] = {}
 
-    def profiles(self) -> list[tunnel_pb2.Profile]:
+    def profiles(self) -> list[profiles_pb2.Profile]:
         return [
-            tunnel_pb2.Profile(
-                name=p.name, kind=tunnel_pb2.PROFILE_KIND_DATABASE, read_only=p.read_only, dialect=p.dialect
+            profiles_pb2.Profile(
+                name=p.name, kind=profiles_pb2.PROFILE_KIND_DATABASE, read_only=p.read_only, dialect=p.dialect
             )
             for p in self._profiles.values()
         ]
@@ -688,6 +688,22 @@ class DatabaseHandler:
             yield await self._step(statement, statement.finish)
         finally:
             await self._close(statement)
+
+    async def check(self, profile: str) -> list[profiles_pb2.ProfileCheck]:
+        """Connect and run a trivial statement; the error says what failed."""
+        runtime = self._runtime(profile)
+
+        def probe() -> None:
+            with runtime.engine().connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(runtime.executor, probe)
+        except Exception as exc:
+            error = _map_error(exc, runtime.profile, runtime.secrets, True)
+            return [profiles_pb2.ProfileCheck(name="connect", ok=False, message=error.message)]
+        return [profiles_pb2.ProfileCheck(
+            name="connect", ok=True, message=f"connected to {runtime.profile.display_url()} and ran SELECT 1")]
 
     async def _step(self, statement: _Statement, fn: Callable[[], T], *, connecting: bool = False) -> T:
         """Run one blocking step in the profile's pool; on cancel, cancel it on the server."""

@@ -25,7 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from agent.handlers.base import RequestContext
 from agent.handlers.paths import ConfinedPath, confine, follow, open_confined
 from agent.profiles import FolderProfile
-from onprem.v1 import files_pb2, tunnel_pb2
+from onprem.v1 import files_pb2, profiles_pb2, tunnel_pb2
 from tunnel.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -103,20 +103,45 @@ def _keep_both_name(name: str, n: int) -> str:
     return f"{stem} ({n}).{ext}"
 
 
+def _check_folder(profile: FolderProfile) -> list[profiles_pb2.ProfileCheck]:
+    """The root exists, is a folder, and the agent may do what the profile allows there."""
+    root = profile.root
+    if not os.path.isdir(root):
+        why = "does not exist" if not os.path.exists(root) else "is not a folder"
+        return [profiles_pb2.ProfileCheck(name="root exists", ok=False, message=f"the profile's root {why}")]
+    checks = [profiles_pb2.ProfileCheck(name="root exists", ok=True, message="the root is a folder")]
+    readable = os.access(root, os.R_OK | os.X_OK)
+    checks.append(profiles_pb2.ProfileCheck(
+        name="readable", ok=readable,
+        message="the agent may list and read the root" if readable
+        else "the agent's user may not list the root: fix its permissions"))
+    if not profile.read_only:
+        writable = os.access(root, os.W_OK | os.X_OK)
+        checks.append(profiles_pb2.ProfileCheck(
+            name="writable", ok=writable,
+            message="the agent may create files in the root" if writable
+            else "the profile allows writes but the agent's user may not write to the root"))
+    return checks
+
+
 class FolderHandler:
     """Runs `FileOp` payloads against the configured folder profiles."""
 
     def __init__(self, profiles: Mapping[str, FolderProfile]) -> None:
         self._profiles = dict(profiles)
 
-    def profiles(self) -> list[tunnel_pb2.Profile]:
+    def profiles(self) -> list[profiles_pb2.Profile]:
         return [
-            tunnel_pb2.Profile(name=p.name, kind=tunnel_pb2.PROFILE_KIND_FOLDER, read_only=p.read_only)
+            profiles_pb2.Profile(name=p.name, kind=profiles_pb2.PROFILE_KIND_FOLDER, read_only=p.read_only)
             for p in self._profiles.values()
         ]
 
     async def aclose(self) -> None:
         """Nothing to release: every operation closes what it opens."""
+
+    async def check(self, profile: str) -> list[profiles_pb2.ProfileCheck]:
+        folder = self._profile(profile, writes=False)
+        return await asyncio.to_thread(_check_folder, folder)
 
     def _profile(self, name: str, *, writes: bool) -> FolderProfile:
         profile = self._profiles.get(name)

@@ -14,7 +14,7 @@ from control_plane.app import KIND_BY_NAME, ControlPlane
 from control_plane.auth import Principal
 from control_plane.sessions import AgentSession
 from control_plane.store import AgentRow, AuditEntry
-from onprem.v1 import agents_pb2, agents_pb2_grpc
+from onprem.v1 import agents_pb2, agents_pb2_grpc, profiles_pb2, tunnel_pb2
 from tunnel.errors import Code, InvalidArgument, NotFound
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -130,6 +130,21 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
         self._audit(principal, "CreateEnrollmentToken", began, group=request.group, detail=f"token {row.token_id}")
         response = agents_pb2.CreateEnrollmentTokenResponse(token=token, group=row.group_name)
         response.expires_at.FromDatetime(row.expires_at)
+        return response
+
+    @errors.unary
+    async def CheckProfile(
+        self, request: profiles_pb2.CheckProfileRequest, context: Context
+    ) -> profiles_pb2.CheckProfileResponse:
+        if request.kind == profiles_pb2.PROFILE_KIND_UNSPECIFIED:
+            raise InvalidArgument("'kind' is required: DATABASE, FOLDER or APP", reason="MISSING_KIND")
+        start = tunnel_pb2.RequestStart(profile_check=request)
+        async with self._cp.relay(
+            context, method="/onprem.v1.AgentService/CheckProfile", group=request.group,
+            kind=request.kind, profile=request.profile, start=start,
+        ) as exchange:
+            response = (await exchange.single()).profile_check
+        response.agent_id = exchange.session.agent_id
         return response
 
     @errors.unary

@@ -11,7 +11,7 @@ import grpc
 from control_plane.api import errors
 from control_plane.api.files import pump_body
 from control_plane.app import ControlPlane
-from onprem.v1 import apps_pb2, apps_pb2_grpc, tunnel_pb2
+from onprem.v1 import apps_pb2, apps_pb2_grpc, profiles_pb2, tunnel_pb2
 from tunnel.errors import InvalidArgument
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -39,7 +39,7 @@ class AppService(apps_pb2_grpc.AppServiceServicer):
         start = tunnel_pb2.RequestStart(app_call=apps_pb2.AppCall(head=head), has_body=True)
         async with self._cp.relay(
             context, method="/onprem.v1.AppService/Call", group=head.group,
-            kind=tunnel_pb2.PROFILE_KIND_APP, profile=head.profile, start=start,
+            kind=profiles_pb2.PROFILE_KIND_APP, profile=head.profile, start=start,
         ) as exchange:
             pump = asyncio.get_running_loop().create_task(pump_body(exchange, body()))
             try:

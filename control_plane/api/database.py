@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import grpc
 
 from control_plane.api import errors
 from control_plane.app import ControlPlane
-from onprem.v1 import database_pb2, database_pb2_grpc, tunnel_pb2
+from control_plane.sessions import Exchange
+from onprem.v1 import database_pb2, database_pb2_grpc, profiles_pb2, tunnel_pb2
 from tunnel.errors import InvalidArgument
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -24,9 +26,43 @@ class DatabaseService(database_pb2_grpc.DatabaseServiceServicer):
         if not request.sql.strip():
             raise InvalidArgument("'sql' is required: the statement to run", reason="MISSING_SQL")
         start = tunnel_pb2.RequestStart(database_query=database_pb2.DatabaseQuery(query=request))
-        async with self._cp.relay(
-            context, method="/onprem.v1.DatabaseService/Query", group=request.group,
-            kind=tunnel_pb2.PROFILE_KIND_DATABASE, profile=request.profile, start=start,
-        ) as exchange:
+        async with self._relay(context, "Query", request.group, request.profile, start) as exchange:
             async for chunk in exchange:
                 yield chunk.query
+
+    def _relay(
+        self, context: Context, method: str, group: str, profile: str, start: tunnel_pb2.RequestStart
+    ) -> AbstractAsyncContextManager[Exchange]:
+        return self._cp.relay(
+            context, method=f"/onprem.v1.DatabaseService/{method}", group=group,
+            kind=profiles_pb2.PROFILE_KIND_DATABASE, profile=profile, start=start,
+        )
+
+    @errors.unary
+    async def ExecuteBatch(
+        self, request: database_pb2.ExecuteBatchRequest, context: Context
+    ) -> database_pb2.ExecuteBatchResponse:
+        if not request.sql.strip():
+            raise InvalidArgument("'sql' is required: the statement to run for each set", reason="MISSING_SQL")
+        start = tunnel_pb2.RequestStart(database_query=database_pb2.DatabaseQuery(batch=request))
+        async with self._relay(context, "ExecuteBatch", request.group, request.profile, start) as exchange:
+            return (await exchange.single()).batch
+
+    @errors.unary
+    async def ExecuteTransaction(
+        self, request: database_pb2.ExecuteTransactionRequest, context: Context
+    ) -> database_pb2.ExecuteTransactionResponse:
+        if not request.statements:
+            raise InvalidArgument("'statements' is required: the statements to run", reason="MISSING_SQL")
+        start = tunnel_pb2.RequestStart(database_query=database_pb2.DatabaseQuery(transaction=request))
+        async with self._relay(context, "ExecuteTransaction", request.group, request.profile, start) as exchange:
+            return (await exchange.single()).transaction
+
+    @errors.streaming
+    async def PollChanges(
+        self, request: database_pb2.PollChangesRequest, context: Context
+    ) -> AsyncIterator[database_pb2.PollChangesResponse]:
+        start = tunnel_pb2.RequestStart(database_query=database_pb2.DatabaseQuery(poll_changes=request))
+        async with self._relay(context, "PollChanges", request.group, request.profile, start) as exchange:
+            async for chunk in exchange:
+                yield chunk.poll_changes

@@ -11,11 +11,11 @@ import grpc
 from control_plane.api import errors
 from control_plane.app import ControlPlane
 from control_plane.sessions import Exchange
-from onprem.v1 import files_pb2, files_pb2_grpc, tunnel_pb2
+from onprem.v1 import files_pb2, files_pb2_grpc, profiles_pb2, tunnel_pb2
 from tunnel.errors import InvalidArgument, RequestError
 
 Context = grpc.aio.ServicerContext[Any, Any]
-FOLDER = tunnel_pb2.PROFILE_KIND_FOLDER
+FOLDER = profiles_pb2.PROFILE_KIND_FOLDER
 
 
 def _method(name: str) -> str:
@@ -84,6 +84,11 @@ class FileService(files_pb2_grpc.FileServiceServicer):
         op = files_pb2.FileOp(make_directory=request)
         chunk = await self._unary(context, "MakeDirectory", request.group, request.profile, op)
         return chunk.make_directory
+
+    @errors.unary
+    async def Poll(self, request: files_pb2.PollRequest, context: Context) -> files_pb2.PollResponse:
+        chunk = await self._unary(context, "Poll", request.group, request.profile, files_pb2.FileOp(poll=request))
+        return chunk.poll
 
     @errors.streaming
     async def Read(self, request: files_pb2.ReadRequest, context: Context) -> AsyncIterator[files_pb2.ReadResponse]:

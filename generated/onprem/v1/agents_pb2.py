@@ -24,10 +24,10 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
-from onprem.v1 import tunnel_pb2 as onprem_dot_v1_dot_tunnel__pb2
+from onprem.v1 import profiles_pb2 as onprem_dot_v1_dot_profiles__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16onprem/v1/agents.proto\x12\tonprem.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16onprem/v1/tunnel.proto\"\x99\x03\n\x05\x41gent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\t\x12$\n\x05state\x18\x04 \x01(\x0e\x32\x15.onprem.v1.AgentState\x12\x10\n\x08hostname\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\x12/\n\x0b\x65nrolled_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_seen_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06uptime\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tin_flight\x18\n \x01(\r\x12\x15\n\rmax_in_flight\x18\x0b \x01(\r\x12:\n\x16\x63\x65rtificate_expires_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x08profiles\x18\r \x03(\x0b\x32\x12.onprem.v1.Profile\"\"\n\x11ListAgentsRequest\x12\r\n\x05group\x18\x01 \x01(\t\"6\n\x12ListAgentsResponse\x12 \n\x06\x61gents\x18\x01 \x03(\x0b\x32\x10.onprem.v1.Agent\"#\n\x0fGetAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"3\n\x10GetAgentResponse\x12\x1f\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x10.onprem.v1.Agent\"v\n\x05Group\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x61gent_count\x18\x02 \x01(\r\x12\x1a\n\x12\x61\x63tive_agent_count\x18\x03 \x01(\r\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x13\n\x11ListGroupsRequest\"6\n\x12ListGroupsResponse\x12 \n\x06groups\x18\x01 \x03(\x0b\x32\x10.onprem.v1.Group\"j\n\x1c\x43reateEnrollmentTokenRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"m\n\x1d\x43reateEnrollmentTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05group\x18\x03 \x01(\t\"6\n\x12RevokeAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x13RevokeAgentResponse\x12\x1f\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x10.onprem.v1.Agent*\x8e\x01\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41GENT_STATE_ACTIVE\x10\x01\x12\x18\n\x14\x41GENT_STATE_INACTIVE\x10\x02\x12\x18\n\x14\x41GENT_STATE_DRAINING\x10\x03\x12\x17\n\x13\x41GENT_STATE_REVOKED\x10\x04\x32\xa3\x03\n\x0c\x41gentService\x12I\n\nListAgents\x12\x1c.onprem.v1.ListAgentsRequest\x1a\x1d.onprem.v1.ListAgentsResponse\x12\x43\n\x08GetAgent\x12\x1a.onprem.v1.GetAgentRequest\x1a\x1b.onprem.v1.GetAgentResponse\x12I\n\nListGroups\x12\x1c.onprem.v1.ListGroupsRequest\x1a\x1d.onprem.v1.ListGroupsResponse\x12j\n\x15\x43reateEnrollmentToken\x12\'.onprem.v1.CreateEnrollmentTokenRequest\x1a(.onprem.v1.CreateEnrollmentTokenResponse\x12L\n\x0bRevokeAgent\x12\x1d.onprem.v1.RevokeAgentRequest\x1a\x1e.onprem.v1.RevokeAgentResponseB^\n\rdev.onprem.v1B\x0b\x41gentsProtoP\x01Z2github.com/onprem/onprem/gen/go/onprem/v1;onpremv1\xaa\x02\tOnprem.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16onprem/v1/agents.proto\x12\tonprem.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18onprem/v1/profiles.proto\"\x99\x03\n\x05\x41gent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\t\x12$\n\x05state\x18\x04 \x01(\x0e\x32\x15.onprem.v1.AgentState\x12\x10\n\x08hostname\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\x12/\n\x0b\x65nrolled_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_seen_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06uptime\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tin_flight\x18\n \x01(\r\x12\x15\n\rmax_in_flight\x18\x0b \x01(\r\x12:\n\x16\x63\x65rtificate_expires_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x08profiles\x18\r \x03(\x0b\x32\x12.onprem.v1.Profile\"\"\n\x11ListAgentsRequest\x12\r\n\x05group\x18\x01 \x01(\t\"6\n\x12ListAgentsResponse\x12 \n\x06\x61gents\x18\x01 \x03(\x0b\x32\x10.onprem.v1.Agent\"#\n\x0fGetAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"3\n\x10GetAgentResponse\x12\x1f\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x10.onprem.v1.Agent\"v\n\x05Group\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x61gent_count\x18\x02 \x01(\r\x12\x1a\n\x12\x61\x63tive_agent_count\x18\x03 \x01(\r\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x13\n\x11ListGroupsRequest\"6\n\x12ListGroupsResponse\x12 \n\x06groups\x18\x01 \x03(\x0b\x32\x10.onprem.v1.Group\"j\n\x1c\x43reateEnrollmentTokenRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"m\n\x1d\x43reateEnrollmentTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05group\x18\x03 \x01(\t\"6\n\x12RevokeAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x13RevokeAgentResponse\x12\x1f\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x10.onprem.v1.Agent*\x8e\x01\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41GENT_STATE_ACTIVE\x10\x01\x12\x18\n\x14\x41GENT_STATE_INACTIVE\x10\x02\x12\x18\n\x14\x41GENT_STATE_DRAINING\x10\x03\x12\x17\n\x13\x41GENT_STATE_REVOKED\x10\x04\x32\xf4\x03\n\x0c\x41gentService\x12I\n\nListAgents\x12\x1c.onprem.v1.ListAgentsRequest\x1a\x1d.onprem.v1.ListAgentsResponse\x12\x43\n\x08GetAgent\x12\x1a.onprem.v1.GetAgentRequest\x1a\x1b.onprem.v1.GetAgentResponse\x12I\n\nListGroups\x12\x1c.onprem.v1.ListGroupsRequest\x1a\x1d.onprem.v1.ListGroupsResponse\x12j\n\x15\x43reateEnrollmentToken\x12\'.onprem.v1.CreateEnrollmentTokenRequest\x1a(.onprem.v1.CreateEnrollmentTokenResponse\x12L\n\x0bRevokeAgent\x12\x1d.onprem.v1.RevokeAgentRequest\x1a\x1e.onprem.v1.RevokeAgentResponse\x12O\n\x0c\x43heckProfile\x12\x1e.onprem.v1.CheckProfileRequest\x1a\x1f.onprem.v1.CheckProfileResponseB^\n\rdev.onprem.v1B\x0b\x41gentsProtoP\x01Z2github.com/onprem/onprem/gen/go/onprem/v1;onpremv1\xaa\x02\tOnprem.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,32 +35,32 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'onprem.v1.agents_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rdev.onprem.v1B\013AgentsProtoP\001Z2github.com/onprem/onprem/gen/go/onprem/v1;onpremv1\252\002\tOnprem.V1'
-  _globals['_AGENTSTATE']._serialized_start=1249
-  _globals['_AGENTSTATE']._serialized_end=1391
-  _globals['_AGENT']._serialized_start=127
-  _globals['_AGENT']._serialized_end=536
-  _globals['_LISTAGENTSREQUEST']._serialized_start=538
-  _globals['_LISTAGENTSREQUEST']._serialized_end=572
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=574
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=628
-  _globals['_GETAGENTREQUEST']._serialized_start=630
-  _globals['_GETAGENTREQUEST']._serialized_end=665
-  _globals['_GETAGENTRESPONSE']._serialized_start=667
-  _globals['_GETAGENTRESPONSE']._serialized_end=718
-  _globals['_GROUP']._serialized_start=720
-  _globals['_GROUP']._serialized_end=838
-  _globals['_LISTGROUPSREQUEST']._serialized_start=840
-  _globals['_LISTGROUPSREQUEST']._serialized_end=859
-  _globals['_LISTGROUPSRESPONSE']._serialized_start=861
-  _globals['_LISTGROUPSRESPONSE']._serialized_end=915
-  _globals['_CREATEENROLLMENTTOKENREQUEST']._serialized_start=917
-  _globals['_CREATEENROLLMENTTOKENREQUEST']._serialized_end=1023
-  _globals['_CREATEENROLLMENTTOKENRESPONSE']._serialized_start=1025
-  _globals['_CREATEENROLLMENTTOKENRESPONSE']._serialized_end=1134
-  _globals['_REVOKEAGENTREQUEST']._serialized_start=1136
-  _globals['_REVOKEAGENTREQUEST']._serialized_end=1190
-  _globals['_REVOKEAGENTRESPONSE']._serialized_start=1192
-  _globals['_REVOKEAGENTRESPONSE']._serialized_end=1246
-  _globals['_AGENTSERVICE']._serialized_start=1394
-  _globals['_AGENTSERVICE']._serialized_end=1813
+  _globals['_AGENTSTATE']._serialized_start=1251
+  _globals['_AGENTSTATE']._serialized_end=1393
+  _globals['_AGENT']._serialized_start=129
+  _globals['_AGENT']._serialized_end=538
+  _globals['_LISTAGENTSREQUEST']._serialized_start=540
+  _globals['_LISTAGENTSREQUEST']._serialized_end=574
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=576
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=630
+  _globals['_GETAGENTREQUEST']._serialized_start=632
+  _globals['_GETAGENTREQUEST']._serialized_end=667
+  _globals['_GETAGENTRESPONSE']._serialized_start=669
+  _globals['_GETAGENTRESPONSE']._serialized_end=720
+  _globals['_GROUP']._serialized_start=722
+  _globals['_GROUP']._serialized_end=840
+  _globals['_LISTGROUPSREQUEST']._serialized_start=842
+  _globals['_LISTGROUPSREQUEST']._serialized_end=861
+  _globals['_LISTGROUPSRESPONSE']._serialized_start=863
+  _globals['_LISTGROUPSRESPONSE']._serialized_end=917
+  _globals['_CREATEENROLLMENTTOKENREQUEST']._serialized_start=919
+  _globals['_CREATEENROLLMENTTOKENREQUEST']._serialized_end=1025
+  _globals['_CREATEENROLLMENTTOKENRESPONSE']._serialized_start=1027
+  _globals['_CREATEENROLLMENTTOKENRESPONSE']._serialized_end=1136
+  _globals['_REVOKEAGENTREQUEST']._serialized_start=1138
+  _globals['_REVOKEAGENTREQUEST']._serialized_end=1192
+  _globals['_REVOKEAGENTRESPONSE']._serialized_start=1194
+  _globals['_REVOKEAGENTRESPONSE']._serialized_end=1248
+  _globals['_AGENTSERVICE']._serialized_start=1396
+  _globals['_AGENTSERVICE']._serialized_end=1896
 # @@protoc_insertion_point(module_scope)

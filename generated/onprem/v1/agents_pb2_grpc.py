@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from onprem.v1 import agents_pb2 as onprem_dot_v1_dot_agents__pb2
+from onprem.v1 import profiles_pb2 as onprem_dot_v1_dot_profiles__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -60,6 +61,11 @@ class AgentServiceStub:
                 request_serializer=onprem_dot_v1_dot_agents__pb2.RevokeAgentRequest.SerializeToString,
                 response_deserializer=onprem_dot_v1_dot_agents__pb2.RevokeAgentResponse.FromString,
                 _registered_method=True)
+        self.CheckProfile = channel.unary_unary(
+                '/onprem.v1.AgentService/CheckProfile',
+                request_serializer=onprem_dot_v1_dot_profiles__pb2.CheckProfileRequest.SerializeToString,
+                response_deserializer=onprem_dot_v1_dot_profiles__pb2.CheckProfileResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -103,6 +109,14 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckProfile(self, request, context):
+        """Asks an agent of a group to check a profile now: reachable, credentials
+        accepted, and the kind's own checks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +144,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.RevokeAgent,
                     request_deserializer=onprem_dot_v1_dot_agents__pb2.RevokeAgentRequest.FromString,
                     response_serializer=onprem_dot_v1_dot_agents__pb2.RevokeAgentResponse.SerializeToString,
+            ),
+            'CheckProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckProfile,
+                    request_deserializer=onprem_dot_v1_dot_profiles__pb2.CheckProfileRequest.FromString,
+                    response_serializer=onprem_dot_v1_dot_profiles__pb2.CheckProfileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +287,33 @@ class AgentService:
             '/onprem.v1.AgentService/RevokeAgent',
             onprem_dot_v1_dot_agents__pb2.RevokeAgentRequest.SerializeToString,
             onprem_dot_v1_dot_agents__pb2.RevokeAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onprem.v1.AgentService/CheckProfile',
+            onprem_dot_v1_dot_profiles__pb2.CheckProfileRequest.SerializeToString,
+            onprem_dot_v1_dot_profiles__pb2.CheckProfileResponse.FromString,
             options,
             channel_credentials,
             insecure,

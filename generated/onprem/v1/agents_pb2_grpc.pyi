@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from grpc import aio as _aio
 from onprem.v1 import agents_pb2 as _agents_pb2
+from onprem.v1 import profiles_pb2 as _profiles_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -47,6 +48,10 @@ class AgentServiceStub:
     """Revokes an agent (admin only): its stream is cut and it can never
     connect again.
     """
+    CheckProfile: _grpc.UnaryUnaryMultiCallable[_profiles_pb2.CheckProfileRequest, _profiles_pb2.CheckProfileResponse]
+    """Asks an agent of a group to check a profile now: reachable, credentials
+    accepted, and the kind's own checks.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -66,6 +71,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     RevokeAgent: _aio.UnaryUnaryMultiCallable[_agents_pb2.RevokeAgentRequest, _agents_pb2.RevokeAgentResponse]  # type: ignore[assignment]
     """Revokes an agent (admin only): its stream is cut and it can never
     connect again.
+    """
+    CheckProfile: _aio.UnaryUnaryMultiCallable[_profiles_pb2.CheckProfileRequest, _profiles_pb2.CheckProfileResponse]  # type: ignore[assignment]
+    """Asks an agent of a group to check a profile now: reachable, credentials
+    accepted, and the kind's own checks.
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -113,6 +122,16 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_agents_pb2.RevokeAgentResponse, _abc.Awaitable[_agents_pb2.RevokeAgentResponse]]:
         """Revokes an agent (admin only): its stream is cut and it can never
         connect again.
+        """
+
+    @_abc_1.abstractmethod
+    def CheckProfile(
+        self,
+        request: _profiles_pb2.CheckProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profiles_pb2.CheckProfileResponse, _abc.Awaitable[_profiles_pb2.CheckProfileResponse]]:
+        """Asks an agent of a group to check a profile now: reachable, credentials
+        accepted, and the kind's own checks.
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from onprem.v1 import values_pb2 as onprem_dot_v1_dot_values__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18onprem/v1/database.proto\x12\tonprem.v1\x1a\x16onprem/v1/values.proto\"\xcf\x01\n\x0cQueryRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x0b\n\x03sql\x18\x03 \x01(\t\x12;\n\nparameters\x18\x04 \x03(\x0b\x32\'.onprem.v1.QueryRequest.ParametersEntry\x12\x10\n\x08max_rows\x18\x05 \x01(\x04\x1a\x43\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.onprem.v1.Value:\x02\x38\x01\"\x94\x01\n\rQueryResponse\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.onprem.v1.QueryHeaderH\x00\x12#\n\x04rows\x18\x02 \x01(\x0b\x32\x13.onprem.v1.RowBatchH\x00\x12*\n\x07summary\x18\x03 \x01(\x0b\x32\x17.onprem.v1.QuerySummaryH\x00\x42\x08\n\x06result\"1\n\x0bQueryHeader\x12\"\n\x07\x63olumns\x18\x01 \x03(\x0b\x32\x11.onprem.v1.Column\"K\n\x0cQuerySummary\x12\x11\n\trow_count\x18\x01 \x01(\x04\x12\x15\n\rrows_affected\x18\x02 \x01(\x03\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"F\n\rDatabaseQuery\x12(\n\x05query\x18\x01 \x01(\x0b\x32\x17.onprem.v1.QueryRequestH\x00\x42\x0b\n\toperation2O\n\x0f\x44\x61tabaseService\x12<\n\x05Query\x12\x17.onprem.v1.QueryRequest\x1a\x18.onprem.v1.QueryResponse0\x01\x42`\n\rdev.onprem.v1B\rDatabaseProtoP\x01Z2github.com/onprem/onprem/gen/go/onprem/v1;onpremv1\xaa\x02\tOnprem.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18onprem/v1/database.proto\x12\tonprem.v1\x1a\x16onprem/v1/values.proto\"\xcf\x01\n\x0cQueryRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x0b\n\x03sql\x18\x03 \x01(\t\x12;\n\nparameters\x18\x04 \x03(\x0b\x32\'.onprem.v1.QueryRequest.ParametersEntry\x12\x10\n\x08max_rows\x18\x05 \x01(\x04\x1a\x43\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.onprem.v1.Value:\x02\x38\x01\"\x94\x01\n\rQueryResponse\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.onprem.v1.QueryHeaderH\x00\x12#\n\x04rows\x18\x02 \x01(\x0b\x32\x13.onprem.v1.RowBatchH\x00\x12*\n\x07summary\x18\x03 \x01(\x0b\x32\x17.onprem.v1.QuerySummaryH\x00\x42\x08\n\x06result\"1\n\x0bQueryHeader\x12\"\n\x07\x63olumns\x18\x01 \x03(\x0b\x32\x11.onprem.v1.Column\"K\n\x0cQuerySummary\x12\x11\n\trow_count\x18\x01 \x01(\x04\x12\x15\n\rrows_affected\x18\x02 \x01(\x03\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"\x90\x01\n\x0cParameterSet\x12;\n\nparameters\x18\x01 \x03(\x0b\x32\'.onprem.v1.ParameterSet.ParametersEntry\x1a\x43\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.onprem.v1.Value:\x02\x38\x01\"s\n\x13\x45xecuteBatchRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x0b\n\x03sql\x18\x03 \x01(\t\x12/\n\x0eparameter_sets\x18\x04 \x03(\x0b\x32\x17.onprem.v1.ParameterSet\"C\n\x14\x45xecuteBatchResponse\x12\x15\n\rrows_affected\x18\x01 \x01(\x03\x12\x14\n\x0csets_applied\x18\x02 \x01(\x04\"\x97\x01\n\tStatement\x12\x0b\n\x03sql\x18\x01 \x01(\t\x12\x38\n\nparameters\x18\x02 \x03(\x0b\x32$.onprem.v1.Statement.ParametersEntry\x1a\x43\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.onprem.v1.Value:\x02\x38\x01\"e\n\x19\x45xecuteTransactionRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12(\n\nstatements\x18\x03 \x03(\x0b\x32\x14.onprem.v1.Statement\"(\n\x0fStatementResult\x12\x15\n\rrows_affected\x18\x01 \x01(\x03\"I\n\x1a\x45xecuteTransactionResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.onprem.v1.StatementResult\"K\n\tWatermark\x12\x1f\n\x05value\x18\x01 \x01(\x0b\x32\x10.onprem.v1.Value\x12\x1d\n\x03key\x18\x02 \x01(\x0b\x32\x10.onprem.v1.Value\"\xbd\x02\n\x12PollChangesRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\r\n\x05table\x18\x03 \x01(\t\x12\x0b\n\x03sql\x18\x04 \x01(\t\x12\x18\n\x10watermark_column\x18\x05 \x01(\t\x12\x12\n\nkey_column\x18\x06 \x01(\t\x12#\n\x05\x61\x66ter\x18\x07 \x01(\x0b\x32\x14.onprem.v1.Watermark\x12\x10\n\x08max_rows\x18\x08 \x01(\r\x12\x41\n\nparameters\x18\t \x03(\x0b\x32-.onprem.v1.PollChangesRequest.ParametersEntry\x1a\x43\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.onprem.v1.Value:\x02\x38\x01\"]\n\x12PollChangesSummary\x12\x11\n\trow_count\x18\x01 \x01(\x04\x12\"\n\x04next\x18\x02 \x01(\x0b\x32\x14.onprem.v1.Watermark\x12\x10\n\x08has_more\x18\x03 \x01(\x08\"\xa0\x01\n\x13PollChangesResponse\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.onprem.v1.QueryHeaderH\x00\x12#\n\x04rows\x18\x02 \x01(\x0b\x32\x13.onprem.v1.RowBatchH\x00\x12\x30\n\x07summary\x18\x03 \x01(\x0b\x32\x1d.onprem.v1.PollChangesSummaryH\x00\x42\x08\n\x06result\"\xeb\x01\n\rDatabaseQuery\x12(\n\x05query\x18\x01 \x01(\x0b\x32\x17.onprem.v1.QueryRequestH\x00\x12/\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1e.onprem.v1.ExecuteBatchRequestH\x00\x12;\n\x0btransaction\x18\x03 \x01(\x0b\x32$.onprem.v1.ExecuteTransactionRequestH\x00\x12\x35\n\x0cpoll_changes\x18\x04 \x01(\x0b\x32\x1d.onprem.v1.PollChangesRequestH\x00\x42\x0b\n\toperation2\xd3\x02\n\x0f\x44\x61tabaseService\x12<\n\x05Query\x12\x17.onprem.v1.QueryRequest\x1a\x18.onprem.v1.QueryResponse0\x01\x12O\n\x0c\x45xecuteBatch\x12\x1e.onprem.v1.ExecuteBatchRequest\x1a\x1f.onprem.v1.ExecuteBatchResponse\x12\x61\n\x12\x45xecuteTransaction\x12$.onprem.v1.ExecuteTransactionRequest\x1a%.onprem.v1.ExecuteTransactionResponse\x12N\n\x0bPollChanges\x12\x1d.onprem.v1.PollChangesRequest\x1a\x1e.onprem.v1.PollChangesResponse0\x01\x42`\n\rdev.onprem.v1B\rDatabaseProtoP\x01Z2github.com/onprem/onprem/gen/go/onprem/v1;onpremv1\xaa\x02\tOnprem.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\rdev.onprem.v1B\rDatabaseProtoP\001Z2github.com/onprem/onprem/gen/go/onprem/v1;onpremv1\252\002\tOnprem.V1'
   _globals['_QUERYREQUEST_PARAMETERSENTRY']._loaded_options = None
   _globals['_QUERYREQUEST_PARAMETERSENTRY']._serialized_options = b'8\001'
+  _globals['_PARAMETERSET_PARAMETERSENTRY']._loaded_options = None
+  _globals['_PARAMETERSET_PARAMETERSENTRY']._serialized_options = b'8\001'
+  _globals['_STATEMENT_PARAMETERSENTRY']._loaded_options = None
+  _globals['_STATEMENT_PARAMETERSENTRY']._serialized_options = b'8\001'
+  _globals['_POLLCHANGESREQUEST_PARAMETERSENTRY']._loaded_options = None
+  _globals['_POLLCHANGESREQUEST_PARAMETERSENTRY']._serialized_options = b'8\001'
   _globals['_QUERYREQUEST']._serialized_start=64
   _globals['_QUERYREQUEST']._serialized_end=271
   _globals['_QUERYREQUEST_PARAMETERSENTRY']._serialized_start=204
@@ -45,8 +51,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_QUERYHEADER']._serialized_end=473
   _globals['_QUERYSUMMARY']._serialized_start=475
   _globals['_QUERYSUMMARY']._serialized_end=550
-  _globals['_DATABASEQUERY']._serialized_start=552
-  _globals['_DATABASEQUERY']._serialized_end=622
-  _globals['_DATABASESERVICE']._serialized_start=624
-  _globals['_DATABASESERVICE']._serialized_end=703
+  _globals['_PARAMETERSET']._serialized_start=553
+  _globals['_PARAMETERSET']._serialized_end=697
+  _globals['_PARAMETERSET_PARAMETERSENTRY']._serialized_start=204
+  _globals['_PARAMETERSET_PARAMETERSENTRY']._serialized_end=271
+  _globals['_EXECUTEBATCHREQUEST']._serialized_start=699
+  _globals['_EXECUTEBATCHREQUEST']._serialized_end=814
+  _globals['_EXECUTEBATCHRESPONSE']._serialized_start=816
+  _globals['_EXECUTEBATCHRESPONSE']._serialized_end=883
+  _globals['_STATEMENT']._serialized_start=886
+  _globals['_STATEMENT']._serialized_end=1037
+  _globals['_STATEMENT_PARAMETERSENTRY']._serialized_start=204
+  _globals['_STATEMENT_PARAMETERSENTRY']._serialized_end=271
+  _globals['_EXECUTETRANSACTIONREQUEST']._serialized_start=1039
+  _globals['_EXECUTETRANSACTIONREQUEST']._serialized_end=1140
+  _globals['_STATEMENTRESULT']._serialized_start=1142
+  _globals['_STATEMENTRESULT']._serialized_end=1182
+  _globals['_EXECUTETRANSACTIONRESPONSE']._serialized_start=1184
+  _globals['_EXECUTETRANSACTIONRESPONSE']._serialized_end=1257
+  _globals['_WATERMARK']._serialized_start=1259
+  _globals['_WATERMARK']._serialized_end=1334
+  _globals['_POLLCHANGESREQUEST']._serialized_start=1337
+  _globals['_POLLCHANGESREQUEST']._serialized_end=1654
+  _globals['_POLLCHANGESREQUEST_PARAMETERSENTRY']._serialized_start=204
+  _globals['_POLLCHANGESREQUEST_PARAMETERSENTRY']._serialized_end=271
+  _globals['_POLLCHANGESSUMMARY']._serialized_start=1656
+  _globals['_POLLCHANGESSUMMARY']._serialized_end=1749
+  _globals['_POLLCHANGESRESPONSE']._serialized_start=1752
+  _globals['_POLLCHANGESRESPONSE']._serialized_end=1912
+  _globals['_DATABASEQUERY']._serialized_start=1915
+  _globals['_DATABASEQUERY']._serialized_end=2150
+  _globals['_DATABASESERVICE']._serialized_start=2153
+  _globals['_DATABASESERVICE']._serialized_end=2492
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,21 @@ class DatabaseServiceStub:
                 request_serializer=onprem_dot_v1_dot_database__pb2.QueryRequest.SerializeToString,
                 response_deserializer=onprem_dot_v1_dot_database__pb2.QueryResponse.FromString,
                 _registered_method=True)
+        self.ExecuteBatch = channel.unary_unary(
+                '/onprem.v1.DatabaseService/ExecuteBatch',
+                request_serializer=onprem_dot_v1_dot_database__pb2.ExecuteBatchRequest.SerializeToString,
+                response_deserializer=onprem_dot_v1_dot_database__pb2.ExecuteBatchResponse.FromString,
+                _registered_method=True)
+        self.ExecuteTransaction = channel.unary_unary(
+                '/onprem.v1.DatabaseService/ExecuteTransaction',
+                request_serializer=onprem_dot_v1_dot_database__pb2.ExecuteTransactionRequest.SerializeToString,
+                response_deserializer=onprem_dot_v1_dot_database__pb2.ExecuteTransactionResponse.FromString,
+                _registered_method=True)
+        self.PollChanges = channel.unary_stream(
+                '/onprem.v1.DatabaseService/PollChanges',
+                request_serializer=onprem_dot_v1_dot_database__pb2.PollChangesRequest.SerializeToString,
+                response_deserializer=onprem_dot_v1_dot_database__pb2.PollChangesResponse.FromString,
+                _registered_method=True)
 
 
 class DatabaseServiceServicer:
@@ -56,6 +71,31 @@ class DatabaseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExecuteBatch(self, request, context):
+        """Runs one statement once per parameter set, all in one transaction: for
+        bulk inserts and upserts. Either every set applies or none does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExecuteTransaction(self, request, context):
+        """Runs several statements in one transaction that commits or rolls back
+        as one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PollChanges(self, request, context):
+        """Returns the rows added or changed after a watermark, in watermark order,
+        and the watermark to pass next time: polling with it never misses or
+        repeats a row.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DatabaseServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -63,6 +103,21 @@ def add_DatabaseServiceServicer_to_server(servicer, server):
                     servicer.Query,
                     request_deserializer=onprem_dot_v1_dot_database__pb2.QueryRequest.FromString,
                     response_serializer=onprem_dot_v1_dot_database__pb2.QueryResponse.SerializeToString,
+            ),
+            'ExecuteBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExecuteBatch,
+                    request_deserializer=onprem_dot_v1_dot_database__pb2.ExecuteBatchRequest.FromString,
+                    response_serializer=onprem_dot_v1_dot_database__pb2.ExecuteBatchResponse.SerializeToString,
+            ),
+            'ExecuteTransaction': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExecuteTransaction,
+                    request_deserializer=onprem_dot_v1_dot_database__pb2.ExecuteTransactionRequest.FromString,
+                    response_serializer=onprem_dot_v1_dot_database__pb2.ExecuteTransactionResponse.SerializeToString,
+            ),
+            'PollChanges': grpc.unary_stream_rpc_method_handler(
+                    servicer.PollChanges,
+                    request_deserializer=onprem_dot_v1_dot_database__pb2.PollChangesRequest.FromString,
+                    response_serializer=onprem_dot_v1_dot_database__pb2.PollChangesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -93,6 +148,87 @@ class DatabaseService:
             '/onprem.v1.DatabaseService/Query',
             onprem_dot_v1_dot_database__pb2.QueryRequest.SerializeToString,
             onprem_dot_v1_dot_database__pb2.QueryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onprem.v1.DatabaseService/ExecuteBatch',
+            onprem_dot_v1_dot_database__pb2.ExecuteBatchRequest.SerializeToString,
+            onprem_dot_v1_dot_database__pb2.ExecuteBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteTransaction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onprem.v1.DatabaseService/ExecuteTransaction',
+            onprem_dot_v1_dot_database__pb2.ExecuteTransactionRequest.SerializeToString,
+            onprem_dot_v1_dot_database__pb2.ExecuteTransactionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PollChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/onprem.v1.DatabaseService/PollChanges',
+            onprem_dot_v1_dot_database__pb2.PollChangesRequest.SerializeToString,
+            onprem_dot_v1_dot_database__pb2.PollChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,

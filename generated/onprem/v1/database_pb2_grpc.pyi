@@ -39,6 +39,19 @@ class DatabaseServiceStub:
     A statement that returns no rows (DML, DDL) yields a header with no
     columns and a summary with the rows affected.
     """
+    ExecuteBatch: _grpc.UnaryUnaryMultiCallable[_database_pb2.ExecuteBatchRequest, _database_pb2.ExecuteBatchResponse]
+    """Runs one statement once per parameter set, all in one transaction: for
+    bulk inserts and upserts. Either every set applies or none does.
+    """
+    ExecuteTransaction: _grpc.UnaryUnaryMultiCallable[_database_pb2.ExecuteTransactionRequest, _database_pb2.ExecuteTransactionResponse]
+    """Runs several statements in one transaction that commits or rolls back
+    as one.
+    """
+    PollChanges: _grpc.UnaryStreamMultiCallable[_database_pb2.PollChangesRequest, _database_pb2.PollChangesResponse]
+    """Returns the rows added or changed after a watermark, in watermark order,
+    and the watermark to pass next time: polling with it never misses or
+    repeats a row.
+    """
 
 @_typing.type_check_only
 class DatabaseServiceAsyncStub(DatabaseServiceStub):
@@ -50,6 +63,19 @@ class DatabaseServiceAsyncStub(DatabaseServiceStub):
     first a header with the columns, then row batches, then a summary.
     A statement that returns no rows (DML, DDL) yields a header with no
     columns and a summary with the rows affected.
+    """
+    ExecuteBatch: _aio.UnaryUnaryMultiCallable[_database_pb2.ExecuteBatchRequest, _database_pb2.ExecuteBatchResponse]  # type: ignore[assignment]
+    """Runs one statement once per parameter set, all in one transaction: for
+    bulk inserts and upserts. Either every set applies or none does.
+    """
+    ExecuteTransaction: _aio.UnaryUnaryMultiCallable[_database_pb2.ExecuteTransactionRequest, _database_pb2.ExecuteTransactionResponse]  # type: ignore[assignment]
+    """Runs several statements in one transaction that commits or rolls back
+    as one.
+    """
+    PollChanges: _aio.UnaryStreamMultiCallable[_database_pb2.PollChangesRequest, _database_pb2.PollChangesResponse]  # type: ignore[assignment]
+    """Returns the rows added or changed after a watermark, in watermark order,
+    and the watermark to pass next time: polling with it never misses or
+    repeats a row.
     """
 
 class DatabaseServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -65,6 +91,37 @@ class DatabaseServiceServicer(metaclass=_abc_1.ABCMeta):
         first a header with the columns, then row batches, then a summary.
         A statement that returns no rows (DML, DDL) yields a header with no
         columns and a summary with the rows affected.
+        """
+
+    @_abc_1.abstractmethod
+    def ExecuteBatch(
+        self,
+        request: _database_pb2.ExecuteBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_database_pb2.ExecuteBatchResponse, _abc.Awaitable[_database_pb2.ExecuteBatchResponse]]:
+        """Runs one statement once per parameter set, all in one transaction: for
+        bulk inserts and upserts. Either every set applies or none does.
+        """
+
+    @_abc_1.abstractmethod
+    def ExecuteTransaction(
+        self,
+        request: _database_pb2.ExecuteTransactionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_database_pb2.ExecuteTransactionResponse, _abc.Awaitable[_database_pb2.ExecuteTransactionResponse]]:
+        """Runs several statements in one transaction that commits or rolls back
+        as one.
+        """
+
+    @_abc_1.abstractmethod
+    def PollChanges(
+        self,
+        request: _database_pb2.PollChangesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_database_pb2.PollChangesResponse], _abc.AsyncIterator[_database_pb2.PollChangesResponse]]:
+        """Returns the rows added or changed after a watermark, in watermark order,
+        and the watermark to pass next time: polling with it never misses or
+        repeats a row.
         """
 
 def add_DatabaseServiceServicer_to_server(servicer: DatabaseServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

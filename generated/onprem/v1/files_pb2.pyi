@@ -198,8 +198,36 @@ class MakeDirectoryResponse(_message.Message):
     info: FileInfo
     def __init__(self, info: _Optional[_Union[FileInfo, _Mapping]] = ...) -> None: ...
 
+class PollRequest(_message.Message):
+    __slots__ = ("group", "profile", "path", "recursive", "glob", "marker", "max_files")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    RECURSIVE_FIELD_NUMBER: _ClassVar[int]
+    GLOB_FIELD_NUMBER: _ClassVar[int]
+    MARKER_FIELD_NUMBER: _ClassVar[int]
+    MAX_FILES_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    profile: str
+    path: str
+    recursive: bool
+    glob: str
+    marker: str
+    max_files: int
+    def __init__(self, group: _Optional[str] = ..., profile: _Optional[str] = ..., path: _Optional[str] = ..., recursive: _Optional[bool] = ..., glob: _Optional[str] = ..., marker: _Optional[str] = ..., max_files: _Optional[int] = ...) -> None: ...
+
+class PollResponse(_message.Message):
+    __slots__ = ("entries", "marker", "has_more")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    MARKER_FIELD_NUMBER: _ClassVar[int]
+    HAS_MORE_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[FileInfo]
+    marker: str
+    has_more: bool
+    def __init__(self, entries: _Optional[_Iterable[_Union[FileInfo, _Mapping]]] = ..., marker: _Optional[str] = ..., has_more: _Optional[bool] = ...) -> None: ...
+
 class FileOp(_message.Message):
-    __slots__ = ("list", "stat", "read", "write", "delete", "move", "make_directory")
+    __slots__ = ("list", "stat", "read", "write", "delete", "move", "make_directory", "poll")
     LIST_FIELD_NUMBER: _ClassVar[int]
     STAT_FIELD_NUMBER: _ClassVar[int]
     READ_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +235,7 @@ class FileOp(_message.Message):
     DELETE_FIELD_NUMBER: _ClassVar[int]
     MOVE_FIELD_NUMBER: _ClassVar[int]
     MAKE_DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    POLL_FIELD_NUMBER: _ClassVar[int]
     list: ListRequest
     stat: StatRequest
     read: ReadRequest
@@ -214,4 +243,5 @@ class FileOp(_message.Message):
     delete: DeleteRequest
     move: MoveRequest
     make_directory: MakeDirectoryRequest
-    def __init__(self, list: _Optional[_Union[ListRequest, _Mapping]] = ..., stat: _Optional[_Union[StatRequest, _Mapping]] = ..., read: _Optional[_Union[ReadRequest, _Mapping]] = ..., write: _Optional[_Union[WriteHeader, _Mapping]] = ..., delete: _Optional[_Union[DeleteRequest, _Mapping]] = ..., move: _Optional[_Union[MoveRequest, _Mapping]] = ..., make_directory: _Optional[_Union[MakeDirectoryRequest, _Mapping]] = ...) -> None: ...
+    poll: PollRequest
+    def __init__(self, list: _Optional[_Union[ListRequest, _Mapping]] = ..., stat: _Optional[_Union[StatRequest, _Mapping]] = ..., read: _Optional[_Union[ReadRequest, _Mapping]] = ..., write: _Optional[_Union[WriteHeader, _Mapping]] = ..., delete: _Optional[_Union[DeleteRequest, _Mapping]] = ..., move: _Optional[_Union[MoveRequest, _Mapping]] = ..., make_directory: _Optional[_Union[MakeDirectoryRequest, _Mapping]] = ..., poll: _Optional[_Union[PollRequest, _Mapping]] = ...) -> None: ...

@@ -72,6 +72,11 @@ class FileServiceStub:
                 request_serializer=onprem_dot_v1_dot_files__pb2.MakeDirectoryRequest.SerializeToString,
                 response_deserializer=onprem_dot_v1_dot_files__pb2.MakeDirectoryResponse.FromString,
                 _registered_method=True)
+        self.Poll = channel.unary_unary(
+                '/onprem.v1.FileService/Poll',
+                request_serializer=onprem_dot_v1_dot_files__pb2.PollRequest.SerializeToString,
+                response_deserializer=onprem_dot_v1_dot_files__pb2.PollResponse.FromString,
+                _registered_method=True)
 
 
 class FileServiceServicer:
@@ -131,6 +136,15 @@ class FileServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Poll(self, request, context):
+        """Returns the files that appeared or changed after a marker, oldest first,
+        and the marker to pass next time: polling with it never misses or
+        repeats a file ("new file in folder" triggers).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FileServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -168,6 +182,11 @@ def add_FileServiceServicer_to_server(servicer, server):
                     servicer.MakeDirectory,
                     request_deserializer=onprem_dot_v1_dot_files__pb2.MakeDirectoryRequest.FromString,
                     response_serializer=onprem_dot_v1_dot_files__pb2.MakeDirectoryResponse.SerializeToString,
+            ),
+            'Poll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Poll,
+                    request_deserializer=onprem_dot_v1_dot_files__pb2.PollRequest.FromString,
+                    response_serializer=onprem_dot_v1_dot_files__pb2.PollResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -362,6 +381,33 @@ class FileService:
             '/onprem.v1.FileService/MakeDirectory',
             onprem_dot_v1_dot_files__pb2.MakeDirectoryRequest.SerializeToString,
             onprem_dot_v1_dot_files__pb2.MakeDirectoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Poll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onprem.v1.FileService/Poll',
+            onprem_dot_v1_dot_files__pb2.PollRequest.SerializeToString,
+            onprem_dot_v1_dot_files__pb2.PollResponse.FromString,
             options,
             channel_credentials,
             insecure,

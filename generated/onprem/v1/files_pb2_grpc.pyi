@@ -54,6 +54,11 @@ class FileServiceStub:
     """Moves or renames a file or folder within the same profile."""
     MakeDirectory: _grpc.UnaryUnaryMultiCallable[_files_pb2.MakeDirectoryRequest, _files_pb2.MakeDirectoryResponse]
     """Creates a folder."""
+    Poll: _grpc.UnaryUnaryMultiCallable[_files_pb2.PollRequest, _files_pb2.PollResponse]
+    """Returns the files that appeared or changed after a marker, oldest first,
+    and the marker to pass next time: polling with it never misses or
+    repeats a file ("new file in folder" triggers).
+    """
 
 @_typing.type_check_only
 class FileServiceAsyncStub(FileServiceStub):
@@ -81,6 +86,11 @@ class FileServiceAsyncStub(FileServiceStub):
     """Moves or renames a file or folder within the same profile."""
     MakeDirectory: _aio.UnaryUnaryMultiCallable[_files_pb2.MakeDirectoryRequest, _files_pb2.MakeDirectoryResponse]  # type: ignore[assignment]
     """Creates a folder."""
+    Poll: _aio.UnaryUnaryMultiCallable[_files_pb2.PollRequest, _files_pb2.PollResponse]  # type: ignore[assignment]
+    """Returns the files that appeared or changed after a marker, oldest first,
+    and the marker to pass next time: polling with it never misses or
+    repeats a file ("new file in folder" triggers).
+    """
 
 class FileServiceServicer(metaclass=_abc_1.ABCMeta):
     """Reads and writes files under a folder profile of an agent in a group.
@@ -147,5 +157,16 @@ class FileServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_files_pb2.MakeDirectoryResponse, _abc.Awaitable[_files_pb2.MakeDirectoryResponse]]:
         """Creates a folder."""
+
+    @_abc_1.abstractmethod
+    def Poll(
+        self,
+        request: _files_pb2.PollRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_files_pb2.PollResponse, _abc.Awaitable[_files_pb2.PollResponse]]:
+        """Returns the files that appeared or changed after a marker, oldest first,
+        and the marker to pass next time: polling with it never misses or
+        repeats a file ("new file in folder" triggers).
+        """
 
 def add_FileServiceServicer_to_server(servicer: FileServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -5,25 +5,14 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from onprem.v1 import apps_pb2 as _apps_pb2
 from onprem.v1 import database_pb2 as _database_pb2
 from onprem.v1 import files_pb2 as _files_pb2
+from onprem.v1 import profiles_pb2 as _profiles_pb2
 from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-class ProfileKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-    __slots__ = ()
-    PROFILE_KIND_UNSPECIFIED: _ClassVar[ProfileKind]
-    PROFILE_KIND_DATABASE: _ClassVar[ProfileKind]
-    PROFILE_KIND_FOLDER: _ClassVar[ProfileKind]
-    PROFILE_KIND_APP: _ClassVar[ProfileKind]
-PROFILE_KIND_UNSPECIFIED: ProfileKind
-PROFILE_KIND_DATABASE: ProfileKind
-PROFILE_KIND_FOLDER: ProfileKind
-PROFILE_KIND_APP: ProfileKind
 
 class ConnectRequest(_message.Message):
     __slots__ = ("request_id", "hello", "chunk", "end", "window_update", "ping", "pong", "status")
@@ -67,18 +56,6 @@ class ConnectResponse(_message.Message):
     drain: Drain
     def __init__(self, request_id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., start: _Optional[_Union[RequestStart, _Mapping]] = ..., data: _Optional[_Union[RequestData, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., window_update: _Optional[_Union[WindowUpdate, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., drain: _Optional[_Union[Drain, _Mapping]] = ...) -> None: ...
 
-class Profile(_message.Message):
-    __slots__ = ("name", "kind", "read_only", "dialect")
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    KIND_FIELD_NUMBER: _ClassVar[int]
-    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
-    DIALECT_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    kind: ProfileKind
-    read_only: bool
-    dialect: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ProfileKind, str]] = ..., read_only: _Optional[bool] = ..., dialect: _Optional[str] = ...) -> None: ...
-
 class Hello(_message.Message):
     __slots__ = ("protocol_revisions", "agent_version", "hostname", "profiles", "max_in_flight", "request_window_bytes", "started_at")
     PROTOCOL_REVISIONS_FIELD_NUMBER: _ClassVar[int]
@@ -91,11 +68,11 @@ class Hello(_message.Message):
     protocol_revisions: _containers.RepeatedScalarFieldContainer[int]
     agent_version: str
     hostname: str
-    profiles: _containers.RepeatedCompositeFieldContainer[Profile]
+    profiles: _containers.RepeatedCompositeFieldContainer[_profiles_pb2.Profile]
     max_in_flight: int
     request_window_bytes: int
     started_at: _timestamp_pb2.Timestamp
-    def __init__(self, protocol_revisions: _Optional[_Iterable[int]] = ..., agent_version: _Optional[str] = ..., hostname: _Optional[str] = ..., profiles: _Optional[_Iterable[_Union[Profile, _Mapping]]] = ..., max_in_flight: _Optional[int] = ..., request_window_bytes: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(self, protocol_revisions: _Optional[_Iterable[int]] = ..., agent_version: _Optional[str] = ..., hostname: _Optional[str] = ..., profiles: _Optional[_Iterable[_Union[_profiles_pb2.Profile, _Mapping]]] = ..., max_in_flight: _Optional[int] = ..., request_window_bytes: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("protocol_revision", "agent_id", "group", "session_id", "heartbeat_interval", "response_window_bytes", "max_chunk_bytes")
@@ -116,20 +93,22 @@ class Welcome(_message.Message):
     def __init__(self, protocol_revision: _Optional[int] = ..., agent_id: _Optional[str] = ..., group: _Optional[str] = ..., session_id: _Optional[str] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., response_window_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class RequestStart(_message.Message):
-    __slots__ = ("timeout", "has_body", "attempt", "database_query", "file_op", "app_call")
+    __slots__ = ("timeout", "has_body", "attempt", "database_query", "file_op", "app_call", "profile_check")
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     HAS_BODY_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     DATABASE_QUERY_FIELD_NUMBER: _ClassVar[int]
     FILE_OP_FIELD_NUMBER: _ClassVar[int]
     APP_CALL_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_CHECK_FIELD_NUMBER: _ClassVar[int]
     timeout: _duration_pb2.Duration
     has_body: bool
     attempt: int
     database_query: _database_pb2.DatabaseQuery
     file_op: _files_pb2.FileOp
     app_call: _apps_pb2.AppCall
-    def __init__(self, timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., has_body: _Optional[bool] = ..., attempt: _Optional[int] = ..., database_query: _Optional[_Union[_database_pb2.DatabaseQuery, _Mapping]] = ..., file_op: _Optional[_Union[_files_pb2.FileOp, _Mapping]] = ..., app_call: _Optional[_Union[_apps_pb2.AppCall, _Mapping]] = ...) -> None: ...
+    profile_check: _profiles_pb2.CheckProfileRequest
+    def __init__(self, timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., has_body: _Optional[bool] = ..., attempt: _Optional[int] = ..., database_query: _Optional[_Union[_database_pb2.DatabaseQuery, _Mapping]] = ..., file_op: _Optional[_Union[_files_pb2.FileOp, _Mapping]] = ..., app_call: _Optional[_Union[_apps_pb2.AppCall, _Mapping]] = ..., profile_check: _Optional[_Union[_profiles_pb2.CheckProfileRequest, _Mapping]] = ...) -> None: ...
 
 class RequestData(_message.Message):
     __slots__ = ("data", "end_of_data")
@@ -180,7 +159,7 @@ class AgentStatus(_message.Message):
     def __init__(self, draining: _Optional[bool] = ..., in_flight: _Optional[int] = ...) -> None: ...
 
 class ResponseChunk(_message.Message):
-    __slots__ = ("query", "list", "stat", "read", "write", "delete", "move", "make_directory", "call")
+    __slots__ = ("query", "list", "stat", "read", "write", "delete", "move", "make_directory", "call", "batch", "transaction", "poll_changes", "poll", "profile_check")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     LIST_FIELD_NUMBER: _ClassVar[int]
     STAT_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +169,11 @@ class ResponseChunk(_message.Message):
     MOVE_FIELD_NUMBER: _ClassVar[int]
     MAKE_DIRECTORY_FIELD_NUMBER: _ClassVar[int]
     CALL_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    TRANSACTION_FIELD_NUMBER: _ClassVar[int]
+    POLL_CHANGES_FIELD_NUMBER: _ClassVar[int]
+    POLL_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_CHECK_FIELD_NUMBER: _ClassVar[int]
     query: _database_pb2.QueryResponse
     list: _files_pb2.ListResponse
     stat: _files_pb2.StatResponse
@@ -199,7 +183,12 @@ class ResponseChunk(_message.Message):
     move: _files_pb2.MoveResponse
     make_directory: _files_pb2.MakeDirectoryResponse
     call: _apps_pb2.CallResponse
-    def __init__(self, query: _Optional[_Union[_database_pb2.QueryResponse, _Mapping]] = ..., list: _Optional[_Union[_files_pb2.ListResponse, _Mapping]] = ..., stat: _Optional[_Union[_files_pb2.StatResponse, _Mapping]] = ..., read: _Optional[_Union[_files_pb2.ReadResponse, _Mapping]] = ..., write: _Optional[_Union[_files_pb2.WriteResponse, _Mapping]] = ..., delete: _Optional[_Union[_files_pb2.DeleteResponse, _Mapping]] = ..., move: _Optional[_Union[_files_pb2.MoveResponse, _Mapping]] = ..., make_directory: _Optional[_Union[_files_pb2.MakeDirectoryResponse, _Mapping]] = ..., call: _Optional[_Union[_apps_pb2.CallResponse, _Mapping]] = ...) -> None: ...
+    batch: _database_pb2.ExecuteBatchResponse
+    transaction: _database_pb2.ExecuteTransactionResponse
+    poll_changes: _database_pb2.PollChangesResponse
+    poll: _files_pb2.PollResponse
+    profile_check: _profiles_pb2.CheckProfileResponse
+    def __init__(self, query: _Optional[_Union[_database_pb2.QueryResponse, _Mapping]] = ..., list: _Optional[_Union[_files_pb2.ListResponse, _Mapping]] = ..., stat: _Optional[_Union[_files_pb2.StatResponse, _Mapping]] = ..., read: _Optional[_Union[_files_pb2.ReadResponse, _Mapping]] = ..., write: _Optional[_Union[_files_pb2.WriteResponse, _Mapping]] = ..., delete: _Optional[_Union[_files_pb2.DeleteResponse, _Mapping]] = ..., move: _Optional[_Union[_files_pb2.MoveResponse, _Mapping]] = ..., make_directory: _Optional[_Union[_files_pb2.MakeDirectoryResponse, _Mapping]] = ..., call: _Optional[_Union[_apps_pb2.CallResponse, _Mapping]] = ..., batch: _Optional[_Union[_database_pb2.ExecuteBatchResponse, _Mapping]] = ..., transaction: _Optional[_Union[_database_pb2.ExecuteTransactionResponse, _Mapping]] = ..., poll_changes: _Optional[_Union[_database_pb2.PollChangesResponse, _Mapping]] = ..., poll: _Optional[_Union[_files_pb2.PollResponse, _Mapping]] = ..., profile_check: _Optional[_Union[_profiles_pb2.CheckProfileResponse, _Mapping]] = ...) -> None: ...
 
 class ResponseEnd(_message.Message):
     __slots__ = ("code", "message", "reason")

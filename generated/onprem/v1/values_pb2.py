@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16onprem/v1/values.proto\x12\tonprem.v1\"\xa5\x02\n\x05Value\x12\x14\n\nnull_value\x18\x01 \x01(\x08H\x00\x12\x14\n\nbool_value\x18\x02 \x01(\x08H\x00\x12\x15\n\x0bint64_value\x18\x03 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x04 \x01(\x01H\x00\x12\x17\n\rdecimal_value\x18\x05 \x01(\tH\x00\x12\x16\n\x0cstring_value\x18\x06 \x01(\tH\x00\x12\x15\n\x0b\x62ytes_value\x18\x07 \x01(\x0cH\x00\x12\x14\n\ndate_value\x18\x08 \x01(\tH\x00\x12\x14\n\ntime_value\x18\t \x01(\tH\x00\x12\x19\n\x0ftimestamp_value\x18\n \x01(\tH\x00\x12\x14\n\nuuid_value\x18\x0b \x01(\tH\x00\x12\x14\n\njson_value\x18\x0c \x01(\tH\x00\x42\x06\n\x04kind\"c\n\x06\x43olumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04type\x18\x02 \x01(\x0e\x32\x14.onprem.v1.ValueType\x12\x15\n\rdatabase_type\x18\x03 \x01(\t\x12\x10\n\x08nullable\x18\x04 \x01(\x08\"\x8c\x01\n\x0c\x43olumnValues\x12\r\n\x05nulls\x18\x01 \x03(\x08\x12\x13\n\x0b\x62ool_values\x18\x02 \x03(\x08\x12\x14\n\x0cint64_values\x18\x03 \x03(\x12\x12\x15\n\rdouble_values\x18\x04 \x03(\x01\x12\x15\n\rstring_values\x18\x05 \x03(\t\x12\x14\n\x0c\x62ytes_values\x18\x06 \x03(\x0c\"G\n\x08RowBatch\x12\x11\n\trow_count\x18\x01 \x01(\r\x12(\n\x07\x63olumns\x18\x02 \x03(\x0b\x32\x17.onprem.v1.ColumnValues*\xe8\x02\n\tValueType\x12\x1a\n\x16VALUE_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0fVALUE_TYPE_BOOL\x10\x01\x12\x14\n\x10VALUE_TYPE_INT64\x10\x02\x12\x15\n\x11VALUE_TYPE_DOUBLE\x10\x03\x12\x16\n\x12VALUE_TYPE_DECIMAL\x10\x04\x12\x15\n\x11VALUE_TYPE_STRING\x10\x05\x12\x14\n\x10VALUE_TYPE_BYTES\x10\x06\x12\x13\n\x0fVALUE_TYPE_DATE\x10\x07\x12\x13\n\x0fVALUE_TYPE_TIME\x10\x08\x12\x18\n\x14VALUE_TYPE_TIMESTAMP\x10\t\x12\x1b\n\x17VALUE_TYPE_TIMESTAMP_TZ\x10\n\x12\x17\n\x13VALUE_TYPE_INTERVAL\x10\x0b\x12\x13\n\x0fVALUE_TYPE_UUID\x10\x0c\x12\x13\n\x0fVALUE_TYPE_JSON\x10\r\x12\x14\n\x10VALUE_TYPE_ARRAY\x10\x0e\x42^\n\rdev.onprem.v1B\x0bValuesProtoP\x01Z2github.com/onprem/onprem/gen/go/onprem/v1;onpremv1\xaa\x02\tOnprem.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16onprem/v1/values.proto\x12\tonprem.v1\"\xec\x02\n\x05Value\x12\x14\n\nnull_value\x18\x01 \x01(\x08H\x00\x12\x14\n\nbool_value\x18\x02 \x01(\x08H\x00\x12\x15\n\x0bint64_value\x18\x03 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x04 \x01(\x01H\x00\x12\x17\n\rdecimal_value\x18\x05 \x01(\tH\x00\x12\x16\n\x0cstring_value\x18\x06 \x01(\tH\x00\x12\x15\n\x0b\x62ytes_value\x18\x07 \x01(\x0cH\x00\x12\x14\n\ndate_value\x18\x08 \x01(\tH\x00\x12\x14\n\ntime_value\x18\t \x01(\tH\x00\x12\x19\n\x0ftimestamp_value\x18\n \x01(\tH\x00\x12\x14\n\nuuid_value\x18\x0b \x01(\tH\x00\x12\x14\n\njson_value\x18\x0c \x01(\tH\x00\x12\x18\n\x0einterval_value\x18\r \x01(\tH\x00\x12+\n\x0b\x61rray_value\x18\x0e \x01(\x0b\x32\x14.onprem.v1.ValueListH\x00\x42\x06\n\x04kind\"-\n\tValueList\x12 \n\x06values\x18\x01 \x03(\x0b\x32\x10.onprem.v1.Value\"c\n\x06\x43olumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04type\x18\x02 \x01(\x0e\x32\x14.onprem.v1.ValueType\x12\x15\n\rdatabase_type\x18\x03 \x01(\t\x12\x10\n\x08nullable\x18\x04 \x01(\x08\"\x8c\x01\n\x0c\x43olumnValues\x12\r\n\x05nulls\x18\x01 \x03(\x08\x12\x13\n\x0b\x62ool_values\x18\x02 \x03(\x08\x12\x14\n\x0cint64_values\x18\x03 \x03(\x12\x12\x15\n\rdouble_values\x18\x04 \x03(\x01\x12\x15\n\rstring_values\x18\x05 \x03(\t\x12\x14\n\x0c\x62ytes_values\x18\x06 \x03(\x0c\"G\n\x08RowBatch\x12\x11\n\trow_count\x18\x01 \x01(\r\x12(\n\x07\x63olumns\x18\x02 \x03(\x0b\x32\x17.onprem.v1.ColumnValues*\xe8\x02\n\tValueType\x12\x1a\n\x16VALUE_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0fVALUE_TYPE_BOOL\x10\x01\x12\x14\n\x10VALUE_TYPE_INT64\x10\x02\x12\x15\n\x11VALUE_TYPE_DOUBLE\x10\x03\x12\x16\n\x12VALUE_TYPE_DECIMAL\x10\x04\x12\x15\n\x11VALUE_TYPE_STRING\x10\x05\x12\x14\n\x10VALUE_TYPE_BYTES\x10\x06\x12\x13\n\x0fVALUE_TYPE_DATE\x10\x07\x12\x13\n\x0fVALUE_TYPE_TIME\x10\x08\x12\x18\n\x14VALUE_TYPE_TIMESTAMP\x10\t\x12\x1b\n\x17VALUE_TYPE_TIMESTAMP_TZ\x10\n\x12\x17\n\x13VALUE_TYPE_INTERVAL\x10\x0b\x12\x13\n\x0fVALUE_TYPE_UUID\x10\x0c\x12\x13\n\x0fVALUE_TYPE_JSON\x10\r\x12\x14\n\x10VALUE_TYPE_ARRAY\x10\x0e\x42^\n\rdev.onprem.v1B\x0bValuesProtoP\x01Z2github.com/onprem/onprem/gen/go/onprem/v1;onpremv1\xaa\x02\tOnprem.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,14 +32,16 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'onprem.v1.values_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rdev.onprem.v1B\013ValuesProtoP\001Z2github.com/onprem/onprem/gen/go/onprem/v1;onpremv1\252\002\tOnprem.V1'
-  _globals['_VALUETYPE']._serialized_start=651
-  _globals['_VALUETYPE']._serialized_end=1011
+  _globals['_VALUETYPE']._serialized_start=769
+  _globals['_VALUETYPE']._serialized_end=1129
   _globals['_VALUE']._serialized_start=38
-  _globals['_VALUE']._serialized_end=331
-  _globals['_COLUMN']._serialized_start=333
-  _globals['_COLUMN']._serialized_end=432
-  _globals['_COLUMNVALUES']._serialized_start=435
-  _globals['_COLUMNVALUES']._serialized_end=575
-  _globals['_ROWBATCH']._serialized_start=577
-  _globals['_ROWBATCH']._serialized_end=648
+  _globals['_VALUE']._serialized_end=402
+  _globals['_VALUELIST']._serialized_start=404
+  _globals['_VALUELIST']._serialized_end=449
+  _globals['_COLUMN']._serialized_start=451
+  _globals['_COLUMN']._serialized_end=550
+  _globals['_COLUMNVALUES']._serialized_start=553
+  _globals['_COLUMNVALUES']._serialized_end=693
+  _globals['_ROWBATCH']._serialized_start=695
+  _globals['_ROWBATCH']._serialized_end=766
 # @@protoc_insertion_point(module_scope)

@@ -41,7 +41,7 @@ VALUE_TYPE_JSON: ValueType
 VALUE_TYPE_ARRAY: ValueType
 
 class Value(_message.Message):
-    __slots__ = ("null_value", "bool_value", "int64_value", "double_value", "decimal_value", "string_value", "bytes_value", "date_value", "time_value", "timestamp_value", "uuid_value", "json_value")
+    __slots__ = ("null_value", "bool_value", "int64_value", "double_value", "decimal_value", "string_value", "bytes_value", "date_value", "time_value", "timestamp_value", "uuid_value", "json_value", "interval_value", "array_value")
     NULL_VALUE_FIELD_NUMBER: _ClassVar[int]
     BOOL_VALUE_FIELD_NUMBER: _ClassVar[int]
     INT64_VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,8 @@ class Value(_message.Message):
     TIMESTAMP_VALUE_FIELD_NUMBER: _ClassVar[int]
     UUID_VALUE_FIELD_NUMBER: _ClassVar[int]
     JSON_VALUE_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_VALUE_FIELD_NUMBER: _ClassVar[int]
+    ARRAY_VALUE_FIELD_NUMBER: _ClassVar[int]
     null_value: bool
     bool_value: bool
     int64_value: int
@@ -66,7 +68,15 @@ class Value(_message.Message):
     timestamp_value: str
     uuid_value: str
     json_value: str
-    def __init__(self, null_value: _Optional[bool] = ..., bool_value: _Optional[bool] = ..., int64_value: _Optional[int] = ..., double_value: _Optional[float] = ..., decimal_value: _Optional[str] = ..., string_value: _Optional[str] = ..., bytes_value: _Optional[bytes] = ..., date_value: _Optional[str] = ..., time_value: _Optional[str] = ..., timestamp_value: _Optional[str] = ..., uuid_value: _Optional[str] = ..., json_value: _Optional[str] = ...) -> None: ...
+    interval_value: str
+    array_value: ValueList
+    def __init__(self, null_value: _Optional[bool] = ..., bool_value: _Optional[bool] = ..., int64_value: _Optional[int] = ..., double_value: _Optional[float] = ..., decimal_value: _Optional[str] = ..., string_value: _Optional[str] = ..., bytes_value: _Optional[bytes] = ..., date_value: _Optional[str] = ..., time_value: _Optional[str] = ..., timestamp_value: _Optional[str] = ..., uuid_value: _Optional[str] = ..., json_value: _Optional[str] = ..., interval_value: _Optional[str] = ..., array_value: _Optional[_Union[ValueList, _Mapping]] = ...) -> None: ...
+
+class ValueList(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedCompositeFieldContainer[Value]
+    def __init__(self, values: _Optional[_Iterable[_Union[Value, _Mapping]]] = ...) -> None: ...
 
 class Column(_message.Message):
     __slots__ = ("name", "type", "database_type", "nullable")
