@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: setup system-deps venv proto check-generated lint test test-fast run clean
+.PHONY: setup system-deps venv proto check-generated lint test test-fast run bench clean
 
 setup: system-deps venv
 
@@ -51,6 +51,10 @@ test-fast: venv
 
 run: setup
 	$(BIN)/python -m tools.demo
+
+# Figures against baselines measured in the same run; writes docs/benchmarks.md.
+bench: setup
+	$(BIN)/python -m tools.bench
 
 clean:
 	rm -rf var/demo build .pytest_cache .mypy_cache .ruff_cache

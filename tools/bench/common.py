@@ -1,0 +1,85 @@
+"""What every benchmark reports, and the measuring helpers they share."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One measured figure, with the baseline it is compared against when there is one."""
+
+    #: What was measured, e.g. "1 GiB file read through the tunnel".
+    name: str
+    value: float
+    #: The unit of `value` (and `baseline`), e.g. "MB/s", "rows/s", "MB".
+    unit: str
+    #: A human statement of the target, e.g. ">= 40% of baseline" or "< 200 MB".
+    target: str
+    #: Whether the target was met (None when the figure has no target).
+    met: bool | None
+    #: What the figure is compared against, e.g. "bare grpc.aio stream".
+    baseline_name: str = ""
+    baseline: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        if self.baseline in (None, 0):
+            return None
+        assert self.baseline is not None
+        return self.value / self.baseline
+
+
+def ratio_figure(name: str, value: float, unit: str, baseline_name: str, baseline: float,
+                 min_ratio: float) -> Figure:
+    """A throughput figure whose target is a fraction of its baseline."""
+    return Figure(name=name, value=value, unit=unit, baseline_name=baseline_name, baseline=baseline,
+                  target=f">= {min_ratio:.0%} of baseline", met=value >= min_ratio * baseline)
+
+
+def peak_rss_figure(name: str, mib: float, limit_mib: float) -> Figure:
+    return Figure(name=name, value=mib, unit="MiB", target=f"< {limit_mib:.0f} MiB", met=mib < limit_mib)
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident set size so far (VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+@contextmanager
+def stopwatch() -> Iterator[list[float]]:
+    """`with stopwatch() as elapsed:` ... `elapsed[0]` is the wall time in seconds."""
+    box: list[float] = []
+    began = time.perf_counter()
+    try:
+        yield box
+    finally:
+        box.append(time.perf_counter() - began)
+
+
+def machine() -> str:
+    cpus = os.cpu_count()
+    mem = ""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = f", {int(line.split()[1]) / 1024 / 1024:.0f} GiB RAM"
+    except OSError:
+        pass
+    return f"{platform.machine()}, {cpus} CPUs{mem}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
