@@ -33,6 +33,24 @@ class ControlPlaneConfig:
     ca_file: Path
     #: The TLS name to expect, when it differs from the host in `address`.
     server_name: str | None = None
+    #: An HTTP CONNECT proxy to reach the control plane through, "http://host:port"
+    #: (user and password, if any, from `proxy_username` / `proxy_password_env`).
+    proxy: str | None = None
+    proxy_username: str | None = None
+    proxy_password_env: str | None = None
+
+    def proxy_url(self) -> str | None:
+        """The proxy URL with its credentials, for gRPC's `grpc.http_proxy`; never log it."""
+        if self.proxy is None:
+            return None
+        if not self.proxy_username:
+            return self.proxy
+        import os
+        from urllib.parse import quote
+
+        password = os.environ.get(self.proxy_password_env or "", "")
+        scheme, _, rest = self.proxy.partition("://")
+        return f"{scheme}://{quote(self.proxy_username, safe='')}:{quote(password, safe='')}@{rest}"
 
 
 @dataclass(frozen=True)
@@ -76,12 +94,24 @@ def parse_config(raw: Any, *, base_dir: Path) -> AgentConfig:
     grace = raw.get("drain_grace_seconds", 30.0)
     if not isinstance(grace, int | float) or not 0 <= grace <= 3600:
         raise ConfigError("drain_grace_seconds: a number of seconds from 0 to 3600")
+    proxy = cp.get("proxy")
+    if proxy is not None:
+        proxy = str(proxy)
+        if not proxy.startswith("http://") or "@" in proxy:
+            raise ConfigError("control_plane.proxy: expected http://host:port (credentials go in "
+                              "proxy_username and proxy_password_env, never in the URL)")
+        _split_host_port(proxy.removeprefix("http://").rstrip("/"), "control_plane.proxy")
+    if cp.get("proxy_password_env") and not cp.get("proxy_username"):
+        raise ConfigError("control_plane.proxy_password_env: set proxy_username too")
     return AgentConfig(
         control_plane=ControlPlaneConfig(
             address=address,
             enroll_address=enroll_address,
             ca_file=(base_dir / str(cp["ca_file"])).resolve(),
             server_name=str(cp["server_name"]) if cp.get("server_name") else None,
+            proxy=proxy.rstrip("/") if proxy else None,
+            proxy_username=str(cp["proxy_username"]) if cp.get("proxy_username") else None,
+            proxy_password_env=str(cp["proxy_password_env"]) if cp.get("proxy_password_env") else None,
         ),
         identity_dir=(base_dir / str(identity)).resolve(),
         profiles=parse_profiles(raw.get("profiles") or {}),

@@ -56,6 +56,10 @@ def channel_options(config: AgentConfig) -> list[tuple[str, int | str]]:
     options = list(CLIENT_OPTIONS)
     if config.control_plane.server_name:
         options.append(("grpc.ssl_target_name_override", config.control_plane.server_name))
+    proxy = config.control_plane.proxy_url()
+    # Set explicitly either way: the agent must not follow http_proxy variables it was not told about.
+    options.append(("grpc.http_proxy", proxy or ""))
+    options.append(("grpc.enable_http_proxy", 1 if proxy else 0))
     return options
 
 

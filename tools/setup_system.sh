@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the system packages the tests use (a real PostgreSQL server, unixODBC
-# with the psqlODBC and SQLite ODBC drivers), when they are missing. Needs root for
+# with the psqlODBC and SQLite ODBC drivers, iptables and tinyproxy for the network tests), when they are missing. Needs root for
 # apt; without root it only reports what is missing.
 set -euo pipefail
 
@@ -10,6 +10,8 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 dpkg -s odbc-postgresql >/dev/null 2>&1 || need+=(odbc-postgresql)
 dpkg -s libsqliteodbc >/dev/null 2>&1 || need+=(libsqliteodbc)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v iptables >/dev/null 2>&1 || need+=(iptables)
+command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/bin/tinyproxy ] || [ -x /usr/sbin/tinyproxy ] || need+=(tinyproxy)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
@@ -21,7 +23,9 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-# Debian starts a cluster on install; the tests start their own.
+# Debian starts services on install; the tests start their own.
+if command -v systemctl >/dev/null 2>&1; then systemctl stop tinyproxy 2>/dev/null || true; fi
+pkill -x tinyproxy 2>/dev/null || true
 if command -v pg_lsclusters >/dev/null 2>&1; then
   pg_lsclusters -h 2>/dev/null | while read -r ver name _; do pg_ctlcluster "$ver" "$name" stop 2>/dev/null || true; done
 fi
