@@ -3,6 +3,8 @@
     onprem-agent enroll --config agent.yaml --token onpe_...
     onprem-agent run --config agent.yaml
     onprem-agent check-config --config agent.yaml
+    onprem-agent doctor --config agent.yaml
+    kill -HUP <pid>      reload the profiles without dropping the stream
 """
 
 from __future__ import annotations
@@ -18,27 +20,37 @@ from pathlib import Path
 
 import grpc
 
+from agent import systemd
 from agent.config import AgentConfig, load_config
 from agent.dispatcher import Dispatcher
 from agent.handlers.apps import AppHandler
+from agent.handlers.base import Handler
 from agent.handlers.database import DatabaseHandler
 from agent.handlers.files import FolderHandler
-from agent.identity import Identity, IdentityError, load_identity, make_key_and_csr, save_identity
+from agent.identity import (
+    Identity,
+    IdentityError,
+    certificate_checks,
+    load_identity,
+    make_key_and_csr,
+    save_identity,
+)
 from agent.profiles import ConfigError
 from agent.tunnel_client import TunnelClient, channel_credentials, channel_options
-from onprem.v1 import enrollment_pb2, enrollment_pb2_grpc
+from onprem.v1 import enrollment_pb2, enrollment_pb2_grpc, profiles_pb2
+from tunnel import logs
 
 log = logging.getLogger("onprem.agent")
 
 DEFAULT_CONFIG = os.environ.get("ONPREM_AGENT_CONFIG", "/etc/onprem-agent/agent.yaml")
 
 
-def build_dispatcher(config: AgentConfig) -> Dispatcher:
-    return Dispatcher({
+def build_handlers(config: AgentConfig) -> dict[str, Handler]:
+    return {
         "database_query": DatabaseHandler(config.profiles.databases),
         "file_op": FolderHandler(config.profiles.folders),
         "app_call": AppHandler(config.profiles.apps),
-    })
+    }
 
 
 async def enroll(config: AgentConfig, token: str, name: str) -> Identity:
@@ -50,26 +62,86 @@ async def enroll(config: AgentConfig, token: str, name: str) -> Identity:
             enrollment_pb2.EnrollRequest(token=token, csr_pem=csr_pem.decode(), name=name,
                                          hostname=socket.gethostname()),
             timeout=30,
+            wait_for_ready=True,  # ride out a control plane that is (re)starting
         )
     identity = Identity(response.agent_id, response.group, key_pem, response.certificate_pem.encode())
     save_identity(config.identity_dir, identity)
     return identity
 
 
-async def run(config: AgentConfig, identity: Identity) -> None:
-    dispatcher = build_dispatcher(config)
+async def run(config_path: Path, config: AgentConfig, identity: Identity) -> None:
+    dispatcher = Dispatcher(build_handlers(config))
     client = TunnelClient(config, identity, dispatcher)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_stop() -> None:
+        systemd.notify("STOPPING=1", "STATUS=draining in-flight requests")
+        stop.set()
+
+    def on_reload() -> None:
+        systemd.notify("RELOADING=1")
+        try:
+            fresh = load_config(config_path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+        else:
+            client.reload(fresh, build_handlers(fresh))
+        systemd.notify("READY=1", f"STATUS=serving {len(dispatcher.profiles())} profiles")
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
     log.info("agent %s (group %s) starting; control plane %s; %d profiles",
              identity.agent_id, identity.group, config.control_plane.address, len(dispatcher.profiles()))
+    interval = systemd.watchdog_interval()
+    watchdog = loop.create_task(systemd.keep_watchdog_fed(interval)) if interval else None
+    systemd.notify("READY=1", f"STATUS=serving {len(dispatcher.profiles())} profiles")
     try:
         await client.run(stop)
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
         await dispatcher.aclose()
     log.info("agent stopped")
+
+
+async def doctor(config: AgentConfig) -> int:
+    """Check what the agent needs, print one line per check, return 0 when all pass."""
+    failures = 0
+
+    def report(ok: bool, name: str, message: str) -> None:
+        nonlocal failures
+        failures += not ok
+        print(f"{'✓' if ok else '✗'} {name}: {message}", flush=True)
+
+    report(True, "config", f"valid; control plane {config.control_plane.address}")
+    try:
+        identity = load_identity(config.identity_dir)
+    except IdentityError as exc:
+        report(False, "identity", str(exc))
+        return 1
+    for ok, name, message in certificate_checks(identity, config.control_plane.ca_file):
+        report(ok, name, message)
+    try:
+        async with grpc.aio.secure_channel(
+            config.control_plane.address, channel_credentials(config, identity), options=channel_options(config)
+        ) as channel:
+            await asyncio.wait_for(channel.channel_ready(), 10)
+        report(True, "control plane", f"{config.control_plane.address} accepted the agent's certificate (mTLS)")
+    except (TimeoutError, grpc.aio.AioRpcError) as exc:
+        report(False, "control plane", f"cannot reach {config.control_plane.address} over mTLS within 10 s"
+               f"{': ' + str(exc) if str(exc) else ''} (firewall, proxy, address, or a certificate it refuses)")
+    dispatcher = Dispatcher(build_handlers(config))
+    try:
+        for health in await dispatcher.check_all():
+            kind = profiles_pb2.ProfileKind.Name(health.kind).removeprefix("PROFILE_KIND_").lower()
+            for check in health.checks:
+                report(check.ok, f"{kind} profile {health.profile}: {check.name}", check.message)
+    finally:
+        await dispatcher.aclose()
+    return 1 if failures else 0
 
 
 def _load(path: str) -> AgentConfig:
@@ -96,8 +168,12 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     identity = load_identity(config.identity_dir)
-    asyncio.run(run(config, identity))
+    asyncio.run(run(Path(args.config), config, identity))
     return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    return asyncio.run(doctor(_load(args.config)))
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -111,6 +187,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onprem-agent", description="The onprem agent.")
     parser.add_argument("--log-level", default=os.environ.get("ONPREM_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("ONPREM_LOG_FORMAT", "text"),
+                        help="one line per event, as text or as JSON")
     sub = parser.add_subparsers(dest="command", required=True)
     enroll_p = sub.add_parser("enroll", help="make a key pair and enroll with a token")
     enroll_p.add_argument("--config", default=DEFAULT_CONFIG)
@@ -123,14 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate the config and exit")
     check.add_argument("--config", default=DEFAULT_CONFIG)
     check.set_defaults(func=_cmd_check_config)
+    doctor_p = sub.add_parser("doctor", help="check the control plane, the certificate and every profile")
+    doctor_p.add_argument("--config", default=DEFAULT_CONFIG)
+    doctor_p.set_defaults(func=_cmd_doctor)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx logs every request at INFO, with its URL; the agent logs what matters itself.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    logs.configure(args.log_level, args.log_format)
     try:
         return int(args.func(args))
     except (ConfigError, IdentityError) as exc:

@@ -62,6 +62,8 @@ class AgentConfig:
     name: str | None = None
     #: On SIGTERM, how long in-flight requests may take before they are cancelled.
     drain_grace_seconds: float = 30.0
+    #: How often every profile is checked (reachable, credentials accepted).
+    health_check_interval_seconds: float = 60.0
 
 
 def _split_host_port(address: str, field: str) -> tuple[str, int]:
@@ -75,7 +77,8 @@ def parse_config(raw: Any, *, base_dir: Path) -> AgentConfig:
     """Validate a parsed YAML document; relative paths are taken from `base_dir`."""
     if not isinstance(raw, dict):
         raise ConfigError("the config must be a YAML mapping")
-    unknown = set(raw) - {"control_plane", "identity_dir", "profiles", "max_in_flight", "name", "drain_grace_seconds"}
+    unknown = set(raw) - {"control_plane", "identity_dir", "profiles", "max_in_flight", "name", "drain_grace_seconds",
+                        "health_check_interval_seconds"}
     if unknown:
         raise ConfigError(f"unknown top-level keys: {', '.join(sorted(unknown))}")
     cp = raw.get("control_plane")
@@ -103,6 +106,9 @@ def parse_config(raw: Any, *, base_dir: Path) -> AgentConfig:
         _split_host_port(proxy.removeprefix("http://").rstrip("/"), "control_plane.proxy")
     if cp.get("proxy_password_env") and not cp.get("proxy_username"):
         raise ConfigError("control_plane.proxy_password_env: set proxy_username too")
+    health_interval = raw.get("health_check_interval_seconds", 60.0)
+    if not isinstance(health_interval, int | float) or not 1 <= health_interval <= 86400:
+        raise ConfigError("health_check_interval_seconds: a number of seconds from 1 to 86400")
     return AgentConfig(
         control_plane=ControlPlaneConfig(
             address=address,
@@ -118,6 +124,7 @@ def parse_config(raw: Any, *, base_dir: Path) -> AgentConfig:
         max_in_flight=max_in_flight,
         name=str(raw["name"]) if raw.get("name") else None,
         drain_grace_seconds=float(grace),
+        health_check_interval_seconds=float(health_interval),
     )
 
 

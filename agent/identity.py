@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -34,6 +35,34 @@ class Identity:
     @property
     def not_after(self) -> dt.datetime:
         return x509.load_pem_x509_certificate(self.cert_pem).not_valid_after_utc
+
+    @property
+    def not_before(self) -> dt.datetime:
+        return x509.load_pem_x509_certificate(self.cert_pem).not_valid_before_utc
+
+
+def certificate_checks(identity: Identity, ca_file: Path) -> list[tuple[bool, str, str]]:
+    """(ok, name, message) for: signed by the configured CA, currently valid, and how long it has left."""
+    cert = x509.load_pem_x509_certificate(identity.cert_pem)
+    results: list[tuple[bool, str, str]] = []
+    try:
+        ca = x509.load_pem_x509_certificate(ca_file.read_bytes())
+        cert.verify_directly_issued_by(ca)
+        results.append((True, "certificate issuer", f"signed by the control plane's CA ({ca_file})"))
+    except (OSError, ValueError, TypeError, InvalidSignature) as exc:
+        results.append((False, "certificate issuer", f"not signed by the CA in {ca_file}: {exc or type(exc).__name__}"))
+    now = dt.datetime.now(dt.UTC)
+    left = cert.not_valid_after_utc - now
+    if now < cert.not_valid_before_utc:
+        results.append((False, "certificate validity", "not valid yet: is this host's clock right?"))
+    elif left <= dt.timedelta(0):
+        results.append((False, "certificate validity",
+                        f"expired on {cert.not_valid_after_utc.isoformat()}: enroll the agent again"))
+    else:
+        results.append((True, "certificate validity",
+                        f"valid until {cert.not_valid_after_utc.isoformat()} ({left.days} days, "
+                        f"{left.seconds // 3600} hours left; renewed automatically while connected)"))
+    return results
 
 
 def make_key_and_csr(name: str) -> tuple[bytes, bytes]:

@@ -20,7 +20,7 @@ import grpc
 
 from agent.dispatcher import Dispatcher
 from agent.handlers.base import RequestContext
-from onprem.v1 import tunnel_pb2
+from onprem.v1 import profiles_pb2, tunnel_pb2
 from tunnel.aio import EOF, CreditWaiters, FrameWriter, StreamClosed
 from tunnel.errors import Code, RemoteProtocolError, RequestError
 from tunnel.protocol import (
@@ -43,6 +43,10 @@ log = logging.getLogger("onprem.agent.session")
 
 class SessionLost(Exception):
     """The stream to the control plane ended or went silent."""
+
+
+class DrainedToExit(Exception):
+    """The control plane drained this agent and asked it to stop (DrainAgent)."""
 
 
 class TunnelCall(Protocol):
@@ -94,6 +98,8 @@ class AgentSession:
         self._clock = loop.time
         self._last_heard = self._clock()
         self.draining = False
+        #: Why the session ends once the control plane closes it, after a drain.
+        self._leaving: SessionLost | DrainedToExit | None = None
 
     @property
     def in_flight(self) -> int:
@@ -111,6 +117,8 @@ class AgentSession:
             error = eg.exceptions[0]
             assert isinstance(error, grpc.aio.AioRpcError)
             raise SessionLost(f"the stream failed: {error.code().name}: {error.details()}") from None
+        except* DrainedToExit as eg:
+            raise eg.exceptions[0] from None
         except* (StreamClosed, SessionLost, RemoteProtocolError) as eg:
             raise SessionLost(str(eg.exceptions[0])) from None
         finally:
@@ -127,6 +135,22 @@ class AgentSession:
         if self._tasks:
             await asyncio.wait(list(self._tasks.values()), timeout=grace)
 
+    def send_status(
+        self,
+        *,
+        profiles: list[profiles_pb2.Profile] | None = None,
+        health: list[profiles_pb2.ProfileHealth] | None = None,
+    ) -> None:
+        """Tell the control plane about new profiles (after a reload) or their latest health."""
+        status = tunnel_pb2.AgentStatus(draining=self.draining, in_flight=self.in_flight)
+        if profiles is not None:
+            status.profiles_changed = True
+            status.profiles.extend(profiles)
+        if health:
+            status.profile_health.extend(health)
+        with contextlib.suppress(StreamClosed):
+            self._writer.send_nowait(AgentFrame(status=status))
+
     async def close_gracefully(self) -> None:
         """Send what is queued, then half-close: the control plane ends the stream once it has read it all."""
         await self._writer.flush()
@@ -135,13 +159,21 @@ class AgentSession:
     async def _drain_then_leave(self, drain: tunnel_pb2.Drain) -> None:
         grace = drain.grace_period.ToTimedelta().total_seconds() if drain.HasField("grace_period") else 30.0
         await self.drain(grace)
-        raise SessionLost(f"drained at the control plane's request ({drain.reason})")
+        self._leaving = (DrainedToExit if drain.exit_after else SessionLost)(
+            f"drained at the control plane's request ({drain.reason})")
+        try:
+            await asyncio.wait_for(self.close_gracefully(), 5)
+            # The control plane ends the stream once it has read our last frames.
+            await asyncio.sleep(5)
+        except (TimeoutError, grpc.aio.AioRpcError, StreamClosed):
+            pass
+        raise self._leaving
 
     async def _read_loop(self) -> None:
         while True:
             frame = await self._call.read()
             if frame is EOF:
-                raise SessionLost("the control plane closed the stream")
+                raise self._leaving or SessionLost("the control plane closed the stream")
             assert isinstance(frame, ControlFrame)
             self._last_heard = self._clock()
             for event in self._conn.receive(frame):

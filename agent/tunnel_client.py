@@ -8,6 +8,7 @@ here listens: the private network opens no inbound port.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import random
@@ -19,15 +20,19 @@ import grpc
 from agent import __version__
 from agent.config import AgentConfig
 from agent.dispatcher import Dispatcher
-from agent.identity import Identity
-from agent.session import AgentSession, SessionLost
-from onprem.v1 import tunnel_pb2, tunnel_pb2_grpc
+from agent.handlers.base import Handler
+from agent.identity import Identity, make_key_and_csr, save_identity
+from agent.session import AgentSession, DrainedToExit, SessionLost
+from onprem.v1 import profiles_pb2, tunnel_pb2, tunnel_pb2_grpc
 from tunnel.aio import EOF
 from tunnel.channel_options import CLIENT_OPTIONS
 from tunnel.errors import RemoteProtocolError
 from tunnel.protocol import AgentConnection, ControlFrame
 
 log = logging.getLogger("onprem.agent.tunnel")
+
+#: The fraction of a certificate's lifetime after which the agent renews it.
+RENEW_AT = 2 / 3
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,11 @@ class TunnelClient:
         self._started_at = dt.datetime.now(dt.UTC)
         self.session: AgentSession | None = None
         self.sessions_opened = 0
+        self._stub: tunnel_pb2_grpc.AgentTunnelAsyncStub | None = None
+        self._attempt = 0
+        #: The latest health check of every profile.
+        self.health: list[profiles_pb2.ProfileHealth] = []
+        self._check_now = asyncio.Event()
 
     def _hello(self) -> tunnel_pb2.Hello:
         hello = tunnel_pb2.Hello(
@@ -85,44 +95,116 @@ class TunnelClient:
         hello.started_at.FromDatetime(self._started_at)
         return hello
 
+    def reload(self, config: AgentConfig, dispatcher_handlers: dict[str, Handler]) -> None:
+        """Take a reloaded config's profiles into use without dropping the stream, and re-advertise them."""
+        self._config = config
+        self._dispatcher.replace(dispatcher_handlers)
+        if self.session is not None:
+            self.session.send_status(profiles=self._dispatcher.profiles())
+        self._check_now.set()
+        log.info("reloaded: %d profiles offered", len(self._dispatcher.profiles()))
+
+    async def _health_forever(self) -> None:
+        """Check every profile now and then, and report the results to the control plane."""
+        interval = self._config.health_check_interval_seconds
+        while True:
+            self._check_now.clear()
+            self.health = await self._dispatcher.check_all()
+            failing = [h.profile for h in self.health if not h.ok]
+            if failing:
+                log.warning("profile checks failing: %s", ", ".join(failing))
+            if self.session is not None:
+                self.session.send_status(health=self.health)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._check_now.wait(), interval)
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Keep a session open until `stop` is set."""
+        """Keep a session open until `stop` is set (or the control plane drains us to exit)."""
         loop = asyncio.get_running_loop()
-        attempt = 0
-        async with grpc.aio.secure_channel(
-            self._config.control_plane.address,
-            channel_credentials(self._config, self._identity),
-            options=channel_options(self._config),
-        ) as channel:
-            stub = tunnel_pb2_grpc.AgentTunnelStub(channel)
+        renewer = loop.create_task(self._renew_forever(), name="certificate-renewal")
+        checker = loop.create_task(self._health_forever(), name="profile-health")
+        try:
             while not stop.is_set():
-                began = loop.time()
-                session_task = loop.create_task(self._session(stub))
-                stop_task = loop.create_task(stop.wait())
-                try:
-                    await asyncio.wait({session_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    stop_task.cancel()
-                if not session_task.done():
-                    await self._drain(session_task)
-                    return
-                exc = session_task.exception()
-                if isinstance(exc, grpc.aio.AioRpcError):
-                    log.warning("control plane %s: %s: %s", self._config.control_plane.address,
-                                exc.code().name, exc.details())
-                elif isinstance(exc, SessionLost | RemoteProtocolError):
-                    log.warning("session ended: %s", exc)
-                elif exc is not None:
-                    log.error("session failed", exc_info=exc)
-                if loop.time() - began >= self._backoff.stable_after:
-                    attempt = 0
-                delay = self._backoff.delay(attempt)
-                attempt += 1
-                log.info("reconnecting in %.1f s", delay)
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
-                except TimeoutError:
-                    pass
+                identity = self._identity
+                async with grpc.aio.secure_channel(
+                    self._config.control_plane.address,
+                    channel_credentials(self._config, identity),
+                    options=channel_options(self._config),
+                ) as channel:
+                    self._stub = tunnel_pb2_grpc.AgentTunnelStub(channel)
+                    # A renewed certificate takes effect on the next connection: the
+                    # current stream goes on with the old one until it ends.
+                    if await self._sessions(stop, identity):
+                        return
+        finally:
+            self._stub = None
+            renewer.cancel()
+            checker.cancel()
+            await asyncio.gather(renewer, checker, return_exceptions=True)
+
+    async def _sessions(self, stop: asyncio.Event, channel_identity: Identity) -> bool:
+        """Open sessions on the current channel until stopped (True) or the identity was renewed (False)."""
+        loop = asyncio.get_running_loop()
+        assert self._stub is not None
+        while not stop.is_set():
+            began = loop.time()
+            session_task = loop.create_task(self._session(self._stub))
+            stop_task = loop.create_task(stop.wait())
+            try:
+                await asyncio.wait({session_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop_task.cancel()
+            if not session_task.done():
+                await self._drain(session_task)
+                return True
+            exc = session_task.exception()
+            if isinstance(exc, DrainedToExit):
+                log.info("stopping: %s", exc)
+                return True
+            if isinstance(exc, grpc.aio.AioRpcError):
+                log.warning("control plane %s: %s: %s", self._config.control_plane.address,
+                            exc.code().name, exc.details())
+            elif isinstance(exc, SessionLost | RemoteProtocolError):
+                log.warning("session ended: %s", exc)
+            elif exc is not None:
+                log.error("session failed", exc_info=exc)
+            if loop.time() - began >= self._backoff.stable_after:
+                self._attempt = 0
+            delay = self._backoff.delay(self._attempt)
+            self._attempt += 1
+            log.info("reconnecting in %.1f s", delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            if self._identity is not channel_identity:
+                return False
+        return True
+
+    async def _renew_forever(self) -> None:
+        """Renew the certificate once two thirds of its lifetime have passed, over the live connection."""
+        while True:
+            identity = self._identity
+            now = dt.datetime.now(dt.UTC)
+            due = identity.not_before + (identity.not_after - identity.not_before) * RENEW_AT
+            wait = (due - now).total_seconds()
+            if wait > 0:
+                await asyncio.sleep(min(wait, 3600))
+                continue
+            try:
+                await self._renew()
+            except (grpc.aio.AioRpcError, OSError) as exc:
+                details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+                log.warning("certificate renewal failed (will retry): %s", details)
+                await asyncio.sleep(min(30.0, max(1.0, (identity.not_after - now).total_seconds() / 20)))
+
+    async def _renew(self) -> None:
+        if self._stub is None:
+            raise OSError("not connected")
+        key_pem, csr_pem = make_key_and_csr(self._identity.agent_id)
+        response = await self._stub.Renew(tunnel_pb2.RenewRequest(csr_pem=csr_pem.decode()), timeout=30)
+        renewed = Identity(self._identity.agent_id, self._identity.group, key_pem, response.certificate_pem.encode())
+        await asyncio.to_thread(save_identity, self._config.identity_dir, renewed)
+        self._identity = renewed
+        log.info("certificate renewed; valid until %s", renewed.not_after.isoformat())
 
     async def _drain(self, session_task: asyncio.Task[None]) -> None:
         """Stop taking work, let in-flight requests finish within the grace period, then close."""
@@ -161,6 +243,8 @@ class TunnelClient:
             )
             self.sessions_opened += 1
             self.session = AgentSession(call, conn, self._dispatcher, max_in_flight=self._config.max_in_flight)
+            if self.health:
+                self.session.send_status(health=self.health)
             await self.session.run()
         finally:
             self.session = None

@@ -24,8 +24,8 @@ import grpc
 from control_plane.audit import AuditLog
 from control_plane.auth import Principal, parse_bearer
 from control_plane.ca import CertificateAuthority
+from control_plane.failover import RoutedRequest
 from control_plane.router import GroupFacts, Registry, Router
-from control_plane.sessions import Exchange
 from control_plane.store import AuditEntry, Store
 from onprem.v1 import profiles_pb2, tunnel_pb2
 from tunnel.errors import Code, InvalidArgument, PermissionDenied, RequestError, Unauthenticated
@@ -128,10 +128,10 @@ class ControlPlane:
         kind: int,
         profile: str,
         start: tunnel_pb2.RequestStart,
-    ) -> AsyncIterator[Exchange]:
+    ) -> AsyncIterator[RoutedRequest]:
         began = time.monotonic()
         principal: Principal | None = None
-        exchange: Exchange | None = None
+        routed: RoutedRequest | None = None
         code, detail = Code.OK, ""
         try:
             principal = await self.authenticate(context)
@@ -144,8 +144,9 @@ class ControlPlane:
             if remaining is not None:
                 start.timeout.FromTimedelta(dt.timedelta(seconds=max(remaining, 0.001)))
             start.attempt = 1
-            exchange = await self.router.open(group, kind, profile, start)
-            yield exchange
+            routed = RoutedRequest(start, lambda excluded: self.router.open(group, kind, profile, start, excluded))
+            await routed.open()
+            yield routed
         except RequestError as exc:
             code, detail = exc.code, exc.reason
             raise
@@ -156,6 +157,7 @@ class ControlPlane:
             code = Code.INTERNAL
             raise
         finally:
+            exchange = routed.exchange if routed is not None else None
             if exchange is not None:
                 await exchange.aclose()
             if principal is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import logging
 import os
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 from control_plane.app import Settings
 from control_plane.server import ControlPlaneServer, ServerConfig, open_control_plane
 from control_plane.store import Store, validate_group_name
+from tunnel import logs
 from tunnel.protocol import Limits
 
 
@@ -105,6 +105,8 @@ def _create_enrollment_token(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onprem-control-plane", description=__doc__.split("\n")[0])
     parser.add_argument("--log-level", default=os.environ.get("ONPREM_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("ONPREM_LOG_FORMAT", "text"),
+                        help="one line per event, as text or as JSON")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the control plane")
@@ -143,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level, args.log_format)
     try:
         return int(args.func(args))
     except ValueError as exc:

@@ -93,15 +93,19 @@ class Router:
         self._group_facts = group_facts
         self._queue_wait = queue_wait
 
-    def _eligible(self, group: str, kind: int, profile: str) -> list[AgentSession]:
-        return [s for s in self._registry.in_group(group) if not s.draining and s.offers(kind, profile)]
+    def _eligible(self, group: str, kind: int, profile: str, excluded: frozenset[str]) -> list[AgentSession]:
+        return [s for s in self._registry.in_group(group)
+                if not s.draining and s.offers(kind, profile) and s.agent_id not in excluded]
 
-    async def open(self, group: str, kind: int, profile: str, start: tunnel_pb2.RequestStart) -> Exchange:
-        """Send `start` to the best agent, waiting briefly if all are busy."""
+    async def open(
+        self, group: str, kind: int, profile: str, start: tunnel_pb2.RequestStart,
+        excluded: frozenset[str] = frozenset(),
+    ) -> Exchange:
+        """Send `start` to the best agent not in `excluded`, waiting briefly if all are busy."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self._queue_wait
         while True:
-            eligible = self._eligible(group, kind, profile)
+            eligible = self._eligible(group, kind, profile, excluded)
             if not eligible:
                 raise await self._explain(group, kind, profile)
             free = [s for s in eligible if s.has_capacity()]

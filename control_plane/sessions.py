@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from onprem.v1 import tunnel_pb2
+from onprem.v1 import profiles_pb2, tunnel_pb2
 from tunnel.aio import EOF, CreditWaiters, FrameWriter, RequestGone, StreamClosed
 from tunnel.errors import Code, RemoteProtocolError, RequestError, Unavailable
 from tunnel.protocol import (
@@ -159,6 +159,10 @@ class AgentSession:
         self.draining = False
         self.max_in_flight = max(1, conn.hello.max_in_flight or 1)
         self.profiles = {(p.kind, p.name) for p in conn.hello.profiles}
+        #: The latest health check of each profile, by (kind, name).
+        self.profile_health: dict[tuple[int, str], profiles_pb2.ProfileHealth] = {}
+        #: Profile lists advertised after a reload, for the store to remember.
+        self.profile_updates: asyncio.Queue[list[profiles_pb2.Profile]] = asyncio.Queue()
         self._read = read
         self._writer: FrameWriter[ControlFrame] = FrameWriter(write)
         self._credit = CreditWaiters()
@@ -181,6 +185,10 @@ class AgentSession:
     @property
     def is_open(self) -> bool:
         return self._closed is None
+
+    def profile_is_read_only(self, profile: str) -> bool:
+        return any(p.name == profile and p.kind == profiles_pb2.PROFILE_KIND_DATABASE and p.read_only
+                   for p in self.hello.profiles)
 
     def offers(self, kind: int, profile: str) -> bool:
         return (kind, profile) in self.profiles
@@ -219,10 +227,11 @@ class AgentSession:
         if self._task is not None:
             self._task.cancel()
 
-    def drain(self, reason: str, grace: dt.timedelta) -> None:
+    def drain(self, reason: str, grace: dt.timedelta, *, exit_after: bool = False) -> None:
+        """Route nothing more here, and ask the agent to finish its requests (then reconnect, or exit)."""
         self.draining = True
         try:
-            self._writer.send_nowait(self.conn.drain(reason, grace))
+            self._writer.send_nowait(self.conn.drain(reason, grace, exit_after=exit_after))
         except StreamClosed:
             pass
         self.on_change()
@@ -285,7 +294,16 @@ class AgentSession:
             case StatusReceived(status):
                 if status.draining and not self.draining:
                     log.info("agent %s (%s) is draining", self.name, self.agent_id)
-                self.draining = status.draining
+                # Once draining, a session stays so: the control plane may have asked for it.
+                self.draining = self.draining or status.draining
+                if status.profiles_changed:
+                    del self.hello.profiles[:]
+                    self.hello.profiles.extend(status.profiles)
+                    self.profiles = {(p.kind, p.name) for p in status.profiles}
+                    self.profile_updates.put_nowait(list(status.profiles))
+                    log.info("agent %s (%s) now offers %d profiles", self.name, self.agent_id, len(self.profiles))
+                if status.profile_health:
+                    self.profile_health = {(h.kind, h.profile): h for h in status.profile_health}
                 self.on_change()
             case FrameIgnored(rid, why):
                 log.debug("agent %s: ignored a frame for request %d: %s", self.agent_id, rid, why)

@@ -18,9 +18,10 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from control_plane.app import NAME_BY_KIND, ControlPlane
+from control_plane.ca import CsrError
 from control_plane.sessions import AgentSession
 from control_plane.store import AdvertisedProfile, AgentRow
-from onprem.v1 import tunnel_pb2, tunnel_pb2_grpc
+from onprem.v1 import profiles_pb2, tunnel_pb2, tunnel_pb2_grpc
 from tunnel.aio import EOF
 from tunnel.errors import RemoteProtocolError
 from tunnel.protocol import AgentFrame, ControlPlaneConnection
@@ -57,6 +58,44 @@ class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
             )
         return row, cert
 
+    async def Renew(
+        self, request: tunnel_pb2.RenewRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tunnel_pb2.RenewResponse:
+        row, _ = await self._authenticate(context)
+        try:
+            issued = self._cp.ca.sign_agent_csr(
+                request.csr_pem.encode(), row.agent_id, self._cp.settings.agent_cert_validity)
+        except CsrError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        await self._cp.blocking(self._cp.store.set_certificate, row.agent_id, issued.serial, issued.not_after)
+        session = self._cp.registry.get(row.agent_id)
+        if session is not None:
+            session.cert_expires_at = issued.not_after
+        log.info("renewed the certificate of agent %s (%s) until %s", row.name, row.agent_id,
+                 issued.not_after.isoformat())
+        response = tunnel_pb2.RenewResponse(certificate_pem=issued.pem.decode())
+        response.expires_at.FromDatetime(issued.not_after)
+        return response
+
+    async def _record_hello(self, agent_id: str, hello: tunnel_pb2.Hello, profiles: list[profiles_pb2.Profile]) -> None:
+        advertised = [
+            AdvertisedProfile(name=p.name, kind=NAME_BY_KIND.get(p.kind, "unknown"), read_only=p.read_only,
+                              dialect=p.dialect)
+            for p in profiles
+        ]
+        await self._cp.blocking(
+            self._cp.store.record_hello, agent_id, hello.hostname[:255], hello.agent_version[:64], advertised
+        )
+
+    async def _remember_profiles(self, session: AgentSession, hello: tunnel_pb2.Hello) -> None:
+        """Store the profiles an agent re-advertises after a reload, so routing explains them when it is offline."""
+        while True:
+            profiles = await session.profile_updates.get()
+            try:
+                await self._record_hello(session.agent_id, hello, profiles)
+            except Exception:
+                log.exception("could not store the new profiles of agent %s", session.agent_id)
+
     # Connect reads and writes through `context` (one writer task), so it
     # returns nothing instead of being a generator as the generated base says.
     async def Connect(  # type: ignore[override]
@@ -81,21 +120,17 @@ class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
             agent_id=row.agent_id, name=row.name, group=row.group_name,
             cert_expires_at=cert.not_valid_after_utc,
         )
-        profiles = [
-            AdvertisedProfile(name=p.name, kind=NAME_BY_KIND.get(p.kind, "unknown"), read_only=p.read_only,
-                              dialect=p.dialect)
-            for p in hello.profiles
-        ]
-        await self._cp.blocking(
-            self._cp.store.record_hello, row.agent_id, hello.hostname[:255], hello.agent_version[:64], profiles
-        )
+        await self._record_hello(row.agent_id, hello, list(hello.profiles))
         await context.write(session.welcome_frame())
         self._cp.registry.add(session)
         log.info("agent %s (%s) of group %s connected from %s, session %s, %d profiles",
-                 row.name, row.agent_id, row.group_name, context.peer(), session.session_id, len(profiles))
+                 row.name, row.agent_id, row.group_name, context.peer(), session.session_id, len(hello.profiles))
+        persist = asyncio.get_running_loop().create_task(self._remember_profiles(session, hello))
         try:
             await session.serve()
         finally:
+            persist.cancel()
+            await asyncio.gather(persist, return_exceptions=True)
             self._cp.registry.remove(session)
             log.info("agent %s (%s) session %s ended", row.name, row.agent_id, session.session_id)
             try:

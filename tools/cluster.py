@@ -67,7 +67,8 @@ class ControlPlaneProcess:
              "--grace-period", "5", *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT,
         )
-        _wait_for_port(self.operator_port, self.proc)
+        for port in (self.operator_port, self.agent_port, self.enroll_port):
+            _wait_for_port(port, self.proc)
 
     def admin_token(self, name: str = "admin") -> str:
         return self.cli("create-admin-token", "--name", name)
@@ -108,6 +109,10 @@ class AgentProcess:
     name: str = "agent"
     max_in_flight: int = 64
     env: dict[str, str] = field(default_factory=dict)
+    #: More top-level keys for the agent's YAML config.
+    extra_config: dict[str, Any] = field(default_factory=dict)
+    #: More arguments for `onprem-agent` before `run`, e.g. ["--log-format", "json"].
+    extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -126,16 +131,20 @@ class AgentProcess:
             "max_in_flight": self.max_in_flight,
             "name": self.name,
             "profiles": self.profiles,
+            **self.extra_config,
         }
         self.config_file.write_text(yaml.safe_dump(config))
 
     def enroll(self, group: str, token: str | None = None, *, check: bool = True) -> subprocess.CompletedProcess[str]:
         self.write_config()
         token = token or self.control_plane.enrollment_token(group)
-        return subprocess.run(
+        result = subprocess.run(
             [_bin("onprem-agent"), "enroll", "--config", str(self.config_file), "--token", token],
-            check=check, capture_output=True, text=True, env={**os.environ, **self.env},
+            capture_output=True, text=True, env={**os.environ, **self.env},
         )
+        if check and result.returncode != 0:
+            raise RuntimeError(f"enrollment failed ({result.returncode}): {result.stderr.strip()}")
+        return result
 
     @property
     def agent_id(self) -> str:
@@ -146,7 +155,7 @@ class AgentProcess:
     def start(self) -> None:
         log = open(self.home / "agent.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [_bin("onprem-agent"), "--log-level", "DEBUG", "run", "--config", str(self.config_file)],
+            [_bin("onprem-agent"), "--log-level", "DEBUG", *self.extra_args, "run", "--config", str(self.config_file)],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
         )
 

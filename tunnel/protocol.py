@@ -307,8 +307,8 @@ class ControlPlaneConnection:
     def pong(nonce: int) -> ControlFrame:
         return ControlFrame(pong=tunnel_pb2.Pong(nonce=nonce))
 
-    def drain(self, reason: str, grace: timedelta) -> ControlFrame:
-        drain = tunnel_pb2.Drain(reason=reason)
+    def drain(self, reason: str, grace: timedelta, *, exit_after: bool = False) -> ControlFrame:
+        drain = tunnel_pb2.Drain(reason=reason, exit_after=exit_after)
         drain.grace_period.FromTimedelta(grace)
         return ControlFrame(drain=drain)
 

@@ -15,10 +15,12 @@ from control_plane.auth import Principal
 from control_plane.sessions import AgentSession
 from control_plane.store import AgentRow, AuditEntry
 from onprem.v1 import agents_pb2, agents_pb2_grpc, profiles_pb2, tunnel_pb2
-from tunnel.errors import Code, InvalidArgument, NotFound
+from tunnel.errors import Code, FailedPrecondition, InvalidArgument, NotFound
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
+DEFAULT_DRAIN_GRACE = dt.timedelta(seconds=30)
+MAX_DRAIN_GRACE = dt.timedelta(hours=1)
 DEFAULT_TOKEN_TTL = dt.timedelta(hours=1)
 MAX_TOKEN_TTL = dt.timedelta(days=7)
 
@@ -46,6 +48,9 @@ def agent_message(row: AgentRow, session: AgentSession | None) -> agents_pb2.Age
             started = session.hello.started_at.ToDatetime(dt.UTC)
             agent.uptime.FromTimedelta(max(dt.datetime.now(dt.UTC) - started, dt.timedelta(0)))
         agent.profiles.extend(session.hello.profiles)
+        agent.profile_health.extend(session.profile_health.values())
+        agent.session_id = session.session_id
+        agent.certificate_expires_at.FromDatetime(session.cert_expires_at or row.cert_expires_at)
         return agent
     else:
         agent.state = agents_pb2.AGENT_STATE_INACTIVE
@@ -142,10 +147,29 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
         async with self._cp.relay(
             context, method="/onprem.v1.AgentService/CheckProfile", group=request.group,
             kind=request.kind, profile=request.profile, start=start,
-        ) as exchange:
-            response = (await exchange.single()).profile_check
-        response.agent_id = exchange.session.agent_id
+        ) as routed:
+            response = (await routed.single()).profile_check
+        assert routed.exchange is not None
+        response.agent_id = routed.exchange.session.agent_id
         return response
+
+    @errors.unary
+    async def DrainAgent(self, request: agents_pb2.DrainAgentRequest, context: Context) -> agents_pb2.DrainAgentResponse:
+        began = time.monotonic()
+        principal = await self._cp.authenticate(context)
+        self._cp.require_admin(principal)
+        row = await self._agent(principal, request.agent_id)
+        session = self._cp.registry.get(row.agent_id)
+        if session is None or not session.is_open:
+            raise FailedPrecondition(f"agent '{row.agent_id}' is not connected, so there is nothing to drain",
+                                     reason="AGENT_NOT_CONNECTED")
+        grace = request.grace_period.ToTimedelta() if request.HasField("grace_period") else DEFAULT_DRAIN_GRACE
+        if not dt.timedelta(0) <= grace <= MAX_DRAIN_GRACE:
+            raise InvalidArgument(f"'grace_period' must be between 0 and {MAX_DRAIN_GRACE}", reason="INVALID_GRACE")
+        session.drain(request.reason or f"drained by {principal.name}", grace, exit_after=True)
+        self._audit(principal, "DrainAgent", began, group=row.group_name, agent_id=row.agent_id,
+                    detail=request.reason[:200])
+        return agents_pb2.DrainAgentResponse(agent=agent_message(row, session))
 
     @errors.unary
     async def RevokeAgent(self, request: agents_pb2.RevokeAgentRequest, context: Context) -> agents_pb2.RevokeAgentResponse:

@@ -9,12 +9,14 @@ from typing import Any
 import grpc
 
 from control_plane.api import errors
-from control_plane.api.files import pump_body
+from control_plane.api.uploads import pump_body, refuse_body
 from control_plane.app import ControlPlane
 from onprem.v1 import apps_pb2, apps_pb2_grpc, profiles_pb2, tunnel_pb2
 from tunnel.errors import InvalidArgument
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+BODILESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class AppService(apps_pb2_grpc.AppServiceServicer):
@@ -36,14 +38,22 @@ class AppService(apps_pb2_grpc.AppServiceServicer):
                     raise InvalidArgument("'head' may only come in the first message", reason="HEAD_REPEATED")
                 yield message.body
 
-        start = tunnel_pb2.RequestStart(app_call=apps_pb2.AppCall(head=head), has_body=True)
+        # Bodiless methods travel without a body, so that they can be re-routed
+        # to another agent if theirs is lost.
+        bodiless = (head.method or "GET").upper() in BODILESS_METHODS
+        start = tunnel_pb2.RequestStart(app_call=apps_pb2.AppCall(head=head), has_body=not bodiless)
         async with self._cp.relay(
             context, method="/onprem.v1.AppService/Call", group=head.group,
             kind=profiles_pb2.PROFILE_KIND_APP, profile=head.profile, start=start,
-        ) as exchange:
-            pump = asyncio.get_running_loop().create_task(pump_body(exchange, body()))
+        ) as routed:
+            if bodiless:
+                refused = InvalidArgument(f"{head.method or 'GET'} requests take no body", reason="BODY_NOT_ALLOWED")
+                feeder = refuse_body(routed, body(), refused)
+            else:
+                feeder = pump_body(routed, body())
+            pump = asyncio.get_running_loop().create_task(feeder)
             try:
-                async for chunk in exchange:
+                async for chunk in routed:
                     yield chunk.call
             finally:
                 if not pump.done():

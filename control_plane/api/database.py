@@ -10,7 +10,7 @@ import grpc
 
 from control_plane.api import errors
 from control_plane.app import ControlPlane
-from control_plane.sessions import Exchange
+from control_plane.failover import RoutedRequest
 from onprem.v1 import database_pb2, database_pb2_grpc, profiles_pb2, tunnel_pb2
 from tunnel.errors import InvalidArgument
 
@@ -26,13 +26,13 @@ class DatabaseService(database_pb2_grpc.DatabaseServiceServicer):
         if not request.sql.strip():
             raise InvalidArgument("'sql' is required: the statement to run", reason="MISSING_SQL")
         start = tunnel_pb2.RequestStart(database_query=database_pb2.DatabaseQuery(query=request))
-        async with self._relay(context, "Query", request.group, request.profile, start) as exchange:
-            async for chunk in exchange:
+        async with self._relay(context, "Query", request.group, request.profile, start) as routed:
+            async for chunk in routed:
                 yield chunk.query
 
     def _relay(
         self, context: Context, method: str, group: str, profile: str, start: tunnel_pb2.RequestStart
-    ) -> AbstractAsyncContextManager[Exchange]:
+    ) -> AbstractAsyncContextManager[RoutedRequest]:
         return self._cp.relay(
             context, method=f"/onprem.v1.DatabaseService/{method}", group=group,
             kind=profiles_pb2.PROFILE_KIND_DATABASE, profile=profile, start=start,
@@ -45,8 +45,8 @@ class DatabaseService(database_pb2_grpc.DatabaseServiceServicer):
         if not request.sql.strip():
             raise InvalidArgument("'sql' is required: the statement to run for each set", reason="MISSING_SQL")
         start = tunnel_pb2.RequestStart(database_query=database_pb2.DatabaseQuery(batch=request))
-        async with self._relay(context, "ExecuteBatch", request.group, request.profile, start) as exchange:
-            return (await exchange.single()).batch
+        async with self._relay(context, "ExecuteBatch", request.group, request.profile, start) as routed:
+            return (await routed.single()).batch
 
     @errors.unary
     async def ExecuteTransaction(
@@ -55,14 +55,14 @@ class DatabaseService(database_pb2_grpc.DatabaseServiceServicer):
         if not request.statements:
             raise InvalidArgument("'statements' is required: the statements to run", reason="MISSING_SQL")
         start = tunnel_pb2.RequestStart(database_query=database_pb2.DatabaseQuery(transaction=request))
-        async with self._relay(context, "ExecuteTransaction", request.group, request.profile, start) as exchange:
-            return (await exchange.single()).transaction
+        async with self._relay(context, "ExecuteTransaction", request.group, request.profile, start) as routed:
+            return (await routed.single()).transaction
 
     @errors.streaming
     async def PollChanges(
         self, request: database_pb2.PollChangesRequest, context: Context
     ) -> AsyncIterator[database_pb2.PollChangesResponse]:
         start = tunnel_pb2.RequestStart(database_query=database_pb2.DatabaseQuery(poll_changes=request))
-        async with self._relay(context, "PollChanges", request.group, request.profile, start) as exchange:
-            async for chunk in exchange:
+        async with self._relay(context, "PollChanges", request.group, request.profile, start) as routed:
+            async for chunk in routed:
                 yield chunk.poll_changes

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from control_plane.api import errors
+from control_plane.api.uploads import result_while_uploading
 from control_plane.app import ControlPlane
-from control_plane.sessions import Exchange
 from onprem.v1 import files_pb2, files_pb2_grpc, profiles_pb2, tunnel_pb2
-from tunnel.errors import InvalidArgument, RequestError
+from tunnel.errors import InvalidArgument
 
 Context = grpc.aio.ServicerContext[Any, Any]
 FOLDER = profiles_pb2.PROFILE_KIND_FOLDER
@@ -20,30 +19,6 @@ FOLDER = profiles_pb2.PROFILE_KIND_FOLDER
 
 def _method(name: str) -> str:
     return f"/onprem.v1.FileService/{name}"
-
-
-async def pump_body(exchange: Exchange, parts: AsyncIterator[bytes]) -> None:
-    """Forward an operator's upload to the agent, within the request's credit.
-
-    A bad upload message fails the request for whoever reads its result.
-    """
-    try:
-        async for data in parts:
-            await exchange.send_body(data)
-        await exchange.send_body(b"", end_of_data=True)
-    except RequestError as exc:
-        exchange.fail(exc)
-
-
-async def result_while_uploading(exchange: Exchange, parts: AsyncIterator[bytes]) -> tunnel_pb2.ResponseChunk:
-    """Upload and wait for the one result; an early error from the agent stops the upload."""
-    pump = asyncio.get_running_loop().create_task(pump_body(exchange, parts))
-    try:
-        return await exchange.single()
-    finally:
-        if not pump.done():
-            pump.cancel()
-        await asyncio.gather(pump, return_exceptions=True)
 
 
 class FileService(files_pb2_grpc.FileServiceServicer):
@@ -54,8 +29,8 @@ class FileService(files_pb2_grpc.FileServiceServicer):
         start = tunnel_pb2.RequestStart(file_op=op)
         async with self._cp.relay(
             context, method=_method(name), group=group, kind=FOLDER, profile=profile, start=start
-        ) as exchange:
-            return await exchange.single()
+        ) as routed:
+            return await routed.single()
 
     @errors.unary
     async def List(self, request: files_pb2.ListRequest, context: Context) -> files_pb2.ListResponse:
@@ -95,8 +70,8 @@ class FileService(files_pb2_grpc.FileServiceServicer):
         start = tunnel_pb2.RequestStart(file_op=files_pb2.FileOp(read=request))
         async with self._cp.relay(
             context, method=_method("Read"), group=request.group, kind=FOLDER, profile=request.profile, start=start
-        ) as exchange:
-            async for chunk in exchange:
+        ) as routed:
+            async for chunk in routed:
                 yield chunk.read
 
     @errors.unary
@@ -117,6 +92,6 @@ class FileService(files_pb2_grpc.FileServiceServicer):
         start = tunnel_pb2.RequestStart(file_op=files_pb2.FileOp(write=header), has_body=True)
         async with self._cp.relay(
             context, method=_method("Write"), group=header.group, kind=FOLDER, profile=header.profile, start=start
-        ) as exchange:
-            chunk = await result_while_uploading(exchange, data())
+        ) as routed:
+            chunk = await result_while_uploading(routed, data())
             return chunk.write

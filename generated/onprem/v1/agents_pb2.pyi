@@ -26,7 +26,7 @@ AGENT_STATE_DRAINING: AgentState
 AGENT_STATE_REVOKED: AgentState
 
 class Agent(_message.Message):
-    __slots__ = ("agent_id", "name", "group", "state", "hostname", "version", "enrolled_at", "last_seen_at", "uptime", "in_flight", "max_in_flight", "certificate_expires_at", "profiles")
+    __slots__ = ("agent_id", "name", "group", "state", "hostname", "version", "enrolled_at", "last_seen_at", "uptime", "in_flight", "max_in_flight", "certificate_expires_at", "profiles", "profile_health", "session_id")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,8 @@ class Agent(_message.Message):
     MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     PROFILES_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_HEALTH_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     name: str
     group: str
@@ -53,7 +55,9 @@ class Agent(_message.Message):
     max_in_flight: int
     certificate_expires_at: _timestamp_pb2.Timestamp
     profiles: _containers.RepeatedCompositeFieldContainer[_profiles_pb2.Profile]
-    def __init__(self, agent_id: _Optional[str] = ..., name: _Optional[str] = ..., group: _Optional[str] = ..., state: _Optional[_Union[AgentState, str]] = ..., hostname: _Optional[str] = ..., version: _Optional[str] = ..., enrolled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uptime: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., in_flight: _Optional[int] = ..., max_in_flight: _Optional[int] = ..., certificate_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., profiles: _Optional[_Iterable[_Union[_profiles_pb2.Profile, _Mapping]]] = ...) -> None: ...
+    profile_health: _containers.RepeatedCompositeFieldContainer[_profiles_pb2.ProfileHealth]
+    session_id: str
+    def __init__(self, agent_id: _Optional[str] = ..., name: _Optional[str] = ..., group: _Optional[str] = ..., state: _Optional[_Union[AgentState, str]] = ..., hostname: _Optional[str] = ..., version: _Optional[str] = ..., enrolled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uptime: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., in_flight: _Optional[int] = ..., max_in_flight: _Optional[int] = ..., certificate_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., profiles: _Optional[_Iterable[_Union[_profiles_pb2.Profile, _Mapping]]] = ..., profile_health: _Optional[_Iterable[_Union[_profiles_pb2.ProfileHealth, _Mapping]]] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class ListAgentsRequest(_message.Message):
     __slots__ = ("group",)
@@ -120,6 +124,22 @@ class CreateEnrollmentTokenResponse(_message.Message):
     expires_at: _timestamp_pb2.Timestamp
     group: str
     def __init__(self, token: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group: _Optional[str] = ...) -> None: ...
+
+class DrainAgentRequest(_message.Message):
+    __slots__ = ("agent_id", "grace_period", "reason")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    GRACE_PERIOD_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    grace_period: _duration_pb2.Duration
+    reason: str
+    def __init__(self, agent_id: _Optional[str] = ..., grace_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DrainAgentResponse(_message.Message):
+    __slots__ = ("agent",)
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    agent: Agent
+    def __init__(self, agent: _Optional[_Union[Agent, _Mapping]] = ...) -> None: ...
 
 class RevokeAgentRequest(_message.Message):
     __slots__ = ("agent_id", "reason")

@@ -66,6 +66,11 @@ class AgentServiceStub:
                 request_serializer=onprem_dot_v1_dot_profiles__pb2.CheckProfileRequest.SerializeToString,
                 response_deserializer=onprem_dot_v1_dot_profiles__pb2.CheckProfileResponse.FromString,
                 _registered_method=True)
+        self.DrainAgent = channel.unary_unary(
+                '/onprem.v1.AgentService/DrainAgent',
+                request_serializer=onprem_dot_v1_dot_agents__pb2.DrainAgentRequest.SerializeToString,
+                response_deserializer=onprem_dot_v1_dot_agents__pb2.DrainAgentResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -117,6 +122,14 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DrainAgent(self, request, context):
+        """Drains an agent (admin only): it takes no new requests, finishes those
+        in flight within the grace period, then stops (exit 0).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,6 +162,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.CheckProfile,
                     request_deserializer=onprem_dot_v1_dot_profiles__pb2.CheckProfileRequest.FromString,
                     response_serializer=onprem_dot_v1_dot_profiles__pb2.CheckProfileResponse.SerializeToString,
+            ),
+            'DrainAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainAgent,
+                    request_deserializer=onprem_dot_v1_dot_agents__pb2.DrainAgentRequest.FromString,
+                    response_serializer=onprem_dot_v1_dot_agents__pb2.DrainAgentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -314,6 +332,33 @@ class AgentService:
             '/onprem.v1.AgentService/CheckProfile',
             onprem_dot_v1_dot_profiles__pb2.CheckProfileRequest.SerializeToString,
             onprem_dot_v1_dot_profiles__pb2.CheckProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onprem.v1.AgentService/DrainAgent',
+            onprem_dot_v1_dot_agents__pb2.DrainAgentRequest.SerializeToString,
+            onprem_dot_v1_dot_agents__pb2.DrainAgentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,10 @@ class AgentServiceStub:
     """Asks an agent of a group to check a profile now: reachable, credentials
     accepted, and the kind's own checks.
     """
+    DrainAgent: _grpc.UnaryUnaryMultiCallable[_agents_pb2.DrainAgentRequest, _agents_pb2.DrainAgentResponse]
+    """Drains an agent (admin only): it takes no new requests, finishes those
+    in flight within the grace period, then stops (exit 0).
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -75,6 +79,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     CheckProfile: _aio.UnaryUnaryMultiCallable[_profiles_pb2.CheckProfileRequest, _profiles_pb2.CheckProfileResponse]  # type: ignore[assignment]
     """Asks an agent of a group to check a profile now: reachable, credentials
     accepted, and the kind's own checks.
+    """
+    DrainAgent: _aio.UnaryUnaryMultiCallable[_agents_pb2.DrainAgentRequest, _agents_pb2.DrainAgentResponse]  # type: ignore[assignment]
+    """Drains an agent (admin only): it takes no new requests, finishes those
+    in flight within the grace period, then stops (exit 0).
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -132,6 +140,16 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_profiles_pb2.CheckProfileResponse, _abc.Awaitable[_profiles_pb2.CheckProfileResponse]]:
         """Asks an agent of a group to check a profile now: reachable, credentials
         accepted, and the kind's own checks.
+        """
+
+    @_abc_1.abstractmethod
+    def DrainAgent(
+        self,
+        request: _agents_pb2.DrainAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agents_pb2.DrainAgentResponse, _abc.Awaitable[_agents_pb2.DrainAgentResponse]]:
+        """Drains an agent (admin only): it takes no new requests, finishes those
+        in flight within the grace period, then stops (exit 0).
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15onprem/v1/files.proto\x12\tonprem.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x88\x01\n\x08\x46ileInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12!\n\x04type\x18\x03 \x01(\x0e\x32\x13.onprem.v1.FileType\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12/\n\x0bmodified_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x83\x01\n\x0bListRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x11\n\trecursive\x18\x04 \x01(\x08\x12\x0c\n\x04glob\x18\x05 \x01(\t\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x12\n\npage_token\x18\x07 \x01(\t\"M\n\x0cListResponse\x12$\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x13.onprem.v1.FileInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\";\n\x0bStatRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\"1\n\x0cStatResponse\x12!\n\x04info\x18\x01 \x01(\x0b\x32\x13.onprem.v1.FileInfo\"[\n\x0bReadRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06length\x18\x05 \x01(\x04\"]\n\x0cReadResponse\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x13.onprem.v1.FileInfoH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x10\n\x06sha256\x18\x03 \x01(\tH\x00\x42\x06\n\x04part\"\x90\x01\n\x0bWriteHeader\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\"\n\x04mode\x18\x04 \x01(\x0e\x32\x14.onprem.v1.WriteMode\x12\x16\n\x0e\x63reate_parents\x18\x05 \x01(\x08\x12\x17\n\x0f\x65xpected_sha256\x18\x06 \x01(\t\"P\n\x0cWriteRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.onprem.v1.WriteHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"B\n\rWriteResponse\x12!\n\x04info\x18\x01 \x01(\x0b\x32\x13.onprem.v1.FileInfo\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"P\n\rDeleteRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x11\n\trecursive\x18\x04 \x01(\x08\"3\n\x0e\x44\x65leteResponse\x12!\n\x04info\x18\x01 \x01(\x0b\x32\x13.onprem.v1.FileInfo\"h\n\x0bMoveRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x18\n\x10\x64\x65stination_path\x18\x04 \x01(\t\x12\x11\n\toverwrite\x18\x05 \x01(\x08\"1\n\x0cMoveResponse\x12!\n\x04info\x18\x01 \x01(\x0b\x32\x13.onprem.v1.FileInfo\"U\n\x14MakeDirectoryRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x0f\n\x07parents\x18\x04 \x01(\x08\":\n\x15MakeDirectoryResponse\x12!\n\x04info\x18\x01 \x01(\x0b\x32\x13.onprem.v1.FileInfo\"\x7f\n\x0bPollRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x11\n\trecursive\x18\x04 \x01(\x08\x12\x0c\n\x04glob\x18\x05 \x01(\t\x12\x0e\n\x06marker\x18\x06 \x01(\t\x12\x11\n\tmax_files\x18\x07 \x01(\r\"V\n\x0cPollResponse\x12$\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x13.onprem.v1.FileInfo\x12\x0e\n\x06marker\x18\x02 \x01(\t\x12\x10\n\x08has_more\x18\x03 \x01(\x08\"\xed\x02\n\x06\x46ileOp\x12&\n\x04list\x18\x01 \x01(\x0b\x32\x16.onprem.v1.ListRequestH\x00\x12&\n\x04stat\x18\x02 \x01(\x0b\x32\x16.onprem.v1.StatRequestH\x00\x12&\n\x04read\x18\x03 \x01(\x0b\x32\x16.onprem.v1.ReadRequestH\x00\x12\'\n\x05write\x18\x04 \x01(\x0b\x32\x16.onprem.v1.WriteHeaderH\x00\x12*\n\x06\x64\x65lete\x18\x05 \x01(\x0b\x32\x18.onprem.v1.DeleteRequestH\x00\x12&\n\x04move\x18\x06 \x01(\x0b\x32\x16.onprem.v1.MoveRequestH\x00\x12\x39\n\x0emake_directory\x18\x07 \x01(\x0b\x32\x1f.onprem.v1.MakeDirectoryRequestH\x00\x12&\n\x04poll\x18\x08 \x01(\x0b\x32\x16.onprem.v1.PollRequestH\x00\x42\x0b\n\toperation*R\n\x08\x46ileType\x12\x19\n\x15\x46ILE_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x46ILE_TYPE_FILE\x10\x01\x12\x17\n\x13\x46ILE_TYPE_DIRECTORY\x10\x02*r\n\tWriteMode\x12\x1a\n\x16WRITE_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11WRITE_MODE_CREATE\x10\x01\x12\x18\n\x14WRITE_MODE_OVERWRITE\x10\x02\x12\x18\n\x14WRITE_MODE_KEEP_BOTH\x10\x03\x32\xfd\x03\n\x0b\x46ileService\x12\x37\n\x04List\x12\x16.onprem.v1.ListRequest\x1a\x17.onprem.v1.ListResponse\x12\x37\n\x04Stat\x12\x16.onprem.v1.StatRequest\x1a\x17.onprem.v1.StatResponse\x12\x39\n\x04Read\x12\x16.onprem.v1.ReadRequest\x1a\x17.onprem.v1.ReadResponse0\x01\x12<\n\x05Write\x12\x17.onprem.v1.WriteRequest\x1a\x18.onprem.v1.WriteResponse(\x01\x12=\n\x06\x44\x65lete\x12\x18.onprem.v1.DeleteRequest\x1a\x19.onprem.v1.DeleteResponse\x12\x37\n\x04Move\x12\x16.onprem.v1.MoveRequest\x1a\x17.onprem.v1.MoveResponse\x12R\n\rMakeDirectory\x12\x1f.onprem.v1.MakeDirectoryRequest\x1a .onprem.v1.MakeDirectoryResponse\x12\x37\n\x04Poll\x12\x16.onprem.v1.PollRequest\x1a\x17.onprem.v1.PollResponseB]\n\rdev.onprem.v1B\nFilesProtoP\x01Z2github.com/onprem/onprem/gen/go/onprem/v1;onpremv1\xaa\x02\tOnprem.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15onprem/v1/files.proto\x12\tonprem.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb8\x01\n\x08\x46ileInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12!\n\x04type\x18\x03 \x01(\x0e\x32\x13.onprem.v1.FileType\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12/\n\x0bmodified_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nchanged_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x83\x01\n\x0bListRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x11\n\trecursive\x18\x04 \x01(\x08\x12\x0c\n\x04glob\x18\x05 \x01(\t\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x12\n\npage_token\x18\x07 \x01(\t\"M\n\x0cListResponse\x12$\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x13.onprem.v1.FileInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\";\n\x0bStatRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\"1\n\x0cStatResponse\x12!\n\x04info\x18\x01 \x01(\x0b\x32\x13.onprem.v1.FileInfo\"[\n\x0bReadRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06length\x18\x05 \x01(\x04\"]\n\x0cReadResponse\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x13.onprem.v1.FileInfoH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x10\n\x06sha256\x18\x03 \x01(\tH\x00\x42\x06\n\x04part\"\x90\x01\n\x0bWriteHeader\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\"\n\x04mode\x18\x04 \x01(\x0e\x32\x14.onprem.v1.WriteMode\x12\x16\n\x0e\x63reate_parents\x18\x05 \x01(\x08\x12\x17\n\x0f\x65xpected_sha256\x18\x06 \x01(\t\"P\n\x0cWriteRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.onprem.v1.WriteHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"B\n\rWriteResponse\x12!\n\x04info\x18\x01 \x01(\x0b\x32\x13.onprem.v1.FileInfo\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"P\n\rDeleteRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x11\n\trecursive\x18\x04 \x01(\x08\"3\n\x0e\x44\x65leteResponse\x12!\n\x04info\x18\x01 \x01(\x0b\x32\x13.onprem.v1.FileInfo\"h\n\x0bMoveRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x18\n\x10\x64\x65stination_path\x18\x04 \x01(\t\x12\x11\n\toverwrite\x18\x05 \x01(\x08\"1\n\x0cMoveResponse\x12!\n\x04info\x18\x01 \x01(\x0b\x32\x13.onprem.v1.FileInfo\"U\n\x14MakeDirectoryRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x0f\n\x07parents\x18\x04 \x01(\x08\":\n\x15MakeDirectoryResponse\x12!\n\x04info\x18\x01 \x01(\x0b\x32\x13.onprem.v1.FileInfo\"\x92\x01\n\x0bPollRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x11\n\trecursive\x18\x04 \x01(\x08\x12\x0c\n\x04glob\x18\x05 \x01(\t\x12\x0e\n\x06marker\x18\x06 \x01(\t\x12\x11\n\tmax_files\x18\x07 \x01(\r\x12\x11\n\tsettle_ms\x18\x08 \x01(\r\"V\n\x0cPollResponse\x12$\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x13.onprem.v1.FileInfo\x12\x0e\n\x06marker\x18\x02 \x01(\t\x12\x10\n\x08has_more\x18\x03 \x01(\x08\"\xed\x02\n\x06\x46ileOp\x12&\n\x04list\x18\x01 \x01(\x0b\x32\x16.onprem.v1.ListRequestH\x00\x12&\n\x04stat\x18\x02 \x01(\x0b\x32\x16.onprem.v1.StatRequestH\x00\x12&\n\x04read\x18\x03 \x01(\x0b\x32\x16.onprem.v1.ReadRequestH\x00\x12\'\n\x05write\x18\x04 \x01(\x0b\x32\x16.onprem.v1.WriteHeaderH\x00\x12*\n\x06\x64\x65lete\x18\x05 \x01(\x0b\x32\x18.onprem.v1.DeleteRequestH\x00\x12&\n\x04move\x18\x06 \x01(\x0b\x32\x16.onprem.v1.MoveRequestH\x00\x12\x39\n\x0emake_directory\x18\x07 \x01(\x0b\x32\x1f.onprem.v1.MakeDirectoryRequestH\x00\x12&\n\x04poll\x18\x08 \x01(\x0b\x32\x16.onprem.v1.PollRequestH\x00\x42\x0b\n\toperation*R\n\x08\x46ileType\x12\x19\n\x15\x46ILE_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x46ILE_TYPE_FILE\x10\x01\x12\x17\n\x13\x46ILE_TYPE_DIRECTORY\x10\x02*r\n\tWriteMode\x12\x1a\n\x16WRITE_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11WRITE_MODE_CREATE\x10\x01\x12\x18\n\x14WRITE_MODE_OVERWRITE\x10\x02\x12\x18\n\x14WRITE_MODE_KEEP_BOTH\x10\x03\x32\xfd\x03\n\x0b\x46ileService\x12\x37\n\x04List\x12\x16.onprem.v1.ListRequest\x1a\x17.onprem.v1.ListResponse\x12\x37\n\x04Stat\x12\x16.onprem.v1.StatRequest\x1a\x17.onprem.v1.StatResponse\x12\x39\n\x04Read\x12\x16.onprem.v1.ReadRequest\x1a\x17.onprem.v1.ReadResponse0\x01\x12<\n\x05Write\x12\x17.onprem.v1.WriteRequest\x1a\x18.onprem.v1.WriteResponse(\x01\x12=\n\x06\x44\x65lete\x12\x18.onprem.v1.DeleteRequest\x1a\x19.onprem.v1.DeleteResponse\x12\x37\n\x04Move\x12\x16.onprem.v1.MoveRequest\x1a\x17.onprem.v1.MoveResponse\x12R\n\rMakeDirectory\x12\x1f.onprem.v1.MakeDirectoryRequest\x1a .onprem.v1.MakeDirectoryResponse\x12\x37\n\x04Poll\x12\x16.onprem.v1.PollRequest\x1a\x17.onprem.v1.PollResponseB]\n\rdev.onprem.v1B\nFilesProtoP\x01Z2github.com/onprem/onprem/gen/go/onprem/v1;onpremv1\xaa\x02\tOnprem.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,48 +33,48 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'onprem.v1.files_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rdev.onprem.v1B\nFilesProtoP\001Z2github.com/onprem/onprem/gen/go/onprem/v1;onpremv1\252\002\tOnprem.V1'
-  _globals['_FILETYPE']._serialized_start=2042
-  _globals['_FILETYPE']._serialized_end=2124
-  _globals['_WRITEMODE']._serialized_start=2126
-  _globals['_WRITEMODE']._serialized_end=2240
+  _globals['_FILETYPE']._serialized_start=2110
+  _globals['_FILETYPE']._serialized_end=2192
+  _globals['_WRITEMODE']._serialized_start=2194
+  _globals['_WRITEMODE']._serialized_end=2308
   _globals['_FILEINFO']._serialized_start=70
-  _globals['_FILEINFO']._serialized_end=206
-  _globals['_LISTREQUEST']._serialized_start=209
-  _globals['_LISTREQUEST']._serialized_end=340
-  _globals['_LISTRESPONSE']._serialized_start=342
-  _globals['_LISTRESPONSE']._serialized_end=419
-  _globals['_STATREQUEST']._serialized_start=421
-  _globals['_STATREQUEST']._serialized_end=480
-  _globals['_STATRESPONSE']._serialized_start=482
-  _globals['_STATRESPONSE']._serialized_end=531
-  _globals['_READREQUEST']._serialized_start=533
-  _globals['_READREQUEST']._serialized_end=624
-  _globals['_READRESPONSE']._serialized_start=626
-  _globals['_READRESPONSE']._serialized_end=719
-  _globals['_WRITEHEADER']._serialized_start=722
-  _globals['_WRITEHEADER']._serialized_end=866
-  _globals['_WRITEREQUEST']._serialized_start=868
-  _globals['_WRITEREQUEST']._serialized_end=948
-  _globals['_WRITERESPONSE']._serialized_start=950
-  _globals['_WRITERESPONSE']._serialized_end=1016
-  _globals['_DELETEREQUEST']._serialized_start=1018
-  _globals['_DELETEREQUEST']._serialized_end=1098
-  _globals['_DELETERESPONSE']._serialized_start=1100
-  _globals['_DELETERESPONSE']._serialized_end=1151
-  _globals['_MOVEREQUEST']._serialized_start=1153
-  _globals['_MOVEREQUEST']._serialized_end=1257
-  _globals['_MOVERESPONSE']._serialized_start=1259
-  _globals['_MOVERESPONSE']._serialized_end=1308
-  _globals['_MAKEDIRECTORYREQUEST']._serialized_start=1310
-  _globals['_MAKEDIRECTORYREQUEST']._serialized_end=1395
-  _globals['_MAKEDIRECTORYRESPONSE']._serialized_start=1397
-  _globals['_MAKEDIRECTORYRESPONSE']._serialized_end=1455
-  _globals['_POLLREQUEST']._serialized_start=1457
-  _globals['_POLLREQUEST']._serialized_end=1584
-  _globals['_POLLRESPONSE']._serialized_start=1586
-  _globals['_POLLRESPONSE']._serialized_end=1672
-  _globals['_FILEOP']._serialized_start=1675
-  _globals['_FILEOP']._serialized_end=2040
-  _globals['_FILESERVICE']._serialized_start=2243
-  _globals['_FILESERVICE']._serialized_end=2752
+  _globals['_FILEINFO']._serialized_end=254
+  _globals['_LISTREQUEST']._serialized_start=257
+  _globals['_LISTREQUEST']._serialized_end=388
+  _globals['_LISTRESPONSE']._serialized_start=390
+  _globals['_LISTRESPONSE']._serialized_end=467
+  _globals['_STATREQUEST']._serialized_start=469
+  _globals['_STATREQUEST']._serialized_end=528
+  _globals['_STATRESPONSE']._serialized_start=530
+  _globals['_STATRESPONSE']._serialized_end=579
+  _globals['_READREQUEST']._serialized_start=581
+  _globals['_READREQUEST']._serialized_end=672
+  _globals['_READRESPONSE']._serialized_start=674
+  _globals['_READRESPONSE']._serialized_end=767
+  _globals['_WRITEHEADER']._serialized_start=770
+  _globals['_WRITEHEADER']._serialized_end=914
+  _globals['_WRITEREQUEST']._serialized_start=916
+  _globals['_WRITEREQUEST']._serialized_end=996
+  _globals['_WRITERESPONSE']._serialized_start=998
+  _globals['_WRITERESPONSE']._serialized_end=1064
+  _globals['_DELETEREQUEST']._serialized_start=1066
+  _globals['_DELETEREQUEST']._serialized_end=1146
+  _globals['_DELETERESPONSE']._serialized_start=1148
+  _globals['_DELETERESPONSE']._serialized_end=1199
+  _globals['_MOVEREQUEST']._serialized_start=1201
+  _globals['_MOVEREQUEST']._serialized_end=1305
+  _globals['_MOVERESPONSE']._serialized_start=1307
+  _globals['_MOVERESPONSE']._serialized_end=1356
+  _globals['_MAKEDIRECTORYREQUEST']._serialized_start=1358
+  _globals['_MAKEDIRECTORYREQUEST']._serialized_end=1443
+  _globals['_MAKEDIRECTORYRESPONSE']._serialized_start=1445
+  _globals['_MAKEDIRECTORYRESPONSE']._serialized_end=1503
+  _globals['_POLLREQUEST']._serialized_start=1506
+  _globals['_POLLREQUEST']._serialized_end=1652
+  _globals['_POLLRESPONSE']._serialized_start=1654
+  _globals['_POLLRESPONSE']._serialized_end=1740
+  _globals['_FILEOP']._serialized_start=1743
+  _globals['_FILEOP']._serialized_end=2108
+  _globals['_FILESERVICE']._serialized_start=2311
+  _globals['_FILESERVICE']._serialized_end=2820
 # @@protoc_insertion_point(module_scope)

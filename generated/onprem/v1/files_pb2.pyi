@@ -31,18 +31,20 @@ WRITE_MODE_OVERWRITE: WriteMode
 WRITE_MODE_KEEP_BOTH: WriteMode
 
 class FileInfo(_message.Message):
-    __slots__ = ("path", "name", "type", "size", "modified_at")
+    __slots__ = ("path", "name", "type", "size", "modified_at", "changed_at")
     PATH_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     MODIFIED_AT_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_AT_FIELD_NUMBER: _ClassVar[int]
     path: str
     name: str
     type: FileType
     size: int
     modified_at: _timestamp_pb2.Timestamp
-    def __init__(self, path: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[_Union[FileType, str]] = ..., size: _Optional[int] = ..., modified_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    changed_at: _timestamp_pb2.Timestamp
+    def __init__(self, path: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[_Union[FileType, str]] = ..., size: _Optional[int] = ..., modified_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., changed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListRequest(_message.Message):
     __slots__ = ("group", "profile", "path", "recursive", "glob", "page_size", "page_token")
@@ -199,7 +201,7 @@ class MakeDirectoryResponse(_message.Message):
     def __init__(self, info: _Optional[_Union[FileInfo, _Mapping]] = ...) -> None: ...
 
 class PollRequest(_message.Message):
-    __slots__ = ("group", "profile", "path", "recursive", "glob", "marker", "max_files")
+    __slots__ = ("group", "profile", "path", "recursive", "glob", "marker", "max_files", "settle_ms")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +209,7 @@ class PollRequest(_message.Message):
     GLOB_FIELD_NUMBER: _ClassVar[int]
     MARKER_FIELD_NUMBER: _ClassVar[int]
     MAX_FILES_FIELD_NUMBER: _ClassVar[int]
+    SETTLE_MS_FIELD_NUMBER: _ClassVar[int]
     group: str
     profile: str
     path: str
@@ -214,7 +217,8 @@ class PollRequest(_message.Message):
     glob: str
     marker: str
     max_files: int
-    def __init__(self, group: _Optional[str] = ..., profile: _Optional[str] = ..., path: _Optional[str] = ..., recursive: _Optional[bool] = ..., glob: _Optional[str] = ..., marker: _Optional[str] = ..., max_files: _Optional[int] = ...) -> None: ...
+    settle_ms: int
+    def __init__(self, group: _Optional[str] = ..., profile: _Optional[str] = ..., path: _Optional[str] = ..., recursive: _Optional[bool] = ..., glob: _Optional[str] = ..., marker: _Optional[str] = ..., max_files: _Optional[int] = ..., settle_ms: _Optional[int] = ...) -> None: ...
 
 class PollResponse(_message.Message):
     __slots__ = ("entries", "marker", "has_more")

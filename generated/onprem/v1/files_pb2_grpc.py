@@ -140,6 +140,14 @@ class FileServiceServicer:
         """Returns the files that appeared or changed after a marker, oldest first,
         and the marker to pass next time: polling with it never misses or
         repeats a file ("new file in folder" triggers).
+
+        Files are ordered by (changed_at, path) and the marker is the last such
+        pair delivered. A file is reported once it has been left unchanged for
+        `settle_ms`, so a file still being written is not reported half-done;
+        a file changed again is reported again. Limits: the agent's clock and
+        the file system's must agree to within `settle_ms` (mind network file
+        systems), and a folder moved into the watched tree as a whole brings
+        files whose change time is older than the marker: they are not reported.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

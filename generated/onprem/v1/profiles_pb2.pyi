@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -49,6 +52,20 @@ class ProfileCheck(_message.Message):
     ok: bool
     message: str
     def __init__(self, name: _Optional[str] = ..., ok: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ProfileHealth(_message.Message):
+    __slots__ = ("profile", "kind", "ok", "checks", "checked_at")
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
+    CHECKED_AT_FIELD_NUMBER: _ClassVar[int]
+    profile: str
+    kind: ProfileKind
+    ok: bool
+    checks: _containers.RepeatedCompositeFieldContainer[ProfileCheck]
+    checked_at: _timestamp_pb2.Timestamp
+    def __init__(self, profile: _Optional[str] = ..., kind: _Optional[_Union[ProfileKind, str]] = ..., ok: _Optional[bool] = ..., checks: _Optional[_Iterable[_Union[ProfileCheck, _Mapping]]] = ..., checked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class CheckProfileResponse(_message.Message):
     __slots__ = ("agent_id", "checks", "ok")

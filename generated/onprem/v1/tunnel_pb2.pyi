@@ -14,6 +14,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RenewRequest(_message.Message):
+    __slots__ = ("csr_pem",)
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    csr_pem: str
+    def __init__(self, csr_pem: _Optional[str] = ...) -> None: ...
+
+class RenewResponse(_message.Message):
+    __slots__ = ("certificate_pem", "expires_at")
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    certificate_pem: str
+    expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, certificate_pem: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
 class ConnectRequest(_message.Message):
     __slots__ = ("request_id", "hello", "chunk", "end", "window_update", "ping", "pong", "status")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -143,20 +157,28 @@ class Pong(_message.Message):
     def __init__(self, nonce: _Optional[int] = ...) -> None: ...
 
 class Drain(_message.Message):
-    __slots__ = ("reason", "grace_period")
+    __slots__ = ("reason", "grace_period", "exit_after")
     REASON_FIELD_NUMBER: _ClassVar[int]
     GRACE_PERIOD_FIELD_NUMBER: _ClassVar[int]
+    EXIT_AFTER_FIELD_NUMBER: _ClassVar[int]
     reason: str
     grace_period: _duration_pb2.Duration
-    def __init__(self, reason: _Optional[str] = ..., grace_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    exit_after: bool
+    def __init__(self, reason: _Optional[str] = ..., grace_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., exit_after: _Optional[bool] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("draining", "in_flight")
+    __slots__ = ("draining", "in_flight", "profiles", "profiles_changed", "profile_health")
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    PROFILES_FIELD_NUMBER: _ClassVar[int]
+    PROFILES_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_HEALTH_FIELD_NUMBER: _ClassVar[int]
     draining: bool
     in_flight: int
-    def __init__(self, draining: _Optional[bool] = ..., in_flight: _Optional[int] = ...) -> None: ...
+    profiles: _containers.RepeatedCompositeFieldContainer[_profiles_pb2.Profile]
+    profiles_changed: bool
+    profile_health: _containers.RepeatedCompositeFieldContainer[_profiles_pb2.ProfileHealth]
+    def __init__(self, draining: _Optional[bool] = ..., in_flight: _Optional[int] = ..., profiles: _Optional[_Iterable[_Union[_profiles_pb2.Profile, _Mapping]]] = ..., profiles_changed: _Optional[bool] = ..., profile_health: _Optional[_Iterable[_Union[_profiles_pb2.ProfileHealth, _Mapping]]] = ...) -> None: ...
 
 class ResponseChunk(_message.Message):
     __slots__ = ("query", "list", "stat", "read", "write", "delete", "move", "make_directory", "call", "batch", "transaction", "poll_changes", "poll", "profile_check")

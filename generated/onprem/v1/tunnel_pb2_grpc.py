@@ -61,6 +61,11 @@ class AgentTunnelStub:
                 request_serializer=onprem_dot_v1_dot_tunnel__pb2.ConnectRequest.SerializeToString,
                 response_deserializer=onprem_dot_v1_dot_tunnel__pb2.ConnectResponse.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/onprem.v1.AgentTunnel/Renew',
+                request_serializer=onprem_dot_v1_dot_tunnel__pb2.RenewRequest.SerializeToString,
+                response_deserializer=onprem_dot_v1_dot_tunnel__pb2.RenewResponse.FromString,
+                _registered_method=True)
 
 
 class AgentTunnelServicer:
@@ -95,6 +100,15 @@ class AgentTunnelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Renew(self, request, context):
+        """Renews the agent's certificate before it expires, on the same
+        connection and authenticated by the current certificate. The agent makes
+        a new key pair and sends only its CSR; the stream is not interrupted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentTunnelServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -102,6 +116,11 @@ def add_AgentTunnelServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=onprem_dot_v1_dot_tunnel__pb2.ConnectRequest.FromString,
                     response_serializer=onprem_dot_v1_dot_tunnel__pb2.ConnectResponse.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=onprem_dot_v1_dot_tunnel__pb2.RenewRequest.FromString,
+                    response_serializer=onprem_dot_v1_dot_tunnel__pb2.RenewResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -153,6 +172,33 @@ class AgentTunnel:
             '/onprem.v1.AgentTunnel/Connect',
             onprem_dot_v1_dot_tunnel__pb2.ConnectRequest.SerializeToString,
             onprem_dot_v1_dot_tunnel__pb2.ConnectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onprem.v1.AgentTunnel/Renew',
+            onprem_dot_v1_dot_tunnel__pb2.RenewRequest.SerializeToString,
+            onprem_dot_v1_dot_tunnel__pb2.RenewResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,11 @@ class AgentTunnelStub:
     def __new__(cls, channel: _aio.Channel) -> AgentTunnelAsyncStub: ...
     Connect: _grpc.StreamStreamMultiCallable[_tunnel_pb2.ConnectRequest, _tunnel_pb2.ConnectResponse]
     """Opens the agent's stream. Requires the agent's client certificate."""
+    Renew: _grpc.UnaryUnaryMultiCallable[_tunnel_pb2.RenewRequest, _tunnel_pb2.RenewResponse]
+    """Renews the agent's certificate before it expires, on the same
+    connection and authenticated by the current certificate. The agent makes
+    a new key pair and sends only its CSR; the stream is not interrupted.
+    """
 
 @_typing.type_check_only
 class AgentTunnelAsyncStub(AgentTunnelStub):
@@ -87,6 +92,11 @@ class AgentTunnelAsyncStub(AgentTunnelStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Connect: _aio.StreamStreamMultiCallable[_tunnel_pb2.ConnectRequest, _tunnel_pb2.ConnectResponse]  # type: ignore[assignment]
     """Opens the agent's stream. Requires the agent's client certificate."""
+    Renew: _aio.UnaryUnaryMultiCallable[_tunnel_pb2.RenewRequest, _tunnel_pb2.RenewResponse]  # type: ignore[assignment]
+    """Renews the agent's certificate before it expires, on the same
+    connection and authenticated by the current certificate. The agent makes
+    a new key pair and sends only its CSR; the stream is not interrupted.
+    """
 
 class AgentTunnelServicer(metaclass=_abc_1.ABCMeta):
     """The one stream an agent holds to the control plane. The agent dials out
@@ -120,5 +130,16 @@ class AgentTunnelServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_tunnel_pb2.ConnectResponse], _abc.AsyncIterator[_tunnel_pb2.ConnectResponse]]:
         """Opens the agent's stream. Requires the agent's client certificate."""
+
+    @_abc_1.abstractmethod
+    def Renew(
+        self,
+        request: _tunnel_pb2.RenewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tunnel_pb2.RenewResponse, _abc.Awaitable[_tunnel_pb2.RenewResponse]]:
+        """Renews the agent's certificate before it expires, on the same
+        connection and authenticated by the current certificate. The agent makes
+        a new key pair and sends only its CSR; the stream is not interrupted.
+        """
 
 def add_AgentTunnelServicer_to_server(servicer: AgentTunnelServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,44 @@
+"""Request bodies from operators (file uploads, HTTP request bodies) on their way to the agent."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from control_plane.failover import RoutedRequest
+from onprem.v1 import tunnel_pb2
+from tunnel.errors import RequestError
+
+
+async def pump_body(routed: RoutedRequest, parts: AsyncIterator[bytes]) -> None:
+    """Forward an operator's body to the agent, within the request's credit.
+
+    A bad body message fails the request for whoever reads its result.
+    """
+    exchange = routed.exchange
+    assert exchange is not None  # requests with a body are never re-routed
+    try:
+        async for data in parts:
+            await exchange.send_body(data)
+        await exchange.send_body(b"", end_of_data=True)
+    except RequestError as exc:
+        exchange.fail(exc)
+
+
+async def refuse_body(routed: RoutedRequest, parts: AsyncIterator[bytes], error: RequestError) -> None:
+    """Fail the request if the operator sends a body where none is allowed."""
+    async for data in parts:
+        if data and routed.exchange is not None:
+            routed.exchange.fail(error)
+            return
+
+
+async def result_while_uploading(routed: RoutedRequest, parts: AsyncIterator[bytes]) -> tunnel_pb2.ResponseChunk:
+    """Upload and wait for the one result; an early error from the agent stops the upload."""
+    pump = asyncio.get_running_loop().create_task(pump_body(routed, parts))
+    try:
+        return await routed.single()
+    finally:
+        if not pump.done():
+            pump.cancel()
+        await asyncio.gather(pump, return_exceptions=True)
