@@ -4,6 +4,7 @@
     onprem-agent run --config agent.yaml
     onprem-agent check-config --config agent.yaml
     onprem-agent doctor --config agent.yaml
+    onprem-agent test-profile NAME --config agent.yaml
     kill -HUP <pid>      reload the profiles without dropping the stream
 """
 
@@ -36,6 +37,7 @@ from agent.identity import (
     save_identity,
 )
 from agent.profiles import ConfigError
+from agent.test_profile import run_test_profile
 from agent.tunnel_client import TunnelClient, channel_credentials, channel_options
 from onprem.v1 import enrollment_pb2, enrollment_pb2_grpc, profiles_pb2
 from tunnel import logs
@@ -62,7 +64,6 @@ async def enroll(config: AgentConfig, token: str, name: str) -> Identity:
             enrollment_pb2.EnrollRequest(token=token, csr_pem=csr_pem.decode(), name=name,
                                          hostname=socket.gethostname()),
             timeout=30,
-            wait_for_ready=True,  # ride out a control plane that is (re)starting
         )
     identity = Identity(response.agent_id, response.group, key_pem, response.certificate_pem.encode())
     save_identity(config.identity_dir, identity)
@@ -176,6 +177,10 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return asyncio.run(doctor(_load(args.config)))
 
 
+def _cmd_test_profile(args: argparse.Namespace) -> int:
+    return asyncio.run(run_test_profile(Path(args.config), args.name))
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
     p = config.profiles
@@ -204,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     doctor_p = sub.add_parser("doctor", help="check the control plane, the certificate and every profile")
     doctor_p.add_argument("--config", default=DEFAULT_CONFIG)
     doctor_p.set_defaults(func=_cmd_doctor)
+    test_p = sub.add_parser("test-profile", help="check one database profile: host, credentials, database, "
+                                                 "dialect, read access")
+    test_p.add_argument("name", help="the database profile's name")
+    test_p.add_argument("--config", default=DEFAULT_CONFIG)
+    test_p.set_defaults(func=_cmd_test_profile)
     return parser
 
 

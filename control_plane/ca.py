@@ -112,13 +112,16 @@ class CertificateAuthority:
 
     def _builder(self, subject: x509.Name, public_key: ec.EllipticCurvePublicKey, validity: dt.timedelta) -> x509.CertificateBuilder:
         now = _now()
+        # Backdated a little for clocks that lag ours, but never by a large part of a short lifetime
+        # (agents renew after two thirds of it).
+        backdate = min(dt.timedelta(minutes=5), validity / 10)
         return (
             x509.CertificateBuilder()
             .subject_name(subject)
             .issuer_name(self.certificate.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_before(now - backdate)
             .not_valid_after(now + validity)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(

@@ -117,7 +117,7 @@ async def test_requests_are_spread_over_the_agents_of_the_group(group: Group) ->
 
 
 async def test_an_idempotent_read_is_retried_on_another_agent_when_its_agent_dies(group: Group) -> None:
-    running = asyncio.ensure_future(group.query("shared", SLOW, n=30_000_000))
+    running = asyncio.ensure_future(group.query("shared", SLOW, n=8_000_000))
     victim = await group.in_flight_agent()
     group.agents[victim].kill()
     tags = await running
@@ -138,7 +138,7 @@ async def test_a_write_whose_agent_dies_is_not_retried_and_says_it_may_have_run(
 
 
 async def test_drain_agent_lets_its_request_finish_then_the_agent_exits_0(group: Group) -> None:
-    running = asyncio.ensure_future(group.query("only-a", SLOW, n=15_000_000))
+    running = asyncio.ensure_future(group.query("only-a", SLOW, n=5_000_000))
     assert await group.in_flight_agent() == "a"
     async with operator_channel(group.cp) as channel:
         response = await agents_stub(channel).DrainAgent(

@@ -109,12 +109,23 @@ def pg_db(postgres: PostgresServer) -> Iterator[PostgresServer]:
     yield server
 
 
+def reader_url(server: PostgresServer) -> str:
+    """A URL for a role that may only read: read-only profiles refuse superusers, who could COPY ... TO a file."""
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'onprem_reader'").fetchone():
+            conn.execute(f"CREATE ROLE onprem_reader LOGIN PASSWORD '{server.password}'")
+        conn.execute(f'GRANT ALL ON DATABASE "{server.database}" TO onprem_reader')
+        conn.execute("GRANT SELECT ON ALL TABLES IN SCHEMA public TO onprem_reader")
+        conn.execute("GRANT USAGE ON SCHEMA public TO onprem_reader")
+    return server.url().replace(f"{server.user}:", "onprem_reader:", 1)
+
+
 @pytest.fixture
 async def pg_handler(pg_db: PostgresServer) -> AsyncIterator[DatabaseHandler]:
     handler = DatabaseHandler(
         {
             "pg": DatabaseProfile(name="pg", url=pg_db.url(), pool_size=2),
-            "pg-ro": DatabaseProfile(name="pg-ro", url=pg_db.url(), read_only=True, pool_size=1),
+            "pg-ro": DatabaseProfile(name="pg-ro", url=reader_url(pg_db), read_only=True, pool_size=1),
             "pg-timeout": DatabaseProfile(name="pg-timeout", url=pg_db.url(), statement_timeout_seconds=0.2),
         }
     )
@@ -333,24 +344,24 @@ async def test_pg_maps_column_types_from_the_server(pg_handler: DatabaseHandler)
     """
     columns, rows = decode(await collect(pg_handler, start("pg", sql)))
     assert [(c.name, c.type, c.database_type) for c in columns] == [
-        ("b", VT.VALUE_TYPE_BOOL, "bool"),
-        ("i", VT.VALUE_TYPE_INT64, "int8"),
-        ("f", VT.VALUE_TYPE_DOUBLE, "float8"),
-        ("d", VT.VALUE_TYPE_DECIMAL, "numeric"),
-        ("s", VT.VALUE_TYPE_STRING, "text"),
-        ("y", VT.VALUE_TYPE_BYTES, "bytea"),
-        ("dt", VT.VALUE_TYPE_DATE, "date"),
-        ("t", VT.VALUE_TYPE_TIME, "time"),
-        ("ts", VT.VALUE_TYPE_TIMESTAMP, "timestamp"),
-        ("tz", VT.VALUE_TYPE_TIMESTAMP_TZ, "timestamptz"),
-        ("iv", VT.VALUE_TYPE_INTERVAL, "interval"),
-        ("u", VT.VALUE_TYPE_UUID, "uuid"),
-        ("j", VT.VALUE_TYPE_JSON, "jsonb"),
-        ("arr", VT.VALUE_TYPE_ARRAY, "int4[]"),
-        ("nothing", VT.VALUE_TYPE_INT64, "int4"),
+        ("b", VT.VALUE_TYPE_BOOL, "BOOL"),
+        ("i", VT.VALUE_TYPE_INT64, "INT8"),
+        ("f", VT.VALUE_TYPE_DOUBLE, "FLOAT8"),
+        ("d", VT.VALUE_TYPE_DECIMAL, "NUMERIC(12,4)"),
+        ("s", VT.VALUE_TYPE_STRING, "TEXT"),
+        ("y", VT.VALUE_TYPE_BYTES, "BYTEA"),
+        ("dt", VT.VALUE_TYPE_DATE, "DATE"),
+        ("t", VT.VALUE_TYPE_TIME, "TIME"),
+        ("ts", VT.VALUE_TYPE_TIMESTAMP, "TIMESTAMP"),
+        ("tz", VT.VALUE_TYPE_TIMESTAMP_TZ, "TIMESTAMPTZ"),
+        ("iv", VT.VALUE_TYPE_INTERVAL, "INTERVAL"),
+        ("u", VT.VALUE_TYPE_UUID, "UUID"),
+        ("j", VT.VALUE_TYPE_JSON, "JSONB"),
+        ("arr", VT.VALUE_TYPE_ARRAY, "INT4[]"),
+        ("nothing", VT.VALUE_TYPE_INT64, "INT4"),
     ]
     assert rows == [[
-        True, 42, 1.5, "12345.6700", "tx", b"\x00\x01", "2024-02-29", "13:14:15.500000",
+        True, 42, 1.5, "12345.6700", "tx", b"\x00\x01", "2024-02-29", "13:14:15.5",
         "2024-01-02T03:04:05", "2024-01-02T03:04:05+00:00", "P1DT2H0M3.5S",
         "6c0f2a52-3f6b-4a38-9f10-0c1c2d3e4f50", '{"a": [1, 2]}', "[1, 2, 3]", None,
     ]]
@@ -586,7 +597,7 @@ def test_profiles_are_advertised_with_dialect_and_read_only(tmp_path: Path) -> N
 
 
 def test_decimal_values_never_pass_through_float() -> None:
-    from agent.handlers.database import _fill
+    from agent.handlers.sql_values import fill as _fill
 
     column = values_pb2.ColumnValues()
     _fill(column, VT.VALUE_TYPE_DECIMAL, [Decimal("0.10000000000000000001"), Decimal("1E+3"), None])

@@ -1,88 +1,80 @@
-"""HTTP calls confined to the base URLs of the agent's app profiles.
+"""HTTP calls confined to the base URLs and path prefixes of the agent's app profiles.
 
-A call's path is checked as text before any URL is built (no scheme, no
-leading "/", no "..", no encoded separators...), then the joined URL is
-checked again against the base URL, so that neither layer alone has to be
-perfect. Redirects are never followed: a 3xx goes back to the caller as is.
-Credentials come from environment variables the profile names and are added
-here; a caller can neither set nor override them.
+What a call may reach is decided in `apps_confine` (path, method, headers),
+the credentials it carries in `apps_auth`, and what its failures become in
+`apps_errors`. This module moves the bytes: request bodies stream from the
+tunnel to the app and responses stream back, each in bounded chunks, so a
+body of any size passes through constant memory. Redirects are never
+followed: a 3xx goes back to the caller as is, to be judged there.
 """
 
 from __future__ import annotations
 
-import os
-import re
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import contextmanager
-from urllib.parse import urlencode
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
 
 import httpx
 
+from agent.handlers.apps_auth import injected_headers, ssl_context
+from agent.handlers.apps_confine import (
+    build_url,
+    caller_headers,
+    check_method,
+    check_path,
+    query_string,
+    response_headers,
+)
+from agent.handlers.apps_errors import Progress, classify, http_errors, to_request_error
 from agent.handlers.base import RequestContext
 from agent.profiles import AppProfile
 from onprem.v1 import apps_pb2, profiles_pb2, tunnel_pb2
 from tunnel.errors import (
-    DeadlineExceeded,
     FailedPrecondition,
-    Internal,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
     RequestError,
-    Unavailable,
+    ResourceExhausted,
 )
 
-__all__ = ["AppHandler"]
+__all__ = ["AppHandler", "build_url", "check_path"]
 
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
-# Encoded separators and dots would be decoded by some server or proxy after our checks.
-_ENCODED_SEPARATOR = re.compile(r"%(2f|2e|5c|0[0-9a-f]|1[0-9a-f]|7f)", re.IGNORECASE)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
-    "trailer", "transfer-encoding", "upgrade",
-})
-#: Request headers the agent's HTTP client sets itself.
-_CLIENT_OWNED = _HOP_BY_HOP | {"host", "content-length"}
-_REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
+log = logging.getLogger("onprem.agent.apps")
+
+#: Room for the protobuf framing around a body chunk, so a chunk never exceeds the negotiated maximum.
 _CHUNK_OVERHEAD = 64
+_NO_BODY_STATUSES = frozenset({204, 304})
 
 
-def _path_error(path: str, why: str) -> InvalidArgument:
-    return InvalidArgument(f"path {path!r} {why}; it must stay under the app's base URL",
-                           reason="PATH_OUTSIDE_BASE_URL")
+def _too_large(profile: AppProfile, size: str) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"app profile '{profile.name}': the response body is larger than max_response_bytes "
+        f"({profile.max_response_bytes}){size}", reason="APP_RESPONSE_TOO_LARGE")
 
 
-def check_path(path: str) -> None:
-    """Refuse any path that could leave the base URL or mean different things to different parsers."""
-    if _CONTROL.search(path):
-        raise _path_error(path, "contains a control character (CR, LF, NUL...)")
-    if _SCHEME.match(path):
-        raise _path_error(path, "is an absolute URL")
-    if path.startswith("/"):
-        raise _path_error(path, "starts with '/'")
-    if "\\" in path:
-        raise _path_error(path, "contains a backslash")
-    if "@" in path:
-        raise _path_error(path, "contains '@'")
-    if "?" in path or "#" in path:
-        raise _path_error(path, "contains '?' or '#'; send query parameters in `query`")
-    if _ENCODED_SEPARATOR.search(path):
-        raise _path_error(path, "contains an encoded '/', '.', '\\' or control character")
-    if any(segment in (".", "..") for segment in path.split("/")):
-        raise _path_error(path, "contains a '.' or '..' segment")
+async def _request_body(
+    body: AsyncIterator[bytes] | None, length_given: bool
+) -> AsyncIterator[bytes] | None:
+    """The body to send, or None when there is none.
 
+    The first chunk is awaited here so that a call without a body (a GET, or
+    a POST the caller sent nothing with) goes out without `Transfer-Encoding:
+    chunked`, which some apps refuse on such requests. A caller's
+    Content-Length always gets the body, so that h11 can hold it to its word.
+    """
+    if body is None:
+        return None
+    first = await anext(body, None)
+    if first is None and not length_given:
+        return None
 
-def build_url(profile: AppProfile, path: str) -> httpx.URL:
-    check_path(path)
-    base = httpx.URL(profile.base_url)
-    url = base.join(path)
-    if (url.scheme, url.host, url.port) != (base.scheme, base.host, base.port) or not url.raw_path.startswith(
-        base.raw_path
-    ) or url.userinfo:
-        raise _path_error(path, "resolves outside the base URL")
-    return url
+    async def rest() -> AsyncIterator[bytes]:
+        if first is not None:
+            yield first
+        async for data in body:
+            yield data
+
+    return rest()
 
 
 class AppHandler:
@@ -92,46 +84,44 @@ class AppHandler:
         self._profiles = dict(profiles)
         self._transport = transport
         self._clients: dict[str, httpx.AsyncClient] = {}
+        self._client_lock = asyncio.Lock()
+        for profile in self._profiles.values():
+            if not profile.tls_verify:
+                log.warning("app profile '%s': TLS certificate verification is OFF (tls_verify: false); anyone "
+                            "on the path to %s can read and alter its calls and see its credentials",
+                            profile.name, profile.base_url)
 
     def profiles(self) -> list[profiles_pb2.Profile]:
-        return [profiles_pb2.Profile(name=p.name, kind=profiles_pb2.PROFILE_KIND_APP) for p in self._profiles.values()]
+        return [profiles_pb2.Profile(name=name, kind=profiles_pb2.PROFILE_KIND_APP) for name in self._profiles]
 
-    def _client(self, profile: AppProfile) -> httpx.AsyncClient:
+    def _profile(self, name: str) -> AppProfile:
+        profile = self._profiles.get(name)
+        if profile is None:
+            raise NotFound(f"app profile '{name}' is not configured on this agent", reason="PROFILE_NOT_FOUND")
+        return profile
+
+    async def _client(self, profile: AppProfile) -> httpx.AsyncClient:
+        """The profile's pooled client, made on first use (its TLS files are read in a worker thread)."""
         client = self._clients.get(profile.name)
-        if client is None:
-            # trust_env=False: proxy variables in the agent's environment must not reroute calls.
-            client = self._clients[profile.name] = httpx.AsyncClient(
-                follow_redirects=False,
-                timeout=httpx.Timeout(profile.timeout_seconds),
-                trust_env=False,
-                transport=self._transport,
-            )
-        return client
-
-    def _headers(self, profile: AppProfile, head: apps_pb2.CallHead) -> list[tuple[str, str]]:
-        injected = {name.lower() for name in profile.headers_from_env}
-        headers: list[tuple[str, str]] = []
-        for header in head.headers:
-            if not _TOKEN.match(header.name):
-                raise InvalidArgument(f"header name {header.name!r} is not valid", reason="INVALID_HEADER")
-            if _CONTROL.search(header.value.replace("\t", " ")):  # HTAB is the one legal control character
-                raise InvalidArgument(f"header {header.name!r} has a control character in its value",
-                                      reason="INVALID_HEADER")
-            lowered = header.name.lower()
-            if lowered in injected:
-                raise PermissionDenied(f"header {header.name!r} is set by the agent for app profile "
-                                       f"'{profile.name}' and cannot be sent by the caller", reason="INJECTED_HEADER")
-            if lowered not in _CLIENT_OWNED:
-                headers.append((header.name, header.value))
-        for name, env in profile.headers_from_env.items():
-            value = os.environ.get(env)
-            if value is None:
-                raise FailedPrecondition(
-                    f"app profile '{profile.name}': environment variable {env} (for header {name}) is not set",
-                    reason="MISSING_SECRET",
+        if client is not None:
+            return client
+        async with self._client_lock:
+            client = self._clients.get(profile.name)
+            if client is None:
+                https = httpx.URL(profile.base_url).scheme == "https"
+                verify = await asyncio.to_thread(ssl_context, profile) if https else True
+                # trust_env=False: proxy variables in the agent's environment must not reroute calls.
+                client = self._clients[profile.name] = httpx.AsyncClient(
+                    follow_redirects=False,
+                    timeout=httpx.Timeout(connect=profile.connect_timeout_seconds,
+                                          read=profile.read_timeout_seconds,
+                                          write=profile.read_timeout_seconds,
+                                          pool=profile.connect_timeout_seconds),
+                    verify=verify,
+                    trust_env=False,
+                    transport=self._transport,
                 )
-            headers.append((name, value))
-        return headers
+            return client
 
     async def handle(
         self, request: tunnel_pb2.RequestStart, context: RequestContext
@@ -139,57 +129,84 @@ class AppHandler:
         if request.WhichOneof("payload") != "app_call":
             raise InvalidArgument("expected an app_call", reason="INVALID_PAYLOAD")
         head = request.app_call.head
-        profile = self._profiles.get(head.profile)
-        if profile is None:
-            raise NotFound(f"app profile '{head.profile}' is not configured on this agent", reason="PROFILE_NOT_FOUND")
-        method = head.method or "GET"
-        if not _TOKEN.match(method) or method.upper() in _REFUSED_METHODS:
-            raise InvalidArgument(f"HTTP method {method!r} is not allowed", reason="INVALID_METHOD")
+        profile = self._profile(head.profile)
+        method = check_method(profile, head.method)
         url = build_url(profile, head.path)
-        pairs = []
-        for q in head.query:
-            if _CONTROL.search(q.name) or _CONTROL.search(q.value):
-                raise InvalidArgument(f"query parameter {q.name!r} contains a control character", reason="INVALID_QUERY")
-            pairs.append((q.name, q.value))
-        if pairs:  # urlencode keeps the caller's order, which httpx.QueryParams would regroup by name
-            url = url.copy_with(query=urlencode(pairs).encode("ascii"))
-        headers = self._headers(profile, head)
-        client = self._client(profile)
+        if head.query:
+            url = url.copy_with(query=query_string(head.query))
+        headers = caller_headers(profile, head.headers)
+        injected = await injected_headers(profile)
+        client = await self._client(profile)
+        length_given = any(name.lower() == "content-length" for name, _ in headers)
+        content = await _request_body(context.body, length_given)
         chunk_size = max(1, context.max_chunk_bytes - _CHUNK_OVERHEAD)
-        with _http_errors(profile):
-            async with client.stream(
-                method, url, headers=headers, content=context.body
-            ) as response:
+        limit = profile.max_response_bytes
+        progress = Progress()
+        with http_errors(profile, progress):
+            # On cancel (operator or deadline) leaving this block closes the response, and since its
+            # body is unread, httpcore drops the connection instead of pooling it: the app sees it close.
+            async with client.stream(method, url, headers=headers + injected.headers, content=content) as response:
+                has_body = method != "HEAD" and response.status_code not in _NO_BODY_STATUSES
+                declared = response.headers.get("content-length", "")
+                if limit is not None and has_body and declared.isdigit() and int(declared) > limit:
+                    raise _too_large(profile, f": it announced {declared} bytes")
                 response_head = apps_pb2.CallResponseHead(
                     status_code=response.status_code,
-                    headers=[
-                        apps_pb2.Header(name=name, value=value)
-                        for name, value in response.headers.multi_items()
-                        if name.lower() not in _HOP_BY_HOP
-                    ],
+                    headers=response_headers(response, injected.secrets),
                 )
+                progress.head_sent = True
                 yield tunnel_pb2.ResponseChunk(call=apps_pb2.CallResponse(head=response_head))
-                # Raw bytes: the body stays as the Content-Encoding header sent along says.
-                async for data in response.aiter_raw(chunk_size):
-                    yield tunnel_pb2.ResponseChunk(call=apps_pb2.CallResponse(body=data))
+                # Raw bytes: the body stays as the Content-Encoding header sent along says. Not
+                # aiter_raw(chunk_size): that waits to fill each chunk, which would hold back a slow
+                # stream (server-sent events, progress output) until it had sent chunk_size bytes.
+                async for received in response.aiter_raw():
+                    if limit is not None and progress.body_bytes + len(received) > limit:
+                        raise _too_large(profile, f"; {progress.body_bytes} bytes were sent")
+                    for start in range(0, len(received), chunk_size):
+                        data = received[start:start + chunk_size]
+                        progress.body_bytes += len(data)
+                        yield tunnel_pb2.ResponseChunk(call=apps_pb2.CallResponse(body=data))
 
     async def check(self, profile_name: str) -> list[profiles_pb2.ProfileCheck]:
-        """Reach the base URL with the injected headers; 401/403 means the credentials are refused."""
-        profile = self._profiles.get(profile_name)
-        if profile is None:
-            raise NotFound(f"app profile '{profile_name}' is not configured on this agent", reason="PROFILE_NOT_FOUND")
+        """GET the base URL with the injected credentials, and say which stage fails.
+
+        "reachable": DNS and TCP connect; "tls" (https only): the handshake, i.e.
+        the app's certificate and the agent's client certificate; "credentials":
+        401, 403 or 407 means the app refused what the agent injected.
+        """
+        profile = self._profile(profile_name)
+        https = httpx.URL(profile.base_url).scheme == "https"
         try:
-            headers = self._headers(profile, apps_pb2.CallHead())
+            injected = await injected_headers(profile)
         except RequestError as exc:
             return [profiles_pb2.ProfileCheck(name="credentials", ok=False, message=exc.message)]
         try:
-            with _http_errors(profile):
-                response = await self._client(profile).request("GET", profile.base_url, headers=headers)
-        except RequestError as exc:
-            return [profiles_pb2.ProfileCheck(name="reachable", ok=False, message=exc.message)]
+            client = await self._client(profile)
+        except FailedPrecondition as exc:
+            return [profiles_pb2.ProfileCheck(name="tls", ok=False, message=exc.message)]
+        try:
+            response = await client.request("GET", profile.base_url, headers=injected.headers)
+        except (httpx.HTTPError, OSError) as exc:
+            failure = classify(exc, profile)
+            if failure is not None and (failure.stage == "TLS" or failure.tls_suspected):
+                return [
+                    profiles_pb2.ProfileCheck(name="reachable", ok=True, message="the TCP connection succeeded"),
+                    profiles_pb2.ProfileCheck(name="tls", ok=False, message=f"{failure.stage}: {failure.detail}"),
+                ]
+            error = to_request_error(exc, profile)
+            return [profiles_pb2.ProfileCheck(name="reachable", ok=False, message=error.message)]
         checks = [profiles_pb2.ProfileCheck(
             name="reachable", ok=True, message=f"GET {profile.base_url} answered HTTP {response.status_code}")]
-        refused = response.status_code in (401, 407, 403)
+        if https:
+            client_cert = " with the client certificate" if profile.client_cert_file else ""
+            # A profile without verification works, so the check passes, but says so loudly.
+            checks.append(profiles_pb2.ProfileCheck(
+                name="tls", ok=True,
+                message=f"the handshake succeeded{client_cert}; the app's certificate was verified against "
+                        f"{profile.ca_file or 'the system CAs'}" if profile.tls_verify
+                else f"WARNING: the handshake succeeded{client_cert}, but certificate verification is OFF "
+                     "(tls_verify: false)"))
+        refused = response.status_code in (401, 403, 407)
         checks.append(profiles_pb2.ProfileCheck(
             name="credentials", ok=not refused,
             message=f"the app refused the injected credentials (HTTP {response.status_code})" if refused
@@ -201,25 +218,3 @@ class AppHandler:
         for client in clients:
             await client.aclose()
 
-
-@contextmanager
-def _http_errors(profile: AppProfile) -> Iterator[None]:
-    """The one table from httpx errors to RequestErrors."""
-    where = f"app profile '{profile.name}' ({profile.base_url})"
-    try:
-        yield
-    except RequestError:
-        raise
-    except httpx.ConnectTimeout:
-        raise Unavailable(f"{where}: timed out connecting", reason="APP_UNREACHABLE") from None
-    except httpx.TimeoutException as exc:
-        raise DeadlineExceeded(f"{where}: timed out ({type(exc).__name__})", reason="APP_TIMEOUT") from None
-    except httpx.ConnectError as exc:
-        raise Unavailable(f"{where}: cannot connect: {exc}", reason="APP_UNREACHABLE") from None
-    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-        raise Unavailable(f"{where}: the connection failed: {exc or type(exc).__name__}",
-                          reason="APP_CONNECTION_FAILED") from None
-    except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
-        raise InvalidArgument(f"{where}: {exc}", reason="INVALID_URL") from None
-    except httpx.HTTPError as exc:
-        raise Internal(f"{where}: {type(exc).__name__}: {exc}", reason="APP_ERROR") from None

@@ -1,28 +1,34 @@
 """File operations confined to the agent's folder profiles.
 
-Every blocking call runs in a thread (`asyncio.to_thread`); paths go through
-`agent.handlers.paths` before they touch the disk. Uploads land in a temp
-file beside the target and appear at their path only by an atomic rename (or
-link, when an existing file must not be replaced), after fsync and after the
-expected checksum has matched.
+Every blocking call runs in a thread (`asyncio.to_thread`), hashing too;
+paths go through `agent.handlers.paths` before they touch the disk. Uploads
+land in a locked temp file beside the target (`files_temp`) and appear at
+their path only by an atomic rename (or link, when an existing file must not
+be replaced), after fsync and after the size limit and the expected checksum
+have held. Listings and polls live in `files_scan`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fnmatch
 import hashlib
 import os
-import secrets
 import shutil
 import stat
-from collections.abc import AsyncIterator, Iterator, Mapping
-
-from google.protobuf.timestamp_pb2 import Timestamp
+from collections.abc import AsyncIterator, Mapping
 
 from agent.handlers.base import RequestContext
+from agent.handlers.files_common import (
+    TEMP_PREFIX,
+    file_info,
+    os_errors,
+    refuse_reserved,
+    require_name,
+    stat_entry,
+)
+from agent.handlers.files_scan import list_page, poll
+from agent.handlers.files_temp import Sweeper, new_temp
 from agent.handlers.paths import ConfinedPath, confine, follow, open_confined
 from agent.profiles import FolderProfile
 from onprem.v1 import files_pb2, profiles_pb2, tunnel_pb2
@@ -32,69 +38,14 @@ from tunnel.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    RequestError,
     ResourceExhausted,
 )
 
-__all__ = ["FolderHandler"]
+__all__ = ["TEMP_PREFIX", "FolderHandler"]
 
 DEFAULT_PAGE_SIZE = 1000
-TEMP_PREFIX = ".onprem-tmp-"
 #: Room left in each chunk for the ResponseChunk/ReadResponse framing.
 _CHUNK_OVERHEAD = 64
-
-# errno -> (error class, reason); the one table OS errors go through.
-_ERRNO_TABLE: dict[int, tuple[type[RequestError], str]] = {
-    errno.ENOENT: (NotFound, "PATH_NOT_FOUND"),
-    errno.EEXIST: (AlreadyExists, "PATH_EXISTS"),
-    errno.EACCES: (PermissionDenied, "OS_PERMISSION_DENIED"),
-    errno.EPERM: (PermissionDenied, "OS_PERMISSION_DENIED"),
-    errno.ENOSPC: (ResourceExhausted, "DISK_FULL"),
-    errno.EDQUOT: (ResourceExhausted, "DISK_QUOTA"),
-    errno.EISDIR: (FailedPrecondition, "IS_A_DIRECTORY"),
-    errno.ENOTDIR: (FailedPrecondition, "NOT_A_DIRECTORY"),
-    errno.ENOTEMPTY: (FailedPrecondition, "DIRECTORY_NOT_EMPTY"),
-    errno.ELOOP: (PermissionDenied, "PATH_OUTSIDE_ROOT"),
-    errno.ENAMETOOLONG: (InvalidArgument, "INVALID_PATH"),
-    errno.EINVAL: (InvalidArgument, "INVALID_PATH"),
-    errno.EROFS: (FailedPrecondition, "READ_ONLY_FILESYSTEM"),
-    errno.EXDEV: (FailedPrecondition, "CROSS_DEVICE"),
-}
-
-
-@contextlib.contextmanager
-def _os_errors(rel: str) -> Iterator[None]:
-    """Turn OSError into a RequestError that names the relative path only."""
-    try:
-        yield
-    except OSError as exc:
-        if isinstance(exc, RequestError):  # pragma: no cover - RequestError is no OSError
-            raise
-        cls, reason = _ERRNO_TABLE.get(exc.errno or 0, (FailedPrecondition, "OS_ERROR"))
-        raise cls(f"path {rel!r}: {exc.strerror or type(exc).__name__}", reason=reason) from None
-
-
-def _info(rel: str, st: os.stat_result) -> files_pb2.FileInfo:
-    kind = files_pb2.FILE_TYPE_DIRECTORY if stat.S_ISDIR(st.st_mode) else files_pb2.FILE_TYPE_FILE
-    modified = Timestamp()
-    modified.FromNanoseconds(st.st_mtime_ns)
-    return files_pb2.FileInfo(
-        path=rel,
-        name=rel.rsplit("/", 1)[-1],
-        type=kind,
-        size=st.st_size if kind == files_pb2.FILE_TYPE_FILE else 0,
-        modified_at=modified,
-    )
-
-
-def _stat_entry(path: ConfinedPath) -> os.stat_result:
-    """Stat what `path` names, refusing symlinks that leave the root and special files."""
-    with _os_errors(path.rel):
-        st = os.stat(follow(path))
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-        raise PermissionDenied(f"path {path.rel!r} is a device, FIFO or socket", reason="SPECIAL_FILE")
-    return st
-
 
 def _keep_both_name(name: str, n: int) -> str:
     stem, dot, ext = name.rpartition(".")
@@ -127,8 +78,14 @@ def _check_folder(profile: FolderProfile) -> list[profiles_pb2.ProfileCheck]:
 class FolderHandler:
     """Runs `FileOp` payloads against the configured folder profiles."""
 
-    def __init__(self, profiles: Mapping[str, FolderProfile]) -> None:
+    def __init__(self, profiles: Mapping[str, FolderProfile], *, sweep: bool = True) -> None:
         self._profiles = dict(profiles)
+        #: The sweep of stale temp files left by a killed agent; `done` is set once it has run.
+        self.sweeper = Sweeper((p.name, p.root) for p in self._profiles.values() if not p.read_only)
+        if sweep:
+            self.sweeper.start()
+        else:
+            self.sweeper.done.set()
 
     def profiles(self) -> list[profiles_pb2.Profile]:
         return [
@@ -161,8 +118,8 @@ class FolderHandler:
         elif kind == "stat":
             yield tunnel_pb2.ResponseChunk(stat=await asyncio.to_thread(self._stat, op.stat))
         elif kind == "read":
-            async for part in self._read(op.read, context.max_chunk_bytes):
-                yield tunnel_pb2.ResponseChunk(read=part)
+            async for chunk in self._read(op.read, context.max_chunk_bytes):
+                yield chunk
         elif kind == "write":
             yield tunnel_pb2.ResponseChunk(write=await self._write(op.write, context.body))
         elif kind == "delete":
@@ -171,75 +128,64 @@ class FolderHandler:
             yield tunnel_pb2.ResponseChunk(move=await asyncio.to_thread(self._move, op.move))
         elif kind == "make_directory":
             yield tunnel_pb2.ResponseChunk(make_directory=await asyncio.to_thread(self._mkdir, op.make_directory))
+        elif kind == "poll":
+            yield tunnel_pb2.ResponseChunk(poll=await asyncio.to_thread(self._poll, op.poll))
         else:
             raise InvalidArgument("expected a file_op with an operation", reason="INVALID_PAYLOAD")
 
     # --- reads -----------------------------------------------------------------------------------
 
+    def _folder(self, profile: FolderProfile, rel: str) -> ConfinedPath:
+        top = confine(profile.root, rel)
+        if not stat.S_ISDIR(stat_entry(top).st_mode):
+            raise FailedPrecondition(f"path {top.rel!r} is not a folder", reason="NOT_A_DIRECTORY")
+        return top
+
     def _list(self, req: files_pb2.ListRequest) -> files_pb2.ListResponse:
         profile = self._profile(req.profile, writes=False)
-        top = confine(profile.root, req.path)
-        st = _stat_entry(top)
-        if not stat.S_ISDIR(st.st_mode):
-            raise FailedPrecondition(f"path {top.rel!r} is not a folder", reason="NOT_A_DIRECTORY")
-        page_size = req.page_size or DEFAULT_PAGE_SIZE
-        entries = sorted(self._walk(top, req.recursive, req.glob), key=lambda e: e.path)
-        if req.page_token:
-            entries = [e for e in entries if e.path > req.page_token]
-        page = entries[:page_size]
-        more = len(entries) > page_size
-        return files_pb2.ListResponse(entries=page, next_page_token=page[-1].path if more else "")
+        top = self._folder(profile, req.path)
+        with os_errors(top.rel):
+            return list_page(top, recursive=req.recursive, glob=req.glob, page_token=req.page_token,
+                             page_size=req.page_size or DEFAULT_PAGE_SIZE)
 
-    def _walk(self, top: ConfinedPath, recursive: bool, glob: str) -> Iterator[files_pb2.FileInfo]:
-        with _os_errors(top.rel):
-            fd = open_confined(top, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                names = os.listdir(fd)
-            finally:
-                os.close(fd)
-        top_real = follow(top)
-        for name in names:
-            rel = f"{top.rel}/{name}" if top.rel else name
-            child = ConfinedPath(root=top.root, rel=rel, real=os.path.join(top_real, name))
-            try:
-                st = _stat_entry(child)
-            except (RequestError, OSError):
-                continue  # vanished, a special file, or a symlink out of the root: not listed
-            if not glob or fnmatch.fnmatchcase(name, glob):
-                yield _info(rel, st)
-            # Only real folders are descended into, so symlink loops cannot recurse.
-            if recursive and stat.S_ISDIR(st.st_mode) and not os.path.islink(child.real):
-                yield from self._walk(child, recursive, glob)
+    def _poll(self, req: files_pb2.PollRequest) -> files_pb2.PollResponse:
+        profile = self._profile(req.profile, writes=False)
+        top = self._folder(profile, req.path)
+        with os_errors(top.rel):
+            return poll(top, req, profile.read_patterns)
 
     def _stat(self, req: files_pb2.StatRequest) -> files_pb2.StatResponse:
         profile = self._profile(req.profile, writes=False)
         path = confine(profile.root, req.path)
-        return files_pb2.StatResponse(info=_info(path.rel, _stat_entry(path)))
+        return files_pb2.StatResponse(info=file_info(path.rel, stat_entry(path)))
 
-    async def _read(self, req: files_pb2.ReadRequest, max_chunk_bytes: int) -> AsyncIterator[files_pb2.ReadResponse]:
+    async def _read(self, req: files_pb2.ReadRequest, max_chunk_bytes: int) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
         profile = self._profile(req.profile, writes=False)
         path = confine(profile.root, req.path)
-        with _os_errors(path.rel):
+        require_name(path, profile.read_patterns, "reading")
+        with os_errors(path.rel):
             fd = await asyncio.to_thread(open_confined, path, os.O_RDONLY)
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
                 raise FailedPrecondition(f"path {path.rel!r} is a folder, not a file", reason="IS_A_DIRECTORY")
-            yield files_pb2.ReadResponse(info=_info(path.rel, st))
+            yield tunnel_pb2.ResponseChunk(read=files_pb2.ReadResponse(info=file_info(path.rel, st)))
             digest = hashlib.sha256()
             position = req.offset
             end = position + req.length if req.length else None
             chunk_size = max(1, max_chunk_bytes - _CHUNK_OVERHEAD)
             while end is None or position < end:
                 want = chunk_size if end is None else min(chunk_size, end - position)
-                with _os_errors(path.rel):
-                    data = await asyncio.to_thread(os.pread, fd, want, position)
+                with os_errors(path.rel):
+                    data = await asyncio.to_thread(_read_and_hash, fd, want, position, digest)
                 if not data:
-                    break
+                    break  # the end of the file, even when the range asked for more
                 position += len(data)
-                digest.update(data)
-                yield files_pb2.ReadResponse(data=data)
-            yield files_pb2.ReadResponse(sha256=digest.hexdigest())
+                # Built in place: ReadResponse(data=...) wrapped in a ResponseChunk would copy the bytes twice.
+                chunk = tunnel_pb2.ResponseChunk()
+                chunk.read.data = data
+                yield chunk
+            yield tunnel_pb2.ResponseChunk(read=files_pb2.ReadResponse(sha256=digest.hexdigest()))
         finally:
             os.close(fd)
 
@@ -250,49 +196,60 @@ class FolderHandler:
         path = confine(profile.root, header.path)
         if path.is_root:
             raise InvalidArgument("a write needs a file path, not the root", reason="INVALID_PATH")
+        refuse_reserved(path)
+        require_name(path, profile.write_patterns, "writing")
         follow(path)  # never replace a symlink that leads out of the root
         expected = header.expected_sha256.lower()
         if expected and (len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected)):
             raise InvalidArgument("expected_sha256 must be 64 hex digits", reason="INVALID_CHECKSUM")
         parent = ConfinedPath(root=path.root, rel=path.rel.rpartition("/")[0], real=path.parent_real)
         dir_fd = await asyncio.to_thread(self._open_parent, parent, header.create_parents)
-        temp = f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+        temp: str | None = None
         finished = False
         try:
-            with _os_errors(path.rel):
-                fd = await asyncio.to_thread(
-                    os.open, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                    dir_fd=dir_fd,
-                )
+            with os_errors(path.rel):
+                temp, fd = await asyncio.to_thread(new_temp, dir_fd)
             digest = hashlib.sha256()
             try:
                 if body is not None:
-                    async for data in body:
-                        digest.update(data)
-                        with _os_errors(path.rel):
-                            await asyncio.to_thread(_write_all, fd, data)
-                with _os_errors(path.rel):
+                    await self._receive(body, fd, digest, path, profile.max_file_size)
+                with os_errors(path.rel):
                     await asyncio.to_thread(os.fsync, fd)
                     st = os.fstat(fd)
             finally:
-                os.close(fd)
+                os.close(fd)  # also drops the lock: publishing needs none, the name is still ours
             actual = digest.hexdigest()
             if expected and actual != expected:
                 raise FailedPrecondition(
                     f"path {path.rel!r}: the upload's SHA-256 is {actual}, not the expected {expected}; nothing written",
                     reason="CHECKSUM_MISMATCH",
                 )
+            assert temp is not None
             final_rel = await asyncio.to_thread(self._publish, dir_fd, temp, path, header.mode)
             finished = True
-            return files_pb2.WriteResponse(info=_info(final_rel, st), sha256=actual)
+            return files_pb2.WriteResponse(info=file_info(final_rel, st), sha256=actual)
         finally:
-            if not finished:
+            if not finished and temp is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(temp, dir_fd=dir_fd)
             os.close(dir_fd)
 
+    @staticmethod
+    async def _receive(body: AsyncIterator[bytes], fd: int, digest: hashlib._Hash, path: ConfinedPath,
+                       limit: int | None) -> None:
+        """Write the upload to `fd` as it arrives, refusing it as soon as it passes the size limit."""
+        received = 0
+        async for data in body:
+            received += len(data)
+            if limit is not None and received > limit:
+                raise ResourceExhausted(
+                    f"path {path.rel!r}: the upload is larger than the folder profile's limit of {limit} bytes; "
+                    "nothing written", reason="FILE_TOO_LARGE")
+            with os_errors(path.rel):
+                await asyncio.to_thread(_write_and_hash, fd, data, digest)
+
     def _open_parent(self, parent: ConfinedPath, create: bool) -> int:
-        with _os_errors(parent.rel or "."):
+        with os_errors(parent.rel or "."):
             if create:
                 os.makedirs(follow(parent), exist_ok=True)
             try:
@@ -306,7 +263,7 @@ class FolderHandler:
         """Give the temp file its final name; returns the relative path it got."""
         name = path.name
         prefix = path.rel[: -len(name)]
-        with _os_errors(path.rel):
+        with os_errors(path.rel):
             if mode == files_pb2.WRITE_MODE_OVERWRITE:
                 if os.path.isdir(os.path.join(path.parent_real, name)):
                     raise FailedPrecondition(f"path {path.rel!r} is a folder", reason="IS_A_DIRECTORY")
@@ -335,15 +292,20 @@ class FolderHandler:
         if path.is_root:
             raise PermissionDenied("the folder profile's root cannot be deleted", reason="ROOT_NOT_DELETABLE")
         follow(path)  # refuse consistently, even though only the link itself would go
-        with _os_errors(path.rel):
+        with os_errors(path.rel):
             st = os.lstat(path.real)
-            info = _info(path.rel, st)
+            info = file_info(path.rel, st)
             if stat.S_ISDIR(st.st_mode):
+                if req.recursive and profile.write_patterns:
+                    raise PermissionDenied(
+                        f"path {path.rel!r}: the folder profile limits writes to some names, so folders are "
+                        "deleted only when empty", reason="NAME_NOT_ALLOWED")
                 if req.recursive:
                     shutil.rmtree(path.real)  # fd-based on Linux: does not follow symlinks inside
                 else:
                     os.rmdir(path.real)
             else:
+                require_name(path, profile.write_patterns, "deleting")
                 os.unlink(path.real)  # a symlink goes, never what it points to
         return files_pb2.DeleteResponse(info=info)
 
@@ -353,13 +315,18 @@ class FolderHandler:
         target = confine(profile.root, req.destination_path)
         if source.is_root or target.is_root:
             raise PermissionDenied("the folder profile's root cannot be moved or replaced", reason="ROOT_NOT_MOVABLE")
+        refuse_reserved(target)
         follow(source)
         follow(target)
+        if profile.write_patterns and not (os.path.isdir(source.real) and not os.path.islink(source.real)):
+            # Renaming a file both removes one name and creates another: both must be writable names.
+            require_name(source, profile.write_patterns, "moving")
+            require_name(target, profile.write_patterns, "writing")
         if _is_within(target.real, source.real):
             raise InvalidArgument(f"cannot move {source.rel!r} into itself", reason="INVALID_PATH")
-        with _os_errors(source.rel):
+        with os_errors(source.rel):
             os.lstat(source.real)
-        with _os_errors(target.rel):
+        with os_errors(target.rel):
             if os.path.lexists(target.real):
                 if not req.overwrite:
                     raise AlreadyExists(f"path {target.rel!r} already exists; set overwrite to replace it",
@@ -374,13 +341,14 @@ class FolderHandler:
                 os.link(source.real, target.real, follow_symlinks=False)  # fails rather than replace
                 os.unlink(source.real)
             st = os.stat(follow(target))
-        return files_pb2.MoveResponse(info=_info(target.rel, st))
+        return files_pb2.MoveResponse(info=file_info(target.rel, st))
 
     def _mkdir(self, req: files_pb2.MakeDirectoryRequest) -> files_pb2.MakeDirectoryResponse:
         profile = self._profile(req.profile, writes=True)
         path = confine(profile.root, req.path)
+        refuse_reserved(path)
         follow(path)
-        with _os_errors(path.rel):
+        with os_errors(path.rel):
             if req.parents:
                 os.makedirs(path.real, exist_ok=True)
             else:
@@ -389,15 +357,23 @@ class FolderHandler:
             st = os.stat(real)
         if not stat.S_ISDIR(st.st_mode):
             raise AlreadyExists(f"path {path.rel!r} exists and is not a folder", reason="PATH_EXISTS")
-        return files_pb2.MakeDirectoryResponse(info=_info(path.rel, st))
+        return files_pb2.MakeDirectoryResponse(info=file_info(path.rel, st))
 
 
 def _is_within(path: str, ancestor: str) -> bool:
     return path == ancestor or path.startswith(ancestor.rstrip("/") + "/")
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_and_hash(fd: int, data: bytes, digest: hashlib._Hash) -> None:
+    # In the worker thread: hashlib releases the GIL, so hashing overlaps the event loop's work.
+    digest.update(data)
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+def _read_and_hash(fd: int, size: int, position: int, digest: hashlib._Hash) -> bytes:
+    data = os.pread(fd, size, position)
+    digest.update(data)
+    return data
 

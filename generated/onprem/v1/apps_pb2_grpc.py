@@ -51,7 +51,33 @@ class AppServiceServicer:
     def Call(self, request_iterator, context):
         """Sends one HTTP request. The first message is the head; any further
         messages carry the body. The response streams back as a head, then body
-        chunks. An HTTP 4xx or 5xx from the app is a normal response.
+        chunks. Bodies of any size stream both ways in bounded chunks; neither
+        the control plane nor the agent holds a whole body. An HTTP 4xx or 5xx
+        from the app is a normal response, and a 3xx is returned, never followed.
+
+        Errors (with a google.rpc.ErrorInfo reason):
+        - INVALID_ARGUMENT (PATH_OUTSIDE_BASE_URL, INVALID_HEADER, INVALID_METHOD,
+        INVALID_QUERY, INVALID_REQUEST): a path that could leave the base URL,
+        CR/LF in a header, a body that does not match its Content-Length...
+        - PERMISSION_DENIED (PATH_NOT_ALLOWED, METHOD_NOT_ALLOWED,
+        INJECTED_HEADER): the profile does not allow this path or method, or
+        the caller sent a header the agent injects.
+        - FAILED_PRECONDITION (MISSING_SECRET, INVALID_SECRET, TLS_CONFIG): the
+        agent's own configuration is incomplete; the message names what to fix.
+        - UNAVAILABLE (APP_UNREACHABLE): the agent cannot reach the app; the
+        message names the profile and the stage that failed: "DNS", "connect"
+        or "TLS" (or "connection" when the app hung up right after the TLS
+        handshake, which is how a refused client certificate often shows).
+        - UNAVAILABLE (APP_RESPONSE_INCOMPLETE): the app's connection failed
+        after the response head was sent; the body received is incomplete.
+        The stream always ends with this error, never with a short success.
+        - DEADLINE_EXCEEDED (APP_TIMEOUT): the app was silent longer than the
+        profile's read timeout (the caller's own deadline gives DEADLINE too).
+        - RESOURCE_EXHAUSTED (APP_RESPONSE_TOO_LARGE): the response body exceeds
+        the profile's maximum; before the head when the app announced its size
+        in Content-Length, else after as many bytes as the limit allows.
+        Cancelling the call aborts the HTTP request: the agent closes its
+        connection to the app.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,301 @@
+"""A profile's engine, thread pool and connection slots, and one request's connection.
+
+Each profile gets a lazily created SQLAlchemy engine (pooled), a bounded
+thread pool for the blocking driver calls, and one asyncio slot per pooled
+connection. Where the database can enforce the profile's limits itself it
+does: a READ ONLY transaction and `statement_timeout` in PostgreSQL,
+`query_only` plus an authorizer and a progress-handler deadline in SQLite, the
+query timeout (SQL_ATTR_QUERY_TIMEOUT) of ODBC connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import math
+import os
+import sqlite3
+import threading
+import time
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.pool import QueuePool
+
+from agent.handlers import sql_odbc
+from agent.handlers.sql_errors import first_lines, scrub
+from agent.profiles import DatabaseProfile
+from tunnel.errors import FailedPrecondition, Internal
+
+__all__ = ["Runtime", "Session"]
+
+log = logging.getLogger("agent.handlers.database")
+
+_PG_CONNECT_TIMEOUT_SECONDS = 10
+_ODBC_LOGIN_TIMEOUT_SECONDS = 10
+# SQLite calls the progress handler every this many VM instructions: about every millisecond.
+_SQLITE_PROGRESS_STEPS = 10_000
+
+
+class _SingleStatementCursor(psycopg.Cursor[Any]):
+    """A psycopg cursor that always uses the extended query protocol.
+
+    Without parameters psycopg sends SQL with the simple protocol, which runs
+    `SELECT 1; COMMIT; INSERT ...` as three statements: the COMMIT would end the
+    READ ONLY transaction of a read-only profile. The extended protocol makes
+    the server refuse more than one statement.
+    """
+
+    def _execute_send(self, query: Any, *, force_extended: bool = False, binary: bool | None = None) -> None:
+        super()._execute_send(query, force_extended=True, binary=binary)
+
+
+def _deny_writes(action: int, arg1: str | None, arg2: str | None, db: str | None, trigger: str | None) -> int:
+    # query_only can be switched off by the statement itself, and ATTACH can create files:
+    # refuse both so that a read-only SQLite profile stays read-only.
+    if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
+        return sqlite3.SQLITE_DENY
+    if action == sqlite3.SQLITE_PRAGMA and arg2 is not None and (arg1 or "").lower() in (
+        "query_only", "writable_schema", "journal_mode", "locking_mode",
+    ):
+        return sqlite3.SQLITE_DENY
+    return sqlite3.SQLITE_OK
+
+
+class Runtime:
+    """A profile's lazily created engine and its bounded thread pool."""
+
+    def __init__(self, profile: DatabaseProfile) -> None:
+        self.profile = profile
+        self.dialect = profile.dialect
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=profile.pool_size, thread_name_prefix=f"onprem-db-{profile.name}"
+        )
+        inline = make_url(profile.url).password
+        self.secrets: list[str] = [str(inline)] if inline else []
+        self._engine: Engine | None = None
+        self._lock = threading.Lock()
+        # One slot per pooled connection, taken before a statement asks the pool for one:
+        # a thread must never block on pool checkout while the statements that hold the
+        # connections wait for a thread (with pool_size threads, that deadlocks).
+        self.slots = asyncio.Semaphore(profile.pool_size)
+        #: (table OID, column number) -> nullable, from pg_attribute; column metadata rarely changes.
+        self.pg_nullable: dict[tuple[int, int], bool] = {}
+
+    def engine(self) -> Engine:
+        with self._lock:
+            if self._engine is None:
+                self._engine = self._create_engine()
+            return self._engine
+
+    def password(self) -> str | None:
+        profile = self.profile
+        if profile.password_env:
+            value = os.environ.get(profile.password_env)
+            if value is None:
+                raise FailedPrecondition(
+                    f"database profile '{profile.name}': environment variable {profile.password_env} is not set",
+                    reason="MISSING_SECRET",
+                )
+            return value
+        if profile.password_file:
+            try:
+                with open(profile.password_file, encoding="utf-8") as f:
+                    return f.read().strip()
+            except OSError as exc:
+                raise FailedPrecondition(
+                    f"database profile '{profile.name}': password_file cannot be read ({exc.strerror})",
+                    reason="MISSING_SECRET",
+                ) from None
+        return None
+
+    def _create_engine(self) -> Engine:
+        profile = self.profile
+        url = make_url(profile.url)
+        password = self.password()
+        if password is not None:
+            self.secrets.append(password)
+        kwargs: dict[str, Any] = {"pool_pre_ping": self.dialect != "odbc"}  # no ping statement works everywhere
+        dialect_cls: Any = url.get_dialect()
+        if issubclass(dialect_cls.get_pool_class(url), QueuePool):
+            kwargs.update(pool_size=profile.pool_size, max_overflow=0, pool_timeout=30)
+        connect_args: dict[str, Any] = dict(profile.options)
+        if profile.odbc_connect is not None:
+            kwargs["creator"] = self._odbc_creator(profile.odbc_connect, password)
+            # The creator connects; the URL only names the dialect.
+            url = make_url(f"{url.drivername}://")
+        elif password is not None:
+            url = url.set(password=password)
+        if self.dialect == "postgresql":
+            connect_args.setdefault("connect_timeout", _PG_CONNECT_TIMEOUT_SECONDS)
+            connect_args["cursor_factory"] = _SingleStatementCursor
+        if connect_args and profile.odbc_connect is None:
+            kwargs["connect_args"] = connect_args
+        engine = sa.create_engine(url, **kwargs)
+        if self.dialect == "sqlite" and profile.read_only:
+            @event.listens_for(engine, "connect")
+            def _read_only(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+                dbapi_conn.execute("PRAGMA query_only = ON")
+                dbapi_conn.set_authorizer(_deny_writes)
+        if self.dialect == "postgresql" and profile.read_only:
+            @event.listens_for(engine, "connect")
+            def _refuse_powerful_roles(dbapi_conn: psycopg.Connection[Any], _record: Any) -> None:
+                self._refuse_powerful_role(dbapi_conn)
+        if url.get_driver_name() == "pyodbc" and profile.odbc_connect is None and profile.statement_timeout_seconds:
+            @event.listens_for(engine, "connect")
+            def _query_timeout(dbapi_conn: Any, _record: Any) -> None:
+                dbapi_conn.timeout = math.ceil(profile.statement_timeout_seconds or 0)
+
+        @event.listens_for(engine, "before_cursor_execute")
+        def _remember_cursor(conn: Connection, cursor: Any, *_: Any) -> None:
+            # What `Session.interrupt` cancels, for drivers that cancel per cursor (ODBC).
+            conn.info["onprem_cursor"] = cursor
+
+        return engine
+
+    def _refuse_powerful_role(self, dbapi_conn: psycopg.Connection[Any]) -> None:
+        """A read-only transaction still lets a superuser write files (COPY ... TO, lo_export) and run programs.
+
+        So a read-only PostgreSQL profile must log in as a role that cannot: checked on every new connection.
+        """
+        row = dbapi_conn.execute(
+            "SELECT current_user, rolsuper, pg_has_role('pg_write_server_files', 'MEMBER'),"
+            " pg_has_role('pg_execute_server_program', 'MEMBER') FROM pg_catalog.pg_roles WHERE rolname = current_user"
+        ).fetchone()
+        dbapi_conn.rollback()
+        if row is not None and any(row[1:]):
+            what = "is a superuser" if row[1] else "may write server files or run server programs"
+            raise FailedPrecondition(
+                f"database profile '{self.profile.name}' is read_only, but its role '{row[0]}' {what}, which a "
+                "read-only transaction does not stop (COPY ... TO a file); log in as a role without these rights",
+                reason="READ_ONLY_PROFILE",
+            )
+
+    def odbc_connect(self) -> Any:
+        """A raw pyodbc connection, outside the pool and the dialect (whose first queries are its own SQL)."""
+        assert self.profile.odbc_connect is not None
+        password = self.password()
+        if password is not None and password not in self.secrets:
+            self.secrets.append(password)
+        return self._odbc_creator(self.profile.odbc_connect, password)()
+
+    def _odbc_creator(self, connect: str, password: str | None) -> Any:
+        import pyodbc
+
+        text = connect if password is None else f"{connect};PWD={sql_odbc.quote_value(password)}"
+        timeout = self.profile.statement_timeout_seconds
+
+        def create() -> Any:
+            conn = pyodbc.connect(text, autocommit=False, timeout=_ODBC_LOGIN_TIMEOUT_SECONDS)
+            if timeout:
+                try:
+                    conn.timeout = math.ceil(timeout)  # SQL_ATTR_QUERY_TIMEOUT, whole seconds
+                except pyodbc.Error:
+                    # psqlODBC refuses the attribute on a connection; PostgreSQL enforces its own.
+                    if conn.getinfo(pyodbc.SQL_DBMS_NAME) != "PostgreSQL":
+                        conn.close()
+                        raise FailedPrecondition(
+                            f"database profile '{self.profile.name}': the ODBC driver supports no query timeout; "
+                            "remove statement_timeout_seconds or use another driver",
+                            reason="UNSUPPORTED_OPTION",
+                        ) from None
+                    conn.execute(f"SET statement_timeout = {max(1, int(timeout * 1000))}")
+                    conn.commit()
+            return conn
+
+        return create
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        if self._engine is not None:
+            self._engine.dispose()
+
+
+class Session:
+    """One request's pooled connection and transaction.
+
+    Its methods block and run in the profile's thread pool, one at a time, so
+    nothing here needs a lock; only `interrupt` runs concurrently, by design.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.profile = runtime.profile
+        self.dialect = runtime.dialect
+        self.conn: Connection | None = None
+        self.dbapi: Any = None
+        self.busy: concurrent.futures.Future[Any] | None = None
+
+    def connect(self) -> None:
+        self.conn = self.runtime.engine().connect()
+        self.dbapi = self.conn.connection.driver_connection
+
+    def connection(self) -> Connection:
+        if self.conn is None:
+            raise Internal("database step ran before connect()", reason="HANDLER_BUG")
+        return self.conn
+
+    def begin(self) -> None:
+        """Apply the profile's limits to the transaction about to start."""
+        conn = self.connection()
+        if not conn.in_transaction():
+            conn.begin()  # so that commit() reaches the driver even when only raw cursors ran
+        timeout = self.profile.statement_timeout_seconds
+        if self.dialect == "postgresql":
+            if self.profile.read_only:
+                conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+            if timeout:
+                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}")
+        elif self.dialect == "sqlite" and timeout and isinstance(self.dbapi, sqlite3.Connection):
+            deadline = time.monotonic() + timeout
+            self.dbapi.set_progress_handler(lambda: int(time.monotonic() > deadline), _SQLITE_PROGRESS_STEPS)
+
+    def end(self, commit: bool) -> None:
+        conn = self.connection()
+        if commit and not self.profile.read_only:
+            conn.commit()
+        else:
+            conn.rollback()
+        self._clear_deadline()
+
+    def _clear_deadline(self) -> None:
+        if isinstance(self.dbapi, sqlite3.Connection) and self.profile.statement_timeout_seconds:
+            self.dbapi.set_progress_handler(None, 0)
+
+    def interrupt(self) -> None:
+        """Cancel the running statement on the server; called from another thread."""
+        dbapi = self.dbapi
+        if isinstance(dbapi, psycopg.Connection):
+            dbapi.cancel_safe(timeout=5)
+        elif isinstance(dbapi, sqlite3.Connection):
+            dbapi.interrupt()
+        elif self.conn is not None:
+            cursor = self.conn.info.get("onprem_cursor")
+            if cursor is not None and hasattr(cursor, "cancel"):
+                cursor.cancel()  # pyodbc: SQLCancel, which unblocks the executing thread
+
+    def release(self) -> None:
+        """Extra cleanup of subclasses (open results) before the connection goes back."""
+
+    def close(self) -> None:
+        """Give the connection back to the pool rolled back; never raises."""
+        with contextlib.suppress(Exception):
+            self.release()
+        if self.conn is None:
+            return
+        self.conn.info.pop("onprem_cursor", None)
+        try:
+            self.conn.rollback()
+            self._clear_deadline()
+            self.conn.close()
+        except Exception as exc:  # a broken connection must not go back to the pool
+            log.warning("database profile %r: discarding a connection that failed to roll back: %s",
+                        self.profile.name, scrub(first_lines(str(exc)), self.runtime.secrets))
+            with contextlib.suppress(Exception):
+                self.conn.invalidate()
+                self.conn.close()

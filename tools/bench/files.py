@@ -1,0 +1,140 @@
+"""A 1 GiB file read through control plane and agent, against a bare grpc.aio stream of the same file.
+
+Both sides stream over TLS on loopback between separate processes, in chunks
+of the tunnel's size, to a client in this process that only counts bytes.
+Each is run three times, alternately, and the fastest run of each counts, so
+that a stray hiccup of the machine does not decide the ratio. Peak memory is each process's VmHWM after
+all reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from onprem.v1 import agents_pb2, files_pb2, files_pb2_grpc
+from tools.bench.common import Figure, peak_rss_figure, peak_rss_mib, ratio_figure
+from tools.cluster import AgentProcess, ControlPlaneProcess, bearer, operator_channel, wait_for_agent_state
+
+SIZE = 1024 ** 3
+GROUP = "bench"
+RUNS = 3
+
+
+def _make_file(path: Path) -> None:
+    block = os.urandom(4 * 1024 * 1024)
+    with path.open("wb") as f:
+        for _ in range(SIZE // len(block)):
+            f.write(block)
+
+
+def _self_signed(workdir: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = workdir / "bare.pem", workdir / "bare.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+async def _bare_mb_s(port: int, cert: bytes) -> float:
+    creds = grpc.ssl_channel_credentials(root_certificates=cert)
+    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds) as channel:
+        read = channel.unary_stream("/bench.Bare/Read", request_serializer=None, response_deserializer=None)
+        received, began = 0, time.perf_counter()
+        async for data in read(b""):
+            received += len(data)
+        elapsed = time.perf_counter() - began
+    assert received == SIZE, f"the bare stream sent {received} bytes"
+    return received / elapsed / 1e6
+
+
+async def _tunnel_mb_s(cp: ControlPlaneProcess, token: str) -> float:
+    async with operator_channel(cp) as channel:
+        stub = files_pb2_grpc.FileServiceStub(channel)
+        received, began = 0, time.perf_counter()
+        async for part in stub.Read(files_pb2.ReadRequest(group=GROUP, profile="bench", path="1gib.bin"),
+                                    metadata=bearer(token)):
+            received += len(part.data)
+        elapsed = time.perf_counter() - began
+    assert received == SIZE, f"the tunnel sent {received} bytes"
+    return received / elapsed / 1e6
+
+
+def _start_bare(file: Path, cert: Path, key: Path) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tools.bench.bare_stream", "--file", str(file), "--cert", str(cert), "--key", str(key)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.strip().isdigit():
+        proc.kill()
+        raise RuntimeError(f"the bare stream server did not start: {line!r}")
+    return proc, int(line)
+
+
+async def _measure(workdir: Path) -> list[Figure]:
+    folder = workdir / "folder"
+    folder.mkdir()
+    file = folder / "1gib.bin"
+    await asyncio.to_thread(_make_file, file)
+    cert, key = _self_signed(workdir)
+
+    bare, port = _start_bare(file, cert, key)
+    cp = ControlPlaneProcess(workdir / "cp")
+    agent = AgentProcess(workdir / "agent", cp, profiles={"folders": {"bench": {"root": str(folder),
+                                                                                 "read_only": True}}})
+    try:
+        cp.start()
+        token = cp.admin_token()
+        agent.enroll(GROUP)
+        agent.start()
+        async with operator_channel(cp) as channel:
+            await wait_for_agent_state(channel, token, agent.agent_id, agents_pb2.AGENT_STATE_ACTIVE)
+        bare_runs: list[float] = []
+        tunnel_runs: list[float] = []
+        for _ in range(RUNS):  # alternated, so that a burst of load elsewhere hits both alike
+            bare_runs.append(await _bare_mb_s(port, cert.read_bytes()))
+            tunnel_runs.append(await _tunnel_mb_s(cp, token))
+        baseline, tunnel = max(bare_runs), max(tunnel_runs)
+        assert agent.proc is not None and cp.proc is not None
+        agent_peak, cp_peak = peak_rss_mib(agent.proc.pid), peak_rss_mib(cp.proc.pid)
+    finally:
+        bare.kill()
+        bare.wait()
+        agent.stop()
+        cp.stop()
+    return [
+        ratio_figure("1 GiB file read through control plane and agent", tunnel, "MB/s",
+                     "bare grpc.aio stream, TLS", baseline, 0.40),
+        peak_rss_figure("agent peak RSS while reading 1 GiB", agent_peak, 200),
+        peak_rss_figure("control plane peak RSS while relaying 1 GiB", cp_peak, 200),
+    ]
+
+
+def run(workdir: Path) -> list[Figure]:
+    return asyncio.run(_measure(workdir))
