@@ -32,7 +32,7 @@ proto: venv
 check-generated: venv
 	@tmp=$$(mktemp -d); \
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp \
-		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=$$tmp $(PROTOS) >/dev/null; \
+		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=$$tmp $(PROTOS) 2>&1 | grep -v "^Writing mypy" >&2; \
 	if ! diff -r -x __init__.py -x __pycache__ $$tmp/onprem generated/onprem >/dev/null; then \
 		echo "generated/ is stale: run 'make proto' and commit the result"; \
 		diff -r -q -x __init__.py -x __pycache__ $$tmp/onprem generated/onprem; rm -rf $$tmp; exit 1; fi; \

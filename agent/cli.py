@@ -21,7 +21,7 @@ from pathlib import Path
 
 import grpc
 
-from agent import systemd
+from agent import metrics, systemd
 from agent.config import AgentConfig, load_config
 from agent.dispatcher import Dispatcher
 from agent.handlers.apps import AppHandler
@@ -95,6 +95,8 @@ async def run(config_path: Path, config: AgentConfig, identity: Identity) -> Non
     loop.add_signal_handler(signal.SIGHUP, on_reload)
     log.info("agent %s (group %s) starting; control plane %s; %d profiles",
              identity.agent_id, identity.group, config.control_plane.address, len(dispatcher.profiles()))
+    if config.metrics_listen:
+        metrics.serve(config.metrics_listen)
     interval = systemd.watchdog_interval()
     watchdog = loop.create_task(systemd.keep_watchdog_fed(interval)) if interval else None
     systemd.notify("READY=1", f"STATUS=serving {len(dispatcher.profiles())} profiles")

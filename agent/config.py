@@ -64,6 +64,8 @@ class AgentConfig:
     drain_grace_seconds: float = 30.0
     #: How often every profile is checked (reachable, credentials accepted).
     health_check_interval_seconds: float = 60.0
+    #: host:port for Prometheus metrics (a listening port: opt-in, local by default).
+    metrics_listen: str | None = None
 
 
 def _split_host_port(address: str, field: str) -> tuple[str, int]:
@@ -78,7 +80,7 @@ def parse_config(raw: Any, *, base_dir: Path) -> AgentConfig:
     if not isinstance(raw, dict):
         raise ConfigError("the config must be a YAML mapping")
     unknown = set(raw) - {"control_plane", "identity_dir", "profiles", "max_in_flight", "name", "drain_grace_seconds",
-                        "health_check_interval_seconds"}
+                        "health_check_interval_seconds", "metrics_listen"}
     if unknown:
         raise ConfigError(f"unknown top-level keys: {', '.join(sorted(unknown))}")
     cp = raw.get("control_plane")
@@ -106,6 +108,9 @@ def parse_config(raw: Any, *, base_dir: Path) -> AgentConfig:
         _split_host_port(proxy.removeprefix("http://").rstrip("/"), "control_plane.proxy")
     if cp.get("proxy_password_env") and not cp.get("proxy_username"):
         raise ConfigError("control_plane.proxy_password_env: set proxy_username too")
+    metrics_listen = str(raw["metrics_listen"]) if raw.get("metrics_listen") else None
+    if metrics_listen is not None:
+        _split_host_port(metrics_listen, "metrics_listen")
     health_interval = raw.get("health_check_interval_seconds", 60.0)
     if not isinstance(health_interval, int | float) or not 1 <= health_interval <= 86400:
         raise ConfigError("health_check_interval_seconds: a number of seconds from 1 to 86400")
@@ -125,6 +130,7 @@ def parse_config(raw: Any, *, base_dir: Path) -> AgentConfig:
         name=str(raw["name"]) if raw.get("name") else None,
         drain_grace_seconds=float(grace),
         health_check_interval_seconds=float(health_interval),
+        metrics_listen=metrics_listen,
     )
 
 

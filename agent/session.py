@@ -18,6 +18,7 @@ from typing import Protocol
 
 import grpc
 
+from agent import metrics
 from agent.dispatcher import Dispatcher
 from agent.handlers.base import RequestContext
 from onprem.v1 import profiles_pb2, tunnel_pb2
@@ -240,6 +241,18 @@ class AgentSession:
             self._writer.send_nowait(frame)
 
     async def _run_request(self, rid: int, start: tunnel_pb2.RequestStart, body: _Body | None) -> None:
+        kind = start.WhichOneof("payload") or "?"
+        began = self._clock()
+        metrics.IN_FLIGHT.inc()
+        try:
+            code = await self._run_request_inner(rid, start, body, kind)
+        finally:
+            metrics.IN_FLIGHT.dec()
+        metrics.LATENCY.labels(kind).observe(self._clock() - began)
+        metrics.REQUESTS.labels(kind, code.name).inc()
+
+    async def _run_request_inner(self, rid: int, start: tunnel_pb2.RequestStart, body: _Body | None,
+                                 kind: str) -> Code:
         code, message, reason = Code.OK, "", ""
         timeout = start.timeout.ToTimedelta().total_seconds() if start.HasField("timeout") else None
         context = RequestContext(
@@ -253,6 +266,7 @@ class AgentSession:
                     size = chunk.ByteSize()
                     await self._credit.wait_for(rid, size, self._conn.chunk_credit)
                     await self._writer.send(self._conn.send_chunk(rid, chunk, size), size)
+                    metrics.RESPONSE_BYTES.labels(kind).inc(size)
         except RequestError as exc:
             code, message, reason = exc.code, exc.message, exc.reason
         except TimeoutError:
@@ -263,15 +277,17 @@ class AgentSession:
             if rid in self._cancelled:
                 # The control plane asked for this: it waits for one `end`.
                 self._send_end(rid, Code.CANCELLED, "cancelled by the caller", "CANCELLED")
+                metrics.REQUESTS.labels(kind, Code.CANCELLED.name).inc()
             raise
         except StreamClosed:
-            return
+            return Code.UNAVAILABLE
         except Exception:
             log.exception("request %d failed inside the agent", rid)
             code = Code.INTERNAL
             message = f"the agent failed to run request {rid}; its log has the details"
             reason = "AGENT_INTERNAL"
         self._send_end(rid, code, message, reason)
+        return code
 
     def _send_end(self, rid: int, code: Code, message: str, reason: str) -> None:
         with contextlib.suppress(StreamClosed):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from agent import __version__
+from agent import __version__, metrics
 from agent.config import AgentConfig
 from agent.dispatcher import Dispatcher
 from agent.handlers.base import Handler
@@ -110,6 +110,9 @@ class TunnelClient:
         while True:
             self._check_now.clear()
             self.health = await self._dispatcher.check_all()
+            for health in self.health:
+                kind = profiles_pb2.ProfileKind.Name(health.kind).removeprefix("PROFILE_KIND_").lower()
+                metrics.PROFILE_UP.labels(kind, health.profile).set(1 if health.ok else 0)
             failing = [h.profile for h in self.health if not h.ok]
             if failing:
                 log.warning("profile checks failing: %s", ", ".join(failing))
@@ -242,10 +245,14 @@ class TunnelClient:
                 conn.welcome.session_id,
             )
             self.sessions_opened += 1
+            if self.sessions_opened > 1:
+                metrics.RECONNECTS.inc()
+            metrics.CONNECTED.set(1)
             self.session = AgentSession(call, conn, self._dispatcher, max_in_flight=self._config.max_in_flight)
             if self.health:
                 self.session.send_status(health=self.health)
             await self.session.run()
         finally:
             self.session = None
+            metrics.CONNECTED.set(0)
             call.cancel()

@@ -21,6 +21,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 import grpc
 
+from control_plane import metrics
 from control_plane.audit import AuditLog
 from control_plane.auth import Principal, parse_bearer
 from control_plane.ca import CertificateAuthority
@@ -130,6 +131,8 @@ class ControlPlane:
         start: tunnel_pb2.RequestStart,
     ) -> AsyncIterator[RoutedRequest]:
         began = time.monotonic()
+        kind_name = NAME_BY_KIND.get(kind, "?")
+        metrics.IN_FLIGHT.labels(kind_name).inc()
         principal: Principal | None = None
         routed: RoutedRequest | None = None
         code, detail = Code.OK, ""
@@ -160,6 +163,11 @@ class ControlPlane:
             exchange = routed.exchange if routed is not None else None
             if exchange is not None:
                 await exchange.aclose()
+            metrics.IN_FLIGHT.labels(kind_name).dec()
+            metrics.REQUESTS.labels(kind_name, method.rsplit("/", 1)[-1], code.name).inc()
+            metrics.LATENCY.labels(kind_name).observe(time.monotonic() - began)
+            if exchange is not None:
+                metrics.RESPONSE_BYTES.labels(kind_name).inc(exchange.bytes_out)
             if principal is not None:
                 self.audit.record(AuditEntry(
                     at=dt.datetime.now(dt.UTC),

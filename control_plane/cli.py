@@ -58,6 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
         database_url=args.database_url,
         hostnames=tuple(args.hostname or ("localhost", "127.0.0.1")),
         grace_period=args.grace_period,
+        metrics_listen=args.metrics_listen,
         settings=settings,
     )
 
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--hostname", action="append",
                        help="a name or IP the server certificate must carry (repeatable)")
     serve.add_argument("--grace-period", type=float, default=30.0)
+    serve.add_argument("--metrics-listen", help="host:port to serve Prometheus metrics on (default: none)")
     serve.add_argument("--agent-cert-days", type=float, default=30.0)
     serve.add_argument("--heartbeat-interval", type=float, default=10.0,
                        help="seconds between pings on a quiet agent stream; 3 missed end it")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from control_plane import metrics
 from control_plane.sessions import AgentSession, Exchange
 from onprem.v1 import tunnel_pb2
 from tunnel.errors import RequestError, Unavailable
@@ -101,6 +102,7 @@ class RoutedRequest:
             self._lost_retries += 1
         else:
             return False
+        metrics.RETRIES.labels(error.reason.lower()).inc()
         self._excluded.add(exchange.session.agent_id)
         self._start.attempt += 1
         try:

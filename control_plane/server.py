@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from control_plane import metrics
 from control_plane.api.agents import AgentService
 from control_plane.api.apps import AppService
 from control_plane.api.database import DatabaseService
@@ -65,6 +66,8 @@ class ServerConfig:
     #: Names the server certificate must carry (host names and IP addresses).
     hostnames: tuple[str, ...] = ("localhost", "127.0.0.1")
     grace_period: float = 30.0
+    #: host:port for Prometheus metrics; None to serve none.
+    metrics_listen: str | None = None
     settings: Settings = field(default_factory=Settings)
 
     @property
@@ -124,10 +127,27 @@ class ControlPlaneServer:
         for server in self._servers:
             await server.start()
         self._audit_task = asyncio.get_running_loop().create_task(self.cp.audit.run(), name="audit-writer")
+        if self.config.metrics_listen:
+            metrics.serve(self.config.metrics_listen, self._agent_states)
         for service in [*OPERATOR_SERVICES, ""]:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("listening: operator %s, agents %s, enrollment %s",
                  self.config.operator_listen, self.config.agent_listen, self.config.enroll_listen)
+
+    def _agent_states(self) -> list[tuple[str, str]]:
+        """(group, state) of every enrolled agent; called from the metrics thread."""
+        live = {s.agent_id: s for s in self.cp.registry.all()}
+        states = []
+        for row in self.cp.store.list_agents():
+            session = live.get(row.agent_id)
+            if row.revoked:
+                state = "revoked"
+            elif session is None or not session.is_open:
+                state = "inactive"
+            else:
+                state = "draining" if session.draining else "active"
+            states.append((row.group_name, state))
+        return states
 
     async def stop(self, grace: float | None = None) -> None:
         grace = self.config.grace_period if grace is None else grace

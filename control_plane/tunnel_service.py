@@ -17,6 +17,7 @@ import grpc
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from control_plane import metrics
 from control_plane.app import NAME_BY_KIND, ControlPlane
 from control_plane.ca import CsrError
 from control_plane.sessions import AgentSession
@@ -123,6 +124,7 @@ class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
         await self._record_hello(row.agent_id, hello, list(hello.profiles))
         await context.write(session.welcome_frame())
         self._cp.registry.add(session)
+        metrics.SESSIONS_OPENED.inc()
         log.info("agent %s (%s) of group %s connected from %s, session %s, %d profiles",
                  row.name, row.agent_id, row.group_name, context.peer(), session.session_id, len(hello.profiles))
         persist = asyncio.get_running_loop().create_task(self._remember_profiles(session, hello))
@@ -132,6 +134,7 @@ class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
             persist.cancel()
             await asyncio.gather(persist, return_exceptions=True)
             self._cp.registry.remove(session)
+            metrics.SESSIONS_LOST.inc()
             log.info("agent %s (%s) session %s ended", row.name, row.agent_id, session.session_id)
             try:
                 await self._cp.blocking(self._cp.store.touch_agent, row.agent_id, dt.datetime.now(dt.UTC))

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -289,3 +290,43 @@ def test_the_systemd_unit_confines_the_agent() -> None:
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert "WatchdogSec" in service
     assert "run --config /etc/onprem-agent/agent.yaml" in service["ExecStart"]
+
+
+async def test_both_processes_serve_prometheus_metrics(tmp_path: Path) -> None:
+    from tools.ports import free_port
+
+    cp_port, agent_port = free_port(), free_port()
+    cp = ControlPlaneProcess(tmp_path / "cp", extra_args=["--metrics-listen", f"127.0.0.1:{cp_port}"])
+    cp.start()
+    token = cp.admin_token()
+    agent = AgentProcess(tmp_path / "agent", cp, profiles={"databases": {"one": sqlite_profile(tmp_path / "1.db")}},
+                         extra_config={"metrics_listen": f"127.0.0.1:{agent_port}"})
+    agent.enroll("metrics")
+    agent.start()
+    try:
+        async with operator_channel(cp) as channel:
+            await wait_for_agent_state(channel, token, agent.agent_id, ACTIVE)
+            for _ in range(3):
+                _ = [r async for r in database_stub(channel).Query(
+                    database_pb2.QueryRequest(group="metrics", profile="one", sql="SELECT 1"), metadata=bearer(token))]
+            with pytest.raises(grpc.aio.AioRpcError):
+                _ = [r async for r in database_stub(channel).Query(
+                    database_pb2.QueryRequest(group="metrics", profile="one", sql="SELEC nonsense"),
+                    metadata=bearer(token))]
+
+        def scrape(port: int) -> str:
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                return str(response.read().decode())
+
+        cp_metrics, agent_metrics = scrape(cp_port), scrape(agent_port)
+        assert 'onprem_requests_total{code="OK",kind="database",method="Query"} 3.0' in cp_metrics
+        assert 'onprem_requests_total{code="INVALID_ARGUMENT",kind="database",method="Query"} 1.0' in cp_metrics
+        assert 'onprem_agents{group="metrics",state="active"} 1.0' in cp_metrics
+        assert "onprem_request_duration_seconds_bucket" in cp_metrics
+        assert 'onprem_agent_requests_total{code="OK",kind="database_query"} 3.0' in agent_metrics
+        assert "onprem_agent_connected 1.0" in agent_metrics
+    finally:
+        agent.stop()
+        cp.stop()
