@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: setup system-deps venv proto check-generated lint test test-fast run bench clean
+.PHONY: setup system-deps venv proto check-generated lint test test-faults test-fast stubs run bench clean
 
 setup: system-deps venv
 
@@ -42,9 +42,21 @@ lint: venv check-generated
 	$(BIN)/ruff check .
 	$(BIN)/mypy agent control_plane tunnel tools tests
 	$(BIN)/buf lint
+	@# The protos are a public contract: no breaking change against the previous commit.
+	@if git rev-parse -q --verify HEAD~1 >/dev/null 2>&1; then \
+		$(BIN)/buf breaking --against '.git#ref=HEAD~1' && echo "buf breaking: no breaking change since HEAD~1"; \
+	else echo "buf breaking: no previous commit to compare with"; fi
 
 test: setup lint
 	$(BIN)/pytest -q -ra
+
+# Kills, partitions, full disks, expired certificates: bounded in time, run by CI after `make test`.
+test-faults: setup
+	$(BIN)/pytest -q -ra tests/faults -p no:cacheprovider --override-ini addopts=
+
+# Client code for other languages from the protos, into build/stubs/<language>.
+stubs: venv
+	tools/stubs/generate.sh
 
 test-fast: venv
 	$(BIN)/pytest -q -x -m "not slow"
