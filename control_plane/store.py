@@ -18,26 +18,12 @@ import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any, Final, Literal, cast
+from datetime import datetime, timedelta
+from typing import Any, Final
 
 from sqlalchemy import (
-    BigInteger,
-    Column,
     Connection,
-    DateTime,
-    Dialect,
-    ForeignKey,
-    Index,
     Insert,
-    Integer,
-    MetaData,
-    Row,
-    String,
-    Table,
-    Text,
     create_engine,
     event,
     func,
@@ -49,231 +35,61 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.types import TypeDecorator
 
-Role = Literal["admin", "operator"]
-ROLES: Final[tuple[Role, ...]] = ("admin", "operator")
-ALL_GROUPS: Final = "*"
-DEFAULT_DB_FILENAME: Final = "control-plane.db"
-
-ENROLLMENT_TTL_DEFAULT: Final = timedelta(hours=1)
-ENROLLMENT_TTL_MAX: Final = timedelta(days=7)
-
-API_TOKEN_PREFIX: Final = "onp"
-ENROLLMENT_TOKEN_PREFIX: Final = "onpe"
-
-_TOKEN_ID_BYTES: Final = 8
-_SECRET_BYTES: Final = 32
-# token_hex(8) and token_urlsafe(32) have fixed lengths; matching them exactly
-# rejects garbage before it reaches the database.
-_TOKEN_ID_RE: Final = f"[0-9a-f]{{{_TOKEN_ID_BYTES * 2}}}"
-_SECRET_RE: Final = "[A-Za-z0-9_-]{43}"
-
-_GROUP_NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,63}")
-# Agent names are shown to operators and are often host names, so dots are allowed.
-_AGENT_NAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,253}")
-_TOKEN_NAME_MAX: Final = 200
-_DESCRIPTION_MAX: Final = 500
-_REASON_MAX: Final = 500
-_AUDIT_DETAIL_MAX: Final = 500
-_AUDIT_LIST_MAX: Final = 10_000
-
-# SQLite serialises writers; a writer that finds the file locked waits this long
-# before giving up, which covers audit bursts from many concurrent requests.
-_SQLITE_BUSY_TIMEOUT_MS: Final = 30_000
-
-
-# --- errors -------------------------------------------------------------------------------------------------
-
-
-class StoreError(Exception):
-    """A store operation could not be done; the message says why, for a person."""
-
-
-class NotFound(StoreError, LookupError):
-    """The group, agent or token named does not exist."""
-
-
-class Conflict(StoreError):
-    """The row to create exists already."""
-
-
-class AgentRevoked(StoreError):
-    """The agent is revoked, so the operation is refused."""
-
-
-class TokenError(StoreError):
-    """An enrollment token cannot be used."""
-
-
-class TokenInvalid(TokenError):
-    """The token is malformed, unknown, or its secret is wrong; deliberately says no more."""
-
-    def __init__(self) -> None:
-        super().__init__("the enrollment token is not valid")
-
-
-class TokenExpired(TokenError):
-    def __init__(self, expired_at: datetime) -> None:
-        self.expired_at = expired_at
-        super().__init__(
-            f"the enrollment token expired at {_iso(expired_at)}; ask an administrator for a new one"
-        )
-
-
-class TokenUsed(TokenError):
-    def __init__(self, agent_id: str, used_at: datetime) -> None:
-        self.agent_id = agent_id
-        self.used_at = used_at
-        super().__init__(
-            f"the enrollment token was already used by agent {agent_id} at {_iso(used_at)}; "
-            "enrollment tokens are single use, ask an administrator for a new one"
-        )
-
-
-# --- rows ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GroupRow:
-    name: str
-    created_at: datetime
-
-
-@dataclass(frozen=True)
-class AdvertisedProfile:
-    """A profile as an agent last advertised it; stored as JSON on the agent row."""
-
-    name: str
-    kind: str
-    read_only: bool = False
-    dialect: str = ""
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> AdvertisedProfile:
-        name, kind = data.get("name"), data.get("kind")
-        if not isinstance(name, str) or not name or not isinstance(kind, str) or not kind:
-            raise ValueError(f"a profile needs a non-empty name and kind, got {dict(data)!r}")
-        dialect = data.get("dialect") or ""
-        return cls(name=name, kind=kind, read_only=bool(data.get("read_only", False)), dialect=str(dialect))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "read_only": self.read_only, "dialect": self.dialect}
-
-
-@dataclass(frozen=True)
-class AgentRow:
-    agent_id: str
-    name: str
-    group_name: str
-    hostname: str
-    version: str
-    enrolled_at: datetime
-    last_seen_at: datetime | None
-    cert_serial: int
-    cert_expires_at: datetime
-    revoked_at: datetime | None
-    revoked_reason: str
-    profiles: tuple[AdvertisedProfile, ...]
-
-    @property
-    def revoked(self) -> bool:
-        return self.revoked_at is not None
-
-
-@dataclass(frozen=True)
-class ApiTokenRow:
-    """An operator token, without its secret or the secret's hash."""
-
-    token_id: str
-    name: str
-    role: Role
-    groups: tuple[str, ...]
-    created_at: datetime
-    revoked_at: datetime | None
-
-    @property
-    def revoked(self) -> bool:
-        return self.revoked_at is not None
-
-
-@dataclass(frozen=True)
-class EnrollmentTokenRow:
-    """An enrollment token, without its secret or the secret's hash."""
-
-    token_id: str
-    group_name: str
-    description: str
-    created_at: datetime
-    expires_at: datetime
-    used_at: datetime | None
-    used_by_agent: str | None
-
-
-@dataclass(frozen=True)
-class AuditEntry:
-    """One operator request. `detail` is a short human note: never payloads, SQL text results or secrets."""
-
-    at: datetime
-    principal: str
-    role: str
-    method: str
-    kind: str
-    code: int
-    outcome: str
-    group_name: str | None = None
-    agent_id: str | None = None
-    profile: str | None = None
-    bytes_out: int = 0
-    duration_ms: int = 0
-    detail: str = ""
-    id: int | None = None
-
-
-# --- validation ---------------------------------------------------------------------------------------------
-
-
-def validate_group_name(name: str) -> str:
-    """Return `name` if it is a valid group name, else raise ValueError saying what is allowed."""
-    if not isinstance(name, str) or _GROUP_NAME_RE.fullmatch(name) is None:
-        raise ValueError(f"invalid group name {name!r}: use 1 to 63 letters, digits, '-' or '_'")
-    return name
-
-
-def validate_agent_name(name: str) -> str:
-    """Return `name` if it is a valid agent name, else raise ValueError saying what is allowed."""
-    if not isinstance(name, str) or _AGENT_NAME_RE.fullmatch(name) is None:
-        raise ValueError(f"invalid agent name {name!r}: use 1 to 253 letters, digits, '.', '-' or '_'")
-    return name
-
-
-def _check_text(value: str, what: str, limit: int, *, required: bool = False) -> str:
-    if required and not value.strip():
-        raise ValueError(f"the {what} must not be empty")
-    if len(value) > limit:
-        raise ValueError(f"the {what} is too long ({len(value)} characters, at most {limit})")
-    return value
-
-
-def _utc(value: datetime, what: str = "time") -> datetime:
-    if value.tzinfo is None:
-        # A naive time is ambiguous; refusing it keeps every stored time in UTC.
-        raise ValueError(f"the {what} must be timezone-aware, got naive {value.isoformat()}")
-    return value.astimezone(UTC)
-
-
-def _iso(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def default_url(state_dir: Path) -> str:
-    """The embedded default: a SQLite file in the control plane's state directory."""
-    return f"sqlite:///{Path(state_dir).resolve() / DEFAULT_DB_FILENAME}"
-
+from control_plane.store_rows import (
+    _AUDIT_DETAIL_MAX,
+    _AUDIT_LIST_MAX,
+    _DESCRIPTION_MAX,
+    _REASON_MAX,
+    _SECRET_BYTES,
+    _SECRET_RE,
+    _SQLITE_BUSY_TIMEOUT_MS,
+    _TOKEN_ID_BYTES,
+    _TOKEN_ID_RE,
+    _TOKEN_NAME_MAX,
+    ALL_GROUPS,
+    API_TOKEN_PREFIX,
+    DEFAULT_DB_FILENAME,
+    ENROLLMENT_TOKEN_PREFIX,
+    ENROLLMENT_TTL_DEFAULT,
+    ENROLLMENT_TTL_MAX,
+    ROLES,
+    AdvertisedProfile,
+    AgentRevoked,
+    AgentRow,
+    ApiTokenRow,
+    AuditEntry,
+    Conflict,
+    EnrollmentTokenRow,
+    GroupRow,
+    NotFound,
+    Role,
+    StoreError,
+    TokenError,
+    TokenExpired,
+    TokenInvalid,
+    TokenUsed,
+    _check_text,
+    _utc,
+    _utcnow,
+    default_url,
+    validate_agent_name,
+    validate_group_name,
+)
+from control_plane.store_schema import (
+    _agent_row,
+    _api_token_row,
+    _audit_row,
+    _enrollment_row,
+    _group_row,
+    _profiles_json,
+    agents_table,
+    api_tokens_table,
+    audit_table,
+    enrollment_tokens_table,
+    groups_table,
+    metadata,
+)
 
 # --- secrets ------------------------------------------------------------------------------------------------
 
@@ -305,182 +121,6 @@ def _parse_token(token: object, pattern: re.Pattern[str]) -> tuple[str, str] | N
     if match is None:
         return None
     return match.group(1), match.group(2)
-
-
-# --- schema -------------------------------------------------------------------------------------------------
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """Stores aware datetimes as UTC and always reads them back aware in UTC.
-
-    PostgreSQL's timestamptz keeps the instant; SQLite keeps text and drops the
-    offset, so values are converted to UTC before they are written (which also
-    keeps SQLite's text comparisons in time order).
-    """
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        value = _utc(value)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-metadata = MetaData()
-
-groups_table = Table(
-    "groups",
-    metadata,
-    Column("name", String(63), primary_key=True),
-    Column("created_at", UTCDateTime(), nullable=False),
-)
-
-agents_table = Table(
-    "agents",
-    metadata,
-    Column("agent_id", String(128), primary_key=True),
-    Column("name", String(253), nullable=False),
-    Column("group_name", String(63), ForeignKey("groups.name"), nullable=False),
-    Column("hostname", String(255), nullable=False),
-    Column("version", String(64), nullable=False),
-    Column("enrolled_at", UTCDateTime(), nullable=False),
-    Column("last_seen_at", UTCDateTime(), nullable=True),
-    # X.509 serials are up to 20 bytes, beyond any SQL integer type, hence text.
-    Column("cert_serial", String(64), nullable=False),
-    Column("cert_expires_at", UTCDateTime(), nullable=False),
-    Column("revoked_at", UTCDateTime(), nullable=True),
-    Column("revoked_reason", Text(), nullable=False, default=""),
-    Column("profiles", Text(), nullable=False, default="[]"),
-    Index("ix_agents_group_name", "group_name"),
-)
-
-api_tokens_table = Table(
-    "api_tokens",
-    metadata,
-    Column("token_id", String(32), primary_key=True),
-    Column("name", String(_TOKEN_NAME_MAX), nullable=False),
-    Column("secret_hash", String(64), nullable=False),
-    Column("role", String(16), nullable=False),
-    Column("groups", Text(), nullable=False),
-    Column("created_at", UTCDateTime(), nullable=False),
-    Column("revoked_at", UTCDateTime(), nullable=True),
-)
-
-enrollment_tokens_table = Table(
-    "enrollment_tokens",
-    metadata,
-    Column("token_id", String(32), primary_key=True),
-    Column("secret_hash", String(64), nullable=False),
-    Column("group_name", String(63), ForeignKey("groups.name"), nullable=False),
-    Column("description", String(_DESCRIPTION_MAX), nullable=False),
-    Column("created_at", UTCDateTime(), nullable=False),
-    Column("expires_at", UTCDateTime(), nullable=False),
-    Column("used_at", UTCDateTime(), nullable=True),
-    Column("used_by_agent", String(128), nullable=True),
-)
-
-audit_table = Table(
-    "audit",
-    metadata,
-    # BIGINT on PostgreSQL for a long-lived log; SQLite only autoincrements an INTEGER primary key.
-    Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True),
-    Column("at", UTCDateTime(), nullable=False),
-    Column("principal", String(_TOKEN_NAME_MAX), nullable=False),
-    Column("role", String(16), nullable=False),
-    Column("method", String(200), nullable=False),
-    Column("group_name", String(63), nullable=True),
-    Column("agent_id", String(128), nullable=True),
-    Column("profile", String(200), nullable=True),
-    Column("kind", String(16), nullable=False),
-    Column("code", Integer(), nullable=False),
-    Column("outcome", String(32), nullable=False),
-    Column("bytes_out", BigInteger(), nullable=False),
-    Column("duration_ms", BigInteger(), nullable=False),
-    Column("detail", String(_AUDIT_DETAIL_MAX), nullable=False),
-    Index("ix_audit_at", "at"),
-)
-
-
-# --- row conversion -----------------------------------------------------------------------------------------
-
-
-def _group_row(row: Row[Any]) -> GroupRow:
-    return GroupRow(name=row.name, created_at=row.created_at)
-
-
-def _agent_row(row: Row[Any]) -> AgentRow:
-    profiles = tuple(AdvertisedProfile.from_mapping(p) for p in json.loads(row.profiles))
-    return AgentRow(
-        agent_id=row.agent_id,
-        name=row.name,
-        group_name=row.group_name,
-        hostname=row.hostname,
-        version=row.version,
-        enrolled_at=row.enrolled_at,
-        last_seen_at=row.last_seen_at,
-        cert_serial=int(row.cert_serial),
-        cert_expires_at=row.cert_expires_at,
-        revoked_at=row.revoked_at,
-        revoked_reason=row.revoked_reason,
-        profiles=profiles,
-    )
-
-
-def _api_token_row(row: Row[Any]) -> ApiTokenRow:
-    return ApiTokenRow(
-        token_id=row.token_id,
-        name=row.name,
-        role=cast(Role, row.role),
-        groups=tuple(json.loads(row.groups)),
-        created_at=row.created_at,
-        revoked_at=row.revoked_at,
-    )
-
-
-def _enrollment_row(row: Row[Any]) -> EnrollmentTokenRow:
-    return EnrollmentTokenRow(
-        token_id=row.token_id,
-        group_name=row.group_name,
-        description=row.description,
-        created_at=row.created_at,
-        expires_at=row.expires_at,
-        used_at=row.used_at,
-        used_by_agent=row.used_by_agent,
-    )
-
-
-def _audit_row(row: Row[Any]) -> AuditEntry:
-    return AuditEntry(
-        id=row.id,
-        at=row.at,
-        principal=row.principal,
-        role=row.role,
-        method=row.method,
-        group_name=row.group_name,
-        agent_id=row.agent_id,
-        profile=row.profile,
-        kind=row.kind,
-        code=row.code,
-        outcome=row.outcome,
-        bytes_out=row.bytes_out,
-        duration_ms=row.duration_ms,
-        detail=row.detail,
-    )
-
-
-def _profiles_json(profiles: Iterable[AdvertisedProfile | Mapping[str, Any]]) -> str:
-    normalised = [
-        (p if isinstance(p, AdvertisedProfile) else AdvertisedProfile.from_mapping(p)).to_dict()
-        for p in profiles
-    ]
-    return json.dumps(normalised, separators=(",", ":"))
 
 
 # --- the store ----------------------------------------------------------------------------------------------
@@ -930,3 +570,33 @@ class Store:
         )
         with self._read() as conn:
             return int(conn.execute(stmt).scalar_one())
+
+
+__all__ = [
+    "ALL_GROUPS",
+    "API_TOKEN_PREFIX",
+    "DEFAULT_DB_FILENAME",
+    "ENROLLMENT_TOKEN_PREFIX",
+    "ENROLLMENT_TTL_DEFAULT",
+    "ENROLLMENT_TTL_MAX",
+    "ROLES",
+    "AdvertisedProfile",
+    "AgentRevoked",
+    "AgentRow",
+    "ApiTokenRow",
+    "AuditEntry",
+    "Conflict",
+    "EnrollmentTokenRow",
+    "GroupRow",
+    "NotFound",
+    "Role",
+    "Store",
+    "StoreError",
+    "TokenError",
+    "TokenExpired",
+    "TokenInvalid",
+    "TokenUsed",
+    "default_url",
+    "validate_agent_name",
+    "validate_group_name",
+]
