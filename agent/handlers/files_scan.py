@@ -1,18 +1,22 @@
 """Folder scans that scale: paged listings and polls for changed files.
 
-Both run in a worker thread and never hold more than one page's worth of
-stat results, whatever the size of the tree.
+Both run in a worker thread and hold at most one page of stat results,
+whatever the size of the tree.
 
 Listing order is the full relative path as a string ("a", "a-b", "a/x"),
 which is not per-folder depth-first order: a sibling "a-b" sorts between
-folder "a" and its children. A heap yields that order lazily: a folder is
-pushed as the key "a/" (below all its descendants, above "a-b"), and only
-when that key reaches the top is the folder read and its children pushed.
-From one folder's children no more than a page plus one can ever be taken,
-so each folder contributes at most that many, chosen with `heapq.nsmallest`
-over its scandir stream; folders wholly before the page token are never
-read. A page of a flat 100,000-entry folder therefore costs one scandir
-pass and `page_size` stats, not a sort of 100,000 FileInfo messages.
+folder "a" and its children. `list_page` merges lazily: each folder read so
+far is a heap of its child names, and a sub-folder waits in the merge as the
+key "a/" (after "a" and "a-b", before every "a/..."), to be read only when
+the page reaches it; names before the page token are dropped as a folder is
+read. A page of a flat 100,000-entry folder therefore costs one `listdir`
+and a heapify of names (about 0.1 s), plus an lstat per entry it returns,
+never a stat or FileInfo per entry of the folder.
+
+Polls must look at every file (there is no index to ask), but keep only the
+`max_files` + 1 oldest changes after the marker, with `heapq.nsmallest`.
+Why change time and a settle delay make polls never miss or repeat a file
+is documented on `FileService.Poll` in files.proto and on `poll` below.
 """
 
 from __future__ import annotations
@@ -186,7 +190,17 @@ class Marker:
 
 
 def poll(top: ConfinedPath, req: files_pb2.PollRequest, read_patterns: Sequence[str]) -> files_pb2.PollResponse:
-    """The files under `top` changed after `req.marker` and settled, in (change time, path) order."""
+    """The files under `top` changed after `req.marker` and settled, in (change time, path) order.
+
+    The key is ctime, not mtime: a rename into the folder, a copy or an extracted archive can
+    carry an mtime from the past, but the kernel sets ctime to now on every such change, and
+    nothing can set it back (short of the clock itself). Only files changed before `cutoff`
+    are reported: any change not yet visible to this scan will get a ctime after the cutoff,
+    so a marker at or before the cutoff can never pass over a file that appears later, even
+    among files sharing one coarse ctime. The price: a file is reported `settle_ms` after its
+    last change, a metadata change (chmod, a new hard link) reports it again, and a writer that
+    pauses longer than `settle_ms` mid-file gets it reported twice, half-done and then whole.
+    """
     marker = Marker.decode(req.marker)
     limit = req.max_files or DEFAULT_MAX_FILES
     settle_ms = max(req.settle_ms or DEFAULT_SETTLE_MS, MIN_SETTLE_MS)
