@@ -7,7 +7,7 @@ PROTOS := $(shell find protos -name '*.proto' | sort)
 
 .PHONY: setup system-deps venv proto check-generated lint test test-faults test-fast stubs run bench clean
 
-setup: system-deps venv
+setup: system-deps venv stubs
 
 system-deps:
 	@tools/setup_system.sh
@@ -55,7 +55,7 @@ test-faults: setup
 	$(BIN)/pytest -q -ra tests/faults -p no:cacheprovider --override-ini addopts=
 
 # Client code for other languages from the protos, into build/stubs/<language>.
-stubs: venv
+stubs: system-deps venv
 	tools/stubs/generate.sh
 
 test-fast: venv

@@ -139,9 +139,10 @@ class ControlPlane:
         try:
             principal = await self.authenticate(context)
             if not group:
-                raise InvalidArgument("'group' is required: the agent group to use", reason="MISSING_GROUP")
+                raise InvalidArgument("'group' is required: the agent group to use", reason="MISSING_GROUP", field="group")
             if not profile:
-                raise InvalidArgument("'profile' is required: the profile to use", reason="MISSING_PROFILE")
+                raise InvalidArgument("'profile' is required: the profile to use", reason="MISSING_PROFILE",
+                                      field="profile")
             self.require_group(principal, group)
             remaining = context.time_remaining()
             if remaining is not None:

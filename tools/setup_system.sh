@@ -13,6 +13,19 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)
 command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/bin/tinyproxy ] || [ -x /usr/sbin/tinyproxy ] || need+=(tinyproxy)
 
+# Generated clients for other languages (make stubs) and their interop tests.
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+command -v go >/dev/null 2>&1 || need+=(golang-go)
+command -v protoc-gen-go >/dev/null 2>&1 || need+=(protoc-gen-go)
+command -v protoc-gen-go-grpc >/dev/null 2>&1 || need+=(protoc-gen-go-grpc)
+dpkg -s golang-google-grpc-dev >/dev/null 2>&1 || need+=(golang-google-grpc-dev)
+dpkg -s golang-google-genproto-dev >/dev/null 2>&1 || need+=(golang-google-genproto-dev)
+dpkg -s golang-google-protobuf-dev >/dev/null 2>&1 || need+=(golang-google-protobuf-dev)
+# In the same apt-get as grpc: alone, apt would satisfy grpc with the older 1-3 API.
+dpkg -s golang-github-golang-protobuf-1-5-dev >/dev/null 2>&1 || need+=(golang-github-golang-protobuf-1-5-dev)
+
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

@@ -80,8 +80,15 @@ class RequestError(OnpremError):
 
 
 class InvalidArgument(RequestError):
+    """`field`, when given, names the request field at fault (e.g. "sql",
+    "head.method"); the operator API reports it as a `BadRequest` violation."""
+
     code = Code.INVALID_ARGUMENT
     default_reason = "INVALID_ARGUMENT"
+
+    def __init__(self, message: str, *, reason: str | None = None, field: str | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.field = field
 
 
 class NotFound(RequestError):

@@ -76,7 +76,7 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
 
     async def _agent(self, principal: Principal, agent_id: str) -> AgentRow:
         if not agent_id:
-            raise InvalidArgument("'agent_id' is required", reason="MISSING_AGENT_ID")
+            raise InvalidArgument("'agent_id' is required", reason="MISSING_AGENT_ID", field="agent_id")
         row = await self._cp.blocking(self._cp.store.get_agent, agent_id)
         if row is None or not principal.may_use_group(row.group_name):
             raise NotFound(f"no agent has the id '{agent_id}'", reason="AGENT_NOT_FOUND")
@@ -124,11 +124,11 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
         try:
             store_mod.validate_group_name(request.group)
         except ValueError as exc:
-            raise InvalidArgument(f"'group': {exc}", reason="INVALID_GROUP") from None
+            raise InvalidArgument(f"'group': {exc}", reason="INVALID_GROUP", field="group") from None
         self._cp.require_group(principal, request.group)
         ttl = request.ttl.ToTimedelta() if request.HasField("ttl") else DEFAULT_TOKEN_TTL
         if not dt.timedelta(0) < ttl <= MAX_TOKEN_TTL:
-            raise InvalidArgument(f"'ttl' must be more than 0 and at most {MAX_TOKEN_TTL}", reason="INVALID_TTL")
+            raise InvalidArgument(f"'ttl' must be more than 0 and at most {MAX_TOKEN_TTL}", reason="INVALID_TTL", field="ttl")
         token, row = await self._cp.blocking(
             self._cp.store.create_enrollment_token, request.group, ttl, request.description
         )
@@ -142,7 +142,7 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
         self, request: profiles_pb2.CheckProfileRequest, context: Context
     ) -> profiles_pb2.CheckProfileResponse:
         if request.kind == profiles_pb2.PROFILE_KIND_UNSPECIFIED:
-            raise InvalidArgument("'kind' is required: DATABASE, FOLDER or APP", reason="MISSING_KIND")
+            raise InvalidArgument("'kind' is required: DATABASE, FOLDER or APP", reason="MISSING_KIND", field="kind")
         start = tunnel_pb2.RequestStart(profile_check=request)
         async with self._cp.relay(
             context, method="/onprem.v1.AgentService/CheckProfile", group=request.group,
@@ -165,7 +165,8 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
                                      reason="AGENT_NOT_CONNECTED")
         grace = request.grace_period.ToTimedelta() if request.HasField("grace_period") else DEFAULT_DRAIN_GRACE
         if not dt.timedelta(0) <= grace <= MAX_DRAIN_GRACE:
-            raise InvalidArgument(f"'grace_period' must be between 0 and {MAX_DRAIN_GRACE}", reason="INVALID_GRACE")
+            raise InvalidArgument(f"'grace_period' must be between 0 and {MAX_DRAIN_GRACE}", reason="INVALID_GRACE",
+                                  field="grace_period")
         session.drain(request.reason or f"drained by {principal.name}", grace, exit_after=True)
         self._audit(principal, "DrainAgent", began, group=row.group_name, agent_id=row.agent_id,
                     detail=request.reason[:200])

@@ -29,13 +29,13 @@ class AppService(apps_pb2_grpc.AppServiceServicer):
     ) -> AsyncIterator[apps_pb2.CallResponse]:
         first = await anext(request_iterator, None)
         if first is None or not first.HasField("head"):
-            raise InvalidArgument("the first message of Call must carry 'head'", reason="MISSING_HEAD")
+            raise InvalidArgument("the first message of Call must carry 'head'", reason="MISSING_HEAD", field="head")
         head = first.head
 
         async def body() -> AsyncIterator[bytes]:
             async for message in request_iterator:
                 if message.HasField("head"):
-                    raise InvalidArgument("'head' may only come in the first message", reason="HEAD_REPEATED")
+                    raise InvalidArgument("'head' may only come in the first message", reason="HEAD_REPEATED", field="head")
                 yield message.body
 
         # Bodiless methods travel without a body, so that they can be re-routed
@@ -47,7 +47,8 @@ class AppService(apps_pb2_grpc.AppServiceServicer):
             kind=profiles_pb2.PROFILE_KIND_APP, profile=head.profile, start=start,
         ) as routed:
             if bodiless:
-                refused = InvalidArgument(f"{head.method or 'GET'} requests take no body", reason="BODY_NOT_ALLOWED")
+                refused = InvalidArgument(f"{head.method or 'GET'} requests take no body", reason="BODY_NOT_ALLOWED",
+                                          field="body")
                 feeder = refuse_body(routed, body(), refused)
             else:
                 feeder = pump_body(routed, body())

@@ -24,7 +24,7 @@ class DatabaseService(database_pb2_grpc.DatabaseServiceServicer):
     @errors.streaming
     async def Query(self, request: database_pb2.QueryRequest, context: Context) -> AsyncIterator[database_pb2.QueryResponse]:
         if not request.sql.strip():
-            raise InvalidArgument("'sql' is required: the statement to run", reason="MISSING_SQL")
+            raise InvalidArgument("'sql' is required: the statement to run", reason="MISSING_SQL", field="sql")
         start = tunnel_pb2.RequestStart(database_query=database_pb2.DatabaseQuery(query=request))
         async with self._relay(context, "Query", request.group, request.profile, start) as routed:
             async for chunk in routed:
@@ -43,7 +43,8 @@ class DatabaseService(database_pb2_grpc.DatabaseServiceServicer):
         self, request: database_pb2.ExecuteBatchRequest, context: Context
     ) -> database_pb2.ExecuteBatchResponse:
         if not request.sql.strip():
-            raise InvalidArgument("'sql' is required: the statement to run for each set", reason="MISSING_SQL")
+            raise InvalidArgument("'sql' is required: the statement to run for each set", reason="MISSING_SQL",
+                                  field="sql")
         start = tunnel_pb2.RequestStart(database_query=database_pb2.DatabaseQuery(batch=request))
         async with self._relay(context, "ExecuteBatch", request.group, request.profile, start) as routed:
             return (await routed.single()).batch
@@ -53,7 +54,8 @@ class DatabaseService(database_pb2_grpc.DatabaseServiceServicer):
         self, request: database_pb2.ExecuteTransactionRequest, context: Context
     ) -> database_pb2.ExecuteTransactionResponse:
         if not request.statements:
-            raise InvalidArgument("'statements' is required: the statements to run", reason="MISSING_SQL")
+            raise InvalidArgument("'statements' is required: the statements to run", reason="MISSING_SQL",
+                                  field="statements")
         start = tunnel_pb2.RequestStart(database_query=database_pb2.DatabaseQuery(transaction=request))
         async with self._relay(context, "ExecuteTransaction", request.group, request.profile, start) as routed:
             return (await routed.single()).transaction

@@ -4,7 +4,9 @@ Servicer methods raise `tunnel.errors.RequestError` subclasses (their own, or
 an agent's, re-raised from its final status). The boundary aborts the call
 with the error's code and message, and attaches a `google.rpc.Status` with an
 `ErrorInfo` (reason, domain) in `grpc-status-details-bin`, so that clients in
-any language can branch on a stable reason instead of message text. Any
+any language can branch on a stable reason instead of message text; an
+`InvalidArgument` that names its `field` adds a `BadRequest` with that field's
+violation, so that a client can point at the input to fix. Any
 other exception is a bug: it is logged with its traceback and the caller gets
 INTERNAL with no internals.
 """
@@ -17,10 +19,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
-from tunnel.errors import Internal, RequestError
+from tunnel.errors import Internal, InvalidArgument, RequestError
 
 log = logging.getLogger("onprem.control_plane.api")
 
@@ -30,16 +32,21 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
-def status_details(error: RequestError) -> tuple[tuple[str, bytes], ...]:
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN)
-    detail = any_pb2.Any()
-    detail.Pack(info)
-    status = status_pb2.Status(code=int(error.code), message=error.message, details=[detail])
-    return (("grpc-status-details-bin", status.SerializeToString()),)
+def rich_status(error: RequestError) -> status_pb2.Status:
+    """The `google.rpc.Status` a client finds in `grpc-status-details-bin`."""
+    status = status_pb2.Status(code=int(error.code), message=error.message)
+    status.details.add().Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))
+    if isinstance(error, InvalidArgument) and error.field:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
+        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    return status
 
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], error: RequestError) -> None:
-    await context.abort(grpc.StatusCode[error.code.name], error.message, status_details(error))
+    # The call's code and message are taken from the rich status itself, so the two always agree
+    # (grpcio-status's `from_call` on the client refuses a status that disagrees with its call).
+    status = rpc_status.to_status(rich_status(error))
+    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 def _internal(method: str) -> RequestError:

@@ -80,13 +80,13 @@ class FileService(files_pb2_grpc.FileServiceServicer):
     ) -> files_pb2.WriteResponse:
         first = await anext(request_iterator, None)
         if first is None or not first.HasField("header"):
-            raise InvalidArgument("the first message of Write must carry 'header'", reason="MISSING_HEADER")
+            raise InvalidArgument("the first message of Write must carry 'header'", reason="MISSING_HEADER", field="header")
         header = first.header
 
         async def data() -> AsyncIterator[bytes]:
             async for message in request_iterator:
                 if message.HasField("header"):
-                    raise InvalidArgument("'header' may only come in the first message", reason="HEADER_REPEATED")
+                    raise InvalidArgument("'header' may only come in the first message", reason="HEADER_REPEATED", field="header")
                 yield message.data
 
         start = tunnel_pb2.RequestStart(file_op=files_pb2.FileOp(write=header), has_body=True)
