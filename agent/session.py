@@ -253,7 +253,7 @@ class AgentSession:
 
     async def _run_request_inner(self, rid: int, start: tunnel_pb2.RequestStart, body: _Body | None,
                                  kind: str) -> Code:
-        code, message, reason = Code.OK, "", ""
+        code, message, reason, field = Code.OK, "", "", ""
         timeout = start.timeout.ToTimedelta().total_seconds() if start.HasField("timeout") else None
         context = RequestContext(
             request_id=rid,
@@ -269,6 +269,7 @@ class AgentSession:
                     metrics.RESPONSE_BYTES.labels(kind).inc(size)
         except RequestError as exc:
             code, message, reason = exc.code, exc.message, exc.reason
+            field = getattr(exc, "field", None) or ""
         except TimeoutError:
             if not deadline.expired():
                 raise
@@ -286,12 +287,12 @@ class AgentSession:
             code = Code.INTERNAL
             message = f"the agent failed to run request {rid}; its log has the details"
             reason = "AGENT_INTERNAL"
-        self._send_end(rid, code, message, reason)
+        self._send_end(rid, code, message, reason, field)
         return code
 
-    def _send_end(self, rid: int, code: Code, message: str, reason: str) -> None:
+    def _send_end(self, rid: int, code: Code, message: str, reason: str, field: str = "") -> None:
         with contextlib.suppress(StreamClosed):
-            self._writer.send_nowait(self._conn.end(rid, code, message, reason))
+            self._writer.send_nowait(self._conn.end(rid, code, message, reason, field))
 
     async def _heartbeat(self) -> None:
         assert self._conn.welcome is not None

@@ -278,11 +278,11 @@ class AgentSession:
                 exchange = self._exchanges.get(rid)
                 if exchange is not None:
                     exchange._deliver(event)
-            case RequestEnded(rid, code, message, reason):
+            case RequestEnded(rid, code, message, reason, field):
                 exchange = self._exchanges.pop(rid, None)
                 self._credit.forget(rid)
                 if exchange is not None:
-                    error = None if code == Code.OK else RequestError.from_status(code, message, reason)
+                    error = None if code == Code.OK else RequestError.from_status(code, message, reason, field)
                     exchange._deliver(_End(error))
                 self.on_change()
             case CreditGranted(rid, _):

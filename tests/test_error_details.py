@@ -8,6 +8,8 @@ through grpcio-status, from a real control plane.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -18,7 +20,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from onprem.v1 import agents_pb2, agents_pb2_grpc, database_pb2, database_pb2_grpc, files_pb2, files_pb2_grpc
-from tools.cluster import ControlPlaneProcess, bearer
+from tools.cluster import AgentProcess, ControlPlaneProcess, bearer
 from tunnel.errors import Code, InvalidArgument, RequestError
 
 
@@ -66,14 +68,46 @@ class Api:
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    cp = ControlPlaneProcess(tmp_path_factory.mktemp("error-details") / "cp")
+    base = tmp_path_factory.mktemp("error-details")
+    cp = ControlPlaneProcess(base / "cp")
     cp.start()
+    sqlite3.connect(base / "x.db").close()
+    (base / "files").mkdir()
+    # An agent for errors that the agent itself finds (parameters, paths).
+    agent = AgentProcess(base / "agent", cp, profiles={
+        "databases": {"db": {"url": f"sqlite:///{base / 'x.db'}"}},
+        "folders": {"files": {"root": str(base / "files")}},
+    })
+    agent.enroll("agents")
+    agent.start()
     try:
         creds = grpc.ssl_channel_credentials(root_certificates=cp.ca_file.read_bytes())
         with grpc.secure_channel(cp.operator_address, creds) as channel:
-            yield Api(channel, cp.admin_token())
+            token = cp.admin_token()
+            stub = agents_pb2_grpc.AgentServiceStub(channel)
+            for _ in range(300):
+                state = stub.GetAgent(agents_pb2.GetAgentRequest(agent_id=agent.agent_id), metadata=bearer(token))
+                if state.agent.state == agents_pb2.AGENT_STATE_ACTIVE:
+                    break
+                time.sleep(0.1)
+            yield Api(channel, token)
     finally:
+        agent.stop()
         cp.stop()
+
+
+def test_a_parameter_the_agent_finds_missing_is_named_across_the_tunnel(api: Api) -> None:
+    refusal = api.query(group="agents", profile="db", sql="SELECT :id")
+    assert (refusal.code, refusal.reason, list(refusal.fields)) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PARAMETER", ["parameters.id"])
+
+
+def test_a_path_the_agent_refuses_as_malformed_names_the_path_field(api: Api) -> None:
+    stub = files_pb2_grpc.FileServiceStub(api.channel)
+    request = files_pb2.StatRequest(group="agents", profile="files", path="a\\b")
+    refusal = api.refusal(lambda: stub.Stat(request, metadata=bearer(api.admin)))
+    assert (refusal.code, refusal.reason, list(refusal.fields)) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PATH", ["path"])
 
 
 def test_a_query_without_sql_names_the_sql_field(api: Api) -> None:

@@ -70,12 +70,14 @@ class RequestError(OnpremError):
         self.reason = reason or self.default_reason
 
     @staticmethod
-    def from_status(code: int, message: str, reason: str = "") -> RequestError:
+    def from_status(code: int, message: str, reason: str = "", field: str = "") -> RequestError:
         """Rebuild the error a peer reported in a final status."""
         try:
             cls = _BY_CODE[Code(code)]
         except (ValueError, KeyError):
             cls = Internal
+        if cls is InvalidArgument:
+            return InvalidArgument(message, reason=reason or None, field=field or None)
         return cls(message, reason=reason or None)
 
 

@@ -100,6 +100,7 @@ class RequestEnded:
     code: Code
     message: str
     reason: str
+    field: str = ""
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,7 @@ class ControlPlaneConnection:
                 code = Code(frame.end.code)
             except ValueError:
                 code = Code.UNKNOWN
-            return [RequestEnded(rid, code, frame.end.message, frame.end.reason)]
+            return [RequestEnded(rid, code, frame.end.message, frame.end.reason, frame.end.field)]
         if kind == "window_update":
             request.data.grant(frame.window_update.bytes)
             return [CreditGranted(rid, frame.window_update.bytes)]
@@ -426,10 +427,11 @@ class AgentConnection:
             return None
         return AgentFrame(request_id=rid, window_update=tunnel_pb2.WindowUpdate(bytes=grant))
 
-    def end(self, rid: int, code: Code, message: str = "", reason: str = "") -> AgentFrame:
+    def end(self, rid: int, code: Code, message: str = "", reason: str = "", field: str = "") -> AgentFrame:
         if self._requests.pop(rid, None) is None:
             raise LocalProtocolError(f"end for request {rid}, which is not open")
-        return AgentFrame(request_id=rid, end=tunnel_pb2.ResponseEnd(code=int(code), message=message, reason=reason))
+        return AgentFrame(request_id=rid, end=tunnel_pb2.ResponseEnd(
+            code=int(code), message=message, reason=reason, field=field))
 
     def open_request_ids(self) -> list[int]:
         return list(self._requests)

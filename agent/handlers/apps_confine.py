@@ -108,7 +108,7 @@ def build_url(profile: AppProfile, path: str) -> httpx.URL:
 def check_method(profile: AppProfile, method: str) -> str:
     method = (method or "GET").upper()
     if not TOKEN.match(method) or method in _NEVER_ALLOWED_METHODS:
-        raise InvalidArgument(f"HTTP method {method!r} is not allowed", reason="INVALID_METHOD")
+        raise InvalidArgument(f"HTTP method {method!r} is not allowed", reason="INVALID_METHOD", field="head.method")
     if method not in profile.methods:
         raise PermissionDenied(
             f"app profile '{profile.name}' does not allow {method}; it allows {', '.join(sorted(profile.methods))}",
@@ -120,7 +120,7 @@ def query_string(query: Iterable[apps_pb2.QueryParameter]) -> bytes:
     pairs = []
     for q in query:
         if CONTROL.search(q.name) or CONTROL.search(q.value):
-            raise InvalidArgument(f"query parameter {q.name!r} contains a control character", reason="INVALID_QUERY")
+            raise InvalidArgument(f"query parameter {q.name!r} contains a control character", reason="INVALID_QUERY", field="head.query")
         pairs.append((q.name, q.value))
     # urlencode keeps the caller's order, which httpx.QueryParams would regroup by name.
     return urlencode(pairs).encode("ascii")

@@ -52,7 +52,7 @@ class ConfinedPath:
 
 
 def _invalid(path: str, why: str) -> InvalidArgument:
-    return InvalidArgument(f"path {path!r} {why}", reason="INVALID_PATH")
+    return InvalidArgument(f"path {path!r} {why}", reason="INVALID_PATH", field="path")
 
 
 def outside(rel: str) -> PermissionDenied:

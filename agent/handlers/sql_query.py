@@ -41,7 +41,8 @@ def bind_parameters(statement: sa.TextClause, sql: str, given: Mapping[str, valu
         raise InvalidArgument("the SQL text is empty", reason="SQL_ERROR")
     wanted = set(statement.compile().params)
     for name in sorted(wanted - set(given)):
-        raise InvalidArgument(f"parameter '{name}' is used by the statement but not given", reason="INVALID_PARAMETER")
+        raise InvalidArgument(f"parameter '{name}' is used by the statement but not given", reason="INVALID_PARAMETER",
+                              field=f"parameters.{name}")
     for name in sorted(set(given) - wanted):
         # SQLAlchemy reads `:name::type` as literal text, not as a parameter.
         hint = f"; write CAST(:{name} AS type) instead of :{name}::type" if f":{name}::" in sql else ""

@@ -65,7 +65,8 @@ def bind_value(name: str, value: values_pb2.Value, dialect: str) -> Any:
     """Convert one bound parameter to the Python value the driver binds."""
     kind = value.WhichOneof("kind")
     if kind is None:
-        raise InvalidArgument(f"parameter '{name}' has no value set; use null_value for NULL", reason="INVALID_PARAMETER")
+        raise InvalidArgument(f"parameter '{name}' has no value set; use null_value for NULL", reason="INVALID_PARAMETER",
+                              field=f"parameters.{name}")
     if kind == "array_value":
         if dialect != "postgresql":
             raise InvalidArgument(
@@ -77,7 +78,8 @@ def bind_value(name: str, value: values_pb2.Value, dialect: str) -> Any:
     try:
         converted = _convert(kind, raw, dialect)
     except (ValueError, InvalidOperation):
-        raise InvalidArgument(f"parameter '{name}': {raw!r} is not a valid {kind}", reason="INVALID_PARAMETER") from None
+        raise InvalidArgument(f"parameter '{name}': {raw!r} is not a valid {kind}", reason="INVALID_PARAMETER",
+                              field=f"parameters.{name}") from None
     if dialect == "sqlite" and isinstance(converted, date | time | timedelta | Decimal | uuid.UUID):
         # sqlite3 has no adapters for these (and deprecated the date ones): bind their text forms.
         return _text(converted)

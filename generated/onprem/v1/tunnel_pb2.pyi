@@ -213,11 +213,13 @@ class ResponseChunk(_message.Message):
     def __init__(self, query: _Optional[_Union[_database_pb2.QueryResponse, _Mapping]] = ..., list: _Optional[_Union[_files_pb2.ListResponse, _Mapping]] = ..., stat: _Optional[_Union[_files_pb2.StatResponse, _Mapping]] = ..., read: _Optional[_Union[_files_pb2.ReadResponse, _Mapping]] = ..., write: _Optional[_Union[_files_pb2.WriteResponse, _Mapping]] = ..., delete: _Optional[_Union[_files_pb2.DeleteResponse, _Mapping]] = ..., move: _Optional[_Union[_files_pb2.MoveResponse, _Mapping]] = ..., make_directory: _Optional[_Union[_files_pb2.MakeDirectoryResponse, _Mapping]] = ..., call: _Optional[_Union[_apps_pb2.CallResponse, _Mapping]] = ..., batch: _Optional[_Union[_database_pb2.ExecuteBatchResponse, _Mapping]] = ..., transaction: _Optional[_Union[_database_pb2.ExecuteTransactionResponse, _Mapping]] = ..., poll_changes: _Optional[_Union[_database_pb2.PollChangesResponse, _Mapping]] = ..., poll: _Optional[_Union[_files_pb2.PollResponse, _Mapping]] = ..., profile_check: _Optional[_Union[_profiles_pb2.CheckProfileResponse, _Mapping]] = ...) -> None: ...
 
 class ResponseEnd(_message.Message):
-    __slots__ = ("code", "message", "reason")
+    __slots__ = ("code", "message", "reason", "field")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
     reason: str
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    field: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., reason: _Optional[str] = ..., field: _Optional[str] = ...) -> None: ...
