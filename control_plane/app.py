@@ -65,7 +65,7 @@ class ControlPlane:
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store")
         self.registry = Registry()
         self.router = Router(self.registry, self._group_facts, queue_wait=self.settings.queue_wait)
-        self.audit = AuditLog(store.add_audit, self.blocking)
+        self.audit = AuditLog(store.add_audits, self.blocking)
         self._tokens: dict[str, tuple[float, Principal]] = {}
 
     def blocking(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:

@@ -529,7 +529,23 @@ class Store:
 
     def add_audit(self, entry: AuditEntry) -> int:
         """Append one audit row and return its id; an over-long detail is cut, not refused."""
-        values = {
+        values = self._audit_values(entry)
+        with self._write() as conn:
+            result = conn.execute(insert(audit_table).values(values))
+            key = result.inserted_primary_key
+        if key is None:
+            raise StoreError("the database did not report the new audit row's id")
+        return int(key[0])
+
+    def add_audits(self, entries: Sequence[AuditEntry]) -> None:
+        """Append many audit rows in one transaction (one commit, not one per request)."""
+        if entries:
+            with self._write() as conn:
+                conn.execute(insert(audit_table), [self._audit_values(e) for e in entries])
+
+    @staticmethod
+    def _audit_values(entry: AuditEntry) -> dict[str, Any]:
+        return {
             "at": entry.at,
             "principal": entry.principal[:_TOKEN_NAME_MAX],
             "role": entry.role,
@@ -544,12 +560,6 @@ class Store:
             "duration_ms": entry.duration_ms,
             "detail": entry.detail[:_AUDIT_DETAIL_MAX],
         }
-        with self._write() as conn:
-            result = conn.execute(insert(audit_table).values(values))
-            key = result.inserted_primary_key
-        if key is None:
-            raise StoreError("the database did not report the new audit row's id")
-        return int(key[0])
 
     def list_audit(self, limit: int = 100) -> list[AuditEntry]:
         """The latest audit rows, newest first."""

@@ -691,6 +691,14 @@ def test_list_audit_honours_its_limit(store: Store, clock: Clock) -> None:
         store.list_audit(limit=0)
 
 
+def test_audit_rows_written_as_a_batch_all_arrive_in_order(store: Store, clock: Clock) -> None:
+    entries = [audit_entry(clock.now + timedelta(milliseconds=i), detail=f"row {i}") for i in range(50)]
+    store.add_audits(entries)
+    store.add_audits([])
+    rows = store.list_audit(limit=100)
+    assert [r.detail for r in reversed(rows)] == [f"row {i}" for i in range(50)]
+
+
 def test_audit_detail_is_cut_short_rather_than_refused(store: Store, clock: Clock) -> None:
     store.add_audit(audit_entry(clock.now, detail="x" * 10_000))
     (row,) = store.list_audit()
