@@ -171,6 +171,10 @@ class TunnelClient:
                 log.warning("session ended: %s", exc)
             elif exc is not None:
                 log.error("session failed", exc_info=exc)
+            expired = self._identity.not_after
+            if dt.datetime.now(dt.UTC) >= expired:
+                log.error("the agent's certificate expired on %s, so the control plane refuses it: enroll the agent "
+                          "again (onprem-agent enroll) with a new token", expired.isoformat())
             if loop.time() - began >= self._backoff.stable_after:
                 self._attempt = 0
             delay = self._backoff.delay(self._attempt)
@@ -187,6 +191,10 @@ class TunnelClient:
         while True:
             identity = self._identity
             now = dt.datetime.now(dt.UTC)
+            if now >= identity.not_after:
+                # Nothing can renew an expired certificate: the control plane refuses it.
+                await asyncio.sleep(3600)
+                continue
             due = identity.not_before + (identity.not_after - identity.not_before) * RENEW_AT
             wait = (due - now).total_seconds()
             if wait > 0:

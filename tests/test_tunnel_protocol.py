@@ -269,3 +269,9 @@ def test_credit_never_deadlocks_with_chunks_up_to_half_a_window(seed: int) -> No
             if update is not None:
                 pair.to_agent(update)
     assert sent > 4096 * 10
+
+
+def test_request_data_larger_than_a_chunk_breaks_the_stream(pair: TunnelPair) -> None:
+    rid = pair.start(has_body=True)
+    with pytest.raises(RemoteProtocolError, match="exceeds the chunk limit"):
+        pair.agent.receive(ControlFrame(request_id=rid, data=tunnel_pb2.RequestData(data=b"d" * 1025)))

@@ -391,6 +391,8 @@ class AgentConnection:
             return [FrameIgnored(rid, f"{kind} after the request ended")]
         if kind == "data":
             size = len(frame.data.data)
+            if size > self.max_chunk_bytes:
+                raise RemoteProtocolError(f"data of {size} bytes exceeds the chunk limit of {self.max_chunk_bytes}")
             if not request.has_body or request.body_done:
                 raise RemoteProtocolError(f"data for request {rid}, which takes no (more) data")
             request.data.receive(size)

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from control_plane import store as store_mod
 from control_plane.api import errors
@@ -23,6 +24,22 @@ DEFAULT_DRAIN_GRACE = dt.timedelta(seconds=30)
 MAX_DRAIN_GRACE = dt.timedelta(hours=1)
 DEFAULT_TOKEN_TTL = dt.timedelta(hours=1)
 MAX_TOKEN_TTL = dt.timedelta(days=7)
+
+
+MAX_DESCRIPTION = 500
+
+
+def duration(message: Message, name: str, default: dt.timedelta, *, maximum: dt.timedelta, reason: str) -> dt.timedelta:
+    """A Duration field as a timedelta; one outside (-maximum, maximum] is refused, not overflowed."""
+    if not message.HasField(name):
+        return default
+    value = getattr(message, name)
+    if abs(value.seconds) > maximum.total_seconds() + 1:
+        raise InvalidArgument(f"'{name}' must be at most {maximum}", reason=reason, field=name)
+    result: dt.timedelta = value.ToTimedelta()
+    if result > maximum:
+        raise InvalidArgument(f"'{name}' must be at most {maximum}", reason=reason, field=name)
+    return result
 
 
 def agent_message(row: AgentRow, session: AgentSession | None) -> agents_pb2.Agent:
@@ -126,9 +143,12 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
         except ValueError as exc:
             raise InvalidArgument(f"'group': {exc}", reason="INVALID_GROUP", field="group") from None
         self._cp.require_group(principal, request.group)
-        ttl = request.ttl.ToTimedelta() if request.HasField("ttl") else DEFAULT_TOKEN_TTL
-        if not dt.timedelta(0) < ttl <= MAX_TOKEN_TTL:
+        ttl = duration(request, "ttl", DEFAULT_TOKEN_TTL, maximum=MAX_TOKEN_TTL, reason="INVALID_TTL")
+        if ttl <= dt.timedelta(0):
             raise InvalidArgument(f"'ttl' must be more than 0 and at most {MAX_TOKEN_TTL}", reason="INVALID_TTL", field="ttl")
+        if len(request.description) > MAX_DESCRIPTION:
+            raise InvalidArgument(f"'description' must be at most {MAX_DESCRIPTION} characters",
+                                  reason="INVALID_DESCRIPTION", field="description")
         token, row = await self._cp.blocking(
             self._cp.store.create_enrollment_token, request.group, ttl, request.description
         )
@@ -163,7 +183,7 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
         if session is None or not session.is_open:
             raise FailedPrecondition(f"agent '{row.agent_id}' is not connected, so there is nothing to drain",
                                      reason="AGENT_NOT_CONNECTED")
-        grace = request.grace_period.ToTimedelta() if request.HasField("grace_period") else DEFAULT_DRAIN_GRACE
+        grace = duration(request, "grace_period", DEFAULT_DRAIN_GRACE, maximum=MAX_DRAIN_GRACE, reason="INVALID_GRACE")
         if not dt.timedelta(0) <= grace <= MAX_DRAIN_GRACE:
             raise InvalidArgument(f"'grace_period' must be between 0 and {MAX_DRAIN_GRACE}", reason="INVALID_GRACE",
                                   field="grace_period")
