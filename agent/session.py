@@ -89,7 +89,8 @@ class AgentSession:
         self._conn = conn
         self._dispatcher = dispatcher
         self._max_in_flight = max_in_flight
-        self._writer: FrameWriter[AgentFrame] = FrameWriter(call.write)
+        self._writer: FrameWriter[AgentFrame] = FrameWriter(
+            call.write, combine=AgentConnection.batch if conn.batching else None)
         self._credit = CreditWaiters()
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._bodies: dict[int, _Body] = {}

@@ -164,7 +164,8 @@ class AgentSession:
         #: Profile lists advertised after a reload, for the store to remember.
         self.profile_updates: asyncio.Queue[list[profiles_pb2.Profile]] = asyncio.Queue()
         self._read = read
-        self._writer: FrameWriter[ControlFrame] = FrameWriter(write)
+        self._writer: FrameWriter[ControlFrame] = FrameWriter(
+            write, combine=ControlPlaneConnection.batch if conn.batching else None)
         self._credit = CreditWaiters()
         self._exchanges: dict[int, Exchange] = {}
         self._nonces = itertools.count(1)

@@ -275,3 +275,32 @@ def test_request_data_larger_than_a_chunk_breaks_the_stream(pair: TunnelPair) ->
     rid = pair.start(has_body=True)
     with pytest.raises(RemoteProtocolError, match="exceeds the chunk limit"):
         pair.agent.receive(ControlFrame(request_id=rid, data=tunnel_pb2.RequestData(data=b"d" * 1025)))
+
+
+def test_frame_batches_are_agreed_in_the_handshake(pair: TunnelPair) -> None:
+    assert pair.cp.batching and pair.agent.batching
+    assert list(pair.agent.welcome.capabilities) == ["frame-batch"]  # type: ignore[union-attr]
+
+
+def test_a_batch_delivers_its_frames_in_order_as_if_sent_one_by_one(pair: TunnelPair) -> None:
+    rid = pair.start()
+    chunk = chunk_of(100)
+    batch = AgentConnection.batch([pair.agent.send_chunk(rid, chunk), pair.agent.ping(5), pair.agent.end(rid, Code.OK)])
+    assert pair.cp.receive(batch) == [ChunkReceived(rid, chunk, 100), PingReceived(5), RequestEnded(rid, Code.OK, "", "")]
+    assert pair.cp.in_flight == 0
+
+
+def test_batches_do_not_nest(pair: TunnelPair) -> None:
+    inner = AgentConnection.batch([pair.agent.ping(1)])
+    with pytest.raises(RemoteProtocolError, match="inside a batch"):
+        pair.cp.receive(AgentConnection.batch([inner]))
+
+
+def test_a_batch_without_the_capability_breaks_the_stream() -> None:
+    cp = ControlPlaneConnection(SMALL)
+    hello = tunnel_pb2.Hello(protocol_revisions=[1], request_window_bytes=4096)  # an agent without batches
+    cp.receive(AgentFrame(hello=hello))
+    assert not cp.batching
+    assert list(cp.welcome(agent_id="a", group="g", session_id="s").welcome.capabilities) == []
+    with pytest.raises(RemoteProtocolError, match="not agreed"):
+        cp.receive(AgentConnection.batch([AgentConnection.ping(1)]))

@@ -192,3 +192,24 @@ def test_a_newer_session_of_the_same_agent_supersedes_the_older() -> None:
     assert registry.get("a1") is cast(object, new)
     registry.remove(old)  # type: ignore[arg-type]  # the old session's cleanup must not evict the new one
     assert registry.get("a1") is cast(object, new)
+
+
+async def test_frames_that_queue_up_during_a_write_go_out_combined() -> None:
+    release = asyncio.Event()
+    written: list[object] = []
+
+    async def write(frame: object) -> None:
+        written.append(frame)
+        await release.wait()
+
+    writer: FrameWriter[object] = FrameWriter(write, combine=lambda frames: tuple(frames))
+    task = asyncio.create_task(writer.run())
+    writer.send_nowait("first")
+    await asyncio.sleep(0)  # "first" is being written; the next three queue behind it
+    for frame in ("a", "b", "c"):
+        await writer.send(frame, 10)
+    release.set()
+    await writer.flush()
+    assert written == ["first", ("a", "b", "c")]
+    writer.close(StreamClosed("done"))
+    await task

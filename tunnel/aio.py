@@ -21,6 +21,9 @@ EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]
 
 #: Data frames queued for the wire, across all requests of a stream.
 DEFAULT_MAX_QUEUED_BYTES = 4 * 1024 * 1024
+#: Bounds of one combined message: well under the 8 MiB message limit.
+MAX_BATCH_FRAMES = 256
+MAX_BATCH_BYTES = 1024 * 1024
 
 
 class StreamClosed(Exception):
@@ -36,8 +39,17 @@ class FrameWriter(Generic[F]):
     `max_queued_bytes`; each request's credit already bounds its own share.
     """
 
-    def __init__(self, write: Callable[[F], Awaitable[object]], max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES) -> None:
+    def __init__(
+        self,
+        write: Callable[[F], Awaitable[object]],
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+        *,
+        combine: Callable[[list[F]], F] | None = None,
+    ) -> None:
         self._write = write
+        # With `combine`, frames that queued up while the previous write was in flight go
+        # out as one message: a gRPC write costs far more than its bytes under load.
+        self._combine = combine
         self._max = max_queued_bytes
         self._queue: deque[tuple[F, int]] = deque()
         self._queued_bytes = 0
@@ -96,6 +108,13 @@ class FrameWriter(Generic[F]):
                     await self._nonempty.wait()
                     continue
                 frame, size = self._queue.popleft()
+                if self._combine is not None and self._queue:
+                    frames = [frame]
+                    while self._queue and len(frames) < MAX_BATCH_FRAMES and size < MAX_BATCH_BYTES:
+                        more, more_size = self._queue.popleft()
+                        frames.append(more)
+                        size += more_size
+                    frame = self._combine(frames)
                 await self._write(frame)
                 self.last_write = self._clock()
                 if size:

@@ -26,6 +26,9 @@ from tunnel.flow import ReceiveWindow, SendWindow
 
 PROTOCOL_REVISION = 1
 SUPPORTED_REVISIONS = (1,)
+#: Optional features, offered in Hello and agreed in Welcome.
+FRAME_BATCH = "frame-batch"
+CAPABILITIES = (FRAME_BATCH,)
 
 AgentFrame = tunnel_pb2.ConnectRequest
 ControlFrame = tunnel_pb2.ConnectResponse
@@ -168,6 +171,8 @@ class ControlPlaneConnection:
 
     limits: Limits = field(default_factory=Limits)
     hello: tunnel_pb2.Hello | None = None
+    #: Whether both sides agreed to batch frames (FRAME_BATCH).
+    batching: bool = False
     _next_id: int = 1
     _requests: dict[int, _OutgoingRequest] = field(default_factory=dict)
     #: What the agent granted per request for request data, before we learn
@@ -196,9 +201,19 @@ class ControlPlaneConnection:
                 )
             self.hello = frame.hello
             self._request_window = window
+            self.batching = FRAME_BATCH in frame.hello.capabilities
             return [HelloReceived(frame.hello)]
         if kind == "hello":
             raise RemoteProtocolError("hello sent twice")
+        if kind == "batch":
+            if not self.batching:
+                raise RemoteProtocolError("a frame batch, which was not agreed in the handshake")
+            events: list[Event] = []
+            for inner in frame.batch.frames:
+                if inner.WhichOneof("frame") in ("batch", "hello"):
+                    raise RemoteProtocolError(f"a {inner.WhichOneof('frame')} frame inside a batch")
+                events.extend(self.receive(inner))
+            return events
         if kind == "ping":
             return [PingReceived(frame.ping.nonce)]
         if kind == "pong":
@@ -243,6 +258,7 @@ class ControlPlaneConnection:
             session_id=session_id,
             response_window_bytes=self.limits.response_window_bytes,
             max_chunk_bytes=self.limits.max_chunk_bytes,
+            capabilities=[c for c in CAPABILITIES if c in self.hello.capabilities],
         )
         welcome.heartbeat_interval.FromTimedelta(interval)
         return ControlFrame(welcome=welcome)
@@ -301,6 +317,10 @@ class ControlPlaneConnection:
         return list(self._requests)
 
     @staticmethod
+    def batch(frames: list[ControlFrame]) -> ControlFrame:
+        return ControlFrame(batch=tunnel_pb2.ControlFrameBatch(frames=frames))
+
+    @staticmethod
     def ping(nonce: int) -> ControlFrame:
         return ControlFrame(ping=tunnel_pb2.Ping(nonce=nonce))
 
@@ -333,6 +353,8 @@ class AgentConnection:
 
     request_window_bytes: int = 1024 * 1024
     welcome: tunnel_pb2.Welcome | None = None
+    #: Whether both sides agreed to batch frames (FRAME_BATCH).
+    batching: bool = False
     _last_id: int = 0
     _requests: dict[int, _IncomingRequest] = field(default_factory=dict)
 
@@ -349,6 +371,7 @@ class AgentConnection:
     def hello(self, hello: tunnel_pb2.Hello) -> AgentFrame:
         hello.protocol_revisions[:] = list(SUPPORTED_REVISIONS)
         hello.request_window_bytes = self.request_window_bytes
+        hello.capabilities[:] = list(CAPABILITIES)
         return AgentFrame(hello=hello)
 
     def receive(self, frame: ControlFrame) -> list[Event]:
@@ -363,9 +386,19 @@ class AgentConnection:
             if welcome.max_chunk_bytes == 0 or welcome.max_chunk_bytes * 2 > welcome.response_window_bytes:
                 raise RemoteProtocolError("welcome: max_chunk_bytes must be positive and at most half the window")
             self.welcome = welcome
+            self.batching = FRAME_BATCH in welcome.capabilities
             return [Welcomed(welcome)]
         if kind == "welcome":
             raise RemoteProtocolError("welcome sent twice")
+        if kind == "batch":
+            if not self.batching:
+                raise RemoteProtocolError("a frame batch, which was not agreed in the handshake")
+            events: list[Event] = []
+            for inner in frame.batch.frames:
+                if inner.WhichOneof("frame") in ("batch", "welcome"):
+                    raise RemoteProtocolError(f"a {inner.WhichOneof('frame')} frame inside a batch")
+                events.extend(self.receive(inner))
+            return events
         if kind == "ping":
             return [PingReceived(frame.ping.nonce)]
         if kind == "pong":
@@ -437,6 +470,10 @@ class AgentConnection:
 
     def open_request_ids(self) -> list[int]:
         return list(self._requests)
+
+    @staticmethod
+    def batch(frames: list[AgentFrame]) -> AgentFrame:
+        return AgentFrame(batch=tunnel_pb2.AgentFrameBatch(frames=frames))
 
     @staticmethod
     def ping(nonce: int) -> AgentFrame:

@@ -40,6 +40,39 @@ T = TypeVar("T")
 _CANCEL_GRACE_SECONDS = 10.0
 
 
+class _ConnectFailed(Exception):
+    """Getting a connection failed: mapped as a connection error, not a statement error."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _connect(session: Session) -> None:
+    try:
+        session.connect()
+    except Exception as exc:
+        raise _ConnectFailed(exc) from exc
+
+
+def _begin_stream(query: Query) -> list[tunnel_pb2.ResponseChunk]:
+    """In a pool thread: connect, execute, first batch; finish and close too when that was all."""
+    _connect(query)
+    query.execute()
+    chunks = list(query.first())
+    if query.done:
+        chunks.append(query.finish())
+        query.close()
+    return chunks
+
+
+def _run_once(work: Batch | Transaction) -> tunnel_pb2.ResponseChunk:
+    _connect(work)
+    result = work.run()
+    work.close()
+    return result
+
+
 class DatabaseHandler:
     """Runs `DatabaseQuery` payloads against the configured database profiles."""
 
@@ -92,10 +125,12 @@ class DatabaseHandler:
     async def _stream(self, query: Query) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
         await query.runtime.slots.acquire()
         try:
-            await self._step(query, query.connect, connecting=True)
-            await self._step(query, query.execute)
-            for chunk in await self._step(query, query.first):
+            # Connect, execute and the first batch in one trip to the thread pool; a result that
+            # fits in it also finishes and returns its connection there: a small query costs one hop.
+            for chunk in await self._step(query, lambda: _begin_stream(query)):
                 yield chunk
+            if query.closed:
+                return
             while not query.done:
                 for chunk in await self._step(query, query.next):
                     yield chunk
@@ -106,8 +141,7 @@ class DatabaseHandler:
     async def _once(self, work: Batch | Transaction) -> tunnel_pb2.ResponseChunk:
         await work.runtime.slots.acquire()
         try:
-            await self._step(work, work.connect, connecting=True)
-            return await self._step(work, work.run)
+            return await self._step(work, lambda: _run_once(work))
         finally:
             await self._close(work)
 
@@ -128,6 +162,8 @@ class DatabaseHandler:
             if not future.cancel():
                 await self._interrupt(session, waiter)
             raise
+        except _ConnectFailed as exc:
+            raise map_error(exc.cause, runtime.profile, runtime.secrets, True) from None
         except Exception as exc:
             raise map_error(exc, runtime.profile, runtime.secrets, connecting) from None
 
@@ -145,6 +181,9 @@ class DatabaseHandler:
         """Close the session and give its connection slot back (once the connection is back)."""
         runtime = session.runtime
         busy = session.busy
+        if session.closed and (busy is None or busy.done()):
+            runtime.slots.release()  # closed in its last step: no trip to the pool needed
+            return
         if busy is not None and not busy.done():
             # The server ignored the cancel: close once the step returns, without waiting here.
             loop = asyncio.get_running_loop()

@@ -286,16 +286,21 @@ class Session:
         """Give the connection back to the pool rolled back; never raises."""
         with contextlib.suppress(Exception):
             self.release()
-        if self.conn is None:
+        conn, self.conn = self.conn, None  # closing twice is a no-op
+        if conn is None:
             return
-        self.conn.info.pop("onprem_cursor", None)
+        conn.info.pop("onprem_cursor", None)
         try:
-            self.conn.rollback()
+            conn.rollback()
             self._clear_deadline()
-            self.conn.close()
+            conn.close()
         except Exception as exc:  # a broken connection must not go back to the pool
             log.warning("database profile %r: discarding a connection that failed to roll back: %s",
                         self.profile.name, scrub(first_lines(str(exc)), self.runtime.secrets))
             with contextlib.suppress(Exception):
-                self.conn.invalidate()
-                self.conn.close()
+                conn.invalidate()
+                conn.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.conn is None

@@ -30,7 +30,7 @@ from onprem.v1 import files_pb2 as onprem_dot_v1_dot_files__pb2
 from onprem.v1 import profiles_pb2 as onprem_dot_v1_dot_profiles__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16onprem/v1/tunnel.proto\x12\tonprem.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14onprem/v1/apps.proto\x1a\x18onprem/v1/database.proto\x1a\x15onprem/v1/files.proto\x1a\x18onprem/v1/profiles.proto\"\x1f\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\"X\n\rRenewResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc0\x02\n\x0e\x43onnectRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12!\n\x05hello\x18\x02 \x01(\x0b\x32\x10.onprem.v1.HelloH\x00\x12)\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x18.onprem.v1.ResponseChunkH\x00\x12%\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x16.onprem.v1.ResponseEndH\x00\x12\x30\n\rwindow_update\x18\x05 \x01(\x0b\x32\x17.onprem.v1.WindowUpdateH\x00\x12\x1f\n\x04ping\x18\x06 \x01(\x0b\x32\x0f.onprem.v1.PingH\x00\x12\x1f\n\x04pong\x18\x07 \x01(\x0b\x32\x0f.onprem.v1.PongH\x00\x12(\n\x06status\x18\x08 \x01(\x0b\x32\x16.onprem.v1.AgentStatusH\x00\x42\x07\n\x05\x66rame\"\xe3\x02\n\x0f\x43onnectResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12%\n\x07welcome\x18\x02 \x01(\x0b\x32\x12.onprem.v1.WelcomeH\x00\x12(\n\x05start\x18\x03 \x01(\x0b\x32\x17.onprem.v1.RequestStartH\x00\x12&\n\x04\x64\x61ta\x18\x04 \x01(\x0b\x32\x16.onprem.v1.RequestDataH\x00\x12#\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\x11.onprem.v1.CancelH\x00\x12\x30\n\rwindow_update\x18\x06 \x01(\x0b\x32\x17.onprem.v1.WindowUpdateH\x00\x12\x1f\n\x04ping\x18\x07 \x01(\x0b\x32\x0f.onprem.v1.PingH\x00\x12\x1f\n\x04pong\x18\x08 \x01(\x0b\x32\x0f.onprem.v1.PongH\x00\x12!\n\x05\x64rain\x18\t \x01(\x0b\x32\x10.onprem.v1.DrainH\x00\x42\x07\n\x05\x66rame\"\xd7\x01\n\x05Hello\x12\x1a\n\x12protocol_revisions\x18\x01 \x03(\r\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12$\n\x08profiles\x18\x04 \x03(\x0b\x32\x12.onprem.v1.Profile\x12\x15\n\rmax_in_flight\x18\x05 \x01(\r\x12\x1c\n\x14request_window_bytes\x18\x06 \x01(\r\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc8\x01\n\x07Welcome\x12\x19\n\x11protocol_revision\x18\x01 \x01(\r\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1d\n\x15response_window_bytes\x18\x06 \x01(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x07 \x01(\r\"\xa3\x02\n\x0cRequestStart\x12*\n\x07timeout\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08has_body\x18\x02 \x01(\x08\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x32\n\x0e\x64\x61tabase_query\x18\x04 \x01(\x0b\x32\x18.onprem.v1.DatabaseQueryH\x00\x12$\n\x07\x66ile_op\x18\x05 \x01(\x0b\x32\x11.onprem.v1.FileOpH\x00\x12&\n\x08\x61pp_call\x18\x06 \x01(\x0b\x32\x12.onprem.v1.AppCallH\x00\x12\x37\n\rprofile_check\x18\x07 \x01(\x0b\x32\x1e.onprem.v1.CheckProfileRequestH\x00\x42\t\n\x07payload\"0\n\x0bRequestData\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x13\n\x0b\x65nd_of_data\x18\x02 \x01(\x08\"\x18\n\x06\x43\x61ncel\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x1d\n\x0cWindowUpdate\x12\r\n\x05\x62ytes\x18\x01 \x01(\r\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\x04\"\x15\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\x04\"\\\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12/\n\x0cgrace_period\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nexit_after\x18\x03 \x01(\x08\"\xa4\x01\n\x0b\x41gentStatus\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\x12\x11\n\tin_flight\x18\x02 \x01(\r\x12$\n\x08profiles\x18\x03 \x03(\x0b\x32\x12.onprem.v1.Profile\x12\x18\n\x10profiles_changed\x18\x04 \x01(\x08\x12\x30\n\x0eprofile_health\x18\x05 \x03(\x0b\x32\x18.onprem.v1.ProfileHealth\"\xae\x05\n\rResponseChunk\x12)\n\x05query\x18\x01 \x01(\x0b\x32\x18.onprem.v1.QueryResponseH\x00\x12\'\n\x04list\x18\x02 \x01(\x0b\x32\x17.onprem.v1.ListResponseH\x00\x12\'\n\x04stat\x18\x03 \x01(\x0b\x32\x17.onprem.v1.StatResponseH\x00\x12\'\n\x04read\x18\x04 \x01(\x0b\x32\x17.onprem.v1.ReadResponseH\x00\x12)\n\x05write\x18\x05 \x01(\x0b\x32\x18.onprem.v1.WriteResponseH\x00\x12+\n\x06\x64\x65lete\x18\x06 \x01(\x0b\x32\x19.onprem.v1.DeleteResponseH\x00\x12\'\n\x04move\x18\x07 \x01(\x0b\x32\x17.onprem.v1.MoveResponseH\x00\x12:\n\x0emake_directory\x18\x08 \x01(\x0b\x32 .onprem.v1.MakeDirectoryResponseH\x00\x12\'\n\x04\x63\x61ll\x18\t \x01(\x0b\x32\x17.onprem.v1.CallResponseH\x00\x12\x30\n\x05\x62\x61tch\x18\n \x01(\x0b\x32\x1f.onprem.v1.ExecuteBatchResponseH\x00\x12<\n\x0btransaction\x18\x0b \x01(\x0b\x32%.onprem.v1.ExecuteTransactionResponseH\x00\x12\x36\n\x0cpoll_changes\x18\x0c \x01(\x0b\x32\x1e.onprem.v1.PollChangesResponseH\x00\x12\'\n\x04poll\x18\r \x01(\x0b\x32\x17.onprem.v1.PollResponseH\x00\x12\x38\n\rprofile_check\x18\x0e \x01(\x0b\x32\x1f.onprem.v1.CheckProfileResponseH\x00\x42\x06\n\x04\x62ody\"K\n\x0bResponseEnd\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t2\x8f\x01\n\x0b\x41gentTunnel\x12\x44\n\x07\x43onnect\x12\x19.onprem.v1.ConnectRequest\x1a\x1a.onprem.v1.ConnectResponse(\x01\x30\x01\x12:\n\x05Renew\x12\x17.onprem.v1.RenewRequest\x1a\x18.onprem.v1.RenewResponseB^\n\rdev.onprem.v1B\x0bTunnelProtoP\x01Z2github.com/onprem/onprem/gen/go/onprem/v1;onpremv1\xaa\x02\tOnprem.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16onprem/v1/tunnel.proto\x12\tonprem.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14onprem/v1/apps.proto\x1a\x18onprem/v1/database.proto\x1a\x15onprem/v1/files.proto\x1a\x18onprem/v1/profiles.proto\"\x1f\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\"X\n\rRenewResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xed\x02\n\x0e\x43onnectRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12!\n\x05hello\x18\x02 \x01(\x0b\x32\x10.onprem.v1.HelloH\x00\x12)\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x18.onprem.v1.ResponseChunkH\x00\x12%\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x16.onprem.v1.ResponseEndH\x00\x12\x30\n\rwindow_update\x18\x05 \x01(\x0b\x32\x17.onprem.v1.WindowUpdateH\x00\x12\x1f\n\x04ping\x18\x06 \x01(\x0b\x32\x0f.onprem.v1.PingH\x00\x12\x1f\n\x04pong\x18\x07 \x01(\x0b\x32\x0f.onprem.v1.PongH\x00\x12(\n\x06status\x18\x08 \x01(\x0b\x32\x16.onprem.v1.AgentStatusH\x00\x12+\n\x05\x62\x61tch\x18\t \x01(\x0b\x32\x1a.onprem.v1.AgentFrameBatchH\x00\x42\x07\n\x05\x66rame\"<\n\x0f\x41gentFrameBatch\x12)\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x19.onprem.v1.ConnectRequest\"\x92\x03\n\x0f\x43onnectResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12%\n\x07welcome\x18\x02 \x01(\x0b\x32\x12.onprem.v1.WelcomeH\x00\x12(\n\x05start\x18\x03 \x01(\x0b\x32\x17.onprem.v1.RequestStartH\x00\x12&\n\x04\x64\x61ta\x18\x04 \x01(\x0b\x32\x16.onprem.v1.RequestDataH\x00\x12#\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\x11.onprem.v1.CancelH\x00\x12\x30\n\rwindow_update\x18\x06 \x01(\x0b\x32\x17.onprem.v1.WindowUpdateH\x00\x12\x1f\n\x04ping\x18\x07 \x01(\x0b\x32\x0f.onprem.v1.PingH\x00\x12\x1f\n\x04pong\x18\x08 \x01(\x0b\x32\x0f.onprem.v1.PongH\x00\x12!\n\x05\x64rain\x18\t \x01(\x0b\x32\x10.onprem.v1.DrainH\x00\x12-\n\x05\x62\x61tch\x18\n \x01(\x0b\x32\x1c.onprem.v1.ControlFrameBatchH\x00\x42\x07\n\x05\x66rame\"?\n\x11\x43ontrolFrameBatch\x12*\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x1a.onprem.v1.ConnectResponse\"\xed\x01\n\x05Hello\x12\x1a\n\x12protocol_revisions\x18\x01 \x03(\r\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12$\n\x08profiles\x18\x04 \x03(\x0b\x32\x12.onprem.v1.Profile\x12\x15\n\rmax_in_flight\x18\x05 \x01(\r\x12\x1c\n\x14request_window_bytes\x18\x06 \x01(\r\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x63\x61pabilities\x18\x08 \x03(\t\"\xde\x01\n\x07Welcome\x12\x19\n\x11protocol_revision\x18\x01 \x01(\r\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1d\n\x15response_window_bytes\x18\x06 \x01(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x07 \x01(\r\x12\x14\n\x0c\x63\x61pabilities\x18\x08 \x03(\t\"\xa3\x02\n\x0cRequestStart\x12*\n\x07timeout\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08has_body\x18\x02 \x01(\x08\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x32\n\x0e\x64\x61tabase_query\x18\x04 \x01(\x0b\x32\x18.onprem.v1.DatabaseQueryH\x00\x12$\n\x07\x66ile_op\x18\x05 \x01(\x0b\x32\x11.onprem.v1.FileOpH\x00\x12&\n\x08\x61pp_call\x18\x06 \x01(\x0b\x32\x12.onprem.v1.AppCallH\x00\x12\x37\n\rprofile_check\x18\x07 \x01(\x0b\x32\x1e.onprem.v1.CheckProfileRequestH\x00\x42\t\n\x07payload\"0\n\x0bRequestData\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x13\n\x0b\x65nd_of_data\x18\x02 \x01(\x08\"\x18\n\x06\x43\x61ncel\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x1d\n\x0cWindowUpdate\x12\r\n\x05\x62ytes\x18\x01 \x01(\r\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\x04\"\x15\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\x04\"\\\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12/\n\x0cgrace_period\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nexit_after\x18\x03 \x01(\x08\"\xa4\x01\n\x0b\x41gentStatus\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\x12\x11\n\tin_flight\x18\x02 \x01(\r\x12$\n\x08profiles\x18\x03 \x03(\x0b\x32\x12.onprem.v1.Profile\x12\x18\n\x10profiles_changed\x18\x04 \x01(\x08\x12\x30\n\x0eprofile_health\x18\x05 \x03(\x0b\x32\x18.onprem.v1.ProfileHealth\"\xae\x05\n\rResponseChunk\x12)\n\x05query\x18\x01 \x01(\x0b\x32\x18.onprem.v1.QueryResponseH\x00\x12\'\n\x04list\x18\x02 \x01(\x0b\x32\x17.onprem.v1.ListResponseH\x00\x12\'\n\x04stat\x18\x03 \x01(\x0b\x32\x17.onprem.v1.StatResponseH\x00\x12\'\n\x04read\x18\x04 \x01(\x0b\x32\x17.onprem.v1.ReadResponseH\x00\x12)\n\x05write\x18\x05 \x01(\x0b\x32\x18.onprem.v1.WriteResponseH\x00\x12+\n\x06\x64\x65lete\x18\x06 \x01(\x0b\x32\x19.onprem.v1.DeleteResponseH\x00\x12\'\n\x04move\x18\x07 \x01(\x0b\x32\x17.onprem.v1.MoveResponseH\x00\x12:\n\x0emake_directory\x18\x08 \x01(\x0b\x32 .onprem.v1.MakeDirectoryResponseH\x00\x12\'\n\x04\x63\x61ll\x18\t \x01(\x0b\x32\x17.onprem.v1.CallResponseH\x00\x12\x30\n\x05\x62\x61tch\x18\n \x01(\x0b\x32\x1f.onprem.v1.ExecuteBatchResponseH\x00\x12<\n\x0btransaction\x18\x0b \x01(\x0b\x32%.onprem.v1.ExecuteTransactionResponseH\x00\x12\x36\n\x0cpoll_changes\x18\x0c \x01(\x0b\x32\x1e.onprem.v1.PollChangesResponseH\x00\x12\'\n\x04poll\x18\r \x01(\x0b\x32\x17.onprem.v1.PollResponseH\x00\x12\x38\n\rprofile_check\x18\x0e \x01(\x0b\x32\x1f.onprem.v1.CheckProfileResponseH\x00\x42\x06\n\x04\x62ody\"K\n\x0bResponseEnd\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t2\x8f\x01\n\x0b\x41gentTunnel\x12\x44\n\x07\x43onnect\x12\x19.onprem.v1.ConnectRequest\x1a\x1a.onprem.v1.ConnectResponse(\x01\x30\x01\x12:\n\x05Renew\x12\x17.onprem.v1.RenewRequest\x1a\x18.onprem.v1.RenewResponseB^\n\rdev.onprem.v1B\x0bTunnelProtoP\x01Z2github.com/onprem/onprem/gen/go/onprem/v1;onpremv1\xaa\x02\tOnprem.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,33 +43,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RENEWRESPONSE']._serialized_start=232
   _globals['_RENEWRESPONSE']._serialized_end=320
   _globals['_CONNECTREQUEST']._serialized_start=323
-  _globals['_CONNECTREQUEST']._serialized_end=643
-  _globals['_CONNECTRESPONSE']._serialized_start=646
-  _globals['_CONNECTRESPONSE']._serialized_end=1001
-  _globals['_HELLO']._serialized_start=1004
-  _globals['_HELLO']._serialized_end=1219
-  _globals['_WELCOME']._serialized_start=1222
-  _globals['_WELCOME']._serialized_end=1422
-  _globals['_REQUESTSTART']._serialized_start=1425
-  _globals['_REQUESTSTART']._serialized_end=1716
-  _globals['_REQUESTDATA']._serialized_start=1718
-  _globals['_REQUESTDATA']._serialized_end=1766
-  _globals['_CANCEL']._serialized_start=1768
-  _globals['_CANCEL']._serialized_end=1792
-  _globals['_WINDOWUPDATE']._serialized_start=1794
-  _globals['_WINDOWUPDATE']._serialized_end=1823
-  _globals['_PING']._serialized_start=1825
-  _globals['_PING']._serialized_end=1846
-  _globals['_PONG']._serialized_start=1848
-  _globals['_PONG']._serialized_end=1869
-  _globals['_DRAIN']._serialized_start=1871
-  _globals['_DRAIN']._serialized_end=1963
-  _globals['_AGENTSTATUS']._serialized_start=1966
-  _globals['_AGENTSTATUS']._serialized_end=2130
-  _globals['_RESPONSECHUNK']._serialized_start=2133
-  _globals['_RESPONSECHUNK']._serialized_end=2819
-  _globals['_RESPONSEEND']._serialized_start=2821
-  _globals['_RESPONSEEND']._serialized_end=2896
-  _globals['_AGENTTUNNEL']._serialized_start=2899
-  _globals['_AGENTTUNNEL']._serialized_end=3042
+  _globals['_CONNECTREQUEST']._serialized_end=688
+  _globals['_AGENTFRAMEBATCH']._serialized_start=690
+  _globals['_AGENTFRAMEBATCH']._serialized_end=750
+  _globals['_CONNECTRESPONSE']._serialized_start=753
+  _globals['_CONNECTRESPONSE']._serialized_end=1155
+  _globals['_CONTROLFRAMEBATCH']._serialized_start=1157
+  _globals['_CONTROLFRAMEBATCH']._serialized_end=1220
+  _globals['_HELLO']._serialized_start=1223
+  _globals['_HELLO']._serialized_end=1460
+  _globals['_WELCOME']._serialized_start=1463
+  _globals['_WELCOME']._serialized_end=1685
+  _globals['_REQUESTSTART']._serialized_start=1688
+  _globals['_REQUESTSTART']._serialized_end=1979
+  _globals['_REQUESTDATA']._serialized_start=1981
+  _globals['_REQUESTDATA']._serialized_end=2029
+  _globals['_CANCEL']._serialized_start=2031
+  _globals['_CANCEL']._serialized_end=2055
+  _globals['_WINDOWUPDATE']._serialized_start=2057
+  _globals['_WINDOWUPDATE']._serialized_end=2086
+  _globals['_PING']._serialized_start=2088
+  _globals['_PING']._serialized_end=2109
+  _globals['_PONG']._serialized_start=2111
+  _globals['_PONG']._serialized_end=2132
+  _globals['_DRAIN']._serialized_start=2134
+  _globals['_DRAIN']._serialized_end=2226
+  _globals['_AGENTSTATUS']._serialized_start=2229
+  _globals['_AGENTSTATUS']._serialized_end=2393
+  _globals['_RESPONSECHUNK']._serialized_start=2396
+  _globals['_RESPONSECHUNK']._serialized_end=3082
+  _globals['_RESPONSEEND']._serialized_start=3084
+  _globals['_RESPONSEEND']._serialized_end=3159
+  _globals['_AGENTTUNNEL']._serialized_start=3162
+  _globals['_AGENTTUNNEL']._serialized_end=3305
 # @@protoc_insertion_point(module_scope)

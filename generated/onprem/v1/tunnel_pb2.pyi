@@ -29,7 +29,7 @@ class RenewResponse(_message.Message):
     def __init__(self, certificate_pem: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ConnectRequest(_message.Message):
-    __slots__ = ("request_id", "hello", "chunk", "end", "window_update", "ping", "pong", "status")
+    __slots__ = ("request_id", "hello", "chunk", "end", "window_update", "ping", "pong", "status", "batch")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     HELLO_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class ConnectRequest(_message.Message):
     PING_FIELD_NUMBER: _ClassVar[int]
     PONG_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     hello: Hello
     chunk: ResponseChunk
@@ -46,10 +47,17 @@ class ConnectRequest(_message.Message):
     ping: Ping
     pong: Pong
     status: AgentStatus
-    def __init__(self, request_id: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., chunk: _Optional[_Union[ResponseChunk, _Mapping]] = ..., end: _Optional[_Union[ResponseEnd, _Mapping]] = ..., window_update: _Optional[_Union[WindowUpdate, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., status: _Optional[_Union[AgentStatus, _Mapping]] = ...) -> None: ...
+    batch: AgentFrameBatch
+    def __init__(self, request_id: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., chunk: _Optional[_Union[ResponseChunk, _Mapping]] = ..., end: _Optional[_Union[ResponseEnd, _Mapping]] = ..., window_update: _Optional[_Union[WindowUpdate, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., status: _Optional[_Union[AgentStatus, _Mapping]] = ..., batch: _Optional[_Union[AgentFrameBatch, _Mapping]] = ...) -> None: ...
+
+class AgentFrameBatch(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[ConnectRequest]
+    def __init__(self, frames: _Optional[_Iterable[_Union[ConnectRequest, _Mapping]]] = ...) -> None: ...
 
 class ConnectResponse(_message.Message):
-    __slots__ = ("request_id", "welcome", "start", "data", "cancel", "window_update", "ping", "pong", "drain")
+    __slots__ = ("request_id", "welcome", "start", "data", "cancel", "window_update", "ping", "pong", "drain", "batch")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +67,7 @@ class ConnectResponse(_message.Message):
     PING_FIELD_NUMBER: _ClassVar[int]
     PONG_FIELD_NUMBER: _ClassVar[int]
     DRAIN_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     welcome: Welcome
     start: RequestStart
@@ -68,10 +77,17 @@ class ConnectResponse(_message.Message):
     ping: Ping
     pong: Pong
     drain: Drain
-    def __init__(self, request_id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., start: _Optional[_Union[RequestStart, _Mapping]] = ..., data: _Optional[_Union[RequestData, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., window_update: _Optional[_Union[WindowUpdate, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., drain: _Optional[_Union[Drain, _Mapping]] = ...) -> None: ...
+    batch: ControlFrameBatch
+    def __init__(self, request_id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., start: _Optional[_Union[RequestStart, _Mapping]] = ..., data: _Optional[_Union[RequestData, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., window_update: _Optional[_Union[WindowUpdate, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., drain: _Optional[_Union[Drain, _Mapping]] = ..., batch: _Optional[_Union[ControlFrameBatch, _Mapping]] = ...) -> None: ...
+
+class ControlFrameBatch(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[ConnectResponse]
+    def __init__(self, frames: _Optional[_Iterable[_Union[ConnectResponse, _Mapping]]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_revisions", "agent_version", "hostname", "profiles", "max_in_flight", "request_window_bytes", "started_at")
+    __slots__ = ("protocol_revisions", "agent_version", "hostname", "profiles", "max_in_flight", "request_window_bytes", "started_at", "capabilities")
     PROTOCOL_REVISIONS_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +95,7 @@ class Hello(_message.Message):
     MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_WINDOW_BYTES_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     protocol_revisions: _containers.RepeatedScalarFieldContainer[int]
     agent_version: str
     hostname: str
@@ -86,10 +103,11 @@ class Hello(_message.Message):
     max_in_flight: int
     request_window_bytes: int
     started_at: _timestamp_pb2.Timestamp
-    def __init__(self, protocol_revisions: _Optional[_Iterable[int]] = ..., agent_version: _Optional[str] = ..., hostname: _Optional[str] = ..., profiles: _Optional[_Iterable[_Union[_profiles_pb2.Profile, _Mapping]]] = ..., max_in_flight: _Optional[int] = ..., request_window_bytes: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    capabilities: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, protocol_revisions: _Optional[_Iterable[int]] = ..., agent_version: _Optional[str] = ..., hostname: _Optional[str] = ..., profiles: _Optional[_Iterable[_Union[_profiles_pb2.Profile, _Mapping]]] = ..., max_in_flight: _Optional[int] = ..., request_window_bytes: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., capabilities: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("protocol_revision", "agent_id", "group", "session_id", "heartbeat_interval", "response_window_bytes", "max_chunk_bytes")
+    __slots__ = ("protocol_revision", "agent_id", "group", "session_id", "heartbeat_interval", "response_window_bytes", "max_chunk_bytes", "capabilities")
     PROTOCOL_REVISION_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +115,7 @@ class Welcome(_message.Message):
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_WINDOW_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     protocol_revision: int
     agent_id: str
     group: str
@@ -104,7 +123,8 @@ class Welcome(_message.Message):
     heartbeat_interval: _duration_pb2.Duration
     response_window_bytes: int
     max_chunk_bytes: int
-    def __init__(self, protocol_revision: _Optional[int] = ..., agent_id: _Optional[str] = ..., group: _Optional[str] = ..., session_id: _Optional[str] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., response_window_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    capabilities: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, protocol_revision: _Optional[int] = ..., agent_id: _Optional[str] = ..., group: _Optional[str] = ..., session_id: _Optional[str] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., response_window_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RequestStart(_message.Message):
     __slots__ = ("timeout", "has_body", "attempt", "database_query", "file_op", "app_call", "profile_check")
