@@ -1,0 +1,50 @@
+"""The benchmarks must not rot: import each, and run the tiniest version of the two with their own programs.
+
+`make bench` runs the real sizes; these only prove that the bare relay, the
+agent simulator and the measuring code still work against the current
+control plane and agent. No figure's value is asserted (timings are never
+tested), only that each figure is well formed and the counts add up.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+
+import pytest
+
+from tools.bench.__main__ import SUBJECTS
+from tools.bench.common import Figure
+
+
+@pytest.mark.parametrize("subject", SUBJECTS)
+def test_every_benchmark_module_imports_and_has_run(subject: str) -> None:
+    module = importlib.import_module(f"tools.bench.{subject}")
+    assert callable(module.run)
+
+
+def _well_formed(figures: list[Figure]) -> None:
+    assert figures
+    for figure in figures:
+        assert figure.name and figure.unit and figure.target
+        assert math.isfinite(figure.value) and figure.value >= 0
+
+
+def test_small_requests_against_the_bare_relay(tmp_path: Path) -> None:
+    from tools.bench.small_requests import run_small
+
+    figures = run_small(tmp_path, requests=40, warmup=10, rounds=1, concurrency=8)
+    _well_formed(figures)
+    rate = figures[0]
+    assert rate.unit == "req/s" and rate.baseline is not None and rate.baseline > 0
+    assert rate.met is not None
+
+
+def test_many_agents_with_simulated_agents(tmp_path: Path) -> None:
+    from tools.bench.many_agents import run_small
+
+    figures = run_small(tmp_path, agents=3, per_process=1, requests=10, warmup=2)
+    _well_formed(figures)
+    active = figures[0]
+    assert active.value == 3 and active.met is True
