@@ -39,9 +39,9 @@ class Limits:
     """What both ends agree on in Hello/Welcome."""
 
     #: Credit per request for result chunks (agent → control plane), bytes.
-    response_window_bytes: int = 1024 * 1024
+    response_window_bytes: int = 4 * 1024 * 1024
     #: Credit per request for request data (control plane → agent), bytes.
-    request_window_bytes: int = 1024 * 1024
+    request_window_bytes: int = 4 * 1024 * 1024
     #: The largest chunk or data payload, bytes.
     max_chunk_bytes: int = 256 * 1024
     #: How often a quiet side pings; three silent intervals end the stream.
@@ -351,7 +351,7 @@ class _IncomingRequest:
 class AgentConnection:
     """The agent's end of its stream."""
 
-    request_window_bytes: int = 1024 * 1024
+    request_window_bytes: int = 4 * 1024 * 1024
     welcome: tunnel_pb2.Welcome | None = None
     #: Whether both sides agreed to batch frames (FRAME_BATCH).
     batching: bool = False

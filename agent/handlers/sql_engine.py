@@ -120,7 +120,9 @@ class Runtime:
         password = self.password()
         if password is not None:
             self.secrets.append(password)
-        kwargs: dict[str, Any] = {"pool_pre_ping": self.dialect != "odbc"}  # no ping statement works everywhere
+        # A ping per checkout finds connections a network or server dropped; an SQLite file has none
+        # to drop, and no ping statement works on every ODBC source.
+        kwargs: dict[str, Any] = {"pool_pre_ping": self.dialect not in ("odbc", "sqlite")}
         dialect_cls: Any = url.get_dialect()
         if issubclass(dialect_cls.get_pool_class(url), QueuePool):
             kwargs.update(pool_size=profile.pool_size, max_overflow=0, pool_timeout=30)

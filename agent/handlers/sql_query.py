@@ -12,6 +12,7 @@ CAST: quietly sending a different type than the header promised would be worse.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,12 +35,24 @@ _MAX_FETCH_ROWS = 5000
 _DML_TAGS = ("INSERT", "UPDATE", "DELETE", "MERGE")
 
 
+@functools.lru_cache(maxsize=1024)
+def _names_of(sql: str) -> frozenset[str]:
+    return frozenset(sa.text(sql).compile().params)
+
+
+def _parameter_names(statement: sa.TextClause, sql: str) -> frozenset[str]:
+    """The statement's `:name`s; compiling is costly on the hot path, so by SQL text, cached."""
+    if statement.text != sql:
+        return frozenset(statement.compile().params)
+    return _names_of(sql)
+
+
 def bind_parameters(statement: sa.TextClause, sql: str, given: Mapping[str, values_pb2.Value],
                     dialect: str) -> dict[str, Any]:
     """Check the names against the statement's `:name`s and convert the values."""
     if not sql.strip():
         raise InvalidArgument("the SQL text is empty", reason="SQL_ERROR")
-    wanted = set(statement.compile().params)
+    wanted = _parameter_names(statement, sql)
     for name in sorted(wanted - set(given)):
         raise InvalidArgument(f"parameter '{name}' is used by the statement but not given", reason="INVALID_PARAMETER",
                               field=f"parameters.{name}")
