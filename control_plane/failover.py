@@ -115,7 +115,8 @@ class RoutedRequest:
         if error.reason != "AGENT_LOST" or self.exchange is None:
             return error
         session = self.exchange.session
-        who = f"agent {session.name} ({session.agent_id})"
+        cause = error.cause
+        who = f"agent {session.name} ({session.agent_id})" + (f", {cause}," if cause else "")
         if self.delivered:
             return Unavailable(f"{who} was lost after part of the result was sent; the result is incomplete, "
                                f"retry the request", reason="AGENT_LOST")

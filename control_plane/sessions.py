@@ -329,13 +329,13 @@ class AgentSession:
         self._writer.close(SessionClosed(reason))
         self._credit.wake_all()
         for rid, exchange in list(self._exchanges.items()):
-            exchange._deliver(
-                _End(Unavailable(
-                    f"agent {self.name} ({self.agent_id}) was lost while running the request "
-                    f"({reason}); the request may have run in part or in full",
-                    reason="AGENT_LOST",
-                ))
+            lost = Unavailable(
+                f"agent {self.name} ({self.agent_id}) was lost while running the request "
+                f"({reason}); the request may have run in part or in full",
+                reason="AGENT_LOST",
             )
+            lost.cause = reason
+            exchange._deliver(_End(lost))
             self._credit.forget(rid)
         self._exchanges.clear()
         self.on_change()

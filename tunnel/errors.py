@@ -68,6 +68,9 @@ class RequestError(OnpremError):
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
+        #: Why, in words, when the error stands for something that happened elsewhere
+        #: (e.g. why an agent was lost); part of `message` too.
+        self.cause = ""
 
     @staticmethod
     def from_status(code: int, message: str, reason: str = "", field: str = "") -> RequestError:
