@@ -93,16 +93,6 @@ class Exchange:
         self.bytes_out += item.size
         return item.chunk
 
-    async def single(self) -> tunnel_pb2.ResponseChunk:
-        """The one chunk of a unary result."""
-        result: tunnel_pb2.ResponseChunk | None = None
-        async for chunk in self:
-            if result is None:
-                result = chunk
-        if result is None:
-            raise RequestError.from_status(Code.INTERNAL, "the agent ended the request without a result")
-        return result
-
     async def send_body(self, data: bytes, *, end_of_data: bool = False) -> None:
         """Send request data, split to the chunk limit, waiting for credit."""
         limit = self.session.conn.limits.max_chunk_bytes
