@@ -21,7 +21,12 @@ def notify(*lines: str) -> bool:
     if address.startswith("@"):  # an abstract socket
         address = "\0" + address[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.sendto("\n".join(lines).encode(), address)
+        # Never block the event loop: a reader that lags (its queue holds only a few datagrams)
+        # costs a lost notification, not a wedged agent.
+        try:
+            sock.sendto("\n".join(lines).encode(), socket.MSG_DONTWAIT, address)
+        except (BlockingIOError, ConnectionRefusedError, FileNotFoundError):
+            return False
     return True
 
 

@@ -330,3 +330,30 @@ async def test_both_processes_serve_prometheus_metrics(tmp_path: Path) -> None:
     finally:
         agent.stop()
         cp.stop()
+
+
+def test_a_notify_socket_nobody_reads_never_blocks_the_agent(cp: ControlPlaneProcess, tmp_path: Path) -> None:
+    sock_path = tmp_path / "deaf.sock"
+    deaf = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    deaf.bind(str(sock_path))  # bound, never read: its small queue fills up at once
+    token = cp.admin_token()
+    agent = AgentProcess(tmp_path / "agent", cp, profiles={"databases": {"one": sqlite_profile(tmp_path / "1.db")}},
+                         env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "100000"})
+    agent.enroll("svc")
+    agent.start()
+    try:
+        async def serving() -> None:
+            async with operator_channel(cp) as channel:
+                await wait_for_agent_state(channel, token, agent.agent_id, ACTIVE)
+                await asyncio.sleep(2)  # dozens of watchdog pings into the full queue
+                rows = [r async for r in database_stub(channel).Query(
+                    database_pb2.QueryRequest(group="svc", profile="one", sql="SELECT 1"), metadata=bearer(token))]
+                assert rows[-1].summary.row_count == 1
+
+        asyncio.run(serving())
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.proc.wait(30) == 0
+    finally:
+        agent.stop()
+        deaf.close()
