@@ -8,6 +8,7 @@ signals (SIGTERM, SIGKILL) and the fixtures clean up whatever is left.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import signal
 import subprocess
@@ -26,6 +27,20 @@ from onprem.v1 import agents_pb2, agents_pb2_grpc, database_pb2_grpc
 from tools.ports import free_port
 
 BIN = Path(sys.executable).parent
+
+#: Every process started here, so that none outlives its test run, even when a fixture
+#: fails halfway through its setup and never reaches its own cleanup.
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+def _kill_leftovers() -> None:
+    for proc in _STARTED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+atexit.register(_kill_leftovers)
 
 
 def _bin(name: str) -> str:
@@ -67,6 +82,7 @@ class ControlPlaneProcess:
              "--grace-period", "5", *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT,
         )
+        _STARTED.append(self.proc)
         for port in (self.operator_port, self.agent_port, self.enroll_port):
             _wait_for_port(port, self.proc)
 
@@ -158,6 +174,7 @@ class AgentProcess:
             [_bin("onprem-agent"), "--log-level", "DEBUG", *self.extra_args, "run", "--config", str(self.config_file)],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
         )
+        _STARTED.append(self.proc)
 
     def kill(self) -> None:
         assert self.proc is not None
