@@ -28,6 +28,11 @@ _PAYLOAD_OF_KIND = {
     profiles_pb2.PROFILE_KIND_APP: "app_call",
 }
 
+def kind_name(kind: int) -> str:
+    """"database", "folder" or "app", for logs, metrics and the doctor's lines."""
+    return profiles_pb2.ProfileKind.Name(kind).removeprefix("PROFILE_KIND_").lower()  # type: ignore[arg-type]
+
+
 #: How long one profile's health check may take before it counts as failed.
 CHECK_TIMEOUT = 20.0
 
@@ -85,7 +90,8 @@ class Dispatcher:
 
         async def one(kind: int, name: str, handler: Handler) -> profiles_pb2.ProfileHealth:
             try:
-                checks = await asyncio.wait_for(handler.check(name), CHECK_TIMEOUT)
+                async with asyncio.timeout(CHECK_TIMEOUT):
+                    checks = await handler.check(name)
             except TimeoutError:
                 checks = [profiles_pb2.ProfileCheck(
                     name="responds", ok=False, message=f"the check took longer than {CHECK_TIMEOUT:.0f} s")]

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -26,23 +26,18 @@ from control_plane.audit import AuditLog
 from control_plane.auth import Principal, parse_bearer
 from control_plane.ca import CertificateAuthority
 from control_plane.failover import RoutedRequest
-from control_plane.router import GroupFacts, Registry, Router
+from control_plane.router import KIND_NAMES, GroupFacts, Registry, Router
 from control_plane.store import AuditEntry, Store
-from onprem.v1 import profiles_pb2, tunnel_pb2
+from onprem.v1 import tunnel_pb2
 from tunnel.errors import Code, InvalidArgument, PermissionDenied, RequestError, Unauthenticated
 from tunnel.protocol import Limits
 
 log = logging.getLogger("onprem.control_plane")
 
-P = ParamSpec("P")
 T = TypeVar("T")
 
-KIND_BY_NAME = {
-    "database": profiles_pb2.PROFILE_KIND_DATABASE,
-    "folder": profiles_pb2.PROFILE_KIND_FOLDER,
-    "app": profiles_pb2.PROFILE_KIND_APP,
-}
-NAME_BY_KIND: dict[int, str] = {v: k for k, v in KIND_BY_NAME.items()}
+NAME_BY_KIND = KIND_NAMES
+KIND_BY_NAME = {name: kind for kind, name in KIND_NAMES.items()}
 
 #: How long an authenticated token is trusted without asking the store again.
 TOKEN_CACHE_SECONDS = 10.0

@@ -18,6 +18,7 @@ import pytest
 
 from onprem.v1 import agents_pb2, database_pb2, database_pb2_grpc, values_pb2
 from tests.support.postgres import PostgresServer
+from tools.bench.common import rss_mib
 from tools.cluster import (
     AgentProcess,
     ControlPlaneProcess,
@@ -36,13 +37,6 @@ BIG_SQLITE = (
     "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :rows) "
     "SELECT i, printf('%.200d', i) AS pad FROM n"
 )
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def established_streams(pid: int, port: int) -> int:
@@ -172,7 +166,7 @@ async def test_memory_stays_bounded_while_a_result_far_larger_than_the_window_st
     cp, agent, token = cluster
     await _active(cp, agent, token)
     assert agent.proc is not None and cp.proc is not None
-    base_agent, base_cp = rss_kib(agent.proc.pid), rss_kib(cp.proc.pid)
+    base_agent, base_cp = rss_mib(agent.proc.pid), rss_mib(cp.proc.pid)
     peak_agent, peak_cp, received = base_agent, base_cp, 0
     async with operator_channel(cp) as channel:
         stub = database_stub(channel)
@@ -186,12 +180,12 @@ async def test_memory_stays_bounded_while_a_result_far_larger_than_the_window_st
             if n < 50:
                 await asyncio.sleep(0.02)
             if n % 50 == 0:
-                peak_agent = max(peak_agent, rss_kib(agent.proc.pid))
-                peak_cp = max(peak_cp, rss_kib(cp.proc.pid))
+                peak_agent = max(peak_agent, rss_mib(agent.proc.pid))
+                peak_cp = max(peak_cp, rss_mib(cp.proc.pid))
     assert received > 250 * 1024 * 1024
     growth_agent, growth_cp = peak_agent - base_agent, peak_cp - base_cp
-    assert growth_agent < 100 * 1024, f"agent RSS grew by {growth_agent} KiB"
-    assert growth_cp < 100 * 1024, f"control plane RSS grew by {growth_cp} KiB"
+    assert growth_agent < 100, f"agent RSS grew by {growth_agent:.1f} MiB"
+    assert growth_cp < 100, f"control plane RSS grew by {growth_cp:.1f} MiB"
 
 
 async def test_an_operators_deadline_stops_the_statement_on_postgresql(

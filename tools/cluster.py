@@ -43,6 +43,18 @@ def _kill_leftovers() -> None:
 atexit.register(_kill_leftovers)
 
 
+def _stop(proc: subprocess.Popen[bytes] | None, sig: signal.Signals, timeout: float) -> int:
+    """Signal a process and return its exit code; SIGKILL it if it outlasts `timeout`."""
+    if proc is None or proc.poll() is not None:
+        return proc.returncode if proc else 0
+    proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
 def _bin(name: str) -> str:
     return str(BIN / name)
 
@@ -107,14 +119,7 @@ class ControlPlaneProcess:
         self.proc.send_signal(sig)
 
     def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 20) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return _stop(self.proc, sig, timeout)
 
 
 @dataclass
@@ -182,14 +187,7 @@ class AgentProcess:
         self.proc.wait()
 
     def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 20) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return _stop(self.proc, sig, timeout)
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
