@@ -23,7 +23,7 @@ import grpc
 
 from agent import metrics, systemd
 from agent.config import AgentConfig, load_config
-from agent.dispatcher import Dispatcher
+from agent.dispatcher import Dispatcher, kind_name
 from agent.handlers.apps import AppHandler
 from agent.handlers.base import Handler
 from agent.handlers.database import DatabaseHandler
@@ -39,7 +39,7 @@ from agent.identity import (
 from agent.profiles import ConfigError
 from agent.test_profile import run_test_profile
 from agent.tunnel_client import TunnelClient, channel_credentials, channel_options
-from onprem.v1 import enrollment_pb2, enrollment_pb2_grpc, profiles_pb2
+from onprem.v1 import enrollment_pb2, enrollment_pb2_grpc
 from tunnel import logs
 
 log = logging.getLogger("onprem.agent")
@@ -106,6 +106,7 @@ async def run(config_path: Path, config: AgentConfig, identity: Identity) -> Non
         if watchdog is not None:
             watchdog.cancel()
             await asyncio.gather(watchdog, return_exceptions=True)
+        log.debug("shutdown: closing handlers")
         await dispatcher.aclose()
     log.info("agent stopped")
 
@@ -131,7 +132,8 @@ async def doctor(config: AgentConfig) -> int:
         async with grpc.aio.secure_channel(
             config.control_plane.address, channel_credentials(config, identity), options=channel_options(config)
         ) as channel:
-            await asyncio.wait_for(channel.channel_ready(), 10)
+            async with asyncio.timeout(10):
+                await channel.channel_ready()
         report(True, "control plane", f"{config.control_plane.address} accepted the agent's certificate (mTLS)")
     except (TimeoutError, grpc.aio.AioRpcError) as exc:
         report(False, "control plane", f"cannot reach {config.control_plane.address} over mTLS within 10 s"
@@ -139,7 +141,7 @@ async def doctor(config: AgentConfig) -> int:
     dispatcher = Dispatcher(build_handlers(config))
     try:
         for health in await dispatcher.check_all():
-            kind = profiles_pb2.ProfileKind.Name(health.kind).removeprefix("PROFILE_KIND_").lower()
+            kind = kind_name(health.kind)
             for check in health.checks:
                 report(check.ok, f"{kind} profile {health.profile}: {check.name}", check.message)
     finally:

@@ -164,7 +164,8 @@ class AgentSession:
         self._leaving = (DrainedToExit if drain.exit_after else SessionLost)(
             f"drained at the control plane's request ({drain.reason})")
         try:
-            await asyncio.wait_for(self.close_gracefully(), 5)
+            async with asyncio.timeout(5):
+                await self.close_gracefully()
             # The control plane ends the stream once it has read our last frames.
             await asyncio.sleep(5)
         except (TimeoutError, grpc.aio.AioRpcError, StreamClosed):
@@ -261,13 +262,14 @@ class AgentSession:
             body=body.__aiter__() if body is not None else None,
             max_chunk_bytes=self._conn.max_chunk_bytes,
         )
+        sent_bytes = metrics.RESPONSE_BYTES.labels(kind)
         try:
             async with asyncio.timeout(timeout) as deadline:
                 async for chunk in self._dispatcher.handle(start, context):
                     size = chunk.ByteSize()
                     await self._credit.wait_for(rid, size, self._conn.chunk_credit)
                     await self._writer.send(self._conn.send_chunk(rid, chunk, size), size)
-                    metrics.RESPONSE_BYTES.labels(kind).inc(size)
+                    sent_bytes.inc(size)
         except RequestError as exc:
             code, message, reason = exc.code, exc.message, exc.reason
             field = getattr(exc, "field", None) or ""

@@ -19,7 +19,7 @@ import grpc
 
 from agent import __version__, metrics
 from agent.config import AgentConfig
-from agent.dispatcher import Dispatcher
+from agent.dispatcher import Dispatcher, kind_name
 from agent.handlers.base import Handler
 from agent.identity import Identity, make_key_and_csr, save_identity
 from agent.session import AgentSession, DrainedToExit, SessionLost
@@ -111,15 +111,15 @@ class TunnelClient:
             self._check_now.clear()
             self.health = await self._dispatcher.check_all()
             for health in self.health:
-                kind = profiles_pb2.ProfileKind.Name(health.kind).removeprefix("PROFILE_KIND_").lower()
-                metrics.PROFILE_UP.labels(kind, health.profile).set(1 if health.ok else 0)
+                metrics.PROFILE_UP.labels(kind_name(health.kind), health.profile).set(1 if health.ok else 0)
             failing = [h.profile for h in self.health if not h.ok]
             if failing:
                 log.warning("profile checks failing: %s", ", ".join(failing))
             if self.session is not None:
                 self.session.send_status(health=self.health)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._check_now.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await self._check_now.wait()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep a session open until `stop` is set (or the control plane drains us to exit)."""
@@ -138,12 +138,15 @@ class TunnelClient:
                     # A renewed certificate takes effect on the next connection: the
                     # current stream goes on with the old one until it ends.
                     if await self._sessions(stop, identity):
+                        log.debug("shutdown: sessions ended; closing the channel")
                         return
         finally:
             self._stub = None
+            log.debug("shutdown: channel closed; stopping background tasks")
             renewer.cancel()
             checker.cancel()
             await asyncio.gather(renewer, checker, return_exceptions=True)
+            log.debug("shutdown: background tasks stopped")
 
     async def _sessions(self, stop: asyncio.Event, channel_identity: Identity) -> bool:
         """Open sessions on the current channel until stopped (True) or the identity was renewed (False)."""
@@ -181,7 +184,8 @@ class TunnelClient:
             self._attempt += 1
             log.info("reconnecting in %.1f s", delay)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=delay)
+                async with asyncio.timeout(delay):
+                    await stop.wait()
             if self._identity is not channel_identity:
                 return False
         return True
@@ -228,8 +232,10 @@ class TunnelClient:
             try:
                 # Cancelling the call could drop final statuses still in flight on the wire:
                 # half-close instead, and let the control plane end the stream.
-                await asyncio.wait_for(session.close_gracefully(), 5)
-                await asyncio.wait_for(asyncio.shield(session_task), 5)
+                async with asyncio.timeout(5):
+                    await session.close_gracefully()
+                async with asyncio.timeout(5):
+                    await asyncio.shield(session_task)
             except (TimeoutError, grpc.aio.AioRpcError, SessionLost):
                 pass
         session_task.cancel()

@@ -68,7 +68,8 @@ class Registry:
     async def wait_for_change(self, seconds: float) -> None:
         changed = self._changed
         try:
-            await asyncio.wait_for(changed.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await changed.wait()
         except TimeoutError:
             pass
 

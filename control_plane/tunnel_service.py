@@ -105,7 +105,8 @@ class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
         row, cert = await self._authenticate(context)
         conn = ControlPlaneConnection(self._cp.settings.limits)
         try:
-            first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT)
+            async with asyncio.timeout(HELLO_TIMEOUT):
+                first = await context.read()
             if first is EOF:
                 return
             assert isinstance(first, AgentFrame)
