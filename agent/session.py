@@ -23,6 +23,7 @@ from agent.dispatcher import Dispatcher
 from agent.handlers.base import RequestContext
 from onprem.v1 import profiles_pb2, tunnel_pb2
 from tunnel.aio import EOF, CreditWaiters, FrameWriter, StreamClosed
+from tunnel.budget import BudgetExceeded, Budgets, PeerMeter
 from tunnel.errors import Code, RemoteProtocolError, RequestError
 from tunnel.protocol import (
     AgentConnection,
@@ -40,6 +41,8 @@ from tunnel.protocol import (
 )
 
 log = logging.getLogger("onprem.agent.session")
+
+_CONTROL_KIND: dict[type[Event], str] = {PingReceived: "ping", PongReceived: "pong", DrainReceived: "drain"}
 
 
 class SessionLost(Exception):
@@ -84,13 +87,20 @@ class AgentSession:
         dispatcher: Dispatcher,
         *,
         max_in_flight: int,
+        budgets: Budgets | None = None,
     ) -> None:
         self._call = call
         self._conn = conn
         self._dispatcher = dispatcher
         self._max_in_flight = max_in_flight
+        # The agent holds the control plane to the same budgets the control plane holds it to.
+        self._budgets = budgets or Budgets()
+        self._meter = PeerMeter(self._budgets, "the control plane")
+        self._broken: BudgetExceeded | None = None
+        self._broken_event = asyncio.Event()
         self._writer: FrameWriter[AgentFrame] = FrameWriter(
-            call.write, combine=AgentConnection.batch if conn.batching else None)
+            call.write, combine=AgentConnection.batch if conn.batching else None,
+            max_queued_frames=self._budgets.max_queued_frames, on_overflow=self._over_budget)
         self._credit = CreditWaiters()
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._bodies: dict[int, _Body] = {}
@@ -115,12 +125,19 @@ class AgentSession:
                 group.create_task(self._writer.run(), name="tunnel-writer")
                 group.create_task(self._heartbeat(), name="tunnel-heartbeat")
                 group.create_task(self._read_loop(), name="tunnel-reader")
+                group.create_task(self._watch_budget(), name="tunnel-budget")
         except* grpc.aio.AioRpcError as eg:
             error = eg.exceptions[0]
             assert isinstance(error, grpc.aio.AioRpcError)
             raise SessionLost(f"the stream failed: {error.code().name}: {error.details()}") from None
         except* DrainedToExit as eg:
             raise eg.exceptions[0] from None
+        except* BudgetExceeded as eg:
+            exceeded = eg.exceptions[0]
+            assert isinstance(exceeded, BudgetExceeded)
+            log.warning("the control plane exceeded its budget of %s; closing the stream: %s",
+                        exceeded.budget, exceeded)
+            raise SessionLost(f"the control plane exceeded its budget of {exceeded.budget}: {exceeded}") from None
         except* (StreamClosed, SessionLost, RemoteProtocolError) as eg:
             raise SessionLost(str(eg.exceptions[0])) from None
         finally:
@@ -172,14 +189,28 @@ class AgentSession:
             pass
         raise self._leaving
 
+    def _over_budget(self, error: BudgetExceeded) -> None:
+        # Called where a frame was queued (any task): the session's own tasks end it.
+        self._broken = self._broken or error
+        self._broken_event.set()
+
+    async def _watch_budget(self) -> None:
+        await self._broken_event.wait()
+        assert self._broken is not None
+        raise self._broken
+
     async def _read_loop(self) -> None:
+        meter = self._meter
         while True:
             frame = await self._call.read()
             if frame is EOF:
                 raise self._leaving or SessionLost("the control plane closed the stream")
             assert isinstance(frame, ControlFrame)
-            self._last_heard = self._clock()
+            now = self._last_heard = self._clock()
+            meter.message(len(frame.batch.frames) if frame.HasField("batch") else 1)
             for event in self._conn.receive(frame):
+                if isinstance(event, PingReceived | PongReceived | DrainReceived):
+                    meter.control(_CONTROL_KIND[type(event)], now)
                 self._on_event(event)
 
     def _on_event(self, event: Event) -> None:
@@ -300,10 +331,15 @@ class AgentSession:
     async def _heartbeat(self) -> None:
         assert self._conn.welcome is not None
         interval = self._conn.welcome.heartbeat_interval.ToTimedelta().total_seconds()
+        stall = self._budgets.write_stall_intervals * interval
         while True:
             await asyncio.sleep(interval / 2)
             now = self._clock()
             if now - self._last_heard > 3 * interval:
                 raise SessionLost(f"heard nothing from the control plane for {now - self._last_heard:.0f} s")
+            since = self._writer.writing_since
+            if since is not None and now - since > stall:
+                raise BudgetExceeded("write stall", f"the control plane has not read the stream for "
+                                                    f"{now - since:.0f} s (the limit is {stall:.0f} s)")
             if now - self._writer.last_write >= interval / 2:
                 self._writer.send_nowait(self._conn.ping(next(self._nonces)))

@@ -29,6 +29,7 @@ from control_plane.failover import RoutedRequest
 from control_plane.router import KIND_NAMES, GroupFacts, Registry, Router
 from control_plane.store import AuditEntry, Store
 from onprem.v1 import tunnel_pb2
+from tunnel.budget import Budgets
 from tunnel.errors import Code, InvalidArgument, PermissionDenied, RequestError, Unauthenticated
 from tunnel.protocol import Limits
 
@@ -49,6 +50,8 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     #: How long a request waits for a busy group before RESOURCE_EXHAUSTED.
     queue_wait: float = 2.0
+    #: What one agent's stream may make the control plane do (tunnel.budget).
+    budgets: Budgets = field(default_factory=Budgets)
 
 
 class ControlPlane:

@@ -44,7 +44,7 @@ from onprem.v1 import (
     files_pb2_grpc,
     tunnel_pb2_grpc,
 )
-from tunnel.channel_options import SERVER_OPTIONS
+from tunnel.channel_options import OPERATOR_SERVER_OPTIONS, SERVER_OPTIONS, TUNNEL_SERVER_OPTIONS
 
 log = logging.getLogger("onprem.control_plane.server")
 
@@ -98,7 +98,7 @@ class ControlPlaneServer:
         tls = grpc.ssl_server_credentials([(key, chain)])
         mtls = grpc.ssl_server_credentials([(key, chain)], root_certificates=ca_pem, require_client_auth=True)
 
-        operator = grpc.aio.server(options=SERVER_OPTIONS)
+        operator = grpc.aio.server(options=OPERATOR_SERVER_OPTIONS)
         database_pb2_grpc.add_DatabaseServiceServicer_to_server(DatabaseService(self.cp), operator)
         files_pb2_grpc.add_FileServiceServicer_to_server(FileService(self.cp), operator)
         apps_pb2_grpc.add_AppServiceServicer_to_server(AppService(self.cp), operator)
@@ -109,7 +109,7 @@ class ControlPlaneServer:
              reflection.SERVICE_NAME],
             operator,
         )
-        agent = grpc.aio.server(options=SERVER_OPTIONS)
+        agent = grpc.aio.server(options=TUNNEL_SERVER_OPTIONS)
         tunnel_pb2_grpc.add_AgentTunnelServicer_to_server(AgentTunnelService(self.cp), agent)
         enroll = grpc.aio.server(options=SERVER_OPTIONS)
         enrollment_pb2_grpc.add_EnrollmentServicer_to_server(EnrollmentService(self.cp), enroll)

@@ -21,6 +21,7 @@ import grpc
 
 from onprem.v1 import profiles_pb2, tunnel_pb2
 from tunnel.aio import EOF, CreditWaiters, FrameWriter, RequestGone, StreamClosed
+from tunnel.budget import BudgetExceeded, Budgets, PeerMeter
 from tunnel.errors import Code, RemoteProtocolError, RequestError, Unavailable
 from tunnel.protocol import (
     AgentFrame,
@@ -37,6 +38,8 @@ from tunnel.protocol import (
 )
 
 log = logging.getLogger("onprem.control_plane.sessions")
+
+_CONTROL_KIND: dict[type[Event], str] = {PingReceived: "ping", PongReceived: "pong", StatusReceived: "status"}
 
 
 class SessionClosed(Exception):
@@ -135,6 +138,7 @@ class AgentSession:
         name: str,
         group: str,
         cert_expires_at: dt.datetime | None,
+        budgets: Budgets | None = None,
     ) -> None:
         assert conn.hello is not None
         self.conn = conn
@@ -151,11 +155,19 @@ class AgentSession:
         self.profiles = {(p.kind, p.name) for p in conn.hello.profiles}
         #: The latest health check of each profile, by (kind, name).
         self.profile_health: dict[tuple[int, str], profiles_pb2.ProfileHealth] = {}
-        #: Profile lists advertised after a reload, for the store to remember.
-        self.profile_updates: asyncio.Queue[list[profiles_pb2.Profile]] = asyncio.Queue()
+        #: The latest profile list advertised after a reload, for the store to remember; only the
+        #: latest counts, so however often an agent re-advertises, the store is written at its own pace.
+        self.profile_update: list[profiles_pb2.Profile] | None = None
+        self.profiles_updated = asyncio.Event()
+        self.budgets = budgets or Budgets()
+        self._meter = PeerMeter(self.budgets, f"agent {name} ({agent_id})")
         self._read = read
         self._writer: FrameWriter[ControlFrame] = FrameWriter(
-            write, combine=ControlPlaneConnection.batch if conn.batching else None)
+            write, combine=ControlPlaneConnection.batch if conn.batching else None,
+            max_queued_frames=self.budgets.max_queued_frames, on_overflow=self._over_budget)
+        #: Set when the agent went past a budget; the session ends with RESOURCE_EXHAUSTED.
+        self.budget_error: BudgetExceeded | None = None
+        self._broken = asyncio.Event()
         self._credit = CreditWaiters()
         self._exchanges: dict[int, Exchange] = {}
         self._nonces = itertools.count(1)
@@ -199,8 +211,16 @@ class AgentSession:
                 group.create_task(self._writer.run(), name=f"writer-{self.agent_id}")
                 group.create_task(self._heartbeat(), name=f"heartbeat-{self.agent_id}")
                 group.create_task(self._read_loop(), name=f"reader-{self.agent_id}")
+                group.create_task(self._watch_budget(), name=f"budget-{self.agent_id}")
         except* SessionClosed as eg:
             reason = str(eg.exceptions[0])
+        except* BudgetExceeded as eg:
+            error = eg.exceptions[0]
+            assert isinstance(error, BudgetExceeded)
+            reason = f"the agent exceeded its budget of {error.budget}: {error}"
+            log.warning("agent %s (%s) exceeded its budget of %s; closing its session: %s",
+                        self.name, self.agent_id, error.budget, error)
+            self.budget_error = error
         except* RemoteProtocolError as eg:
             reason = f"the agent broke the tunnel protocol: {eg.exceptions[0]}"
             log.warning("agent %s (%s): %s", self.name, self.agent_id, reason)
@@ -237,6 +257,17 @@ class AgentSession:
         return exchange
 
     # -- internals --
+    def _over_budget(self, error: BudgetExceeded) -> None:
+        # Called where a frame was queued (any task): the session's own tasks end it.
+        if self.budget_error is None:
+            self.budget_error = error
+        self._broken.set()
+
+    async def _watch_budget(self) -> None:
+        await self._broken.wait()
+        assert self.budget_error is not None
+        raise self.budget_error
+
     def _consumed(self, rid: int, size: int) -> None:
         frame = self.conn.consumed(rid, size)
         if frame is not None and self._closed is None:
@@ -254,13 +285,18 @@ class AgentSession:
                 pass
 
     async def _read_loop(self) -> None:
+        meter = self._meter
         while True:
             frame = await self._read()
             if frame is EOF:
                 raise SessionClosed("the agent closed its stream")
             assert isinstance(frame, AgentFrame)
-            self._last_heard = self._clock()
+            now = self._last_heard = self._clock()
+            # The count is known before any frame of the batch is looked at.
+            meter.message(len(frame.batch.frames) if frame.HasField("batch") else 1)
             for event in self.conn.receive(frame):
+                if isinstance(event, PingReceived | PongReceived | StatusReceived):
+                    meter.control(_CONTROL_KIND[type(event)], now)
                 self._on_event(event)
 
     def _on_event(self, event: Event) -> None:
@@ -269,7 +305,10 @@ class AgentSession:
                 exchange = self._exchanges.get(rid)
                 if exchange is not None:
                     exchange._deliver(event)
-            case RequestEnded(rid, code, message, reason, field):
+            case RequestEnded(rid, code, message, reason, field, screened):
+                if screened:
+                    log.warning("agent %s (%s) ended request %d with %s; the operator gets INTERNAL (%s)",
+                                self.name, self.agent_id, rid, screened, reason)
                 exchange = self._exchanges.pop(rid, None)
                 self._credit.forget(rid)
                 if exchange is not None:
@@ -291,7 +330,8 @@ class AgentSession:
                     del self.hello.profiles[:]
                     self.hello.profiles.extend(status.profiles)
                     self.profiles = {(p.kind, p.name) for p in status.profiles}
-                    self.profile_updates.put_nowait(list(status.profiles))
+                    self.profile_update = list(status.profiles)
+                    self.profiles_updated.set()
                     log.info("agent %s (%s) now offers %d profiles", self.name, self.agent_id, len(self.profiles))
                 if status.profile_health:
                     self.profile_health = {(h.kind, h.profile): h for h in status.profile_health}
@@ -303,12 +343,18 @@ class AgentSession:
 
     async def _heartbeat(self) -> None:
         interval = self.conn.limits.heartbeat_interval.total_seconds()
+        stall = self.budgets.write_stall_intervals * interval
         while True:
             await asyncio.sleep(interval / 2)
             now = self._clock()
             silent = now - self._last_heard
             if silent > 3 * interval:
                 raise SessionClosed(f"the agent was silent for {silent:.0f} s (heartbeats missed)")
+            since = self._writer.writing_since
+            if since is not None and now - since > stall:
+                raise BudgetExceeded(
+                    "write stall", f"the agent has not read its stream for {now - since:.0f} s "
+                    f"(the limit is {stall:.0f} s)")
             self.last_seen_at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=silent)
             if now - self._writer.last_write >= interval / 2:
                 self._writer.send_nowait(self.conn.ping(next(self._nonces)))

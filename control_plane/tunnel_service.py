@@ -24,25 +24,50 @@ from control_plane.sessions import AgentSession
 from control_plane.store import AdvertisedProfile, AgentRow
 from onprem.v1 import profiles_pb2, tunnel_pb2, tunnel_pb2_grpc
 from tunnel.aio import EOF
+from tunnel.budget import TokenBucket
 from tunnel.errors import RemoteProtocolError
 from tunnel.protocol import AgentFrame, ControlPlaneConnection
 
 log = logging.getLogger("onprem.control_plane.tunnel")
 
 HELLO_TIMEOUT = 10.0
+#: Streams one agent may open, sustained per second and in a burst. Each costs a store lookup and a
+#: write of its profiles; a healthy agent reconnects after a jittered backoff of at least half a second.
+CONNECTS_PER_SECOND = 1.0
+CONNECT_BURST = 10
+#: Agents whose reconnect budget is remembered; beyond this, the fullest buckets are forgotten.
+_MAX_TRACKED_AGENTS = 100_000
 
 
 class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
     def __init__(self, cp: ControlPlane) -> None:
         self._cp = cp
+        self._connects: dict[str, TokenBucket] = {}
 
-    async def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[AgentRow, x509.Certificate]:
+    def _may_connect(self, agent_id: str) -> bool:
+        bucket = self._connects.get(agent_id)
+        if bucket is None:
+            if len(self._connects) >= _MAX_TRACKED_AGENTS:
+                self._connects.clear()  # ids come from certificates we signed: only enrolled agents get here
+            bucket = self._connects[agent_id] = TokenBucket(CONNECTS_PER_SECOND, CONNECT_BURST)
+        return bucket.take(asyncio.get_running_loop().time())
+
+    async def _authenticate(
+        self, context: grpc.aio.ServicerContext[Any, Any], *, connecting: bool = False,
+    ) -> tuple[AgentRow, x509.Certificate]:
         pem = next(iter(context.auth_context().get("x509_pem_cert") or [b""]))
         if not pem:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required: enroll the agent first")
         cert = x509.load_pem_x509_certificate(pem)
         names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         agent_id = str(names[0].value) if names else ""
+        if connecting and not self._may_connect(agent_id):
+            log.warning("agent %s reconnects faster than %g a second (bursts of %d); refusing this stream",
+                        agent_id, CONNECTS_PER_SECOND, CONNECT_BURST)
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"agent '{agent_id}' reconnects faster than {CONNECTS_PER_SECOND:g} a second; back off and retry",
+            )
         row = await self._cp.blocking(self._cp.store.get_agent, agent_id)
         if row is None:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"agent '{agent_id}' is not enrolled here")
@@ -89,9 +114,15 @@ class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
         )
 
     async def _remember_profiles(self, session: AgentSession, hello: tunnel_pb2.Hello) -> None:
-        """Store the profiles an agent re-advertises after a reload, so routing explains them when it is offline."""
+        """Store the profiles an agent re-advertises after a reload, so routing explains them when it is offline.
+
+        Only the latest list is written: an agent re-advertising faster than the store writes costs one
+        write at a time, never a queue of them.
+        """
         while True:
-            profiles = await session.profile_updates.get()
+            await session.profiles_updated.wait()
+            session.profiles_updated.clear()
+            profiles, session.profile_update = session.profile_update or [], None
             try:
                 await self._record_hello(session.agent_id, hello, profiles)
             except Exception:
@@ -102,7 +133,7 @@ class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
     async def Connect(  # type: ignore[override]
         self, request_iterator: Any, context: grpc.aio.ServicerContext[AgentFrame, tunnel_pb2.ConnectResponse]
     ) -> None:
-        row, cert = await self._authenticate(context)
+        row, cert = await self._authenticate(context, connecting=True)
         conn = ControlPlaneConnection(self._cp.settings.limits)
         try:
             async with asyncio.timeout(HELLO_TIMEOUT):
@@ -120,7 +151,7 @@ class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
         session = AgentSession(
             conn, context.write, context.read,
             agent_id=row.agent_id, name=row.name, group=row.group_name,
-            cert_expires_at=cert.not_valid_after_utc,
+            cert_expires_at=cert.not_valid_after_utc, budgets=self._cp.settings.budgets,
         )
         await self._record_hello(row.agent_id, hello, list(hello.profiles))
         await context.write(session.welcome_frame())
@@ -141,5 +172,8 @@ class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
                 await self._cp.blocking(self._cp.store.touch_agent, row.agent_id, dt.datetime.now(dt.UTC))
             except Exception:
                 log.exception("could not record when agent %s was last seen", row.agent_id)
+        if session.budget_error is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"budget of {session.budget_error.budget} exceeded: {session.budget_error}")
         if session.protocol_error:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"tunnel protocol: {session.protocol_error}")

@@ -171,14 +171,25 @@ def test_frames_for_a_request_never_started_break_the_stream(pair: TunnelPair) -
         pair.agent.receive(ControlFrame(request_id=7, cancel=tunnel_pb2.Cancel()))
 
 
-def test_frames_after_the_final_status_are_ignored(pair: TunnelPair) -> None:
+def test_a_frame_after_the_agents_own_end_breaks_the_stream(pair: TunnelPair) -> None:
     rid = pair.start()
     pair.to_cp(pair.agent.end(rid, Code.OK))
-    assert pair.cp.receive(AgentFrame(request_id=rid, chunk=chunk_of(10))) == [
-        FrameIgnored(rid, "chunk after the request ended")
-    ]
-    assert pair.cp.receive(AgentFrame(request_id=rid, end=tunnel_pb2.ResponseEnd())) == [
-        FrameIgnored(rid, "end after the request ended")
+    with pytest.raises(RemoteProtocolError, match=f"chunk frame for request {rid} after the agent ended it"):
+        pair.cp.receive(AgentFrame(request_id=rid, chunk=chunk_of(10)))
+
+
+def test_a_second_end_for_a_request_breaks_the_stream(pair: TunnelPair) -> None:
+    rid = pair.start()
+    pair.to_cp(pair.agent.end(rid, Code.OK))
+    with pytest.raises(RemoteProtocolError, match=f"end frame for request {rid} after the agent ended it"):
+        pair.cp.receive(AgentFrame(request_id=rid, end=tunnel_pb2.ResponseEnd()))
+
+
+def test_control_plane_frames_racing_the_agents_end_are_ignored(pair: TunnelPair) -> None:
+    rid = pair.start()
+    pair.agent.end(rid, Code.OK)  # not yet seen by the control plane, which may still cancel
+    assert pair.to_agent(pair.cp.cancel(rid, "caller went away")) == [
+        FrameIgnored(rid, "cancel after the request ended")
     ]
 
 

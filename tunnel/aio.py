@@ -14,6 +14,8 @@ from typing import Generic, TypeVar
 
 import grpc
 
+from tunnel.budget import BudgetExceeded, Budgets
+
 F = TypeVar("F")
 
 #: What grpc.aio's `read()` returns at the end of a stream (missing from grpc-stubs).
@@ -21,6 +23,8 @@ EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]
 
 #: Data frames queued for the wire, across all requests of a stream.
 DEFAULT_MAX_QUEUED_BYTES = 4 * 1024 * 1024
+#: Frames of any kind queued for the wire (see `Budgets.max_queued_frames`).
+DEFAULT_MAX_QUEUED_FRAMES = Budgets().max_queued_frames
 #: Bounds of one combined message: well under the 8 MiB message limit.
 MAX_BATCH_FRAMES = 256
 MAX_BATCH_BYTES = 1024 * 1024
@@ -45,8 +49,14 @@ class FrameWriter(Generic[F]):
         max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
         *,
         combine: Callable[[list[F]], F] | None = None,
+        max_queued_frames: int = DEFAULT_MAX_QUEUED_FRAMES,
+        on_overflow: Callable[[BudgetExceeded], None] | None = None,
     ) -> None:
         self._write = write
+        # Control frames never wait, so only a count bounds them: a peer that makes us queue
+        # `max_queued_frames` (pongs to its pings, say) without reading them is not reading at all.
+        self._max_frames = max_queued_frames
+        self._on_overflow = on_overflow
         # With `combine`, frames that queued up while the previous write was in flight go
         # out as one message: a gRPC write costs far more than its bytes under load.
         self._combine = combine
@@ -63,10 +73,28 @@ class FrameWriter(Generic[F]):
         self._clock = loop.time
         #: Loop time of the last frame written; heartbeats read it.
         self.last_write = self._clock()
+        #: Loop time at which the write in progress began, None between writes: a write that
+        #: lasts is a peer that does not read.
+        self.writing_since: float | None = None
+
+    @property
+    def queued_frames(self) -> int:
+        return len(self._queue)
 
     def send_nowait(self, frame: F) -> None:
+        """Queue a control frame; raises StreamClosed once the writer closed (or overflowed)."""
         if self._closed is not None:
             raise StreamClosed(str(self._closed))
+        if len(self._queue) >= self._max_frames:
+            overflow = BudgetExceeded(
+                "queued frames",
+                f"the peer left {len(self._queue)} frames unread (the limit is {self._max_frames}): "
+                "it does not read its stream",
+            )
+            self.close(overflow)
+            if self._on_overflow is not None:
+                self._on_overflow(overflow)
+            raise StreamClosed(str(overflow))
         self._queue.append((frame, 0))
         self._empty.clear()
         self._nonempty.set()
@@ -115,7 +143,9 @@ class FrameWriter(Generic[F]):
                         frames.append(more)
                         size += more_size
                     frame = self._combine(frames)
+                self.writing_since = self._clock()
                 await self._write(frame)
+                self.writing_since = None
                 self.last_write = self._clock()
                 if size:
                     self._queued_bytes -= size

@@ -17,10 +17,12 @@ and the shell closes the stream.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from onprem.v1 import tunnel_pb2
+from onprem.v1 import profiles_pb2, tunnel_pb2
 from tunnel.errors import Code, LocalProtocolError, RemoteProtocolError
 from tunnel.flow import ReceiveWindow, SendWindow
 
@@ -32,6 +34,29 @@ CAPABILITIES = (FRAME_BATCH,)
 
 AgentFrame = tunnel_pb2.ConnectRequest
 ControlFrame = tunnel_pb2.ConnectResponse
+
+#: The most profiles one agent may offer (Hello, or a status after a reload).
+MAX_PROFILES = 1024
+#: The longest profile name, in characters.
+MAX_PROFILE_NAME = 255
+#: The most requests an agent may ask to run at once (its config allows no more either).
+MAX_IN_FLIGHT = 10_000
+
+#: The codes with which an agent may end a request (tunnel.proto lists them). An agent speaks for
+#: its own work only: it cannot say the caller is unauthenticated (that is the control plane's
+#: word), and UNKNOWN explains nothing. Any other code reaches the operator as INTERNAL.
+AGENT_CODES = frozenset({
+    Code.OK, Code.CANCELLED, Code.INVALID_ARGUMENT, Code.DEADLINE_EXCEEDED, Code.NOT_FOUND,
+    Code.ALREADY_EXISTS, Code.PERMISSION_DENIED, Code.RESOURCE_EXHAUSTED, Code.FAILED_PRECONDITION,
+    Code.ABORTED, Code.UNIMPLEMENTED, Code.INTERNAL, Code.UNAVAILABLE,
+})
+#: Reasons only the control plane gives: they steer its retries and explanations.
+CONTROL_PLANE_REASONS = frozenset({"AGENT_LOST", "AGENT_PROTOCOL_ERROR"})
+#: What the operator sees of an agent's status that was screened out.
+AGENT_PROTOCOL_ERROR = "AGENT_PROTOCOL_ERROR"
+#: The longest message of an agent's final status that reaches the operator, in characters.
+MAX_END_MESSAGE = 2048
+_REASON = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -104,6 +129,9 @@ class RequestEnded:
     message: str
     reason: str
     field: str = ""
+    #: Why the agent's own status was replaced by INTERNAL (AGENT_PROTOCOL_ERROR), for the log;
+    #: empty when the status is the agent's.
+    screened: str = ""
 
 
 @dataclass(frozen=True)
@@ -149,6 +177,56 @@ Event = (
     | RequestEnded | CreditGranted | PingReceived | PongReceived | DrainReceived | StatusReceived
     | FrameIgnored
 )
+
+
+# --- checks of what a peer says ---------------------------------------------
+
+
+def check_profiles(profiles: Sequence[profiles_pb2.Profile], where: str) -> None:
+    """Refuse a profile list that no agent config could produce; raises `RemoteProtocolError`."""
+    if len(profiles) > MAX_PROFILES:
+        raise RemoteProtocolError(f"{where} offers {len(profiles)} profiles; the limit is {MAX_PROFILES}")
+    for profile in profiles:
+        if not profile.name or len(profile.name) > MAX_PROFILE_NAME:
+            raise RemoteProtocolError(
+                f"{where} offers a profile named {profile.name[:40]!r}; names have 1 to {MAX_PROFILE_NAME} characters"
+            )
+
+
+def _check_grant(window: SendWindow, grant: int, size: int, rid: int) -> None:
+    # A receiver gives back only what it consumed, so credit never exceeds the window: a larger or
+    # empty grant is a peer playing with credit, not a race.
+    if grant <= 0 or window.credit + grant > size:
+        raise RemoteProtocolError(
+            f"window update of {grant} bytes for request {rid} would give {window.credit + grant} bytes of "
+            f"credit; the window is {size}"
+        )
+
+
+def screen_end(rid: int, end: tunnel_pb2.ResponseEnd) -> RequestEnded:
+    """An agent's final status as the operator may see it.
+
+    An agent speaks for its own work only: a code outside `AGENT_CODES`, a reason that only the
+    control plane gives or that is not UPPER_SNAKE_CASE becomes INTERNAL with reason
+    AGENT_PROTOCOL_ERROR, and `screened` says what the agent sent, for the log.
+    """
+    message = end.message if len(end.message) <= MAX_END_MESSAGE else end.message[:MAX_END_MESSAGE] + "…"
+    why = ""
+    try:
+        code = Code(end.code)
+    except ValueError:
+        code, why = Code.INTERNAL, f"status code {end.code}, which gRPC does not define"
+    if not why and code not in AGENT_CODES:
+        why = f"status {code.name}, which agents may not give"
+    elif not why and end.reason and (end.reason in CONTROL_PLANE_REASONS or not _REASON.fullmatch(end.reason)):
+        why = f"reason {end.reason[:80]!r}, which agents may not give"
+    if why:
+        return RequestEnded(
+            rid, Code.INTERNAL,
+            "the agent answered with a status it may not give; the control plane's log names the agent",
+            AGENT_PROTOCOL_ERROR, "", why,
+        )
+    return RequestEnded(rid, code, message, end.reason, end.field[:200])
 
 
 # --- the control plane's end ------------------------------------------------
@@ -199,6 +277,11 @@ class ControlPlaneConnection:
                 raise RemoteProtocolError(
                     f"request window {window} is below twice the chunk size {self.limits.max_chunk_bytes}"
                 )
+            if frame.hello.max_in_flight > MAX_IN_FLIGHT:
+                raise RemoteProtocolError(
+                    f"hello asks to run {frame.hello.max_in_flight} requests at once; the limit is {MAX_IN_FLIGHT}"
+                )
+            check_profiles(frame.hello.profiles, "hello")
             self.hello = frame.hello
             self._request_window = window
             self.batching = FRAME_BATCH in frame.hello.capabilities
@@ -219,6 +302,8 @@ class ControlPlaneConnection:
         if kind == "pong":
             return [PongReceived(frame.pong.nonce)]
         if kind == "status":
+            if frame.status.profiles_changed:
+                check_profiles(frame.status.profiles, "status")
             return [StatusReceived(frame.status)]
         if kind is None:
             raise RemoteProtocolError("empty frame")
@@ -226,7 +311,8 @@ class ControlPlaneConnection:
             raise RemoteProtocolError(f"{kind} frame for request {rid}, which was never started")
         request = self._requests.get(rid)
         if request is None:
-            return [FrameIgnored(rid, f"{kind} after the request ended")]
+            # Only the agent's own `end` closes a request here, so nothing of it can be in flight.
+            raise RemoteProtocolError(f"{kind} frame for request {rid} after the agent ended it")
         if kind == "chunk":
             size = frame.chunk.ByteSize()
             if size > self.limits.max_chunk_bytes:
@@ -237,12 +323,9 @@ class ControlPlaneConnection:
             return [ChunkReceived(rid, frame.chunk, size)]
         if kind == "end":
             del self._requests[rid]
-            try:
-                code = Code(frame.end.code)
-            except ValueError:
-                code = Code.UNKNOWN
-            return [RequestEnded(rid, code, frame.end.message, frame.end.reason, frame.end.field)]
+            return [screen_end(rid, frame.end)]
         if kind == "window_update":
+            _check_grant(request.data, frame.window_update.bytes, self._request_window, rid)
             request.data.grant(frame.window_update.bytes)
             return [CreditGranted(rid, frame.window_update.bytes)]
         raise RemoteProtocolError(f"unexpected {kind} frame from the agent")
@@ -434,6 +517,7 @@ class AgentConnection:
         if kind == "cancel":
             return [CancelReceived(rid, frame.cancel.reason)]
         if kind == "window_update":
+            _check_grant(request.chunks, frame.window_update.bytes, self.welcome.response_window_bytes, rid)
             request.chunks.grant(frame.window_update.bytes)
             return [CreditGranted(rid, frame.window_update.bytes)]
         raise RemoteProtocolError(f"unexpected {kind} frame from the control plane")
