@@ -50,9 +50,8 @@ FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-host", "x-forwarded-prot
 async def handler(upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[AppHandler]:
     monkeypatch.setenv("ONPREM_TEST_STEER_KEY", "steer-key-77")
     base_url = upstream.base_url
-    public = public_get_only(base_url)
     handler = AppHandler({
-        "public": public,
+        "public": public_get_only(base_url),
         # Behind a proxy the site trusts to tell the app who the client is: forwarded identities pass.
         "forwarding": AppProfile(name="forwarding", base_url=base_url, methods=frozenset({"GET"}),
                                  path_prefixes=("public",), allow_caller_headers=FORWARDING),
