@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+from agent.handlers.apps_headers import NEVER_FROM_CALLER, canonical, steers
+
 __all__ = [
     "AppProfile",
     "ConfigError",
@@ -138,6 +140,10 @@ class AppProfile:
     #: Paths relative to `base_url`, without leading or trailing '/', that calls may reach: a call's path
     #: must equal one or continue below it by whole segments. None: anything under `base_url`.
     path_prefixes: tuple[str, ...] | None = None
+    #: Caller headers that could steer the app (method overrides, rewritten URLs, Host, forwarded identities:
+    #: see `agent.handlers.apps_headers`) that this profile lets through, in canonical form (lower case, '_'
+    #: as '-'). Empty: the agent refuses every one of them.
+    allow_caller_headers: frozenset[str] = frozenset()
     #: PEM bundle of the CAs to trust instead of the system's (private CAs).
     ca_file: str | None = None
     #: PEM client certificate (and key, unless `client_key_file` is set) for apps that require mTLS.
@@ -417,6 +423,7 @@ def _parse_app(where: str, name: str, body: Mapping[str, Any]) -> AppProfile:
         "base_url", "headers_from_env", "headers_from_file", "bearer_token_env", "bearer_token_file", "basic_auth",
         "methods", "path_prefixes", "ca_file", "client_cert_file", "client_key_file", "tls_verify",
         "timeout_seconds", "connect_timeout_seconds", "read_timeout_seconds", "max_response_bytes",
+        "allow_caller_headers",
     })
     base_url = _required_str(where, body, "base_url")
     parts = urlsplit(base_url)
@@ -451,6 +458,8 @@ def _parse_app(where: str, name: str, body: Mapping[str, Any]) -> AppProfile:
         raise ConfigError(f"{where}: set bearer_token_* or basic_auth, not both (each sets Authorization)")
     if (bearer is not None or basic is not None) and "authorization" in injected:
         raise ConfigError(f"{where}: Authorization is injected twice (a headers_from_* entry and bearer/basic auth)")
+    allowed_headers = _app_caller_headers(where, body.get("allow_caller_headers"), frozenset(
+        {canonical(h) for h in injected} | ({"authorization"} if bearer is not None or basic is not None else set())))
 
     https = parts.scheme == "https"
     ca_file = _app_existing_file(where, body, "ca_file")
@@ -480,6 +489,7 @@ def _parse_app(where: str, name: str, body: Mapping[str, Any]) -> AppProfile:
         basic_auth=basic,
         methods=_app_methods(where, body.get("methods")),
         path_prefixes=_app_prefixes(where, body.get("path_prefixes")),
+        allow_caller_headers=allowed_headers,
         ca_file=ca_file,
         client_cert_file=cert_file,
         client_key_file=key_file,
@@ -569,6 +579,38 @@ def _app_methods(where: str, raw: Any) -> frozenset[str]:
 
 
 _APP_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _app_caller_headers(where: str, raw: Any, injected: frozenset[str]) -> frozenset[str]:
+    """`allow_caller_headers`: only headers the agent would otherwise refuse, and never a hop-by-hop one.
+
+    Listing anything else is refused rather than ignored, so that a config which
+    believes it opened (or closed) something says so at start-up.
+    """
+    where = f"{where}.allow_caller_headers"
+    if raw is None:
+        return frozenset()
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where}: expected a list of header names such as [X-Forwarded-For]")
+    allowed: set[str] = set()
+    for header in raw:
+        if not isinstance(header, str) or not _HEADER_NAME.fullmatch(header):
+            raise ConfigError(f"{where}: {header!r} is not a valid header name")
+        name = canonical(header)
+        if name in NEVER_FROM_CALLER:
+            raise ConfigError(f"{where}: {header!r} is hop-by-hop: it belongs to the agent's own connection to "
+                              "the app and can never come from a caller")
+        if name in injected:
+            raise ConfigError(f"{where}: {header!r} is injected by the agent for this profile; a caller can never "
+                              "send or override it")
+        if steers(name, injects_credentials=bool(injected)) is None:
+            raise ConfigError(f"{where}: callers may already send {header!r}; list only headers the agent refuses "
+                              "(method overrides, rewritten URLs, Host, Forwarded, X-Forwarded-*, client "
+                              "addresses, and Authorization or Cookie on a profile that injects credentials)")
+        if name in allowed:
+            raise ConfigError(f"{where}: {header!r} is listed twice")
+        allowed.add(name)
+    return frozenset(allowed)
 
 
 def _app_prefixes(where: str, raw: Any) -> tuple[str, ...] | None:

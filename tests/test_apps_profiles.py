@@ -128,3 +128,52 @@ def test_tls_settings_that_contradict_each_other_are_refused(tls_files: Path) ->
         parse_profiles(_app(tls_verify=False, ca_file=str(tls_files / "ca.pem")))
     with pytest.raises(ConfigError, match="client_key_file: set client_cert_file too"):
         parse_profiles(_app(client_key_file=str(tls_files / "client.key")))
+
+
+# -- allow_caller_headers --
+
+
+def test_allowed_caller_headers_are_kept_in_canonical_form() -> None:
+    app = parse_profiles(_app(allow_caller_headers=["X-Forwarded-For", "X_Real_IP", "Host", "X-HTTP-Method-Override"]))
+    assert app.apps["a"].allow_caller_headers == {"x-forwarded-for", "x-real-ip", "host", "x-http-method-override"}
+
+
+def test_by_default_no_steering_header_is_allowed() -> None:
+    assert parse_profiles(_app()).apps["a"].allow_caller_headers == frozenset()
+    assert parse_profiles(_app(allow_caller_headers=[])).apps["a"].allow_caller_headers == frozenset()
+
+
+def test_caller_credentials_may_be_allowed_only_where_the_profile_injects_its_own() -> None:
+    keyed = parse_profiles(_app(headers_from_env={"X-Api-Key": "K"}, allow_caller_headers=["Cookie", "Authorization"]))
+    assert keyed.apps["a"].allow_caller_headers == {"cookie", "authorization"}
+    with pytest.raises(ConfigError, match=r"callers may already send 'Cookie'"):
+        parse_profiles(_app(allow_caller_headers=["Cookie"]))
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    (_app(allow_caller_headers="X-Forwarded-For"),
+     r"a\.allow_caller_headers: expected a list of header names such as \[X-Forwarded-For\]"),
+    (_app(allow_caller_headers=["X Forwarded"]), r"allow_caller_headers: 'X Forwarded' is not a valid header name"),
+    (_app(allow_caller_headers=["X-Forwarded-For\n"]), r"'X-Forwarded-For\\n' is not a valid header name"),
+    (_app(allow_caller_headers=[7]), r"allow_caller_headers: 7 is not a valid header name"),
+    (_app(allow_caller_headers=["Transfer-Encoding"]),
+     r"'Transfer-Encoding' is hop-by-hop: it belongs to the agent's own connection to the app and can never come "
+     r"from a caller"),
+    (_app(allow_caller_headers=["connection"]), r"'connection' is hop-by-hop"),
+    (_app(allow_caller_headers=["Upgrade"]), r"'Upgrade' is hop-by-hop"),
+    (_app(allow_caller_headers=["TE"]), r"'TE' is hop-by-hop"),
+    (_app(allow_caller_headers=["Proxy_Authorization"]), r"'Proxy_Authorization' is hop-by-hop"),
+    (_app(allow_caller_headers=["X-Trace"]),
+     r"callers may already send 'X-Trace'; list only headers the agent refuses \(method overrides, rewritten "
+     r"URLs, Host, Forwarded, X-Forwarded-\*, client addresses, and Authorization or Cookie on a profile that "
+     r"injects credentials\)"),
+    (_app(allow_caller_headers=["Content-Length"]), r"callers may already send 'Content-Length'"),
+    (_app(allow_caller_headers=["Authorization"]), r"callers may already send 'Authorization'"),
+    (_app(headers_from_env={"X-Api-Key": "K"}, allow_caller_headers=["x_api_key"]),
+     r"'x_api_key' is injected by the agent for this profile; a caller can never send or override it"),
+    (_app(bearer_token_env="T", allow_caller_headers=["Authorization"]), r"'Authorization' is injected by the agent"),
+    (_app(allow_caller_headers=["X-Forwarded-For", "x_forwarded_for"]), r"'x_forwarded_for' is listed twice"),
+])
+def test_invalid_allowed_caller_headers_are_refused_naming_the_field(raw: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_profiles(raw)

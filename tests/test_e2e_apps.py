@@ -13,9 +13,11 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from onprem.v1 import agents_pb2, apps_pb2, apps_pb2_grpc
 from tests.support.apps_upstream import PATTERN
@@ -37,12 +39,18 @@ def vm_hwm_kib(pid: int) -> int:
 
 
 class App:
-    """The HTTP app, in its own process so that its CPU does not compete with the test's client."""
+    """The HTTP app, in its own process so that its CPU does not compete with the test's client.
+
+    It is steerable: like a misconfigured framework it honours method
+    overrides, rewritten URLs and forwarded identities, so that what the agent
+    lets through really changes what it runs. Calls without such headers are
+    served exactly as by a plain app.
+    """
 
     def __init__(self) -> None:
         self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.support.apps_upstream", "--port", str(self.port)],
-                                     cwd=Path(__file__).resolve().parent.parent)
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.support.apps_upstream", "--port", str(self.port),
+                                      "--steerable"], cwd=Path(__file__).resolve().parent.parent)
         deadline = time.monotonic() + 15
         while True:
             try:
@@ -58,9 +66,16 @@ class App:
         return f"http://127.0.0.1:{self.port}/api/"
 
     def events(self) -> list[dict[str, object]]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/_events", timeout=5) as response:
-            events: list[dict[str, object]] = json.load(response)
-            return events
+        return self._get("/_events")
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Every request the app has received, oldest first."""
+        return self._get("/_requests")
+
+    def _get(self, path: str) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as response:
+            kept: list[dict[str, Any]] = json.load(response)
+            return kept
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -77,6 +92,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ControlP
     agent = AgentProcess(base / "agent", cp, profiles={"apps": {
         "app": {"base_url": app.base_url, "headers_from_env": {"X-Api-Key": "E2E_APP_KEY"}},
         "narrow": {"base_url": app.base_url, "methods": ["GET"], "path_prefixes": ["orders"]},
+        "public": {"base_url": app.base_url, "methods": ["GET"], "path_prefixes": ["public"]},
+        "public-forwarded": {"base_url": app.base_url, "methods": ["GET"], "path_prefixes": ["public"],
+                             "allow_caller_headers": ["X-Forwarded-For"]},
     }}, env={"E2E_APP_KEY": KEY})
     agent.enroll(GROUP)
     agent.start()
@@ -234,3 +252,42 @@ async def test_a_path_under_an_allowed_prefix_works_through_the_operator_api(
         response, body = await call(channel, token, head("orders/7", profile="narrow"))
     assert response.status_code == 200
     assert json.loads(body)["path"] == "/api/orders/7"
+
+
+def reason_of(error: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason in the status details the control plane attaches."""
+    trailers: list[tuple[str, bytes]] = list(error.trailing_metadata() or ())  # type: ignore[arg-type]
+    status = status_pb2.Status.FromString(dict(trailers)["grpc-status-details-bin"])
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    reason: str = info.reason
+    return reason
+
+
+async def test_an_operator_cannot_turn_a_get_of_public_orders_into_delete_of_an_admin_user(
+    cluster: tuple[ControlPlaneProcess, AgentProcess, str, App],
+) -> None:
+    cp, _, token, app = cluster
+    attack = head("public/orders", profile="public", headers={"X-HTTP-Method-Override": "DELETE",
+                                                              "X-Original-URL": "/api/admin/users/1"})
+    async with operator_channel(cp) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(channel, token, attack)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert info.value.details() == (
+        "header 'X-HTTP-Method-Override' would let the caller change the method the app runs; app profile 'public' "
+        "does not allow callers to send it (allow_caller_headers)")
+    assert reason_of(info.value) == "CALLER_HEADER_NOT_ALLOWED"
+    received = await asyncio.to_thread(app.requests)
+    assert not any("public/orders" in r["path"] or "admin" in r["path"] for r in received)
+
+
+async def test_a_header_listed_in_allow_caller_headers_reaches_the_app_through_the_operator_api(
+    cluster: tuple[ControlPlaneProcess, AgentProcess, str, App],
+) -> None:
+    cp, _, token, _ = cluster
+    async with operator_channel(cp) as channel:
+        response, body = await call(channel, token, head("public/report", profile="public-forwarded",
+                                                         headers={"X-Forwarded-For": "10.9.8.7"}))
+    assert response.status_code == 200
+    assert json.loads(body)["ran"]["client"] == "10.9.8.7"

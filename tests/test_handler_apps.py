@@ -299,13 +299,20 @@ async def test_missing_env_var_is_failed_precondition_naming_the_variable(handle
         await run(handler, call("x", profile="unset"))
 
 
-async def test_hop_by_hop_request_headers_are_stripped(handler: AppHandler) -> None:
-    _, body, _ = await run(handler, call("x", headers={"Host": "evil.example", "Proxy-Authorization": "p",
-                                                       "Upgrade": "h2c", "X-Keep": "1"}))
+async def test_the_host_the_app_sees_is_the_base_urls(handler: AppHandler, server: tuple[str, Seen]) -> None:
+    _, body, _ = await run(handler, call("x", headers={"X-Keep": "1"}))
     headers = json.loads(body)["headers"]
-    assert headers["Host"].startswith("127.0.0.1:")
-    assert "Proxy-Authorization" not in headers and "Upgrade" not in headers
+    assert headers["Host"] == server[0].split("/")[2]  # http://127.0.0.1:PORT/api/
     assert headers["X-Keep"] == "1"
+
+
+async def test_a_caller_sending_host_is_permission_denied_naming_it(handler: AppHandler, server: tuple[str, Seen]) -> None:
+    # Once silently dropped; now refused, like every header that steers the app (tests/test_apps_steering.py).
+    with pytest.raises(PermissionDenied) as info:
+        await run(handler, call("x", headers={"Host": "evil.example"}))
+    assert info.value.message == ("header 'Host' would let the caller change the host the app believes it serves; "
+                                  "app profile 'app' does not allow callers to send it (allow_caller_headers)")
+    assert server[1].requests == []
 
 
 # -- errors --
@@ -518,20 +525,81 @@ HOSTILE_HEADERS = [
     {"X-Evil": "a\r\nInjected: yes"}, {"X-Evil": "a\nb"}, {"X-Evil": "a\x00"}, {"Bad Name": "x"},
     {"X-Evil\r\nInjected": "x"}, {"": "x"}, {"X:Colon": "x"}, {"X-Evil": "a\rb"}, {"Content-Length": "1, 2"},
     {"Content-Length": "-1"},
+    # A steering header smuggled in through a value or a name, on every kind of line break.
+    {"X-Trace": "t1\r\nX-HTTP-Method-Override: DELETE"}, {"X-Trace": "t1\nX-Original-URL: /api/admin"},
+    {"X-Trace": "t1\rX-Forwarded-For: 10.0.0.1"}, {"X-Trace": "t1\r\n\r\nDELETE /api/admin HTTP/1.1"},
+    {"X-Trace": "t1\x0bX-Real-IP: 10.0.0.1"}, {"X-Trace": "t1\x0cHost: evil"}, {"X-Trace": "\x7f"},
+    {"X-Trace\r\nX-HTTP-Method-Override": "DELETE"}, {"X-Forwarded-For\n": "10.0.0.1"},
+    {"X-HTTP-Method-Override\n": "DELETE"}, {" Host": "evil"}, {"Host ": "evil"}, {"X-Forwarded-For\t": "1"},
+    {"X-Forwarded-For:": "1"}, {"X-Forwarded-For: 10.0.0.1\r\nX": "y"},
+    # Pseudo-headers of HTTP/2: the agent sets method, scheme, authority and path.
+    {":authority": "evil.example"}, {":method": "DELETE"}, {":path": "/api/admin"}, {":scheme": "https"},
+    # Anything not ASCII: the HTTP client cannot encode it, and apps would read its bytes differently.
+    {"X-Trace": "caf\u00e9"}, {"X-Trace": "a\u2028b"}, {"X-Trace": "a\u0085b"}, {"X-Trace": "\uff21"},
+    {"X-\u0130d": "x"}, {"X-Forwarded-F\u043er": "10.0.0.1"},
+    # Content-Length lies the HTTP client could not frame.
+    {"Content-Length": "\u0665"}, {"Content-Length": "\u00b2"}, {"Content-Length": "\uff15"},
+    {"Content-Length": "0x10"}, {"Content-Length": "1e3"}, {"Content-Length": ""}, {"Content-Length": "+5"},
 ]
 
 
 @pytest.mark.parametrize("headers", HOSTILE_HEADERS)
-async def test_hostile_headers_are_refused(handler: AppHandler, server: tuple[str, Seen], headers: dict[str, str]) -> None:
+async def test_hostile_headers_are_refused_naming_the_headers_field(
+    handler: AppHandler, server: tuple[str, Seen], headers: dict[str, str]
+) -> None:
     with pytest.raises(InvalidArgument) as info:
         await run(handler, call("x", headers=headers))
-    assert info.value.reason == "INVALID_HEADER"
+    assert (info.value.reason, info.value.field) == ("INVALID_HEADER", "head.headers")
     assert server[1].requests == []
 
 
+async def test_a_pseudo_header_is_refused_saying_the_agent_sets_it(handler: AppHandler) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        await run(handler, call("x", headers={":authority": "evil.example"}))
+    assert info.value.message == ("header name ':authority' is an HTTP/2 pseudo-header; the agent sets the method, "
+                                  "scheme, authority and path itself")
+
+
+async def test_a_non_ascii_header_value_is_invalid_argument_not_an_internal_error(handler: AppHandler) -> None:
+    # It used to escape as a UnicodeEncodeError from the HTTP client: INTERNAL, and a traceback in the agent's log.
+    with pytest.raises(InvalidArgument) as info:
+        await run(handler, call("x", headers={"X-Trace": "caf\u00e9"}))
+    assert info.value.message == ("header 'X-Trace' has a non-ASCII character in its value; encode it first "
+                                  "(e.g. percent-encoding or RFC 8187)")
+
+
+async def test_two_content_lengths_are_refused_even_when_they_agree(handler: AppHandler, server: tuple[str, Seen]) -> None:
+    start = call("items", method="POST")
+    start.app_call.head.headers.extend([apps_pb2.Header(name="Content-Length", value="2"),
+                                        apps_pb2.Header(name="content-length", value="2")])
+    with pytest.raises(InvalidArgument) as info:
+        await run(handler, start, body_of(b"hi"))
+    assert info.value.message == "header 'content-length' is given more than once"
+    assert server[1].requests == []
+
+
+async def test_a_content_length_with_surrounding_spaces_is_sent_without_them(handler: AppHandler) -> None:
+    _, body, _ = await run(handler, call("items", method="POST", headers={"Content-Length": " 2 "}), body_of(b"hi"))
+    assert json.loads(body)["headers"]["Content-Length"] == "2"
+
+
+async def test_a_body_shorter_than_the_callers_content_length_is_invalid_argument(handler: AppHandler) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        await run(handler, call("items", method="POST", headers={"Content-Length": "100"}), body_of(b"short"))
+    assert info.value.reason == "INVALID_REQUEST"
+    assert "Too little data for declared Content-Length" in info.value.message
+
+
+async def test_a_content_length_on_a_call_without_a_body_is_invalid_argument(handler: AppHandler) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        await run(handler, call("x", headers={"Content-Length": "5"}))
+    assert info.value.reason == "INVALID_REQUEST"
+
+
 def test_hostile_corpus_is_large_enough() -> None:
+    # The steering and hop-by-hop headers are a corpus of their own, in tests/test_apps_steering.py.
     corpus = set(HOSTILE_PATHS) | set(PREFIX_DENIED) | set(PREFIX_ESCAPES)
-    assert len(corpus) + len(HOSTILE_HEADERS) >= 60
+    assert len(corpus) + len(HOSTILE_HEADERS) >= 100
 
 
 async def test_query_values_with_line_breaks_are_refused(handler: AppHandler, server: tuple[str, Seen]) -> None:

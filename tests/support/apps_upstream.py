@@ -5,7 +5,17 @@ TLS with client certificates.
 Routes live under `/api/<route>[/...]`; anything else under `/api/` echoes
 the request as JSON. What the server noticed about connections the client
 closed is kept in `events` and, for a server in another process, served as
-JSON at `/_events` (outside any test's base URL).
+JSON at `/_events` (outside any test's base URL); the requests it received
+likewise at `/_requests`.
+
+A *steerable* server (`Upstream(steerable=True)`, `--steerable`) behaves like
+a misconfigured framework behind a trusted proxy: it runs the method named by
+`X-HTTP-Method-Override`, `X-HTTP-Method` or `X-Method-Override`, routes by
+`X-Original-URL` or `X-Rewrite-URL`, and takes the host, scheme and client
+address from `X-Forwarded-*`, `Forwarded` and `X-Real-IP`. Like a CGI/WSGI
+server it folds `_` into `-` in header names, so `X_Forwarded_For` steers it
+too. What it ended up running is recorded as `ran`, and `DELETE
+/api/admin/users/<n>` really deletes user n (see `Seen.deleted_users`).
 
 Run it in a thread (`Upstream.start`) or, to keep its CPU out of the test
 process, as `python -m tests.support.apps_upstream --port N`.
@@ -36,18 +46,43 @@ class Seen:
     events: list[dict[str, Any]] = field(default_factory=list)
     #: Bytes of request bodies received so far by /api/sink and /api/slow-sink.
     body_bytes_received: int = 0
+    #: Users a steerable server deleted, by number: the damage a steered request does.
+    deleted_users: list[int] = field(default_factory=list)
 
     def clear(self) -> None:
         self.requests.clear()
         self.events.clear()
         self.body_bytes_received = 0
+        self.deleted_users.clear()
+
+
+#: What a steerable server honours, in the order it looks (lower case, '_' folded into '-').
+METHOD_OVERRIDES = ("x-http-method-override", "x-http-method", "x-method-override")
+URL_REWRITES = ("x-original-url", "x-rewrite-url")
+
+
+def _steered(command: str, path: str, headers: dict[str, str], peer: str) -> dict[str, str]:
+    """The method, path, host, scheme and client a misconfigured framework would act on."""
+    method = next((headers[h].strip().upper() for h in METHOD_OVERRIDES if h in headers), command)
+    target = next((headers[h].strip() for h in URL_REWRITES if h in headers), path)
+    forwarded = dict(
+        pair.strip().split("=", 1) for pair in headers.get("forwarded", "").split(",")[0].split(";") if "=" in pair)
+    client = (headers.get("x-forwarded-for", "").split(",")[0].strip() or headers.get("x-real-ip", "").strip()
+              or forwarded.get("for", "").strip('"') or peer)
+    return {
+        "method": method,
+        "path": headers.get("x-forwarded-prefix", "").rstrip("/") + target,
+        "host": headers.get("x-forwarded-host") or forwarded.get("host") or headers.get("host", ""),
+        "scheme": headers.get("x-forwarded-proto") or forwarded.get("proto") or "http",
+        "client": client,
+    }
 
 
 class _ClientGone(Exception):
     pass
 
 
-def _handler(seen: Seen) -> type[BaseHTTPRequestHandler]:
+def _handler(seen: Seen, steerable: bool) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -111,9 +146,15 @@ def _handler(seen: Seen) -> type[BaseHTTPRequestHandler]:
         def _serve(self) -> None:
             parts = urlsplit(self.path)
             query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-            if parts.path == "/_events":
-                self._reply(200, json.dumps(seen.events).encode(), [("Content-Type", "application/json")])
+            if parts.path in ("/_events", "/_requests"):
+                kept = seen.events if parts.path == "/_events" else seen.requests
+                self._reply(200, json.dumps(kept).encode(), [("Content-Type", "application/json")])
                 return
+            ran = None
+            if steerable:
+                folded = {name.lower().replace("_", "-"): value for name, value in self.headers.items()}
+                ran = _steered(self.command, self.path, folded, self.client_address[0])
+                parts = urlsplit(ran["path"])
             route = parts.path[len("/api/"):].split("/")[0] if parts.path.startswith("/api/") else None
             try:
                 if route in ("sink", "slow-sink"):
@@ -127,6 +168,8 @@ def _handler(seen: Seen) -> type[BaseHTTPRequestHandler]:
             record = {"method": self.command, "path": self.path, "headers": dict(self.headers.items()),
                       "body": body.decode("latin-1"), "client_cert_cn": self._client_cert_cn(),
                       "client_port": self.client_address[1]}
+            if ran is not None:
+                record["ran"] = ran
             seen.requests.append(record)
             try:
                 self._route(route, query, record)
@@ -164,6 +207,8 @@ def _handler(seen: Seen) -> type[BaseHTTPRequestHandler]:
                 self._reply(404, b"no such thing")
             elif route == "boom":
                 self._reply(500, b"it broke")
+            elif route == "admin" and "ran" in record:
+                self._admin(record["ran"])
             elif route == "redirect":
                 self._reply(302, b"", [("Location", "http://127.0.0.1:1/elsewhere")])
             elif route == "big":
@@ -207,6 +252,17 @@ def _handler(seen: Seen) -> type[BaseHTTPRequestHandler]:
                 self._reply(200, json.dumps(record).encode(), [("Content-Type", "application/json"),
                                                                ("X-Reply", "yes")])
 
+        def _admin(self, ran: dict[str, str]) -> None:
+            """The endpoint a steered request must never reach: DELETE /api/admin/users/<n> deletes user n."""
+            segments = urlsplit(ran["path"]).path.split("/")
+            if ran["method"] == "DELETE" and segments[2:4] == ["admin", "users"] and len(segments) == 5 \
+                    and segments[4].isdigit():
+                seen.deleted_users.append(int(segments[4]))
+                self._reply(200, json.dumps({"deleted_user": int(segments[4]), "ran": ran}).encode(),
+                            [("Content-Type", "application/json")])
+            else:
+                self._reply(404, b"no such admin action")
+
         def _bytes(self, n: int, chunked: bool) -> None:
             if chunked:
                 self._start_chunked(headers=[("Content-Type", "application/octet-stream")])
@@ -237,9 +293,9 @@ def _handler(seen: Seen) -> type[BaseHTTPRequestHandler]:
 class Upstream:
     """The app, on 127.0.0.1 at a free port, optionally behind TLS."""
 
-    def __init__(self, tls: ssl.SSLContext | None = None, port: int = 0) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None, port: int = 0, steerable: bool = False) -> None:
         self.seen = Seen()
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), _handler(self.seen))
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), _handler(self.seen, steerable))
         self.server.daemon_threads = True
         # Refused handshakes and clients that hang up are what some tests are about, not noise for stderr.
         self.server.handle_error = lambda request, client_address: None  # type: ignore[method-assign]
@@ -268,8 +324,10 @@ class Upstream:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--steerable", action="store_true",
+                        help="honour method overrides, rewritten URLs and forwarded identities")
     args = parser.parse_args()
-    Upstream(port=args.port).server.serve_forever()
+    Upstream(port=args.port, steerable=args.steerable).server.serve_forever()
 
 
 if __name__ == "__main__":
