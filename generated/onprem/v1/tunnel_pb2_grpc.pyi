@@ -49,6 +49,23 @@ class AgentTunnelStub:
       * Both sides send `ping` when they have been quiet for a heartbeat
         interval and answer each `ping` with a `pong`; a side that hears nothing
         for three intervals ends the stream.
+      * A frame for a request after the agent's own `end` of it breaks the
+        stream; frames of the control plane racing that `end` are ignored.
+
+    Limits and budgets (each side holds the other to them; past one, the
+    stream ends: RESOURCE_EXHAUSTED for a budget, FAILED_PRECONDITION for a
+    broken rule, and the requests on it fail UNAVAILABLE):
+      * A message from the agent is at most 2 MiB; a batch holds at most 1,024
+        frames; Hello and status offer at most 1,024 profiles, named by 1 to
+        255 characters; Hello asks for at most 10,000 requests at once.
+      * Stream-level frames (ping, pong, status, drain): at most 50 a second
+        sustained, in bursts of 500; status frames at most 2 a second, in
+        bursts of 20.
+      * A peer must read its stream: at most 16,384 frames may wait for it,
+        and no write may wait for it longer than three heartbeat intervals.
+      * A window update grants at least one byte, and never more credit than
+        the window.
+      * An agent opens at most one stream a second, in bursts of 10.
     """
 
     @_typing.overload
@@ -87,6 +104,23 @@ class AgentTunnelAsyncStub(AgentTunnelStub):
       * Both sides send `ping` when they have been quiet for a heartbeat
         interval and answer each `ping` with a `pong`; a side that hears nothing
         for three intervals ends the stream.
+      * A frame for a request after the agent's own `end` of it breaks the
+        stream; frames of the control plane racing that `end` are ignored.
+
+    Limits and budgets (each side holds the other to them; past one, the
+    stream ends: RESOURCE_EXHAUSTED for a budget, FAILED_PRECONDITION for a
+    broken rule, and the requests on it fail UNAVAILABLE):
+      * A message from the agent is at most 2 MiB; a batch holds at most 1,024
+        frames; Hello and status offer at most 1,024 profiles, named by 1 to
+        255 characters; Hello asks for at most 10,000 requests at once.
+      * Stream-level frames (ping, pong, status, drain): at most 50 a second
+        sustained, in bursts of 500; status frames at most 2 a second, in
+        bursts of 20.
+      * A peer must read its stream: at most 16,384 frames may wait for it,
+        and no write may wait for it longer than three heartbeat intervals.
+      * A window update grants at least one byte, and never more credit than
+        the window.
+      * An agent opens at most one stream a second, in bursts of 10.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -121,6 +155,23 @@ class AgentTunnelServicer(metaclass=_abc_1.ABCMeta):
       * Both sides send `ping` when they have been quiet for a heartbeat
         interval and answer each `ping` with a `pong`; a side that hears nothing
         for three intervals ends the stream.
+      * A frame for a request after the agent's own `end` of it breaks the
+        stream; frames of the control plane racing that `end` are ignored.
+
+    Limits and budgets (each side holds the other to them; past one, the
+    stream ends: RESOURCE_EXHAUSTED for a budget, FAILED_PRECONDITION for a
+    broken rule, and the requests on it fail UNAVAILABLE):
+      * A message from the agent is at most 2 MiB; a batch holds at most 1,024
+        frames; Hello and status offer at most 1,024 profiles, named by 1 to
+        255 characters; Hello asks for at most 10,000 requests at once.
+      * Stream-level frames (ping, pong, status, drain): at most 50 a second
+        sustained, in bursts of 500; status frames at most 2 a second, in
+        bursts of 20.
+      * A peer must read its stream: at most 16,384 frames may wait for it,
+        and no write may wait for it longer than three heartbeat intervals.
+      * A window update grants at least one byte, and never more credit than
+        the window.
+      * An agent opens at most one stream a second, in bursts of 10.
     """
 
     @_abc_1.abstractmethod
