@@ -48,3 +48,12 @@ def test_many_agents_with_simulated_agents(tmp_path: Path) -> None:
     _well_formed(figures)
     active = figures[0]
     assert active.value == 3 and active.met is True
+
+
+def test_list_agents_under_a_hostile_agents_attack(tmp_path: Path) -> None:
+    from tools.bench.hostile import run_small
+
+    figures = run_small(tmp_path, calls=10)
+    _well_formed(figures)
+    assert [f.unit for f in figures] == ["ms", "ms", "MiB"]
+    assert figures[0].baseline is not None and figures[0].baseline > 0

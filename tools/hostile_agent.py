@@ -129,3 +129,43 @@ class HostileAgent:
             yield Stream(call, frame.welcome)
         finally:
             call.cancel()
+
+
+async def attack(agent: HostileAgent, seconds: float) -> dict[str, int]:
+    """Over and over for `seconds`: an over-full batch, a ping flood, a status flood, a reconnect storm.
+
+    Every message is built once, before the clock starts, so the attacker spends its time sending.
+    Returns how many streams each attack opened (or had refused).
+    """
+    loop = asyncio.get_running_loop()
+    over_full, flood = pings(300_000), pings(1000)
+    status = AgentFrame(status=tunnel_pb2.AgentStatus(profiles_changed=True, profiles=[
+        profiles_pb2.Profile(kind=profiles_pb2.PROFILE_KIND_DATABASE, name=f"p{i}") for i in range(200)]))
+    statuses = AgentFrame(batch=tunnel_pb2.AgentFrameBatch(frames=[status] * 40))
+    counts = {"over-full batch": 0, "ping flood": 0, "status flood": 0, "refused": 0}
+    until = loop.time() + seconds
+    async with agent.channel() as channel:
+        while loop.time() < until:
+            for name, message in (("over-full batch", over_full), ("ping flood", flood),
+                                  ("status flood", statuses)):
+                try:
+                    async with agent.stream(channel) as stream:
+                        await stream.flood([message])
+                    counts[name] += 1
+                except (grpc.aio.AioRpcError, ConnectionError):
+                    counts["refused"] += 1  # the reconnect budget: try again at once, as an attacker would
+    return counts
+
+
+def main(argv: list[str]) -> int:
+    """python -m tools.hostile_agent IDENTITY_DIR CA_FILE ADDRESS SECONDS: attack, then print the counts."""
+    identity_dir, ca_file, address, seconds = argv
+    counts = asyncio.run(attack(HostileAgent(Path(identity_dir), Path(ca_file), address), float(seconds)))
+    print(" ".join(f"{name}={n}" for name, n in counts.items()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))
