@@ -105,6 +105,8 @@ def _root(profile: FolderProfile) -> Iterator[int]:
     try:
         fd = open_root(profile.root)
     except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES, errno.EPERM):
+            raise os_error("", exc) from None  # e.g. EMFILE: the agent's state, not the root's
         raise FailedPrecondition(f"folder profile '{profile.name}': its root cannot be opened on the agent "
                                  f"({exc.strerror}); the site must fix it", reason="ROOT_UNAVAILABLE") from None
     try:
