@@ -120,7 +120,6 @@ class _Folder:
             # A child at or before the token can still hold later paths only when it is a prefix of the
             # token: "a" holds "a/x", which sorts after the token "a-b".
             names = [n for n in names if (rel := prefix + n) > page_token or page_token.startswith(rel)]
-        names = [n for n in names if listable(n)]
         heapq.heapify(names)
         self.names = names
 
@@ -168,7 +167,8 @@ def list_page(root_fd: int, top: Parts, *, recursive: bool, glob: str, page_toke
             if item.names:
                 heapq.heappush(heap, (item.prefix + item.names[0], item))
             try:
-                st = os.stat(name, dir_fd=item.fd, follow_symlinks=False)
+                # Checked here, for the entries a page takes, not for the whole folder on every page.
+                st = os.stat(name, dir_fd=item.fd, follow_symlinks=False) if listable(name) else None
             except OSError:
                 st = None  # vanished since the folder was read
             finally:

@@ -19,19 +19,22 @@ through the real processes: an `Ops` implementation) and checks every result as 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
+
+import grpc
 
 from agent.handlers.base import RequestContext
 from agent.handlers.files import FolderHandler
-from onprem.v1 import files_pb2, tunnel_pb2
+from onprem.v1 import files_pb2, files_pb2_grpc, tunnel_pb2
 from tunnel.errors import RequestError
 
 INSIDE_FILE = b"inside file\n"
@@ -42,6 +45,8 @@ OPERATIONS = ("stat", "list", "read", "write", "delete", "move", "make_directory
 #: What a refusal may be while the tree changes under the operation: the path is a symlink (or passes through
 #: one), or it is missing for a moment. OK is not a refusal.
 ALLOWED = frozenset({"OK", "PERMISSION_DENIED", "NOT_FOUND"})
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -345,3 +350,70 @@ class HandlerOps:
         [chunk] = await self._run(poll=files_pb2.PollRequest(profile=self.profile, path=path, recursive=True,
                                                              settle_ms=50))
         return list(chunk.poll.entries)
+
+
+class GrpcOps:
+    """`Ops` through the operator API of a real control plane and agent: the end-to-end run."""
+
+    def __init__(self, channel: grpc.aio.Channel, token: str, group: str, profile: str) -> None:
+        self.stub: files_pb2_grpc.FileServiceAsyncStub = files_pb2_grpc.FileServiceStub(channel)  # type: ignore[assignment]
+        self.metadata = (("authorization", f"Bearer {token}"),)
+        self.group = group
+        self.profile = profile
+
+    async def _call(self, awaitable: Awaitable[_T]) -> _T:
+        try:
+            return await asyncio.wait_for(awaitable, 30)
+        except grpc.aio.AioRpcError as exc:
+            raise Refused(exc.code().name, exc.details() or "") from None
+
+    async def stat(self, path: str) -> files_pb2.FileInfo:
+        response = await self._call(self.stub.Stat(
+            files_pb2.StatRequest(group=self.group, profile=self.profile, path=path), metadata=self.metadata))
+        return response.info
+
+    async def listing(self, path: str, recursive: bool) -> list[files_pb2.FileInfo]:
+        entries: list[files_pb2.FileInfo] = []
+        token = ""
+        while True:
+            page = await self._call(self.stub.List(files_pb2.ListRequest(
+                group=self.group, profile=self.profile, path=path, recursive=recursive, page_token=token),
+                metadata=self.metadata))
+            entries += page.entries
+            token = page.next_page_token
+            if not token:
+                return entries
+
+    async def read(self, path: str) -> bytes:
+        async def drain() -> bytes:
+            call = self.stub.Read(files_pb2.ReadRequest(group=self.group, profile=self.profile, path=path),
+                                  metadata=self.metadata)
+            return b"".join([m.data async for m in call])
+
+        return await self._call(drain())
+
+    async def write(self, path: str, data: bytes) -> None:
+        async def requests() -> AsyncIterator[files_pb2.WriteRequest]:
+            yield files_pb2.WriteRequest(header=files_pb2.WriteHeader(
+                group=self.group, profile=self.profile, path=path, mode=files_pb2.WRITE_MODE_OVERWRITE))
+            yield files_pb2.WriteRequest(data=data)
+
+        await self._call(self.stub.Write(requests(), metadata=self.metadata))
+
+    async def delete(self, path: str) -> None:
+        await self._call(self.stub.Delete(files_pb2.DeleteRequest(group=self.group, profile=self.profile, path=path),
+                                          metadata=self.metadata))
+
+    async def move(self, path: str, destination: str) -> None:
+        await self._call(self.stub.Move(files_pb2.MoveRequest(
+            group=self.group, profile=self.profile, path=path, destination_path=destination, overwrite=True),
+            metadata=self.metadata))
+
+    async def make_directory(self, path: str) -> None:
+        await self._call(self.stub.MakeDirectory(files_pb2.MakeDirectoryRequest(
+            group=self.group, profile=self.profile, path=path, parents=True), metadata=self.metadata))
+
+    async def poll(self, path: str) -> list[files_pb2.FileInfo]:
+        response = await self._call(self.stub.Poll(files_pb2.PollRequest(
+            group=self.group, profile=self.profile, path=path, recursive=True, settle_ms=50), metadata=self.metadata))
+        return list(response.entries)
