@@ -4,6 +4,7 @@ injected ones (at each operation's own system call and at path resolution) for t
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 from collections.abc import AsyncIterator, Callable
@@ -154,7 +155,7 @@ CALLS: list[tuple[str, dict[str, Any], Any, str]] = [
     ("list", {"path": "docs", "recursive": True}, os, "listdir"),
     ("read", {"path": "a.txt"}, os, "pread"),
     ("write", {"path": "docs/new.txt"}, os, "fsync"),
-    ("write", {"path": "docs/new.txt"}, os, "link"),
+    ("write", {"path": "docs/new.txt"}, files_module, "rename_noreplace"),
     ("write", {"path": "a.txt", "mode": files_pb2.WRITE_MODE_OVERWRITE}, os, "replace"),
     ("delete", {"path": "a.txt"}, os, "unlink"),
     ("delete", {"path": "docs", "recursive": True}, os, "rmdir"),
@@ -201,3 +202,19 @@ async def test_an_injected_os_error_on_every_operation_is_its_status_never_inter
         expected = (Code.FAILED_PRECONDITION, "ROOT_UNAVAILABLE")  # the site's root, not the caller's path
     assert (error.code, error.reason) == expected, error.message
     assert str(root) not in error.message
+
+
+async def test_names_on_disk_that_are_not_utf8_are_left_out_of_listings_and_polls(root: Path) -> None:
+    top = os.fsencode(root)
+    os.mkdir(top + b"/bad-\xff")
+    for name in (b"/bad-\xff/inner.txt", b"/name-\xfe.txt"):
+        os.close(os.open(top + name, os.O_WRONLY | os.O_CREAT, 0o644))
+    await asyncio.sleep(0.1)  # past the poll's settle time
+    handler = handler_for(root)
+    for op in (files_pb2.FileOp(list=files_pb2.ListRequest(profile="f", recursive=True)),
+               files_pb2.FileOp(poll=files_pb2.PollRequest(profile="f", recursive=True, settle_ms=50))):
+        [chunk] = [c async for c in handler.handle(tunnel_pb2.RequestStart(file_op=op),
+                                                   RequestContext(request_id=1, body=None))]
+        paths_seen = [e.path for e in (chunk.list.entries if op.HasField("list") else chunk.poll.entries)]
+        assert "a.txt" in paths_seen
+        assert [p for p in paths_seen if "bad-" in p or "name-" in p] == []

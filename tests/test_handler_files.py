@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.handlers import files as files_module
 from agent.handlers.base import RequestContext
 from agent.handlers.files import FolderHandler
 from agent.profiles import FolderProfile
@@ -284,6 +285,19 @@ async def test_write_create_refuses_existing_file(handler: FolderHandler, tree: 
     assert temp_files(tree) == []
 
 
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "link-fallback"])
+async def test_write_create_never_replaces_a_file_with_or_without_renameat2(
+        handler: FolderHandler, tree: Path, monkeypatch: pytest.MonkeyPatch, renameat2: bool) -> None:
+    if not renameat2:
+        monkeypatch.setattr(files_module, "rename_noreplace", lambda *args: False)
+    await run(handler, write_req("fresh.txt"), body_of(b"one"))
+    with pytest.raises(AlreadyExists):
+        await run(handler, write_req("fresh.txt"), body_of(b"two"))
+    assert (tree / "root" / "fresh.txt").read_bytes() == b"one"
+    assert os.stat(tree / "root" / "fresh.txt").st_nlink == 1
+    assert temp_files(tree) == []
+
+
 async def test_write_overwrite_replaces(handler: FolderHandler, tree: Path) -> None:
     await run(handler, write_req("a.txt", files_pb2.WRITE_MODE_OVERWRITE), body_of(b"new"))
     assert (tree / "root" / "a.txt").read_text() == "new"
@@ -380,6 +394,21 @@ async def test_move_renames_and_refuses_to_overwrite_unless_asked(handler: Folde
                                                       overwrite=True)))
     assert (tree / "root" / "docs" / "a2.txt").read_text() == "x,y\n1,2\n"
     assert not (tree / "root" / "b.csv").exists()
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "fallback"])
+async def test_move_never_replaces_without_overwrite_with_or_without_renameat2(
+        handler: FolderHandler, tree: Path, monkeypatch: pytest.MonkeyPatch, renameat2: bool) -> None:
+    if not renameat2:
+        monkeypatch.setattr(files_module, "rename_noreplace", lambda *args: False)
+    with pytest.raises(AlreadyExists):
+        await run(handler, req(move=files_pb2.MoveRequest(profile="f", path="a.txt", destination_path="b.csv")))
+    await run(handler, req(move=files_pb2.MoveRequest(profile="f", path="a.txt", destination_path="docs/a.txt")))
+    await run(handler, req(move=files_pb2.MoveRequest(profile="f", path="docs/deep", destination_path="deep")))
+    assert (tree / "root" / "docs" / "a.txt").read_text() == "alpha"
+    assert os.stat(tree / "root" / "docs" / "a.txt").st_nlink == 1
+    assert (tree / "root" / "deep" / "c.csv").read_text() == "c"
+    assert (tree / "root" / "b.csv").read_text() == "x,y\n1,2\n"
 
 
 async def test_move_folder_into_itself_is_invalid(handler: FolderHandler) -> None:

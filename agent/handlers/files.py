@@ -10,9 +10,9 @@ the profile-relative path.
 
 Uploads land in a locked temp file beside the target (`files_temp`),
 created on the parent's descriptor, and appear at their path only by an
-atomic rename (or link, when an existing file must not be replaced) on that
-same descriptor, after fsync and after the size limit and the expected
-checksum have held. Listings and polls live in `files_scan`.
+atomic rename on that same descriptor (renameat2 RENAME_NOREPLACE when an
+existing file must not be replaced), after fsync and after the size limit
+and the expected checksum have held. Listings and polls live in `files_scan`.
 
 Name patterns hold for every way a name can change: Write, Move and Delete
 need writable names (both names, for a Move); a Move never gives a file the
@@ -361,7 +361,6 @@ class FolderHandler:
                 # Replaces a file, or a symlink raced in as a name (never what it points to); fails on a folder.
                 os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             else:
-                # link() fails if the name exists, where rename() would silently replace it.
                 for n in range(0, 10_000 if mode == files_pb2.WRITE_MODE_KEEP_BOTH else 1):
                     candidate = name if n == 0 else _keep_both_name(name, n)
                     if n and not name_allowed(candidate, profile.write_patterns):
@@ -370,12 +369,11 @@ class FolderHandler:
                             f"folder profile allows writing ({', '.join(profile.write_patterns)})",
                             reason="NAME_NOT_ALLOWED")
                     try:
-                        os.link(temp, candidate, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+                        _publish_new(dir_fd, temp, candidate)
                     except FileExistsError:
                         if mode != files_pb2.WRITE_MODE_KEEP_BOTH:
                             raise AlreadyExists(f"path {rel!r} already exists", reason="PATH_EXISTS") from None
                         continue
-                    os.unlink(temp, dir_fd=dir_fd)
                     name = candidate
                     break
                 else:
@@ -503,6 +501,15 @@ class FolderHandler:
         if not stat.S_ISDIR(st.st_mode):
             raise AlreadyExists(f"path {rel!r} exists and is not a folder", reason="PATH_EXISTS")
         return files_pb2.MakeDirectoryResponse(info=file_info(rel, st))
+
+
+def _publish_new(dir_fd: int, temp: str, name: str) -> None:
+    """Give the temp file a name that must not exist yet (FileExistsError if it does), never replacing one."""
+    if not rename_noreplace(dir_fd, temp, dir_fd, name):
+        # Where renameat2 is missing: link() fails if the name exists, where rename() would replace it. For a
+        # moment the file has two names, which is why the rename is tried first.
+        os.link(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        os.unlink(temp, dir_fd=dir_fd)
 
 
 def _write_and_hash(fd: int, data: bytes, digest: hashlib._Hash) -> None:

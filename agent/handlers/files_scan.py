@@ -307,6 +307,8 @@ def _files(root_fd: int, top: Parts, recursive: bool) -> Iterator[tuple[str, os.
     """Regular files under `top` with their stat; symlinks are never followed, nor reported."""
     with contextlib.closing(walk(root_fd, top)) as folders:
         for parts, _fd, entries in folders:
+            if not all(listable(part) for part in parts[len(top):]):
+                continue  # under a folder List does not show (not UTF-8, or an upload's reserved name)
             for entry in entries:
                 if not listable(entry.name):
                     continue
