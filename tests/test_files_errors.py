@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from agent.handlers import files as files_module
-from agent.handlers import paths
+from agent.handlers import files_common, files_write, paths
 from agent.handlers.base import RequestContext
 from agent.handlers.files import FolderHandler
 from agent.handlers.files_common import os_error
@@ -155,7 +155,7 @@ CALLS: list[tuple[str, dict[str, Any], Any, str]] = [
     ("list", {"path": "docs", "recursive": True}, os, "listdir"),
     ("read", {"path": "a.txt"}, os, "pread"),
     ("write", {"path": "docs/new.txt"}, os, "fsync"),
-    ("write", {"path": "docs/new.txt"}, files_module, "rename_noreplace"),
+    ("write", {"path": "docs/new.txt"}, files_write, "rename_noreplace"),
     ("write", {"path": "a.txt", "mode": files_pb2.WRITE_MODE_OVERWRITE}, os, "replace"),
     ("delete", {"path": "a.txt"}, os, "unlink"),
     ("delete", {"path": "docs", "recursive": True}, os, "rmdir"),
@@ -168,7 +168,7 @@ CALLS: list[tuple[str, dict[str, Any], Any, str]] = [
         ("write", {"path": "docs/x"}), ("delete", {"path": "docs/deep/c.csv"}),
         ("move", {"path": "docs/deep/c.csv", "destination_path": "c.csv"}), ("make_directory", {"path": "docs/n"}),
         ("poll", {"path": "docs"})]],
-    *[(op, {"path": "a.txt", "destination_path": "b"} if op == "move" else {"path": "a.txt"}, files_module,
+    *[(op, {"path": "a.txt", "destination_path": "b"} if op == "move" else {"path": "a.txt"}, files_common,
        "open_root") for op in ("stat", "read", "write", "delete", "move", "make_directory")],
 ]
 INJECTED = [errno.EACCES, errno.EIO, errno.ENOSPC, errno.EMFILE, errno.EROFS, errno.ESTALE, errno.EBUSY,

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.handlers import files as files_module
+from agent.handlers import files_write
 from agent.handlers.base import RequestContext
 from agent.handlers.files import FolderHandler
 from agent.profiles import FolderProfile
@@ -289,7 +290,7 @@ async def test_write_create_refuses_existing_file(handler: FolderHandler, tree: 
 async def test_write_create_never_replaces_a_file_with_or_without_renameat2(
         handler: FolderHandler, tree: Path, monkeypatch: pytest.MonkeyPatch, renameat2: bool) -> None:
     if not renameat2:
-        monkeypatch.setattr(files_module, "rename_noreplace", lambda *args: False)
+        monkeypatch.setattr(files_write, "rename_noreplace", lambda *args: False)
     await run(handler, write_req("fresh.txt"), body_of(b"one"))
     with pytest.raises(AlreadyExists):
         await run(handler, write_req("fresh.txt"), body_of(b"two"))

@@ -8,11 +8,7 @@ parent folder's descriptor; there is no path string that is checked and then
 used. OS errors become statuses in `files_common.os_errors`, always naming
 the profile-relative path.
 
-Uploads land in a locked temp file beside the target (`files_temp`),
-created on the parent's descriptor, and appear at their path only by an
-atomic rename on that same descriptor (renameat2 RENAME_NOREPLACE when an
-existing file must not be replaced), after fsync and after the size limit
-and the expected checksum have held. Listings and polls live in `files_scan`.
+Uploads live in `files_write`, listings and polls in `files_scan`.
 
 Name patterns hold for every way a name can change: Write, Move and Delete
 need writable names (both names, for a Move); a Move never gives a file the
@@ -31,13 +27,14 @@ import errno
 import hashlib
 import os
 import stat
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 
 from agent.handlers.base import RequestContext
 from agent.handlers.files_common import (
     TEMP_PREFIX,
     file_info,
     name_allowed,
+    open_profile_root,
     os_error,
     os_errors,
     readable_content,
@@ -47,7 +44,8 @@ from agent.handlers.files_common import (
     require_name,
 )
 from agent.handlers.files_scan import DEFAULT_PAGE_SIZE, checked_count, list_page, poll
-from agent.handlers.files_temp import Sweeper, new_temp
+from agent.handlers.files_temp import Sweeper
+from agent.handlers.files_write import write
 from agent.handlers.paths import Parts, open_at, open_parent, open_root, remove_tree, rename_noreplace, split
 from agent.profiles import FolderProfile
 from onprem.v1 import files_pb2, profiles_pb2, tunnel_pb2
@@ -57,20 +55,12 @@ from tunnel.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    ResourceExhausted,
 )
 
 __all__ = ["TEMP_PREFIX", "FolderHandler"]
 
 #: Room left in each chunk for the ResponseChunk/ReadResponse framing.
 _CHUNK_OVERHEAD = 64
-
-
-def _keep_both_name(name: str, n: int) -> str:
-    stem, dot, ext = name.rpartition(".")
-    if not dot or not stem:  # "README" or ".profile": no extension to keep apart
-        return f"{name} ({n})"
-    return f"{stem} ({n}).{ext}"
 
 
 def _check_folder(profile: FolderProfile) -> list[profiles_pb2.ProfileCheck]:
@@ -95,22 +85,6 @@ def _check_folder(profile: FolderProfile) -> list[profiles_pb2.ProfileCheck]:
                 message="the agent may create files in the root" if writable
                 else "the profile allows writes but the agent's user may not write to the root"))
         return checks
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _root(profile: FolderProfile) -> Iterator[int]:
-    """The profile's root, open for one operation."""
-    try:
-        fd = open_root(profile.root)
-    except OSError as exc:
-        if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES, errno.EPERM):
-            raise os_error("", exc) from None  # e.g. EMFILE: the agent's state, not the root's
-        raise FailedPrecondition(f"folder profile '{profile.name}': its root cannot be opened on the agent "
-                                 f"({exc.strerror}); the site must fix it", reason="ROOT_UNAVAILABLE") from None
-    try:
-        yield fd
     finally:
         os.close(fd)
 
@@ -192,21 +166,21 @@ class FolderHandler:
         profile = self._profile(req.profile, writes=False)
         page_size = checked_count(req.page_size, DEFAULT_PAGE_SIZE, "page_size")
         parts = split(req.path)
-        with _root(profile) as root_fd, os_errors(rel_of(parts)):
+        with open_profile_root(profile) as root_fd, os_errors(rel_of(parts)):
             return list_page(root_fd, parts, recursive=req.recursive, glob=req.glob, page_token=req.page_token,
                              page_size=page_size, max_chunk_bytes=max_chunk_bytes)
 
     def _poll(self, req: files_pb2.PollRequest, max_chunk_bytes: int) -> files_pb2.PollResponse:
         profile = self._profile(req.profile, writes=False)
         parts = split(req.path)
-        with _root(profile) as root_fd, os_errors(rel_of(parts)):
+        with open_profile_root(profile) as root_fd, os_errors(rel_of(parts)):
             return poll(root_fd, parts, req, profile.read_patterns, max_chunk_bytes)
 
     def _stat(self, req: files_pb2.StatRequest) -> files_pb2.StatResponse:
         profile = self._profile(req.profile, writes=False)
         parts = split(req.path)
         rel = rel_of(parts)
-        with _root(profile) as root_fd, os_errors(rel):
+        with open_profile_root(profile) as root_fd, os_errors(rel):
             if not parts:
                 st = os.fstat(root_fd)
             else:
@@ -221,7 +195,7 @@ class FolderHandler:
     def _open_file(profile: FolderProfile, parts: Parts) -> tuple[int, os.stat_result]:
         """Resolve once and open: the read then works on the descriptor alone, whatever happens to the names."""
         rel = rel_of(parts)
-        with _root(profile) as root_fd, os_errors(rel):
+        with open_profile_root(profile) as root_fd, os_errors(rel):
             # Non-blocking: a FIFO would block open() itself; the flag is cleared once it is known to be a file.
             fd = open_at(root_fd, parts, os.O_RDONLY | os.O_NONBLOCK)
             try:
@@ -263,123 +237,11 @@ class FolderHandler:
         finally:
             os.close(fd)
 
-    # --- writes ----------------------------------------------------------------------------------
+    # --- changes ---------------------------------------------------------------------------------
 
-    async def _write(self, header: files_pb2.WriteHeader, body: AsyncIterator[bytes] | None) -> files_pb2.WriteResponse:
-        profile = self._profile(header.profile, writes=True)
-        parts = split(header.path)
-        if not parts:
-            raise InvalidArgument("a write needs a file path, not the root", reason="INVALID_PATH", field="path")
-        rel = rel_of(parts)
-        refuse_reserved(parts)
-        require_name(rel, profile.write_patterns, "writing")
-        expected = header.expected_sha256.lower()
-        if expected and (len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected)):
-            raise InvalidArgument("expected_sha256 must be 64 hex digits", reason="INVALID_CHECKSUM",
-                                  field="expected_sha256")
-        dir_fd = await asyncio.to_thread(self._open_write_parent, profile, parts, header.create_parents)
-        temp: str | None = None
-        finished = False
-        try:
-            try:
-                made = await asyncio.to_thread(new_temp, dir_fd)
-            except OSError as exc:
-                raise os_error(rel, exc) from None
-            temp, fd = made
-            digest = hashlib.sha256()
-            try:
-                if body is not None:
-                    await self._receive(body, fd, digest, rel, profile.max_file_size)
-                with os_errors(rel):
-                    await asyncio.to_thread(os.fsync, fd)
-                    st = os.fstat(fd)
-            finally:
-                os.close(fd)  # also drops the lock: publishing needs none, the name is still ours
-            actual = digest.hexdigest()
-            if expected and actual != expected:
-                raise FailedPrecondition(
-                    f"path {rel!r}: the upload's SHA-256 is {actual}, not the expected {expected}; nothing written",
-                    reason="CHECKSUM_MISMATCH",
-                )
-            final_rel = await asyncio.to_thread(self._publish, dir_fd, made[0], parts, header.mode, profile)
-            finished = True
-            return files_pb2.WriteResponse(info=file_info(final_rel, st), sha256=actual)
-        finally:
-            if not finished and temp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(temp, dir_fd=dir_fd)
-            os.close(dir_fd)
-
-    @staticmethod
-    async def _receive(body: AsyncIterator[bytes], fd: int, digest: hashlib._Hash, rel: str,
-                       limit: int | None) -> None:
-        """Write the upload to `fd` as it arrives, refusing it as soon as it passes the size limit."""
-        received = 0
-        async for data in body:
-            received += len(data)
-            if limit is not None and received > limit:
-                raise ResourceExhausted(
-                    f"path {rel!r}: the upload is larger than the folder profile's limit of {limit} bytes; "
-                    "nothing written", reason="FILE_TOO_LARGE")
-            with os_errors(rel):
-                await asyncio.to_thread(_write_and_hash, fd, data, digest)
-
-    @staticmethod
-    def _open_write_parent(profile: FolderProfile, parts: Parts, create: bool) -> int:
-        """A readable descriptor of the target's folder (the temp file goes there; fsync needs it readable)."""
-        rel, parent_rel = rel_of(parts), rel_of(parts[:-1])
-        with _root(profile) as root_fd:
-            with os_errors(parent_rel):
-                try:
-                    dir_fd = open_parent(root_fd, parts, create=create, readable=True)
-                except FileNotFoundError:
-                    raise NotFound(f"folder {parent_rel!r} does not exist; set create_parents to create it",
-                                   reason="PATH_NOT_FOUND") from None
-            try:
-                with os_errors(rel):
-                    try:
-                        st = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
-                    except FileNotFoundError:
-                        return dir_fd
-                # Said now rather than after the upload; the rename would not follow a link anyway.
-                if stat.S_ISDIR(st.st_mode):
-                    raise FailedPrecondition(f"path {rel!r} is a folder", reason="IS_A_DIRECTORY")
-                require_entry(rel, st)
-                return dir_fd
-            except BaseException:
-                os.close(dir_fd)
-                raise
-
-    @staticmethod
-    def _publish(dir_fd: int, temp: str, parts: Parts, mode: int, profile: FolderProfile) -> str:
-        """Give the temp file its final name in the same folder; returns the relative path it got."""
-        name = parts[-1]
-        prefix = rel_of(parts[:-1]) + "/" if len(parts) > 1 else ""
-        rel = prefix + name
-        with os_errors(rel):
-            if mode == files_pb2.WRITE_MODE_OVERWRITE:
-                # Replaces a file, or a symlink raced in as a name (never what it points to); fails on a folder.
-                os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            else:
-                for n in range(0, 10_000 if mode == files_pb2.WRITE_MODE_KEEP_BOTH else 1):
-                    candidate = name if n == 0 else _keep_both_name(name, n)
-                    if n and not name_allowed(candidate, profile.write_patterns):
-                        raise PermissionDenied(
-                            f"path {rel!r} exists, and its numbered name {prefix + candidate!r} is not one the "
-                            f"folder profile allows writing ({', '.join(profile.write_patterns)})",
-                            reason="NAME_NOT_ALLOWED")
-                    try:
-                        _publish_new(dir_fd, temp, candidate)
-                    except FileExistsError:
-                        if mode != files_pb2.WRITE_MODE_KEEP_BOTH:
-                            raise AlreadyExists(f"path {rel!r} already exists", reason="PATH_EXISTS") from None
-                        continue
-                    name = candidate
-                    break
-                else:
-                    raise AlreadyExists(f"path {rel!r}: no free numbered name left", reason="PATH_EXISTS")
-            os.fsync(dir_fd)  # make the rename itself durable
-        return prefix + name
+    async def _write(self, header: files_pb2.WriteHeader,
+                     body: AsyncIterator[bytes] | None) -> files_pb2.WriteResponse:
+        return await write(self._profile(header.profile, writes=True), header, body)
 
     def _delete(self, req: files_pb2.DeleteRequest) -> files_pb2.DeleteResponse:
         profile = self._profile(req.profile, writes=True)
@@ -387,7 +249,7 @@ class FolderHandler:
         if not parts:
             raise PermissionDenied("the folder profile's root cannot be deleted", reason="ROOT_NOT_DELETABLE")
         rel, name = rel_of(parts), parts[-1]
-        with _root(profile) as root_fd, os_errors(rel):
+        with open_profile_root(profile) as root_fd, os_errors(rel):
             parent = open_parent(root_fd, parts)
             try:
                 st = require_entry(rel, os.stat(name, dir_fd=parent, follow_symlinks=False))
@@ -421,7 +283,7 @@ class FolderHandler:
         if target[: len(source)] == source:
             raise InvalidArgument(f"cannot move {src_rel!r} into itself", reason="INVALID_PATH",
                                   field="destination_path")
-        with _root(profile) as root_fd, contextlib.ExitStack() as fds:
+        with open_profile_root(profile) as root_fd, contextlib.ExitStack() as fds:
             with os_errors(src_rel):
                 src_dir = open_parent(root_fd, source)
                 fds.callback(os.close, src_dir)
@@ -479,7 +341,7 @@ class FolderHandler:
         parts = split(req.path)
         refuse_reserved(parts)
         rel = rel_of(parts)
-        with _root(profile) as root_fd, os_errors(rel):
+        with open_profile_root(profile) as root_fd, os_errors(rel):
             if not parts:
                 if not req.parents:
                     raise AlreadyExists("the folder profile's root already exists", reason="PATH_EXISTS")
@@ -501,23 +363,6 @@ class FolderHandler:
         if not stat.S_ISDIR(st.st_mode):
             raise AlreadyExists(f"path {rel!r} exists and is not a folder", reason="PATH_EXISTS")
         return files_pb2.MakeDirectoryResponse(info=file_info(rel, st))
-
-
-def _publish_new(dir_fd: int, temp: str, name: str) -> None:
-    """Give the temp file a name that must not exist yet (FileExistsError if it does), never replacing one."""
-    if not rename_noreplace(dir_fd, temp, dir_fd, name):
-        # Where renameat2 is missing: link() fails if the name exists, where rename() would replace it. For a
-        # moment the file has two names, which is why the rename is tried first.
-        os.link(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
-        os.unlink(temp, dir_fd=dir_fd)
-
-
-def _write_and_hash(fd: int, data: bytes, digest: hashlib._Hash) -> None:
-    # In the worker thread: hashlib releases the GIL, so hashing overlaps the event loop's work.
-    digest.update(data)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _read_and_hash(fd: int, size: int, position: int, digest: hashlib._Hash) -> bytes:

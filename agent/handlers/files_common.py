@@ -1,4 +1,5 @@
-"""What the folder operations share: the one table OS errors go through, FileInfo, and the rules on names.
+"""What the folder operations share: the one table OS errors go through, FileInfo, the rules on names, and
+the profile's root opened for one operation.
 
 Every message names the profile-relative path, never the absolute one.
 """
@@ -15,7 +16,8 @@ from collections.abc import Iterator, Sequence
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from agent.handlers.paths import Escape, Parts, outside
+from agent.handlers.paths import Escape, Parts, open_root, outside
+from agent.profiles import FolderProfile
 from onprem.v1 import files_pb2
 from tunnel.errors import (
     AlreadyExists,
@@ -168,3 +170,19 @@ def listable(name: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def open_profile_root(profile: FolderProfile) -> Iterator[int]:
+    """The profile's root, open for one operation."""
+    try:
+        fd = open_root(profile.root)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES, errno.EPERM):
+            raise os_error("", exc) from None  # e.g. EMFILE: the agent's state, not the root's
+        raise FailedPrecondition(f"folder profile '{profile.name}': its root cannot be opened on the agent "
+                                 f"({exc.strerror}); the site must fix it", reason="ROOT_UNAVAILABLE") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
