@@ -138,8 +138,8 @@ if _renameat2 is not None:
 _openat2_available: bool | None = None if _SYS_OPENAT2 is not None else False
 
 
-def _openat2(dir_fd: int, path: str, flags: int, mode: int) -> int:
-    how = _OpenHow(flags | os.O_CLOEXEC, mode, _RESOLVE)
+def _openat2(dir_fd: int, path: str, flags: int) -> int:
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE)
     encoded = os.fsencode(path)
     for _ in range(8):
         fd = _syscall(_SYS_OPENAT2, dir_fd, encoded, ctypes.byref(how), ctypes.sizeof(how))
@@ -157,7 +157,7 @@ def openat2_supported() -> bool:
     if _openat2_available is None:
         top = os.open("/", os.O_PATH | os.O_CLOEXEC)
         try:
-            os.close(_openat2(top, ".", os.O_PATH, 0))
+            os.close(_openat2(top, ".", os.O_PATH))
         except OSError:  # ENOSYS (old kernel), EPERM (seccomp), E2BIG/EINVAL (an older struct): walk instead
             _openat2_available = False
         else:
@@ -172,7 +172,6 @@ def openat2_supported() -> bool:
 
 class Escape(OSError):
     """The kernel refused a resolution that would have left the folder it started from."""
-
 
 
 def _symlink_in_the_way() -> OSError:
@@ -216,14 +215,15 @@ def _walk_to(dir_fd: int, parts: Sequence[str], *, create: bool = False) -> int:
 def open_at(dir_fd: int, parts: Sequence[str], flags: int) -> int:
     """Open `parts` under the folder `dir_fd`, never through a symlink, the last component with `flags`.
 
-    A symlink anywhere, the last component included, fails with ELOOP. `flags` must not hold O_NOFOLLOW,
-    O_PATH or O_CREAT (files are created with a single-name `os.open` on the parent's descriptor).
+    A symlink anywhere, the last component included, fails with ELOOP. `flags` must not hold O_NOFOLLOW or
+    O_CREAT (files are created with a single-name `os.open` on the parent's descriptor), and O_PATH only with
+    O_DIRECTORY (an O_PATH | O_NOFOLLOW open of a final symlink would return the link itself).
     """
     if not parts:
         return os.open(".", flags | os.O_CLOEXEC, dir_fd=dir_fd)
     if openat2_supported():
         try:
-            return _openat2(dir_fd, "/".join(parts), flags, 0)
+            return _openat2(dir_fd, "/".join(parts), flags)
         except OSError as exc:
             if exc.errno == errno.EXDEV:  # RESOLVE_BENEATH stopped an escape (split() refuses ".." already)
                 raise Escape(errno.EXDEV, "leads outside the root") from None
