@@ -5,6 +5,7 @@
     onprem query GROUP PROFILE SQL [--param NAME=VALUE ...] [--format csv|jsonl|table] [--max-rows N]
     onprem download GROUP PROFILE PATH [DEST] [--force] [--progress]
     onprem upload GROUP PROFILE LOCAL PATH [--overwrite|--keep-both] [--create-parents] [--progress]
+    onprem files GROUP PROFILE [PATH] [--recursive] [--glob GLOB] [--format table|jsonl]
 
 Connection options work as grpcurl's do: --address (or $ONPREM_ADDRESS, default 127.0.0.1:8443), --cacert
 (or $ONPREM_CACERT; system roots otherwise), --token or --token-file (or $ONPREM_TOKEN / $ONPREM_TOKEN_FILE).
@@ -34,8 +35,8 @@ from onprem.v1 import (
     values_pb2,
 )
 
+from . import listing, transfer
 from . import rows as rowsmod
-from . import transfer
 from .errors import (
     EXIT_CODES_HELP,
     EXIT_ERROR,
@@ -218,6 +219,11 @@ def cmd_upload(conn: Connection, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_files(conn: Connection, args: argparse.Namespace) -> int:
+    listing.run(conn.channel, conn.metadata, conn.timeout, args, sys.stdout)
+    return EXIT_OK
+
+
 # --- command line ----------------------------------------------------------------------------------
 
 def _connection_options(parser: argparse.ArgumentParser, default: object) -> None:
@@ -288,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expected-sha256", help="the SHA-256 the file must have (e.g. from a published checksum); "
                    "default: the local file's")
     p.add_argument("--progress", action="store_true", help="show progress on stderr even when it is not a terminal")
+
+    p = command("files", "list a folder of a folder profile, every page of it: type, size, modification time "
+                "(UTC) and path", cmd_files)
+    listing.add_arguments(p)
     return parser
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from agent.handlers.base import RequestContext
 from agent.handlers.files import FolderHandler
+from agent.handlers.files_scan import MAX_PAGE_SIZE
 from agent.profiles import FolderProfile
 from onprem.v1 import files_pb2, tunnel_pb2
 from tunnel.errors import FailedPrecondition, InvalidArgument
@@ -124,7 +125,7 @@ async def test_page_of_a_flat_folder_of_100k_entries_is_cheap_and_paging_is_comp
     assert [e.path for e in first.list.entries] == names[:1000]
     assert [e.path for e in middle.list.entries] == names[50_001:51_001]
     assert per_page < 1.0, f"a page of a 100k folder took {per_page:.2f} s"
-    assert await list_all(handler, 20_000) == names
+    assert await list_all(handler, MAX_PAGE_SIZE) == names
 
 
 # --- polls -------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.handlers import files as files_module
+from agent.handlers import files_write
 from agent.handlers.base import RequestContext
 from agent.handlers.files import FolderHandler
 from agent.profiles import FolderProfile
@@ -142,21 +144,26 @@ async def test_hostile_paths_are_refused_and_touch_nothing_outside(
     assert snapshot(tree / "root") == root_before
 
 
-async def test_symlink_outside_root_gives_path_outside_root_reason(handler: FolderHandler) -> None:
+async def test_dot_dot_gives_path_outside_root_reason(handler: FolderHandler) -> None:
+    with pytest.raises(PermissionDenied) as info:
+        await run(handler, req(read=files_pb2.ReadRequest(profile="f", path="docs/../../outside/secret.txt")))
+    assert info.value.reason == "PATH_OUTSIDE_ROOT"
+
+
+async def test_a_path_through_a_symlink_gives_symlink_not_followed_reason(handler: FolderHandler) -> None:
     with pytest.raises(PermissionDenied) as info:
         await run(handler, req(read=files_pb2.ReadRequest(profile="f", path="escape/secret.txt")))
-    assert info.value.reason == "PATH_OUTSIDE_ROOT"
+    assert info.value.reason == "SYMLINK_NOT_FOLLOWED"
     assert "escape/secret.txt" in info.value.message
 
 
 # --- list and stat ---------------------------------------------------------------------------------
 
 
-async def test_list_root_is_sorted_and_skips_links_out_of_the_root(handler: FolderHandler) -> None:
+async def test_list_root_is_sorted_and_leaves_symlinks_out(handler: FolderHandler) -> None:
     [chunk] = await run(handler, req(list=files_pb2.ListRequest(profile="f")))
     entries = {e.path: e.type for e in chunk.list.entries}
-    assert entries == {"a.txt": FT.FILE_TYPE_FILE, "b.csv": FT.FILE_TYPE_FILE,
-                       "docs": FT.FILE_TYPE_DIRECTORY, "inside_link": FT.FILE_TYPE_DIRECTORY}
+    assert entries == {"a.txt": FT.FILE_TYPE_FILE, "b.csv": FT.FILE_TYPE_FILE, "docs": FT.FILE_TYPE_DIRECTORY}
     assert [e.path for e in chunk.list.entries] == sorted(entries)
     assert chunk.list.next_page_token == ""
 
@@ -179,7 +186,7 @@ async def test_list_pages_with_opaque_token(handler: FolderHandler) -> None:
         token = chunk.list.next_page_token
         if not token:
             break
-    assert seen == ["a.txt", "b.csv", "docs", "docs/deep", "docs/deep/c.csv", "docs/readme.md", "inside_link"]
+    assert seen == ["a.txt", "b.csv", "docs", "docs/deep", "docs/deep/c.csv", "docs/readme.md"]
 
 
 async def test_list_of_a_file_is_failed_precondition(handler: FolderHandler) -> None:
@@ -239,9 +246,11 @@ async def test_read_honours_offset_and_length(handler: FolderHandler) -> None:
     assert chunks[-1].read.sha256 == hashlib.sha256(b"lph").hexdigest()
 
 
-async def test_read_through_link_inside_root_works(handler: FolderHandler) -> None:
-    chunks = await run(handler, req(read=files_pb2.ReadRequest(profile="f", path="inside_link/readme.md")))
-    assert b"".join(c.read.data for c in chunks) == b"# readme"
+async def test_read_through_a_link_that_stays_inside_the_root_is_refused_too(handler: FolderHandler) -> None:
+    # Whether a link stays inside can only be known by following it, which a racing local user exploits.
+    with pytest.raises(PermissionDenied) as info:
+        await run(handler, req(read=files_pb2.ReadRequest(profile="f", path="inside_link/readme.md")))
+    assert info.value.reason == "SYMLINK_NOT_FOLLOWED"
 
 
 async def test_read_of_folder_is_failed_precondition(handler: FolderHandler) -> None:
@@ -274,6 +283,19 @@ async def test_write_create_refuses_existing_file(handler: FolderHandler, tree: 
     with pytest.raises(AlreadyExists):
         await run(handler, write_req("a.txt"), body_of(b"new"))
     assert (tree / "root" / "a.txt").read_text() == "alpha"
+    assert temp_files(tree) == []
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "link-fallback"])
+async def test_write_create_never_replaces_a_file_with_or_without_renameat2(
+        handler: FolderHandler, tree: Path, monkeypatch: pytest.MonkeyPatch, renameat2: bool) -> None:
+    if not renameat2:
+        monkeypatch.setattr(files_write, "rename_noreplace", lambda *args: False)
+    await run(handler, write_req("fresh.txt"), body_of(b"one"))
+    with pytest.raises(AlreadyExists):
+        await run(handler, write_req("fresh.txt"), body_of(b"two"))
+    assert (tree / "root" / "fresh.txt").read_bytes() == b"one"
+    assert os.stat(tree / "root" / "fresh.txt").st_nlink == 1
     assert temp_files(tree) == []
 
 
@@ -341,10 +363,19 @@ async def test_delete_file_and_folders(handler: FolderHandler, tree: Path) -> No
     assert (tree / "outside" / "secret.txt").exists()  # docs/up led there; rmtree did not follow it
 
 
-async def test_delete_link_inside_root_removes_only_the_link(handler: FolderHandler, tree: Path) -> None:
-    await run(handler, req(delete=files_pb2.DeleteRequest(profile="f", path="inside_link", recursive=True)))
-    assert not (tree / "root" / "inside_link").exists()
+async def test_delete_of_a_symlink_is_refused_and_removes_nothing(handler: FolderHandler, tree: Path) -> None:
+    with pytest.raises(PermissionDenied) as info:
+        await run(handler, req(delete=files_pb2.DeleteRequest(profile="f", path="inside_link", recursive=True)))
+    assert info.value.reason == "SYMLINK_NOT_FOLLOWED"
+    assert (tree / "root" / "inside_link").is_symlink()
     assert (tree / "root" / "docs" / "readme.md").exists()
+
+
+async def test_recursive_delete_removes_a_symlink_inside_as_a_name_only(handler: FolderHandler, tree: Path) -> None:
+    (tree / "root" / "docs" / "to_outside").symlink_to(tree / "outside")
+    await run(handler, req(delete=files_pb2.DeleteRequest(profile="f", path="docs", recursive=True)))
+    assert not (tree / "root" / "docs").exists()
+    assert (tree / "outside" / "secret.txt").read_text() == "secret"
 
 
 @pytest.mark.parametrize("path", ["", ".", "./", "docs/.."])
@@ -364,6 +395,21 @@ async def test_move_renames_and_refuses_to_overwrite_unless_asked(handler: Folde
                                                       overwrite=True)))
     assert (tree / "root" / "docs" / "a2.txt").read_text() == "x,y\n1,2\n"
     assert not (tree / "root" / "b.csv").exists()
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "fallback"])
+async def test_move_never_replaces_without_overwrite_with_or_without_renameat2(
+        handler: FolderHandler, tree: Path, monkeypatch: pytest.MonkeyPatch, renameat2: bool) -> None:
+    if not renameat2:
+        monkeypatch.setattr(files_module, "rename_noreplace", lambda *args: False)
+    with pytest.raises(AlreadyExists):
+        await run(handler, req(move=files_pb2.MoveRequest(profile="f", path="a.txt", destination_path="b.csv")))
+    await run(handler, req(move=files_pb2.MoveRequest(profile="f", path="a.txt", destination_path="docs/a.txt")))
+    await run(handler, req(move=files_pb2.MoveRequest(profile="f", path="docs/deep", destination_path="deep")))
+    assert (tree / "root" / "docs" / "a.txt").read_text() == "alpha"
+    assert os.stat(tree / "root" / "docs" / "a.txt").st_nlink == 1
+    assert (tree / "root" / "deep" / "c.csv").read_text() == "c"
+    assert (tree / "root" / "b.csv").read_text() == "x,y\n1,2\n"
 
 
 async def test_move_folder_into_itself_is_invalid(handler: FolderHandler) -> None:

@@ -12,7 +12,7 @@ files we made.
 The sweep walks the whole tree of each writable root, because a temp file
 sits beside its target at any depth. It runs once per agent start, in one
 background thread, so it delays neither start-up nor requests (listings and
-polls already hide temp names); its cost is one `fwalk` of each tree,
+polls already hide temp names); its cost is one walk of each tree,
 roughly a second per 100,000 entries.
 """
 
@@ -27,6 +27,7 @@ import threading
 from collections.abc import Iterable
 
 from agent.handlers.files_common import TEMP_NAME, TEMP_PREFIX
+from agent.handlers.paths import open_root, walk
 
 log = logging.getLogger("onprem.agent.files")
 
@@ -45,12 +46,20 @@ def new_temp(dir_fd: int) -> tuple[str, int]:
 
 
 def sweep_root(root: str) -> int:
-    """Delete the stale temp files under `root`; returns how many went."""
+    """Delete the stale temp files under `root`; returns how many went.
+
+    The walk is `paths.walk` from the root's descriptor: a folder swapped for a symlink during the sweep is
+    skipped, never followed, so the sweep deletes nothing outside the root.
+    """
     removed = 0
-    for _folder, _dirs, files, dir_fd in os.fwalk(root, follow_symlinks=False):
-        for name in files:
-            if TEMP_NAME.match(name) and _remove_if_stale(name, dir_fd):
-                removed += 1
+    root_fd = open_root(root)
+    try:
+        for _parts, dir_fd, entries in walk(root_fd):
+            for entry in entries:
+                if TEMP_NAME.match(entry.name) and _remove_if_stale(entry.name, dir_fd):
+                    removed += 1
+    finally:
+        os.close(root_fd)
     return removed
 
 

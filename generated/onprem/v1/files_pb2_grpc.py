@@ -28,7 +28,11 @@ if _version_not_supported:
 class FileServiceStub:
     """Reads and writes files under a folder profile of an agent in a group.
     Every path is relative to the profile's root, written with "/" separators;
-    "" and "." name the root itself. A path can never reach outside the root.
+    "" and "." name the root itself. A path can never reach outside the root:
+    the agent resolves it from a descriptor of the root, one name at a time,
+    and never follows a symbolic link, so a path that is or passes through one
+    is PERMISSION_DENIED (reason SYMLINK_NOT_FOLLOWED), even when the link
+    stays inside the root.
     """
 
     def __init__(self, channel):
@@ -82,7 +86,11 @@ class FileServiceStub:
 class FileServiceServicer:
     """Reads and writes files under a folder profile of an agent in a group.
     Every path is relative to the profile's root, written with "/" separators;
-    "" and "." name the root itself. A path can never reach outside the root.
+    "" and "." name the root itself. A path can never reach outside the root:
+    the agent resolves it from a descriptor of the root, one name at a time,
+    and never follows a symbolic link, so a path that is or passes through one
+    is PERMISSION_DENIED (reason SYMLINK_NOT_FOLLOWED), even when the link
+    stays inside the root.
     """
 
     def List(self, request, context):
@@ -207,7 +215,11 @@ def add_FileServiceServicer_to_server(servicer, server):
 class FileService:
     """Reads and writes files under a folder profile of an agent in a group.
     Every path is relative to the profile's root, written with "/" separators;
-    "" and "." name the root itself. A path can never reach outside the root.
+    "" and "." name the root itself. A path can never reach outside the root:
+    the agent resolves it from a descriptor of the root, one name at a time,
+    and never follows a symbolic link, so a path that is or passes through one
+    is PERMISSION_DENIED (reason SYMLINK_NOT_FOLLOWED), even when the link
+    stays inside the root.
     """
 
     @staticmethod

@@ -29,7 +29,11 @@ GRPC_VERSION: str
 class FileServiceStub:
     """Reads and writes files under a folder profile of an agent in a group.
     Every path is relative to the profile's root, written with "/" separators;
-    "" and "." name the root itself. A path can never reach outside the root.
+    "" and "." name the root itself. A path can never reach outside the root:
+    the agent resolves it from a descriptor of the root, one name at a time,
+    and never follows a symbolic link, so a path that is or passes through one
+    is PERMISSION_DENIED (reason SYMLINK_NOT_FOLLOWED), even when the link
+    stays inside the root.
     """
 
     @_typing.overload
@@ -72,7 +76,11 @@ class FileServiceStub:
 class FileServiceAsyncStub(FileServiceStub):
     """Reads and writes files under a folder profile of an agent in a group.
     Every path is relative to the profile's root, written with "/" separators;
-    "" and "." name the root itself. A path can never reach outside the root.
+    "" and "." name the root itself. A path can never reach outside the root:
+    the agent resolves it from a descriptor of the root, one name at a time,
+    and never follows a symbolic link, so a path that is or passes through one
+    is PERMISSION_DENIED (reason SYMLINK_NOT_FOLLOWED), even when the link
+    stays inside the root.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -111,7 +119,11 @@ class FileServiceAsyncStub(FileServiceStub):
 class FileServiceServicer(metaclass=_abc_1.ABCMeta):
     """Reads and writes files under a folder profile of an agent in a group.
     Every path is relative to the profile's root, written with "/" separators;
-    "" and "." name the root itself. A path can never reach outside the root.
+    "" and "." name the root itself. A path can never reach outside the root:
+    the agent resolves it from a descriptor of the root, one name at a time,
+    and never follows a symbolic link, so a path that is or passes through one
+    is PERMISSION_DENIED (reason SYMLINK_NOT_FOLLOWED), even when the link
+    stays inside the root.
     """
 
     @_abc_1.abstractmethod
