@@ -22,11 +22,11 @@ from agent.config import AgentConfig
 from agent.dispatcher import Dispatcher, kind_name
 from agent.handlers.base import Handler
 from agent.identity import Identity, make_key_and_csr, save_identity
-from agent.session import AgentSession, DrainedToExit, SessionLost
+from agent.session import ControlPlaneSession
 from onprem.v1 import profiles_pb2, tunnel_pb2, tunnel_pb2_grpc
 from tunnel.aio import EOF
 from tunnel.channel_options import CLIENT_OPTIONS
-from tunnel.errors import RemoteProtocolError
+from tunnel.errors import DrainedToExit, PeerClosedStream, RemoteProtocolError, StreamEnded
 from tunnel.protocol import AgentConnection, ControlFrame
 
 log = logging.getLogger("onprem.agent.tunnel")
@@ -77,7 +77,7 @@ class TunnelClient:
         self._dispatcher = dispatcher
         self._backoff = backoff or Backoff()
         self._started_at = dt.datetime.now(dt.UTC)
-        self.session: AgentSession | None = None
+        self.session: ControlPlaneSession | None = None
         self.sessions_opened = 0
         self._stub: tunnel_pb2_grpc.AgentTunnelAsyncStub | None = None
         self._attempt = 0
@@ -170,7 +170,7 @@ class TunnelClient:
             if isinstance(exc, grpc.aio.AioRpcError):
                 log.warning("control plane %s: %s: %s", self._config.control_plane.address,
                             exc.code().name, exc.details())
-            elif isinstance(exc, SessionLost | RemoteProtocolError):
+            elif isinstance(exc, StreamEnded | RemoteProtocolError):
                 log.warning("session ended: %s", exc)
             elif exc is not None:
                 log.error("session failed", exc_info=exc)
@@ -236,7 +236,7 @@ class TunnelClient:
                     await session.close_gracefully()
                 async with asyncio.timeout(5):
                     await asyncio.shield(session_task)
-            except (TimeoutError, grpc.aio.AioRpcError, SessionLost):
+            except (TimeoutError, grpc.aio.AioRpcError, StreamEnded):
                 pass
         session_task.cancel()
         await asyncio.gather(session_task, return_exceptions=True)
@@ -245,11 +245,11 @@ class TunnelClient:
         conn = AgentConnection()
         call = stub.Connect()  # type: ignore[call-arg]  # stream opened without an iterator: we write()
         try:
-            await call.write(conn.hello(self._hello()))
+            await call.write(conn.hello_frame(self._hello()))
             first = await call.read()
             if first is EOF:
                 await call.wait_for_connection()
-                raise SessionLost("the control plane closed the stream before welcoming us")
+                raise PeerClosedStream("the control plane closed the stream before welcoming us")
             assert isinstance(first, ControlFrame)
             conn.receive(first)
             assert conn.welcome is not None
@@ -262,7 +262,7 @@ class TunnelClient:
             if self.sessions_opened > 1:
                 metrics.RECONNECTS.inc()
             metrics.CONNECTED.set(1)
-            self.session = AgentSession(call, conn, self._dispatcher, max_in_flight=self._config.max_in_flight)
+            self.session = ControlPlaneSession(call, conn, self._dispatcher, max_in_flight=self._config.max_in_flight)
             if self.health:
                 self.session.send_status(health=self.health)
             await self.session.run()

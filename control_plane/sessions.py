@@ -1,55 +1,43 @@
-"""The control plane's end of each agent stream: the asyncio shell around
-`tunnel.protocol.ControlPlaneConnection`, and `Exchange`, one request's view
-of it for the operator API.
+"""The control plane's end of each agent stream, and `Exchange`, one request's view of it for the operator API.
 
-The reader loop never blocks: chunks go to their request's queue, which the
-request's credit window bounds, so a slow operator of one request holds at
-most one window of data and stalls no other request on the stream.
+`tunnel.shell.Shell` reads, writes, heartbeats and holds the agent to its
+budgets; `AgentSession` is what the control plane does with the events. The
+reader never blocks: chunks go to their request's queue, which the request's
+credit window bounds, so a slow operator of one request holds at most one
+window of data and stalls no other request on the stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
-import itertools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-import grpc
-
 from onprem.v1 import profiles_pb2, tunnel_pb2
-from tunnel.aio import EOF, CreditWaiters, FrameWriter, RequestGone, StreamClosed
-from tunnel.budget import BudgetExceeded, Budgets, PeerMeter
-from tunnel.errors import Code, RemoteProtocolError, RequestError, Unavailable
-from tunnel.protocol import (
-    AgentFrame,
-    ChunkReceived,
-    ControlFrame,
-    ControlPlaneConnection,
-    CreditGranted,
-    Event,
-    FrameIgnored,
-    PingReceived,
-    PongReceived,
-    RequestEnded,
-    StatusReceived,
+from tunnel.budget import BudgetExceeded, Budgets
+from tunnel.errors import (
+    Code,
+    RemoteProtocolError,
+    RequestError,
+    RequestGone,
+    StreamClosed,
+    StreamEnded,
+    Unavailable,
 )
+from tunnel.events import ChunkReceived, Event, RequestEnded, StatusReceived
+from tunnel.protocol import ControlFrame, ControlPlaneConnection
+from tunnel.shell import Shell
 
 log = logging.getLogger("onprem.control_plane.sessions")
-
-_CONTROL_KIND: dict[type[Event], str] = {PingReceived: "ping", PongReceived: "pong", StatusReceived: "status"}
-
-
-class SessionClosed(Exception):
-    """The agent's stream ended."""
 
 
 @dataclass(frozen=True)
 class _End:
     error: RequestError | None
-
 
 class Exchange:
     """One request on an agent's stream, as the operator API sees it.
@@ -103,11 +91,11 @@ class Exchange:
         for i, piece in enumerate(pieces):
             last = end_of_data and i == len(pieces) - 1
             try:
-                await self.session._credit.wait_for(self.request_id, len(piece), self.session.conn.data_credit)
+                await self.session.shell.credit.wait_for(self.request_id, len(piece), self.session.conn.credit)
             except RequestGone:
-                return  # the agent already ended the request; its status tells why
+                return  # the agent ended the request, or it was cancelled: its status tells why
             frame = self.session.conn.send_data(self.request_id, piece, end_of_data=last)
-            await self.session._writer.send(frame, len(piece))
+            await self.session.shell.send(frame, len(piece))
 
     def fail(self, error: RequestError) -> None:
         """End the request with `error` for its reader, and cancel it on the agent."""
@@ -149,7 +137,6 @@ class AgentSession:
         self.cert_expires_at = cert_expires_at
         self.session_id = uuid.uuid4().hex[:12]
         self.connected_at = dt.datetime.now(dt.UTC)
-        self.last_seen_at = self.connected_at
         self.draining = False
         self.max_in_flight = max(1, conn.hello.max_in_flight or 1)
         self.profiles = {(p.kind, p.name) for p in conn.hello.profiles}
@@ -159,24 +146,16 @@ class AgentSession:
         #: latest counts, so however often an agent re-advertises, the store is written at its own pace.
         self.profile_update: list[profiles_pb2.Profile] | None = None
         self.profiles_updated = asyncio.Event()
-        self.budgets = budgets or Budgets()
-        self._meter = PeerMeter(self.budgets, f"agent {name} ({agent_id})")
-        self._read = read
-        self._writer: FrameWriter[ControlFrame] = FrameWriter(
-            write, combine=ControlPlaneConnection.batch if conn.batching else None,
-            max_queued_frames=self.budgets.max_queued_frames, on_overflow=self._over_budget)
-        #: Set when the agent went past a budget; the session ends with RESOURCE_EXHAUSTED.
-        self.budget_error: BudgetExceeded | None = None
-        self._broken = asyncio.Event()
-        self._credit = CreditWaiters()
+        self.shell: Shell[ControlFrame] = Shell(
+            conn, read=read, write=write, on_event=self._on_event, budgets=budgets,
+            heartbeat_interval=conn.limits.heartbeat_interval.total_seconds(), peer_name=f"agent {name} ({agent_id})",
+        )
         self._exchanges: dict[int, Exchange] = {}
-        self._nonces = itertools.count(1)
-        loop = asyncio.get_running_loop()
-        self._clock = loop.time
-        self._last_heard = self._clock()
         self._closed: str | None = None
         #: Set when the agent broke the protocol; the stream ends with an error status.
         self.protocol_error: str | None = None
+        #: Set when the agent went past a budget; the stream ends with RESOURCE_EXHAUSTED.
+        self.budget_error: BudgetExceeded | None = None
         self._task: asyncio.Task[None] | None = None
         #: Set when the session ends, for whoever waits on capacity.
         self.on_change: Callable[[], None] = lambda: None
@@ -189,6 +168,12 @@ class AgentSession:
     def is_open(self) -> bool:
         return self._closed is None
 
+    @property
+    def last_seen_at(self) -> dt.datetime:
+        """When the agent's last frame arrived."""
+        ago = asyncio.get_running_loop().time() - self.shell.last_heard
+        return dt.datetime.now(dt.UTC) - dt.timedelta(seconds=max(ago, 0.0))
+
     def profile_is_read_only(self, profile: str) -> bool:
         return any(p.name == profile and p.kind == profiles_pb2.PROFILE_KIND_DATABASE and p.read_only
                    for p in self.hello.profiles)
@@ -200,33 +185,25 @@ class AgentSession:
         return self.conn.in_flight < self.max_in_flight
 
     def welcome_frame(self) -> ControlFrame:
-        return self.conn.welcome(agent_id=self.agent_id, group=self.group, session_id=self.session_id)
+        return self.conn.welcome_frame(agent_id=self.agent_id, group=self.group, session_id=self.session_id)
 
     async def serve(self) -> None:
         """Run the stream until it ends; fail whatever is in flight then."""
         self._task = asyncio.current_task()
         reason = "the agent closed its stream"
         try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._writer.run(), name=f"writer-{self.agent_id}")
-                group.create_task(self._heartbeat(), name=f"heartbeat-{self.agent_id}")
-                group.create_task(self._read_loop(), name=f"reader-{self.agent_id}")
-                group.create_task(self._watch_budget(), name=f"budget-{self.agent_id}")
-        except* SessionClosed as eg:
-            reason = str(eg.exceptions[0])
-        except* BudgetExceeded as eg:
-            error = eg.exceptions[0]
-            assert isinstance(error, BudgetExceeded)
-            reason = f"the agent exceeded its budget of {error.budget}: {error}"
+            await self.shell.run()
+        except BudgetExceeded as exc:
+            reason = f"the agent exceeded its budget of {exc.budget}: {exc}"
             log.warning("agent %s (%s) exceeded its budget of %s; closing its session: %s",
-                        self.name, self.agent_id, error.budget, error)
-            self.budget_error = error
-        except* RemoteProtocolError as eg:
-            reason = f"the agent broke the tunnel protocol: {eg.exceptions[0]}"
+                        self.name, self.agent_id, exc.budget, exc)
+            self.budget_error = exc
+        except RemoteProtocolError as exc:
+            reason = f"the agent broke the tunnel protocol: {exc}"
             log.warning("agent %s (%s): %s", self.name, self.agent_id, reason)
-            self.protocol_error = str(eg.exceptions[0])
-        except* (StreamClosed, grpc.aio.AioRpcError) as eg:
-            reason = f"the stream failed: {eg.exceptions[0]}"
+            self.protocol_error = str(exc)
+        except StreamEnded as exc:
+            reason = str(exc)
         finally:
             # A cancelled serve() (superseded, revoked, shutdown) set _closed.
             self._fail_all(self._closed or reason)
@@ -241,10 +218,8 @@ class AgentSession:
     def drain(self, reason: str, grace: dt.timedelta, *, exit_after: bool = False) -> None:
         """Route nothing more here, and ask the agent to finish its requests (then reconnect, or exit)."""
         self.draining = True
-        try:
-            self._writer.send_nowait(self.conn.drain(reason, grace, exit_after=exit_after))
-        except StreamClosed:
-            pass
+        with contextlib.suppress(StreamClosed):
+            self.shell.send_nowait(self.conn.drain(reason, grace, exit_after=exit_after))
         self.on_change()
 
     def open(self, start: tunnel_pb2.RequestStart) -> Exchange:
@@ -253,51 +228,22 @@ class AgentSession:
         rid, frame = self.conn.start_request(start)
         exchange = Exchange(self, rid)
         self._exchanges[rid] = exchange
-        self._writer.send_nowait(frame)
+        self.shell.send_nowait(frame)
         return exchange
 
     # -- internals --
-    def _over_budget(self, error: BudgetExceeded) -> None:
-        # Called where a frame was queued (any task): the session's own tasks end it.
-        if self.budget_error is None:
-            self.budget_error = error
-        self._broken.set()
-
-    async def _watch_budget(self) -> None:
-        await self._broken.wait()
-        assert self.budget_error is not None
-        raise self.budget_error
-
     def _consumed(self, rid: int, size: int) -> None:
         frame = self.conn.consumed(rid, size)
         if frame is not None and self._closed is None:
-            try:
-                self._writer.send_nowait(frame)
-            except StreamClosed:
-                pass
+            with contextlib.suppress(StreamClosed):
+                self.shell.send_nowait(frame)
 
     def _cancel(self, rid: int, reason: str) -> None:
         frame = self.conn.cancel(rid, reason)
+        self.shell.credit.wake(rid)  # a sender of its body waiting for credit stops
         if frame is not None and self._closed is None:
-            try:
-                self._writer.send_nowait(frame)
-            except StreamClosed:
-                pass
-
-    async def _read_loop(self) -> None:
-        meter = self._meter
-        while True:
-            frame = await self._read()
-            if frame is EOF:
-                raise SessionClosed("the agent closed its stream")
-            assert isinstance(frame, AgentFrame)
-            now = self._last_heard = self._clock()
-            # The count is known before any frame of the batch is looked at.
-            meter.message(len(frame.batch.frames) if frame.HasField("batch") else 1)
-            for event in self.conn.receive(frame):
-                if isinstance(event, PingReceived | PongReceived | StatusReceived):
-                    meter.control(_CONTROL_KIND[type(event)], now)
-                self._on_event(event)
+            with contextlib.suppress(StreamClosed):
+                self.shell.send_nowait(frame)
 
     def _on_event(self, event: Event) -> None:
         match event:
@@ -310,17 +256,11 @@ class AgentSession:
                     log.warning("agent %s (%s) ended request %d with %s; the operator gets INTERNAL (%s)",
                                 self.name, self.agent_id, rid, screened, reason)
                 exchange = self._exchanges.pop(rid, None)
-                self._credit.forget(rid)
+                self.shell.credit.forget(rid)
                 if exchange is not None:
                     error = None if code == Code.OK else RequestError.from_status(code, message, reason, field)
                     exchange._deliver(_End(error))
                 self.on_change()
-            case CreditGranted(rid, _):
-                self._credit.wake(rid)
-            case PingReceived(nonce):
-                self._writer.send_nowait(self.conn.pong(nonce))
-            case PongReceived():
-                pass
             case StatusReceived(status):
                 if status.draining and not self.draining:
                     log.info("agent %s (%s) is draining", self.name, self.agent_id)
@@ -336,34 +276,14 @@ class AgentSession:
                 if status.profile_health:
                     self.profile_health = {(h.kind, h.profile): h for h in status.profile_health}
                 self.on_change()
-            case FrameIgnored(rid, why):
-                log.debug("agent %s: ignored a frame for request %d: %s", self.agent_id, rid, why)
             case _:
                 log.warning("agent %s: unexpected event %r", self.agent_id, event)
-
-    async def _heartbeat(self) -> None:
-        interval = self.conn.limits.heartbeat_interval.total_seconds()
-        stall = self.budgets.write_stall_intervals * interval
-        while True:
-            await asyncio.sleep(interval / 2)
-            now = self._clock()
-            silent = now - self._last_heard
-            if silent > 3 * interval:
-                raise SessionClosed(f"the agent was silent for {silent:.0f} s (heartbeats missed)")
-            since = self._writer.writing_since
-            if since is not None and now - since > stall:
-                raise BudgetExceeded(
-                    "write stall", f"the agent has not read its stream for {now - since:.0f} s "
-                    f"(the limit is {stall:.0f} s)")
-            self.last_seen_at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=silent)
-            if now - self._writer.last_write >= interval / 2:
-                self._writer.send_nowait(self.conn.ping(next(self._nonces)))
 
     def _fail_all(self, reason: str) -> None:
         if self._closed is None:
             self._closed = reason
-        self._writer.close(SessionClosed(reason))
-        self._credit.wake_all()
+        self.shell.writer.close(StreamClosed(reason))
+        self.shell.credit.wake_all()
         for rid, exchange in list(self._exchanges.items()):
             lost = Unavailable(
                 f"agent {self.name} ({self.agent_id}) was lost while running the request "
@@ -372,6 +292,6 @@ class AgentSession:
             )
             lost.cause = reason
             exchange._deliver(_End(lost))
-            self._credit.forget(rid)
+            self.shell.credit.forget(rid)
         self._exchanges.clear()
         self.on_change()

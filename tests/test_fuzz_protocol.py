@@ -183,9 +183,9 @@ def garbled_control_frames(draw: st.DrawFn) -> ControlFrame | None:
 def check_control_plane_books(cp: ControlPlaneConnection) -> None:
     assert cp.in_flight == len(cp.open_request_ids()) == len(set(cp.open_request_ids()))
     for request in cp._requests.values():
-        assert request.chunks.available >= 0, "the agent's chunk credit went negative"
-        assert request.chunks.pending_grant >= 0
-        assert request.data.credit >= 0, "our data credit went negative"
+        assert request.inbound.available >= 0, "the agent's chunk credit went negative"
+        assert request.inbound.pending_grant >= 0
+        assert request.outbound.credit >= 0, "our data credit went negative"
 
 
 @dataclass
@@ -230,7 +230,7 @@ class ControlPlaneModel:
 def _started_control_plane(requests: list[bool], cancelled: list[bool], handshake: bool) -> ControlPlaneModel:
     model = ControlPlaneModel()
     if handshake:
-        hello = AgentConnection(request_window_bytes=WINDOW).hello(tunnel_pb2.Hello(agent_version="fuzz"))
+        hello = AgentConnection(request_window_bytes=WINDOW).hello_frame(tunnel_pb2.Hello(agent_version="fuzz"))
         assert isinstance(model.cp.receive(hello)[0], HelloReceived)
         for has_body, cancel in zip(requests, cancelled, strict=False):
             rid, _ = model.cp.start_request(tunnel_pb2.RequestStart(has_body=has_body))
@@ -286,9 +286,9 @@ def test_control_plane_never_lets_an_ended_request_come_back_or_credit_overflow(
 def check_agent_books(agent: AgentConnection) -> None:
     assert agent.in_flight == len(agent.open_request_ids()) == len(set(agent.open_request_ids()))
     for request in agent._requests.values():
-        assert request.chunks.credit >= 0, "our chunk credit went negative"
-        assert request.data.available >= 0, "the control plane's data credit went negative"
-        assert request.data.pending_grant >= 0
+        assert request.outbound.credit >= 0, "our chunk credit went negative"
+        assert request.inbound.available >= 0, "the control plane's data credit went negative"
+        assert request.inbound.pending_grant >= 0
 
 
 @dataclass
@@ -318,7 +318,7 @@ class AgentModel:
             elif isinstance(event, DataReceived | CancelReceived | CreditGranted):
                 assert event.request_id in open_before and event.request_id not in self.ended
                 if isinstance(event, DataReceived):
-                    self.agent.data_consumed(event.request_id, len(event.data))
+                    self.agent.consumed(event.request_id, len(event.data))
         check_agent_books(self.agent)
         if respond:
             self.respond()
@@ -326,7 +326,7 @@ class AgentModel:
     def respond(self) -> None:
         """What the agent's handlers do: send chunks within credit, then end the request."""
         for rid in self.agent.open_request_ids():
-            credit = self.agent.chunk_credit(rid)
+            credit = self.agent.credit(rid)
             assert credit is not None
             if credit >= 64:
                 self.agent.send_chunk(rid, tunnel_pb2.ResponseChunk(
@@ -341,8 +341,8 @@ def _welcomed_agent(welcome: bool) -> AgentModel:
     model = AgentModel()
     if welcome:
         cp = ControlPlaneConnection(SMALL)
-        cp.receive(model.agent.hello(tunnel_pb2.Hello()))
-        assert isinstance(model.agent.receive(cp.welcome(agent_id="a", group="g", session_id="s"))[0], Welcomed)
+        cp.receive(model.agent.hello_frame(tunnel_pb2.Hello()))
+        assert isinstance(model.agent.receive(cp.welcome_frame(agent_id="a", group="g", session_id="s"))[0], Welcomed)
     return model
 
 

@@ -29,7 +29,7 @@ SMALL = Limits(response_window_bytes=4096, request_window_bytes=4096, max_chunk_
 
 
 def hello(**fields: object) -> AgentFrame:
-    return AgentConnection(request_window_bytes=4096).hello(tunnel_pb2.Hello(**fields))  # type: ignore[arg-type]
+    return AgentConnection(request_window_bytes=4096).hello_frame(tunnel_pb2.Hello(**fields))  # type: ignore[arg-type]
 
 
 def db_profile(name: str) -> profiles_pb2.Profile:
@@ -38,8 +38,8 @@ def db_profile(name: str) -> profiles_pb2.Profile:
 
 def connected() -> tuple[ControlPlaneConnection, AgentConnection]:
     cp, agent = ControlPlaneConnection(SMALL), AgentConnection(request_window_bytes=4096)
-    cp.receive(agent.hello(tunnel_pb2.Hello(max_in_flight=4)))
-    agent.receive(cp.welcome(agent_id="a", group="g", session_id="s"))
+    cp.receive(agent.hello_frame(tunnel_pb2.Hello(max_in_flight=4)))
+    agent.receive(cp.welcome_frame(agent_id="a", group="g", session_id="s"))
     return cp, agent
 
 
@@ -287,7 +287,8 @@ class FakeAgentStream:
 
 def session_for(stream: FakeAgentStream, budgets: Budgets, heartbeat: float = 10.0) -> AgentSession:
     conn = ControlPlaneConnection(Limits(heartbeat_interval=timedelta(seconds=heartbeat)))
-    conn.receive(AgentConnection().hello(tunnel_pb2.Hello(max_in_flight=4, profiles=[db_profile("db")])))
+    conn.receive(AgentConnection().hello_frame(tunnel_pb2.Hello(max_in_flight=4, profiles=[db_profile("db")])))
+    conn.welcome_frame(agent_id="a-1", group="g", session_id="s")
     return AgentSession(conn, stream.write, stream.read, agent_id="a-1", name="mallory", group="g",
                         cert_expires_at=None, budgets=budgets)
 

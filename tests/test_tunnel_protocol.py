@@ -38,9 +38,9 @@ class TunnelPair:
     agent: AgentConnection = field(default_factory=lambda: AgentConnection(request_window_bytes=4096))
 
     def handshake(self) -> None:
-        events = self.cp.receive(self.agent.hello(tunnel_pb2.Hello(agent_version="t", max_in_flight=4)))
+        events = self.cp.receive(self.agent.hello_frame(tunnel_pb2.Hello(agent_version="t", max_in_flight=4)))
         assert isinstance(events[0], HelloReceived)
-        events = self.agent.receive(self.cp.welcome(agent_id="agent-1", group="g", session_id="s"))
+        events = self.agent.receive(self.cp.welcome_frame(agent_id="agent-1", group="g", session_id="s"))
         assert isinstance(events[0], Welcomed)
 
     def to_agent(self, frame: ControlFrame | None) -> list[object]:
@@ -131,7 +131,7 @@ def test_the_agent_cannot_send_past_its_credit(pair: TunnelPair) -> None:
     rid = pair.start()
     for _ in range(4):
         pair.to_cp(pair.agent.send_chunk(rid, chunk_of(1024)))
-    assert pair.agent.chunk_credit(rid) == 0
+    assert pair.agent.credit(rid) == 0
     with pytest.raises(LocalProtocolError, match="credit"):
         pair.agent.send_chunk(rid, chunk_of(10))
 
@@ -144,7 +144,7 @@ def test_consuming_half_a_window_grants_it_back(pair: TunnelPair) -> None:
     update = pair.cp.consumed(rid, 1024)
     assert update is not None and update.window_update.bytes == 2048
     assert pair.to_agent(update) == [CreditGranted(rid, 2048)]
-    assert pair.agent.chunk_credit(rid) == 2048
+    assert pair.agent.credit(rid) == 2048
 
 
 def test_a_peer_that_overruns_its_credit_breaks_the_stream(pair: TunnelPair) -> None:
@@ -222,10 +222,10 @@ def test_request_data_is_flow_controlled_by_the_agent(pair: TunnelPair) -> None:
     for _ in range(4):
         (event,) = pair.to_agent(pair.cp.send_data(rid, b"d" * 1024, end_of_data=False))
         assert isinstance(event, DataReceived)
-    assert pair.cp.data_credit(rid) == 0
+    assert pair.cp.credit(rid) == 0
     with pytest.raises(LocalProtocolError, match="credit"):
         pair.cp.send_data(rid, b"d", end_of_data=True)
-    update = pair.agent.data_consumed(rid, 2048)
+    update = pair.agent.consumed(rid, 2048)
     assert pair.to_cp(update) == [CreditGranted(rid, 2048)]
     (last,) = pair.to_agent(pair.cp.send_data(rid, b"", end_of_data=True))
     assert last == DataReceived(rid, b"", True)
@@ -240,7 +240,7 @@ def test_data_for_a_request_without_body_breaks_the_stream(pair: TunnelPair) -> 
 def test_data_credit_is_none_once_the_request_ended(pair: TunnelPair) -> None:
     rid = pair.start(has_body=True)
     pair.to_cp(pair.agent.end(rid, Code.ALREADY_EXISTS, "exists"))
-    assert pair.cp.data_credit(rid) is None
+    assert pair.cp.credit(rid) is None
 
 
 def test_pings_are_session_level(pair: TunnelPair) -> None:
@@ -265,7 +265,7 @@ def test_credit_never_deadlocks_with_chunks_up_to_half_a_window(seed: int) -> No
     for _ in range(500):
         chunk = tunnel_pb2.ResponseChunk(read=files_pb2.ReadResponse(data=b"x" * rng.randint(0, 1016)))
         size = chunk.ByteSize()
-        while (pair.agent.chunk_credit(rid) or 0) < size:
+        while (pair.agent.credit(rid) or 0) < size:
             assert buffered, "sender starved with nothing left to consume: deadlock"
             update = pair.cp.consumed(rid, buffered.pop(0))
             if update is not None:
@@ -312,6 +312,74 @@ def test_a_batch_without_the_capability_breaks_the_stream() -> None:
     hello = tunnel_pb2.Hello(protocol_revisions=[1], request_window_bytes=4096)  # an agent without batches
     cp.receive(AgentFrame(hello=hello))
     assert not cp.batching
-    assert list(cp.welcome(agent_id="a", group="g", session_id="s").welcome.capabilities) == []
+    assert list(cp.welcome_frame(agent_id="a", group="g", session_id="s").welcome.capabilities) == []
     with pytest.raises(RemoteProtocolError, match="not agreed"):
         cp.receive(AgentConnection.batch([AgentConnection.ping(1)]))
+
+
+# --- one state machine, errors that stick ----------------------------------------
+
+
+def test_both_ends_are_the_same_state_machine_in_their_roles(pair: TunnelPair) -> None:
+    from tunnel.protocol import Connection, Role
+
+    assert isinstance(pair.cp, Connection) and isinstance(pair.agent, Connection)
+    assert (pair.cp.role, pair.agent.role) == (Role.CONTROL_PLANE, Role.AGENT)
+    assert pair.cp.peer == "the agent" and pair.agent.peer == "the control plane"
+
+
+def test_a_peer_that_broke_the_protocol_stays_broken(pair: TunnelPair) -> None:
+    rid = pair.start()
+    with pytest.raises(RemoteProtocolError, match="never started"):
+        pair.cp.receive(AgentFrame(request_id=99, chunk=chunk_of(10)))
+    # Even a frame that would have been fine is refused now: nothing after a broken frame is trusted.
+    with pytest.raises(RemoteProtocolError, match="the stream is broken: chunk frame for request 99"):
+        pair.cp.receive(pair.agent.end(rid, Code.OK))
+
+
+def test_once_broken_a_connection_refuses_to_send(pair: TunnelPair) -> None:
+    rid = pair.start(has_body=True)
+    with pytest.raises(RemoteProtocolError):
+        pair.cp.receive(AgentFrame(request_id=99, chunk=chunk_of(10)))
+    with pytest.raises(LocalProtocolError, match="the stream is broken"):
+        pair.cp.send_data(rid, b"x", end_of_data=True)
+    assert pair.cp.cancel(rid, "gone") is None
+
+
+def test_our_own_mistake_sticks_too(pair: TunnelPair) -> None:
+    rid, other = pair.start(), pair.start()
+    pair.agent.end(rid, Code.OK)
+    with pytest.raises(LocalProtocolError, match=f"end for request {rid}, which is not open"):
+        pair.agent.end(rid, Code.OK)
+    with pytest.raises(LocalProtocolError, match="the stream is broken"):
+        pair.agent.send_chunk(other, chunk_of(10))
+
+
+def test_no_data_may_follow_a_cancel(pair: TunnelPair) -> None:
+    rid = pair.start(has_body=True)
+    pair.to_agent(pair.cp.cancel(rid, "caller went away"))
+    assert pair.cp.credit(rid) is None  # so a sender waiting for credit stops
+    with pytest.raises(LocalProtocolError, match=f"request {rid} takes no \\(more\\) data: it has cancelled"):
+        pair.cp.send_data(rid, b"late", end_of_data=True)
+
+
+def test_data_after_a_cancel_breaks_the_agents_side(pair: TunnelPair) -> None:
+    rid = pair.start(has_body=True)
+    pair.to_agent(pair.cp.cancel(rid, "caller went away"))
+    with pytest.raises(RemoteProtocolError, match="takes no \\(more\\) data"):
+        pair.agent.receive(ControlFrame(request_id=rid, data=tunnel_pb2.RequestData(data=b"x")))
+
+
+def test_a_second_cancel_for_a_request_breaks_the_stream(pair: TunnelPair) -> None:
+    rid = pair.start()
+    pair.to_agent(pair.cp.cancel(rid, "once"))
+    with pytest.raises(RemoteProtocolError, match=f"cancel for request {rid}, which was already cancelled"):
+        pair.agent.receive(ControlFrame(request_id=rid, cancel=tunnel_pb2.Cancel(reason="twice")))
+
+
+def test_a_hello_after_the_hello_breaks_the_stream_even_before_the_welcome() -> None:
+    cp = ControlPlaneConnection(SMALL)
+    agent = AgentConnection(request_window_bytes=4096)
+    cp.receive(agent.hello_frame(tunnel_pb2.Hello()))
+    with pytest.raises(RemoteProtocolError, match="hello sent twice"):
+        cp.receive(agent.hello_frame(tunnel_pb2.Hello()))

@@ -15,6 +15,9 @@ from typing import Generic, TypeVar
 import grpc
 
 from tunnel.budget import BudgetExceeded, Budgets
+from tunnel.errors import RequestGone, StreamClosed
+
+__all__ = ["EOF", "CreditWaiters", "FrameWriter", "RequestGone", "StreamClosed"]
 
 F = TypeVar("F")
 
@@ -28,10 +31,6 @@ DEFAULT_MAX_QUEUED_FRAMES = Budgets().max_queued_frames
 #: Bounds of one combined message: well under the 8 MiB message limit.
 MAX_BATCH_FRAMES = 256
 MAX_BATCH_BYTES = 1024 * 1024
-
-
-class StreamClosed(Exception):
-    """The stream ended; nothing more can be sent on it."""
 
 
 class FrameWriter(Generic[F]):
@@ -154,10 +153,6 @@ class FrameWriter(Generic[F]):
         except BaseException as exc:
             self.close(exc)
             raise
-
-
-class RequestGone(Exception):
-    """The request ended while its sender waited for credit."""
 
 
 class CreditWaiters:

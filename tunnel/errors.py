@@ -15,9 +15,16 @@
     │   ├── Aborted                  e.g. a transaction conflict
     │   ├── Unimplemented
     │   └── Internal                 a bug; details go to the log, not the caller
-    └── ProtocolError                a peer broke the tunnel protocol
-        ├── LocalProtocolError       we did
-        └── RemoteProtocolError      the other side did
+    ├── ProtocolError                a peer broke the tunnel protocol
+    │   ├── LocalProtocolError       we did
+    │   └── RemoteProtocolError      the other side did
+    │       └── BudgetExceeded       ... by making us do too much (tunnel.budget)
+    ├── StreamEnded                  a tunnel stream ended; nothing more goes over it
+    │   ├── PeerClosedStream         the peer ended it, or the transport failed
+    │   ├── PeerSilent               the peer missed its heartbeats
+    │   ├── StreamClosed             we closed it (sending on it fails)
+    │   └── DrainedToExit            the control plane drained the agent to stop it
+    └── RequestGone                  a request ended while its sender waited for credit
 
 Handlers raise these; exactly one place per process turns them into a
 status (the operator API's error boundary, the agent's request runner).
@@ -191,3 +198,27 @@ class LocalProtocolError(ProtocolError):
 
 class RemoteProtocolError(ProtocolError):
     """The peer sent something the protocol forbids."""
+
+
+class StreamEnded(OnpremError):
+    """A tunnel stream ended; the message says who ended it and why."""
+
+
+class PeerClosedStream(StreamEnded):
+    """The peer ended the stream (or its transport failed)."""
+
+
+class PeerSilent(StreamEnded):
+    """The peer sent nothing for three heartbeat intervals."""
+
+
+class StreamClosed(StreamEnded):
+    """We closed the stream: nothing more can be sent on it."""
+
+
+class DrainedToExit(StreamEnded):
+    """The control plane drained this agent and asked it to stop (DrainAgent)."""
+
+
+class RequestGone(OnpremError):
+    """The request ended while its sender waited for credit."""

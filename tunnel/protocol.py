@@ -1,30 +1,59 @@
-"""The tunnel protocol's state, free of I/O: frames in, events out.
+"""The tunnel protocol, free of I/O: frames in, events out (as h11 and h2 are).
 
-`ControlPlaneConnection` is the control plane's end of one agent stream and
-`AgentConnection` the agent's. Each turns received frames into events
-(`receive`) and builds the frames to send (`start_request`, `send_chunk`,
-...), checking the rules of `onprem.v1.AgentTunnel` on the way: handshake
-first, request ids that only increase, per-request credit in each direction,
-chunk size limits, one `end` per request. The asyncio shells in
-`control_plane.sessions` and `agent.session` own the stream, the tasks and
-the clocks; tests drive these classes directly, with no network.
+`Connection` is one end of one agent stream, and its `role` says which: the
+same state machine serves the control plane and the agent. `receive` turns
+the peer's frames into events (`tunnel.events`) through one dispatch table
+per role, and every request moves by the transition table of `tunnel.state`,
+whichever end is asking; the role's subclass (`ControlPlaneConnection`,
+`AgentConnection`) adds the frames that end may send. The rules checked on
+the way: handshake first, request ids that only increase, per-request credit
+in each direction, chunk size limits, one `end` per request, and what a
+peer may say about itself (`tunnel.budget` has what it may make us do).
 
-A peer's mistake in a frame that names a request the protocol can pin down
-ends only that request; a mistake that breaks the stream as a whole
-(handshake, overrun of credit, ids out of order) raises `RemoteProtocolError`
-and the shell closes the stream.
+Blame goes to one side. A frame the peer may not send raises
+`RemoteProtocolError`, and the error sticks: every later `receive` raises
+too, since nothing after a broken frame can be trusted; the shell closes the
+stream. Sending what we may not raises `LocalProtocolError` (a bug of ours),
+and that sticks the same way. The asyncio shell (`tunnel.shell`) owns the
+stream, the tasks and the clocks; tests drive this module with no network.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Generic, TypeVar
 
 from onprem.v1 import profiles_pb2, tunnel_pb2
-from tunnel.errors import Code, LocalProtocolError, RemoteProtocolError
+from tunnel.errors import Code, LocalProtocolError, ProtocolError, RemoteProtocolError
+from tunnel.events import (
+    CancelReceived,
+    ChunkReceived,
+    CreditGranted,
+    DataReceived,
+    DrainReceived,
+    Event,
+    FrameIgnored,
+    HelloReceived,
+    PingReceived,
+    PongReceived,
+    RequestEnded,
+    RequestStarted,
+    StatusReceived,
+    Welcomed,
+)
 from tunnel.flow import ReceiveWindow, SendWindow
+from tunnel.state import Caller, RequestEvent, Role, Worker, next_caller_state, next_worker_state
+
+__all__ = [
+    "AGENT_CODES", "CAPABILITIES", "FRAME_BATCH", "MAX_END_MESSAGE", "MAX_IN_FLIGHT", "MAX_PROFILES",
+    "PROTOCOL_REVISION", "AgentConnection", "AgentFrame", "CancelReceived", "ChunkReceived", "Connection",
+    "ControlFrame", "ControlPlaneConnection", "CreditGranted", "DataReceived", "DrainReceived", "Event",
+    "FrameIgnored", "HelloReceived", "Limits", "PingReceived", "PongReceived", "RequestEnded", "RequestStarted",
+    "Role", "StatusReceived", "Welcomed", "check_profiles", "screen_end",
+]
 
 PROTOCOL_REVISION = 1
 SUPPORTED_REVISIONS = (1,)
@@ -82,103 +111,6 @@ class Limits:
             raise ValueError("heartbeat_interval must be positive")
 
 
-# --- events -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HelloReceived:
-    hello: tunnel_pb2.Hello
-
-
-@dataclass(frozen=True)
-class Welcomed:
-    welcome: tunnel_pb2.Welcome
-
-
-@dataclass(frozen=True)
-class RequestStarted:
-    request_id: int
-    start: tunnel_pb2.RequestStart
-
-
-@dataclass(frozen=True)
-class DataReceived:
-    request_id: int
-    data: bytes
-    end_of_data: bool
-
-
-@dataclass(frozen=True)
-class CancelReceived:
-    request_id: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class ChunkReceived:
-    request_id: int
-    chunk: tunnel_pb2.ResponseChunk
-    #: The chunk's serialized size: what consuming it gives back as credit.
-    size: int
-
-
-@dataclass(frozen=True)
-class RequestEnded:
-    request_id: int
-    code: Code
-    message: str
-    reason: str
-    field: str = ""
-    #: Why the agent's own status was replaced by INTERNAL (AGENT_PROTOCOL_ERROR), for the log;
-    #: empty when the status is the agent's.
-    screened: str = ""
-
-
-@dataclass(frozen=True)
-class CreditGranted:
-    """The peer granted credit for a request: a blocked sender may go on."""
-
-    request_id: int
-    size: int
-
-
-@dataclass(frozen=True)
-class PingReceived:
-    """The shell answers it with `pong()`."""
-
-    nonce: int
-
-
-@dataclass(frozen=True)
-class PongReceived:
-    nonce: int
-
-
-@dataclass(frozen=True)
-class DrainReceived:
-    drain: tunnel_pb2.Drain
-
-
-@dataclass(frozen=True)
-class StatusReceived:
-    status: tunnel_pb2.AgentStatus
-
-
-@dataclass(frozen=True)
-class FrameIgnored:
-    """A frame for a request that already ended (e.g. chunks racing a cancel)."""
-
-    request_id: int
-    why: str
-
-
-Event = (
-    HelloReceived | Welcomed | RequestStarted | DataReceived | CancelReceived | ChunkReceived
-    | RequestEnded | CreditGranted | PingReceived | PongReceived | DrainReceived | StatusReceived
-    | FrameIgnored
-)
-
-
 # --- checks of what a peer says ---------------------------------------------
 
 
@@ -229,220 +161,70 @@ def screen_end(rid: int, end: tunnel_pb2.ResponseEnd) -> RequestEnded:
     return RequestEnded(rid, code, message, end.reason, end.field[:200])
 
 
-# --- the control plane's end ------------------------------------------------
+# --- one end of a stream ---------------------------------------------------------
+
+OutFrame = TypeVar("OutFrame", AgentFrame, ControlFrame)
+_AnyFrame = AgentFrame | ControlFrame
 
 
 @dataclass
-class _OutgoingRequest:
-    """A request the control plane sent, as the control plane tracks it."""
+class _Request:
+    """One open request, as either end tracks it."""
 
-    chunks: ReceiveWindow
-    data: SendWindow
-    has_body: bool
-    body_done: bool = False
-    cancelled: bool = False
+    caller: Caller
+    worker: Worker
+    #: What the peer may still send us for this request (chunks at the control plane, data at the agent).
+    inbound: ReceiveWindow
+    #: What we may still send (data from the control plane, chunks from the agent) ...
+    outbound: SendWindow
+    #: ... out of a window of this size.
+    outbound_window: int
 
 
-@dataclass
-class ControlPlaneConnection:
-    """The control plane's end of one agent stream."""
+#: The frame each role must receive first.
+_HANDSHAKE = {Role.CONTROL_PLANE: "hello", Role.AGENT: "welcome"}
+#: The payload each role receives under a request (the other sends it), and its limit's name.
+_INBOUND_PAYLOAD = {Role.CONTROL_PLANE: "chunk", Role.AGENT: "data"}
 
-    limits: Limits = field(default_factory=Limits)
-    hello: tunnel_pb2.Hello | None = None
-    #: Whether both sides agreed to batch frames (FRAME_BATCH).
-    batching: bool = False
-    _next_id: int = 1
-    _requests: dict[int, _OutgoingRequest] = field(default_factory=dict)
-    #: What the agent granted per request for request data, before we learn
-    #: it from Hello (then fixed).
-    _request_window: int = 0
+
+class Connection(Generic[OutFrame]):
+    """One end of one tunnel stream; `role` says which. Use the role's subclass to send."""
+
+    #: The frame type this end sends, and its batch.
+    _frame: Callable[..., OutFrame]
+    _batch: Callable[..., object]
+    _batch_field = "batch"
+
+    def __init__(self, role: Role, limits: Limits | None = None, *,
+                 request_window_bytes: int = 4 * 1024 * 1024) -> None:
+        self.role = role
+        self.limits = limits or Limits()
+        #: The Hello of the stream (the agent's), once sent or received.
+        self.hello: tunnel_pb2.Hello | None = None
+        #: The Welcome of the stream (the control plane's), once sent or received.
+        self.welcome: tunnel_pb2.Welcome | None = None
+        #: Whether both sides agreed to batch frames (FRAME_BATCH).
+        self.batching = False
+        #: The agent's credit window for each request's data: its own at the agent, learned from Hello here.
+        self.request_window_bytes = request_window_bytes
+        self._requests: dict[int, _Request] = {}
+        #: The highest request id started on this stream.
+        self._last_id = 0
+        #: The error that broke the stream, once one did: it sticks.
+        self._broken: ProtocolError | None = None
+
+    # -- state --
+    @property
+    def peer(self) -> str:
+        return self.role.peer.value
 
     @property
-    def in_flight(self) -> int:
-        return len(self._requests)
-
-    def receive(self, frame: AgentFrame) -> list[Event]:
-        kind = frame.WhichOneof("frame")
-        rid = frame.request_id
-        if self.hello is None:
-            if kind != "hello" or rid != 0:
-                raise RemoteProtocolError(f"the first frame must be hello, got {kind or 'an empty frame'}")
-            if PROTOCOL_REVISION not in frame.hello.protocol_revisions:
-                raise RemoteProtocolError(
-                    f"no common protocol revision: agent speaks {list(frame.hello.protocol_revisions)}, "
-                    f"control plane speaks {list(SUPPORTED_REVISIONS)}"
-                )
-            window = frame.hello.request_window_bytes
-            if window < 2 * self.limits.max_chunk_bytes:
-                raise RemoteProtocolError(
-                    f"request window {window} is below twice the chunk size {self.limits.max_chunk_bytes}"
-                )
-            if frame.hello.max_in_flight > MAX_IN_FLIGHT:
-                raise RemoteProtocolError(
-                    f"hello asks to run {frame.hello.max_in_flight} requests at once; the limit is {MAX_IN_FLIGHT}"
-                )
-            check_profiles(frame.hello.profiles, "hello")
-            self.hello = frame.hello
-            self._request_window = window
-            self.batching = FRAME_BATCH in frame.hello.capabilities
-            return [HelloReceived(frame.hello)]
-        if kind == "hello":
-            raise RemoteProtocolError("hello sent twice")
-        if kind == "batch":
-            if not self.batching:
-                raise RemoteProtocolError("a frame batch, which was not agreed in the handshake")
-            events: list[Event] = []
-            for inner in frame.batch.frames:
-                if inner.WhichOneof("frame") in ("batch", "hello"):
-                    raise RemoteProtocolError(f"a {inner.WhichOneof('frame')} frame inside a batch")
-                events.extend(self.receive(inner))
-            return events
-        if kind == "ping":
-            return [PingReceived(frame.ping.nonce)]
-        if kind == "pong":
-            return [PongReceived(frame.pong.nonce)]
-        if kind == "status":
-            if frame.status.profiles_changed:
-                check_profiles(frame.status.profiles, "status")
-            return [StatusReceived(frame.status)]
-        if kind is None:
-            raise RemoteProtocolError("empty frame")
-        if rid == 0 or rid >= self._next_id:
-            raise RemoteProtocolError(f"{kind} frame for request {rid}, which was never started")
-        request = self._requests.get(rid)
-        if request is None:
-            # Only the agent's own `end` closes a request here, so nothing of it can be in flight.
-            raise RemoteProtocolError(f"{kind} frame for request {rid} after the agent ended it")
-        if kind == "chunk":
-            size = frame.chunk.ByteSize()
-            if size > self.limits.max_chunk_bytes:
-                raise RemoteProtocolError(f"chunk of {size} bytes exceeds the limit of {self.limits.max_chunk_bytes}")
-            request.chunks.receive(size)
-            if request.cancelled:
-                return [FrameIgnored(rid, "chunk after cancel")]
-            return [ChunkReceived(rid, frame.chunk, size)]
-        if kind == "end":
-            del self._requests[rid]
-            return [screen_end(rid, frame.end)]
-        if kind == "window_update":
-            _check_grant(request.data, frame.window_update.bytes, self._request_window, rid)
-            request.data.grant(frame.window_update.bytes)
-            return [CreditGranted(rid, frame.window_update.bytes)]
-        raise RemoteProtocolError(f"unexpected {kind} frame from the agent")
-
-    def welcome(self, *, agent_id: str, group: str, session_id: str) -> ControlFrame:
-        if self.hello is None:
-            raise LocalProtocolError("welcome before hello")
-        interval = self.limits.heartbeat_interval
-        welcome = tunnel_pb2.Welcome(
-            protocol_revision=PROTOCOL_REVISION,
-            agent_id=agent_id,
-            group=group,
-            session_id=session_id,
-            response_window_bytes=self.limits.response_window_bytes,
-            max_chunk_bytes=self.limits.max_chunk_bytes,
-            capabilities=[c for c in CAPABILITIES if c in self.hello.capabilities],
-        )
-        welcome.heartbeat_interval.FromTimedelta(interval)
-        return ControlFrame(welcome=welcome)
-
-    def start_request(self, start: tunnel_pb2.RequestStart) -> tuple[int, ControlFrame]:
-        if self.hello is None:
-            raise LocalProtocolError("request before hello")
-        rid = self._next_id
-        self._next_id += 1
-        self._requests[rid] = _OutgoingRequest(
-            chunks=ReceiveWindow(self.limits.response_window_bytes),
-            data=SendWindow(self._request_window),
-            has_body=start.has_body,
-        )
-        return rid, ControlFrame(request_id=rid, start=start)
-
-    def data_credit(self, rid: int) -> int | None:
-        """Bytes of request data we may send now; None once the request ended."""
-        request = self._requests.get(rid)
-        return request.data.credit if request is not None else None
-
-    def is_open(self, rid: int) -> bool:
-        return rid in self._requests
-
-    def send_data(self, rid: int, data: bytes, *, end_of_data: bool) -> ControlFrame:
-        request = self._requests.get(rid)
-        if request is None:
-            raise LocalProtocolError(f"data for request {rid}, which is not open")
-        if not request.has_body or request.body_done:
-            raise LocalProtocolError(f"request {rid} takes no (more) data")
-        if len(data) > self.limits.max_chunk_bytes:
-            raise LocalProtocolError(f"data of {len(data)} bytes exceeds the chunk limit")
-        request.data.spend(len(data))
-        request.body_done = end_of_data
-        return ControlFrame(request_id=rid, data=tunnel_pb2.RequestData(data=data, end_of_data=end_of_data))
-
-    def consumed(self, rid: int, size: int) -> ControlFrame | None:
-        """The operator took a chunk of `size` bytes; maybe grant credit back."""
-        request = self._requests.get(rid)
-        if request is None:
-            return None
-        grant = request.chunks.consume(size)
-        if not grant:
-            return None
-        return ControlFrame(request_id=rid, window_update=tunnel_pb2.WindowUpdate(bytes=grant))
-
-    def cancel(self, rid: int, reason: str) -> ControlFrame | None:
-        """Cancel an open request; None when it already ended or was cancelled."""
-        request = self._requests.get(rid)
-        if request is None or request.cancelled:
-            return None
-        request.cancelled = True
-        return ControlFrame(request_id=rid, cancel=tunnel_pb2.Cancel(reason=reason))
-
-    def open_request_ids(self) -> list[int]:
-        return list(self._requests)
-
-    @staticmethod
-    def batch(frames: list[ControlFrame]) -> ControlFrame:
-        return ControlFrame(batch=tunnel_pb2.ControlFrameBatch(frames=frames))
-
-    @staticmethod
-    def ping(nonce: int) -> ControlFrame:
-        return ControlFrame(ping=tunnel_pb2.Ping(nonce=nonce))
-
-    @staticmethod
-    def pong(nonce: int) -> ControlFrame:
-        return ControlFrame(pong=tunnel_pb2.Pong(nonce=nonce))
-
-    def drain(self, reason: str, grace: timedelta, *, exit_after: bool = False) -> ControlFrame:
-        drain = tunnel_pb2.Drain(reason=reason, exit_after=exit_after)
-        drain.grace_period.FromTimedelta(grace)
-        return ControlFrame(drain=drain)
-
-
-# --- the agent's end --------------------------------------------------------
-
-
-@dataclass
-class _IncomingRequest:
-    """A request the agent is running, as the agent tracks it."""
-
-    chunks: SendWindow
-    data: ReceiveWindow
-    has_body: bool
-    body_done: bool = False
-
-
-@dataclass
-class AgentConnection:
-    """The agent's end of its stream."""
-
-    request_window_bytes: int = 4 * 1024 * 1024
-    welcome: tunnel_pb2.Welcome | None = None
-    #: Whether both sides agreed to batch frames (FRAME_BATCH).
-    batching: bool = False
-    _last_id: int = 0
-    _requests: dict[int, _IncomingRequest] = field(default_factory=dict)
+    def handshaken(self) -> bool:
+        return self.hello is not None and self.welcome is not None
 
     @property
     def max_chunk_bytes(self) -> int:
+        """The largest chunk or data payload; raises LocalProtocolError before the handshake."""
         if self.welcome is None:
             raise LocalProtocolError("not welcomed yet")
         return self.welcome.max_chunk_bytes
@@ -451,121 +233,363 @@ class AgentConnection:
     def in_flight(self) -> int:
         return len(self._requests)
 
-    def hello(self, hello: tunnel_pb2.Hello) -> AgentFrame:
-        hello.protocol_revisions[:] = list(SUPPORTED_REVISIONS)
-        hello.request_window_bytes = self.request_window_bytes
-        hello.capabilities[:] = list(CAPABILITIES)
-        return AgentFrame(hello=hello)
-
-    def receive(self, frame: ControlFrame) -> list[Event]:
-        kind = frame.WhichOneof("frame")
-        rid = frame.request_id
-        if self.welcome is None:
-            if kind != "welcome":
-                raise RemoteProtocolError(f"the first frame must be welcome, got {kind or 'an empty frame'}")
-            welcome = frame.welcome
-            if welcome.protocol_revision not in SUPPORTED_REVISIONS:
-                raise RemoteProtocolError(f"control plane chose revision {welcome.protocol_revision}")
-            if welcome.max_chunk_bytes == 0 or welcome.max_chunk_bytes * 2 > welcome.response_window_bytes:
-                raise RemoteProtocolError("welcome: max_chunk_bytes must be positive and at most half the window")
-            self.welcome = welcome
-            self.batching = FRAME_BATCH in welcome.capabilities
-            return [Welcomed(welcome)]
-        if kind == "welcome":
-            raise RemoteProtocolError("welcome sent twice")
-        if kind == "batch":
-            if not self.batching:
-                raise RemoteProtocolError("a frame batch, which was not agreed in the handshake")
-            events: list[Event] = []
-            for inner in frame.batch.frames:
-                if inner.WhichOneof("frame") in ("batch", "welcome"):
-                    raise RemoteProtocolError(f"a {inner.WhichOneof('frame')} frame inside a batch")
-                events.extend(self.receive(inner))
-            return events
-        if kind == "ping":
-            return [PingReceived(frame.ping.nonce)]
-        if kind == "pong":
-            return [PongReceived(frame.pong.nonce)]
-        if kind == "drain":
-            return [DrainReceived(frame.drain)]
-        if kind is None:
-            raise RemoteProtocolError("empty frame")
-        if kind == "start":
-            if rid <= self._last_id:
-                raise RemoteProtocolError(f"request id {rid} is not above the last one, {self._last_id}")
-            self._last_id = rid
-            self._requests[rid] = _IncomingRequest(
-                chunks=SendWindow(self.welcome.response_window_bytes),
-                data=ReceiveWindow(self.request_window_bytes),
-                has_body=frame.start.has_body,
-            )
-            return [RequestStarted(rid, frame.start)]
-        if rid == 0 or rid > self._last_id:
-            raise RemoteProtocolError(f"{kind} frame for request {rid}, which was never started")
-        request = self._requests.get(rid)
-        if request is None:
-            return [FrameIgnored(rid, f"{kind} after the request ended")]
-        if kind == "data":
-            size = len(frame.data.data)
-            if size > self.max_chunk_bytes:
-                raise RemoteProtocolError(f"data of {size} bytes exceeds the chunk limit of {self.max_chunk_bytes}")
-            if not request.has_body or request.body_done:
-                raise RemoteProtocolError(f"data for request {rid}, which takes no (more) data")
-            request.data.receive(size)
-            request.body_done = frame.data.end_of_data
-            return [DataReceived(rid, frame.data.data, frame.data.end_of_data)]
-        if kind == "cancel":
-            return [CancelReceived(rid, frame.cancel.reason)]
-        if kind == "window_update":
-            _check_grant(request.chunks, frame.window_update.bytes, self.welcome.response_window_bytes, rid)
-            request.chunks.grant(frame.window_update.bytes)
-            return [CreditGranted(rid, frame.window_update.bytes)]
-        raise RemoteProtocolError(f"unexpected {kind} frame from the control plane")
-
-    def chunk_credit(self, rid: int) -> int | None:
-        """Bytes of chunks we may send now; None once the request ended."""
-        request = self._requests.get(rid)
-        return request.chunks.credit if request is not None else None
-
-    def send_chunk(self, rid: int, chunk: tunnel_pb2.ResponseChunk, size: int | None = None) -> AgentFrame:
-        request = self._requests.get(rid)
-        if request is None:
-            raise LocalProtocolError(f"chunk for request {rid}, which is not open")
-        size = chunk.ByteSize() if size is None else size
-        if size > self.max_chunk_bytes:
-            raise LocalProtocolError(f"chunk of {size} bytes exceeds the limit of {self.max_chunk_bytes}")
-        request.chunks.spend(size)
-        return AgentFrame(request_id=rid, chunk=chunk)
-
-    def data_consumed(self, rid: int, size: int) -> AgentFrame | None:
-        request = self._requests.get(rid)
-        if request is None:
-            return None
-        grant = request.data.consume(size)
-        if not grant:
-            return None
-        return AgentFrame(request_id=rid, window_update=tunnel_pb2.WindowUpdate(bytes=grant))
-
-    def end(self, rid: int, code: Code, message: str = "", reason: str = "", field: str = "") -> AgentFrame:
-        if self._requests.pop(rid, None) is None:
-            raise LocalProtocolError(f"end for request {rid}, which is not open")
-        return AgentFrame(request_id=rid, end=tunnel_pb2.ResponseEnd(
-            code=int(code), message=message, reason=reason, field=field))
+    def is_open(self, rid: int) -> bool:
+        return rid in self._requests
 
     def open_request_ids(self) -> list[int]:
         return list(self._requests)
 
-    @staticmethod
-    def batch(frames: list[AgentFrame]) -> AgentFrame:
-        return AgentFrame(batch=tunnel_pb2.AgentFrameBatch(frames=frames))
+    def credit(self, rid: int) -> int | None:
+        """Bytes of payload we may send for `rid` now; None once we may send none again (it ended, or
+        the control plane cancelled it)."""
+        request = self._requests.get(rid)
+        if request is None or (self.role is Role.CONTROL_PLANE and request.caller is Caller.CANCELLED):
+            return None
+        return request.outbound.credit
 
-    @staticmethod
-    def ping(nonce: int) -> AgentFrame:
-        return AgentFrame(ping=tunnel_pb2.Ping(nonce=nonce))
+    # -- receiving --
+    def receive(self, frame: _AnyFrame) -> list[Event]:
+        """The events of one frame from the peer.
 
-    @staticmethod
-    def pong(nonce: int) -> AgentFrame:
-        return AgentFrame(pong=tunnel_pb2.Pong(nonce=nonce))
+        Raises RemoteProtocolError when the peer broke the protocol, and again on every later call.
+        """
+        if self._broken is not None:
+            raise RemoteProtocolError(f"the stream is broken: {self._broken}")
+        try:
+            return self._receive(frame)
+        except RemoteProtocolError as exc:
+            self._broken = exc
+            raise
+
+    def _receive(self, frame: _AnyFrame) -> list[Event]:
+        kind = frame.WhichOneof("frame")
+        first = _HANDSHAKE[self.role]
+        greeted = (self.hello if self.role is Role.CONTROL_PLANE else self.welcome) is not None
+        if not greeted:
+            if kind != first or frame.request_id != 0:
+                raise RemoteProtocolError(f"the first frame must be {first}, got {kind or 'an empty frame'}")
+        elif kind == first:
+            raise RemoteProtocolError(f"{first} sent twice")
+        if kind is None:
+            raise RemoteProtocolError("empty frame")
+        handler = _RECEIVE[self.role].get(kind)
+        if handler is None:
+            raise RemoteProtocolError(f"unexpected {kind} frame from {self.peer}")
+        return handler(self, frame)
+
+    def _on_batch(self, frame: _AnyFrame) -> list[Event]:
+        if not self.batching:
+            raise RemoteProtocolError("a frame batch, which was not agreed in the handshake")
+        events: list[Event] = []
+        for inner in frame.batch.frames:
+            inner_kind = inner.WhichOneof("frame")
+            if inner_kind in ("batch", _HANDSHAKE[self.role]):
+                raise RemoteProtocolError(f"a {inner_kind} frame inside a batch")
+            events.extend(self._receive(inner))
+        return events
+
+    def _on_ping(self, frame: _AnyFrame) -> list[Event]:
+        return [PingReceived(frame.ping.nonce)]
+
+    def _on_pong(self, frame: _AnyFrame) -> list[Event]:
+        return [PongReceived(frame.pong.nonce)]
+
+    def _request(self, frame: _AnyFrame, kind: str) -> _Request | None:
+        """The open request a frame names; None when it ended on our side and the frame raced that."""
+        rid = frame.request_id
+        if rid == 0 or rid > self._last_id:
+            raise RemoteProtocolError(f"{kind} frame for request {rid}, which was never started")
+        request = self._requests.get(rid)
+        if request is None and self.role is Role.CONTROL_PLANE:
+            # Only the agent's own `end` closes a request here, so nothing of it can be in flight.
+            raise RemoteProtocolError(f"{kind} frame for request {rid} after the agent ended it")
+        return request
+
+    def _on_window_update(self, frame: _AnyFrame) -> list[Event]:
+        rid, grant = frame.request_id, frame.window_update.bytes
+        request = self._request(frame, "window_update")
+        if request is None:
+            return [FrameIgnored(rid, "window_update after the request ended")]
+        # A receiver gives back only what it consumed, so credit never exceeds the window: a larger or
+        # empty grant is a peer playing with credit, not a race.
+        if grant <= 0 or request.outbound.credit + grant > request.outbound_window:
+            raise RemoteProtocolError(
+                f"window update of {grant} bytes for request {rid} would give {request.outbound.credit + grant} "
+                f"bytes of credit; the window is {request.outbound_window}")
+        request.outbound.grant(grant)
+        return [CreditGranted(rid, grant)]
+
+    def _payload_size(self, rid: int, size: int) -> None:
+        if size > self.max_chunk_bytes:
+            limit = "the limit" if self.role is Role.CONTROL_PLANE else "the chunk limit"
+            raise RemoteProtocolError(
+                f"{_INBOUND_PAYLOAD[self.role]} of {size} bytes exceeds {limit} of {self.max_chunk_bytes}")
+
+    # -- the control plane receives --
+    def _on_hello(self, frame: AgentFrame) -> list[Event]:
+        hello = frame.hello
+        if PROTOCOL_REVISION not in hello.protocol_revisions:
+            raise RemoteProtocolError(
+                f"no common protocol revision: agent speaks {list(hello.protocol_revisions)}, "
+                f"control plane speaks {list(SUPPORTED_REVISIONS)}")
+        window = hello.request_window_bytes
+        if window < 2 * self.limits.max_chunk_bytes:
+            raise RemoteProtocolError(
+                f"request window {window} is below twice the chunk size {self.limits.max_chunk_bytes}")
+        if hello.max_in_flight > MAX_IN_FLIGHT:
+            raise RemoteProtocolError(
+                f"hello asks to run {hello.max_in_flight} requests at once; the limit is {MAX_IN_FLIGHT}")
+        check_profiles(hello.profiles, "hello")
+        self.hello = hello
+        self.request_window_bytes = window
+        self.batching = FRAME_BATCH in hello.capabilities
+        return [HelloReceived(hello)]
+
+    def _on_status(self, frame: AgentFrame) -> list[Event]:
+        if frame.status.profiles_changed:
+            check_profiles(frame.status.profiles, "status")
+        if len(frame.status.profile_health) > MAX_PROFILES:
+            raise RemoteProtocolError(f"status reports the health of {len(frame.status.profile_health)} profiles; "
+                                      f"the limit is {MAX_PROFILES}")
+        return [StatusReceived(frame.status)]
+
+    def _on_chunk(self, frame: AgentFrame) -> list[Event]:
+        rid = frame.request_id
+        request = self._request(frame, "chunk")
+        assert request is not None  # the control plane never ignores: see _request
+        size = frame.chunk.ByteSize()
+        self._payload_size(rid, size)
+        request.inbound.receive(size)
+        if request.caller is Caller.CANCELLED:
+            return [FrameIgnored(rid, "chunk after cancel")]
+        return [ChunkReceived(rid, frame.chunk, size)]
+
+    def _on_end(self, frame: AgentFrame) -> list[Event]:
+        rid = frame.request_id
+        self._request(frame, "end")
+        del self._requests[rid]
+        return [screen_end(rid, frame.end)]
+
+    # -- the agent receives --
+    def _on_welcome(self, frame: ControlFrame) -> list[Event]:
+        welcome = frame.welcome
+        if welcome.protocol_revision not in SUPPORTED_REVISIONS:
+            raise RemoteProtocolError(f"control plane chose revision {welcome.protocol_revision}")
+        if welcome.max_chunk_bytes == 0 or welcome.max_chunk_bytes * 2 > welcome.response_window_bytes:
+            raise RemoteProtocolError("welcome: max_chunk_bytes must be positive and at most half the window")
+        self.welcome = welcome
+        self.batching = FRAME_BATCH in welcome.capabilities
+        return [Welcomed(welcome)]
+
+    def _on_drain(self, frame: ControlFrame) -> list[Event]:
+        return [DrainReceived(frame.drain)]
+
+    def _on_start(self, frame: ControlFrame) -> list[Event]:
+        rid, start = frame.request_id, frame.start
+        if rid <= self._last_id:
+            raise RemoteProtocolError(f"request id {rid} is not above the last one, {self._last_id}")
+        assert self.welcome is not None
+        self._open(rid, has_body=start.has_body, inbound=self.request_window_bytes,
+                   outbound=self.welcome.response_window_bytes)
+        return [RequestStarted(rid, start)]
+
+    def _on_data(self, frame: ControlFrame) -> list[Event]:
+        rid, data = frame.request_id, frame.data
+        request = self._request(frame, "data")
+        if request is None:
+            return [FrameIgnored(rid, "data after the request ended")]
+        self._payload_size(rid, len(data.data))
+        event = RequestEvent.LAST_DATA if data.end_of_data else RequestEvent.DATA
+        state = next_caller_state(request.caller, event)
+        if state is None:
+            raise RemoteProtocolError(f"data for request {rid}, which takes no (more) data")
+        request.inbound.receive(len(data.data))
+        request.caller = state
+        return [DataReceived(rid, data.data, data.end_of_data)]
+
+    def _on_cancel(self, frame: ControlFrame) -> list[Event]:
+        rid = frame.request_id
+        request = self._request(frame, "cancel")
+        if request is None:
+            return [FrameIgnored(rid, "cancel after the request ended")]
+        state = next_caller_state(request.caller, RequestEvent.CANCEL)
+        if state is None:
+            raise RemoteProtocolError(f"cancel for request {rid}, which was already cancelled")
+        request.caller = state
+        return [CancelReceived(rid, frame.cancel.reason)]
+
+    # -- sending --
+    def _open(self, rid: int, *, has_body: bool, inbound: int, outbound: int) -> None:
+        self._last_id = rid
+        self._requests[rid] = _Request(
+            caller=Caller.SENDING_BODY if has_body else Caller.BODY_DONE, worker=Worker.RUNNING,
+            inbound=ReceiveWindow(inbound), outbound=SendWindow(outbound), outbound_window=outbound)
+
+    def _sending(self) -> None:
+        if self._broken is not None:
+            raise LocalProtocolError(f"the stream is broken: {self._broken}")
+
+    def _local(self, rid: int, what: str) -> _Request:
+        """The open request we are about to send `what` for; raises LocalProtocolError."""
+        self._sending()
+        request = self._requests.get(rid)
+        if request is None:
+            raise self._fail(LocalProtocolError(f"{what} for request {rid}, which is not open"))
+        return request
+
+    def _fail(self, error: LocalProtocolError) -> LocalProtocolError:
+        self._broken = error
+        return error
+
+    def consumed(self, rid: int, size: int) -> OutFrame | None:
+        """Our consumer took `size` bytes of `rid`'s payload: the credit frame to send now, if any."""
+        request = self._requests.get(rid)
+        if request is None:
+            return None
+        grant = request.inbound.consume(size)
+        if not grant:
+            return None
+        return self._frame(request_id=rid, window_update=tunnel_pb2.WindowUpdate(bytes=grant))
+
+    @classmethod
+    def batch(cls, frames: list[OutFrame]) -> OutFrame:
+        return cls._frame(batch=cls._batch(frames=frames))
+
+    @classmethod
+    def ping(cls, nonce: int) -> OutFrame:
+        return cls._frame(ping=tunnel_pb2.Ping(nonce=nonce))
+
+    @classmethod
+    def pong(cls, nonce: int) -> OutFrame:
+        return cls._frame(pong=tunnel_pb2.Pong(nonce=nonce))
+
+
+# Each role's handlers take the frame type its peer sends; `_receive` only calls them for that role.
+_Handler = Callable[[Any, Any], list[Event]]
+
+#: Which frames each role receives, and what handles them.
+_RECEIVE: dict[Role, dict[str, _Handler]] = {
+    Role.CONTROL_PLANE: {
+        "hello": Connection._on_hello,
+        "chunk": Connection._on_chunk,
+        "end": Connection._on_end,
+        "window_update": Connection._on_window_update,
+        "ping": Connection._on_ping,
+        "pong": Connection._on_pong,
+        "status": Connection._on_status,
+        "batch": Connection._on_batch,
+    },
+    Role.AGENT: {
+        "welcome": Connection._on_welcome,
+        "start": Connection._on_start,
+        "data": Connection._on_data,
+        "cancel": Connection._on_cancel,
+        "window_update": Connection._on_window_update,
+        "ping": Connection._on_ping,
+        "pong": Connection._on_pong,
+        "drain": Connection._on_drain,
+        "batch": Connection._on_batch,
+    },
+}
+
+
+class ControlPlaneConnection(Connection[ControlFrame]):
+    """The control plane's end of one agent stream: it starts requests, sends their bodies and cancels them."""
+
+    _frame = ControlFrame
+    _batch = tunnel_pb2.ControlFrameBatch
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        super().__init__(Role.CONTROL_PLANE, limits)
+
+    def welcome_frame(self, *, agent_id: str, group: str, session_id: str) -> ControlFrame:
+        """The answer to the agent's hello; raises LocalProtocolError before it."""
+        self._sending()
+        if self.hello is None:
+            raise self._fail(LocalProtocolError("welcome before hello"))
+        welcome = tunnel_pb2.Welcome(
+            protocol_revision=PROTOCOL_REVISION, agent_id=agent_id, group=group, session_id=session_id,
+            response_window_bytes=self.limits.response_window_bytes, max_chunk_bytes=self.limits.max_chunk_bytes,
+            capabilities=[c for c in CAPABILITIES if c in self.hello.capabilities],
+        )
+        welcome.heartbeat_interval.FromTimedelta(self.limits.heartbeat_interval)
+        self.welcome = welcome
+        return ControlFrame(welcome=welcome)
+
+    def start_request(self, start: tunnel_pb2.RequestStart) -> tuple[int, ControlFrame]:
+        """A new request's id and frame; raises LocalProtocolError before the handshake."""
+        self._sending()
+        if self.hello is None:
+            raise self._fail(LocalProtocolError("request before hello"))
+        rid = self._last_id + 1
+        self._open(rid, has_body=start.has_body, inbound=self.limits.response_window_bytes,
+                   outbound=self.request_window_bytes)
+        return rid, ControlFrame(request_id=rid, start=start)
+
+    def send_data(self, rid: int, data: bytes, *, end_of_data: bool) -> ControlFrame:
+        """Part of `rid`'s body; raises LocalProtocolError past its credit, its body's end, a cancel or
+        the chunk limit."""
+        request = self._local(rid, "data")
+        state = next_caller_state(request.caller, RequestEvent.LAST_DATA if end_of_data else RequestEvent.DATA)
+        if state is None:
+            raise self._fail(LocalProtocolError(f"request {rid} takes no (more) data: it has {request.caller.value}"))
+        if len(data) > self.limits.max_chunk_bytes:
+            raise self._fail(LocalProtocolError(f"data of {len(data)} bytes exceeds the chunk limit"))
+        request.outbound.spend(len(data))
+        request.caller = state
+        return ControlFrame(request_id=rid, data=tunnel_pb2.RequestData(data=data, end_of_data=end_of_data))
+
+    def cancel(self, rid: int, reason: str) -> ControlFrame | None:
+        """Cancel an open request; None when it already ended or was cancelled."""
+        request = self._requests.get(rid)
+        if request is None or self._broken is not None:
+            return None
+        state = next_caller_state(request.caller, RequestEvent.CANCEL)
+        if state is None:
+            return None
+        request.caller = state
+        return ControlFrame(request_id=rid, cancel=tunnel_pb2.Cancel(reason=reason))
+
+    def drain(self, reason: str, grace: timedelta, *, exit_after: bool = False) -> ControlFrame:
+        drain = tunnel_pb2.Drain(reason=reason, exit_after=exit_after)
+        drain.grace_period.FromTimedelta(grace)
+        return ControlFrame(drain=drain)
+
+
+class AgentConnection(Connection[AgentFrame]):
+    """The agent's end of its stream: it runs requests, sends their chunks and ends each once."""
+
+    _frame = AgentFrame
+    _batch = tunnel_pb2.AgentFrameBatch
+
+    def __init__(self, request_window_bytes: int = 4 * 1024 * 1024) -> None:
+        super().__init__(Role.AGENT, request_window_bytes=request_window_bytes)
+
+    def hello_frame(self, hello: tunnel_pb2.Hello) -> AgentFrame:
+        """`hello`, completed with what this end speaks, as the stream's first frame."""
+        hello.protocol_revisions[:] = list(SUPPORTED_REVISIONS)
+        hello.request_window_bytes = self.request_window_bytes
+        hello.capabilities[:] = list(CAPABILITIES)
+        self.hello = hello
+        return AgentFrame(hello=hello)
+
+    def send_chunk(self, rid: int, chunk: tunnel_pb2.ResponseChunk, size: int | None = None) -> AgentFrame:
+        """Part of `rid`'s result; raises LocalProtocolError past its credit or the chunk limit."""
+        request = self._local(rid, "chunk")
+        size = chunk.ByteSize() if size is None else size
+        if size > self.max_chunk_bytes:
+            raise self._fail(LocalProtocolError(f"chunk of {size} bytes exceeds the limit of {self.max_chunk_bytes}"))
+        request.outbound.spend(size)
+        return AgentFrame(request_id=rid, chunk=chunk)
+
+    def end(self, rid: int, code: Code, message: str = "", reason: str = "", field: str = "") -> AgentFrame:
+        """`rid`'s final status; raises LocalProtocolError when it is not open (ended already)."""
+        request = self._local(rid, "end")
+        if next_worker_state(request.worker, RequestEvent.END) is None:
+            raise self._fail(LocalProtocolError(f"end for request {rid}, which has {request.worker.value}"))
+        del self._requests[rid]
+        return AgentFrame(request_id=rid, end=tunnel_pb2.ResponseEnd(
+            code=int(code), message=message, reason=reason, field=field))
 
     @staticmethod
     def status(*, draining: bool, in_flight: int) -> AgentFrame:
