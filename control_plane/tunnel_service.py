@@ -3,7 +3,8 @@
 TLS has already checked that the client certificate chains to our CA; here
 the certificate must also name an enrolled, unrevoked agent and be the one
 last issued to it. Then Hello, Welcome, and the session serves until the
-stream ends.
+stream ends. Refusals raise `tunnel.errors` kinds, which the API's one error
+boundary (`control_plane.api.errors`) turns into a status with its reason.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from control_plane import metrics
+from control_plane.api import errors
 from control_plane.app import NAME_BY_KIND, ControlPlane
 from control_plane.ca import CsrError
 from control_plane.sessions import AgentSession
@@ -25,7 +27,15 @@ from control_plane.store import AdvertisedProfile, AgentRow
 from onprem.v1 import profiles_pb2, tunnel_pb2, tunnel_pb2_grpc
 from tunnel.aio import EOF
 from tunnel.budget import TokenBucket
-from tunnel.errors import RemoteProtocolError
+from tunnel.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    RemoteProtocolError,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from tunnel.protocol import AgentFrame, ControlPlaneConnection
 
 log = logging.getLogger("onprem.control_plane.tunnel")
@@ -57,33 +67,30 @@ class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
     ) -> tuple[AgentRow, x509.Certificate]:
         pem = next(iter(context.auth_context().get("x509_pem_cert") or [b""]))
         if not pem:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required: enroll the agent first")
+            raise Unauthenticated("a client certificate is required: enroll the agent first",
+                                  reason="MISSING_CLIENT_CERTIFICATE")
         cert = x509.load_pem_x509_certificate(pem)
         names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         agent_id = str(names[0].value) if names else ""
         if connecting and not self._may_connect(agent_id):
             log.warning("agent %s reconnects faster than %g a second (bursts of %d); refusing this stream",
                         agent_id, CONNECTS_PER_SECOND, CONNECT_BURST)
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise ResourceExhausted(
                 f"agent '{agent_id}' reconnects faster than {CONNECTS_PER_SECOND:g} a second; back off and retry",
-            )
+                reason="RECONNECTING_TOO_FAST")
         row = await self._cp.blocking(self._cp.store.get_agent, agent_id)
         if row is None:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"agent '{agent_id}' is not enrolled here")
-        assert row is not None
+            raise PermissionDenied(f"agent '{agent_id}' is not enrolled here", reason="AGENT_NOT_ENROLLED")
         if row.revoked:
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
+            raise PermissionDenied(
                 f"agent '{agent_id}' was revoked ({row.revoked_reason}); enroll it again with a new token",
-            )
+                reason="AGENT_REVOKED")
         if row.cert_serial != cert.serial_number:
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"this certificate of agent '{agent_id}' was replaced by a newer one",
-            )
+            raise PermissionDenied(f"this certificate of agent '{agent_id}' was replaced by a newer one",
+                                   reason="CERTIFICATE_REPLACED")
         return row, cert
 
+    @errors.unary
     async def Renew(
         self, request: tunnel_pb2.RenewRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tunnel_pb2.RenewResponse:
@@ -92,7 +99,7 @@ class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
             issued = self._cp.ca.sign_agent_csr(
                 request.csr_pem.encode(), row.agent_id, self._cp.settings.agent_cert_validity)
         except CsrError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise InvalidArgument(str(exc), reason="INVALID_CSR", field="csr_pem") from None
         await self._cp.blocking(self._cp.store.set_certificate, row.agent_id, issued.serial, issued.not_after)
         session = self._cp.registry.get(row.agent_id)
         if session is not None:
@@ -129,7 +136,9 @@ class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
                 log.exception("could not store the new profiles of agent %s", session.agent_id)
 
     # Connect reads and writes through `context` (one writer task), so it
-    # returns nothing instead of being a generator as the generated base says.
+    # returns nothing instead of being a generator as the generated base says; its refusals go
+    # through the same boundary as every other RPC, so each carries its ErrorInfo reason.
+    @errors.unary  # type: ignore[misc]
     async def Connect(  # type: ignore[override]
         self, request_iterator: Any, context: grpc.aio.ServicerContext[AgentFrame, tunnel_pb2.ConnectResponse]
     ) -> None:
@@ -143,9 +152,9 @@ class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
             assert isinstance(first, AgentFrame)
             conn.receive(first)
         except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no hello within {HELLO_TIMEOUT:.0f} s")
+            raise DeadlineExceeded(f"no hello within {HELLO_TIMEOUT:.0f} s", reason="NO_HELLO") from None
         except RemoteProtocolError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"tunnel protocol: {exc}")
+            raise FailedPrecondition(f"tunnel protocol: {exc}", reason="TUNNEL_PROTOCOL") from None
         hello = conn.hello
         assert hello is not None
         session = AgentSession(
@@ -173,7 +182,7 @@ class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
             except Exception:
                 log.exception("could not record when agent %s was last seen", row.agent_id)
         if session.budget_error is not None:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"budget of {session.budget_error.budget} exceeded: {session.budget_error}")
+            raise ResourceExhausted(f"budget of {session.budget_error.budget} exceeded: {session.budget_error}",
+                                    reason="AGENT_BUDGET_EXCEEDED")
         if session.protocol_error:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"tunnel protocol: {session.protocol_error}")
+            raise FailedPrecondition(f"tunnel protocol: {session.protocol_error}", reason="TUNNEL_PROTOCOL")

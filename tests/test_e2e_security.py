@@ -120,8 +120,21 @@ async def test_a_revoked_agent_is_cut_off_and_refused_on_reconnect(cp: ControlPl
             await _connect(cp, creds)
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "was revoked (laptop stolen)" in (refused.value.details() or "")
+        # The tunnel's refusals go through the same error boundary as the operator API's.
+        assert _reason(refused.value) == "AGENT_REVOKED"
     finally:
         agent.stop()
+
+
+def _reason(error: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason the control plane attached to a status."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    trailers: list[tuple[str, bytes]] = list(error.trailing_metadata() or ())  # type: ignore[arg-type]
+    status = status_pb2.Status.FromString(dict(trailers)["grpc-status-details-bin"])
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    return str(info.reason)
 
 
 async def test_a_token_limited_to_other_groups_is_permission_denied(cp: ControlPlaneProcess) -> None:
