@@ -40,7 +40,7 @@ from agent.profiles import ConfigError
 from agent.test_profile import run_test_profile
 from agent.tunnel_client import TunnelClient, channel_credentials, channel_options
 from onprem.v1 import enrollment_pb2, enrollment_pb2_grpc
-from tunnel import logs
+from tunnel import kinds, logs
 
 log = logging.getLogger("onprem.agent")
 
@@ -49,9 +49,9 @@ DEFAULT_CONFIG = os.environ.get("ONPREM_AGENT_CONFIG", "/etc/onprem-agent/agent.
 
 def build_handlers(config: AgentConfig) -> dict[str, Handler]:
     return {
-        "database_query": DatabaseHandler(config.profiles.databases),
-        "file_op": FolderHandler(config.profiles.folders),
-        "app_call": AppHandler(config.profiles.apps),
+        kinds.DATABASE.payload: DatabaseHandler(config.profiles.databases),
+        kinds.FOLDER.payload: FolderHandler(config.profiles.folders),
+        kinds.APP.payload: AppHandler(config.profiles.apps),
     }
 
 

@@ -18,19 +18,14 @@ from collections.abc import AsyncIterator
 
 from agent.handlers.base import Handler, RequestContext
 from onprem.v1 import profiles_pb2, tunnel_pb2
+from tunnel import kinds
 from tunnel.errors import InvalidArgument, RequestError
 
 log = logging.getLogger("onprem.agent.dispatcher")
 
-_PAYLOAD_OF_KIND = {
-    profiles_pb2.PROFILE_KIND_DATABASE: "database_query",
-    profiles_pb2.PROFILE_KIND_FOLDER: "file_op",
-    profiles_pb2.PROFILE_KIND_APP: "app_call",
-}
-
 def kind_name(kind: int) -> str:
     """"database", "folder" or "app", for logs, metrics and the doctor's lines."""
-    return profiles_pb2.ProfileKind.Name(kind).removeprefix("PROFILE_KIND_").lower()  # type: ignore[arg-type]
+    return kinds.name_of(kind)
 
 
 #: How long one profile's health check may take before it counts as failed.
@@ -72,7 +67,7 @@ class Dispatcher:
     def handle(self, start: tunnel_pb2.RequestStart, context: RequestContext) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
         generation = self._current
         kind = start.WhichOneof("payload")
-        if kind == "profile_check":
+        if kind == kinds.PROFILE_CHECK:
             return self._tracked(generation, self._check(generation, start.profile_check))
         handler = generation.handlers.get(kind or "")
         if handler is None:
@@ -83,10 +78,10 @@ class Dispatcher:
         """Check every profile, concurrently; a check that hangs counts as failed."""
         generation = self._current
         jobs: list[tuple[int, str, Handler]] = []
-        for kind, payload in _PAYLOAD_OF_KIND.items():
-            handler = generation.handlers.get(payload)
+        for kind in kinds.KINDS:
+            handler = generation.handlers.get(kind.payload)
             if handler is not None:
-                jobs.extend((kind, p.name, handler) for p in handler.profiles())
+                jobs.extend((kind.profile_kind, p.name, handler) for p in handler.profiles())
 
         async def one(kind: int, name: str, handler: Handler) -> profiles_pb2.ProfileHealth:
             try:
@@ -133,7 +128,8 @@ class Dispatcher:
     async def _check(
         self, generation: _Generation, request: profiles_pb2.CheckProfileRequest
     ) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
-        handler = generation.handlers.get(_PAYLOAD_OF_KIND.get(request.kind, ""))
+        kind = kinds.by_profile_kind(request.kind)
+        handler = generation.handlers.get(kind.payload) if kind is not None else None
         if handler is None:
             raise InvalidArgument("'kind' must be DATABASE, FOLDER or APP", reason="INVALID_KIND")
         checks = await handler.check(request.profile)

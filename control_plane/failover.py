@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from control_plane import metrics
 from control_plane.sessions import AgentSession, Exchange
 from onprem.v1 import tunnel_pb2
+from tunnel import kinds
 from tunnel.errors import RequestError, Unavailable
 
 #: Final-status reasons with which an agent refuses a request before starting it.
@@ -22,26 +23,11 @@ NEVER_STARTED = frozenset({"AGENT_DRAINING", "AGENT_BUSY"})
 #: How often a refused request is offered to another agent.
 MAX_REFUSALS = 3
 
-_IDEMPOTENT_FILE_OPS = frozenset({"list", "stat", "read", "poll"})
-_IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-
-
 def is_idempotent(start: tunnel_pb2.RequestStart, session: AgentSession) -> bool:
-    """Whether running `start` twice is harmless, on the agent that ran it."""
-    payload = start.WhichOneof("payload")
-    if payload == "profile_check":
-        return True
-    if payload == "file_op":
-        return start.file_op.WhichOneof("operation") in _IDEMPOTENT_FILE_OPS
-    if payload == "app_call":
-        return (start.app_call.head.method or "GET").upper() in _IDEMPOTENT_METHODS and not start.has_body
-    if payload == "database_query":
-        operation = start.database_query.WhichOneof("operation")
-        if operation not in ("query", "poll_changes"):
-            return False
-        profile = getattr(start.database_query, operation).profile
-        return session.profile_is_read_only(profile)
-    return False
+    """Whether running `start` twice is harmless, on the agent that ran it (`tunnel.kinds` decides)."""
+    kind = kinds.by_payload(start.WhichOneof("payload"))
+    read_only = kind is kinds.DATABASE and session.profile_is_read_only(kinds.DATABASE.profile_of(start))
+    return kinds.is_idempotent(start, read_only)
 
 
 Opener = Callable[[frozenset[str]], Awaitable[Exchange]]

@@ -16,16 +16,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from control_plane.sessions import AgentSession, Exchange
-from onprem.v1 import profiles_pb2, tunnel_pb2
+from onprem.v1 import tunnel_pb2
+from tunnel import kinds
 from tunnel.errors import NotFound, ResourceExhausted, Unavailable
 
 log = logging.getLogger("onprem.control_plane.router")
 
-KIND_NAMES: dict[int, str] = {
-    profiles_pb2.PROFILE_KIND_DATABASE: "database",
-    profiles_pb2.PROFILE_KIND_FOLDER: "folder",
-    profiles_pb2.PROFILE_KIND_APP: "app",
-}
+#: Kind names by ProfileKind (from `tunnel.kinds`).
+KIND_NAMES: dict[int, str] = {kind.profile_kind: kind.name for kind in kinds.KINDS}
 
 
 class Registry:

@@ -316,6 +316,19 @@ async def test_a_chunk_above_the_chunk_limit_ends_the_session_and_the_request_is
     assert "was lost while running the request" in (caught.value.details() or "")
 
 
+async def test_a_chunk_of_another_kind_than_the_request_ends_the_session(
+        site: Site, mallory: HostileAgent) -> None:
+    async with bystanders(site), serving_mallory(site, mallory) as stream:
+        asked = asyncio.create_task(operator_query(site))
+        rid, _ = await stream.next_start()
+        await stream.send(AgentFrame(request_id=rid, chunk=chunk(10)))  # a file's bytes as a query's answer
+        assert await stream.ended() == FAILED_PRECONDITION
+        assert stream.details == f"tunnel protocol: chunk for request {rid} carries read; the request's answer is query"
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asked
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
 async def test_credit_beyond_the_window_ends_the_session(site: Site, mallory: HostileAgent) -> None:
     async with bystanders(site), serving_mallory(site, mallory, FOLDER) as stream, operator_channel(site.cp) as operator:
         upload = files_pb2_grpc.FileServiceStub(operator).Write(  # type: ignore[call-arg]

@@ -51,11 +51,13 @@ class TunnelPair:
         assert frame is not None
         return list(self.cp.receive(frame))
 
-    def start(self, has_body: bool = False) -> int:
+    def start(self, has_body: bool = False, *, query: bool = False) -> int:
+        # A file read, whose answer is `read` chunks (what chunk_of makes), or a query.
         start = tunnel_pb2.RequestStart(
-            database_query=database_pb2.DatabaseQuery(query=database_pb2.QueryRequest(profile="p", sql="select 1")),
-            has_body=has_body,
+            file_op=files_pb2.FileOp(read=files_pb2.ReadRequest(profile="p", path="f")), has_body=has_body,
         )
+        if query:
+            start.database_query.query.CopyFrom(database_pb2.QueryRequest(profile="p", sql="select 1"))
         rid, frame = self.cp.start_request(start)
         events = self.to_agent(frame)
         assert events == [RequestStarted(rid, start)]
@@ -104,7 +106,7 @@ def test_welcome_carries_the_negotiated_limits(pair: TunnelPair) -> None:
 
 
 def test_a_request_flows_start_chunks_end(pair: TunnelPair) -> None:
-    rid = pair.start()
+    rid = pair.start(query=True)
     batch = tunnel_pb2.ResponseChunk(
         query=database_pb2.QueryResponse(rows=values_pb2.RowBatch(row_count=1))
     )
@@ -383,3 +385,12 @@ def test_a_hello_after_the_hello_breaks_the_stream_even_before_the_welcome() -> 
     cp.receive(agent.hello_frame(tunnel_pb2.Hello()))
     with pytest.raises(RemoteProtocolError, match="hello sent twice"):
         cp.receive(agent.hello_frame(tunnel_pb2.Hello()))
+
+
+def test_a_chunk_of_another_kind_than_the_request_expects_breaks_the_stream(pair: TunnelPair) -> None:
+    start = tunnel_pb2.RequestStart(
+        database_query=database_pb2.DatabaseQuery(query=database_pb2.QueryRequest(profile="p", sql="select 1")))
+    rid, frame = pair.cp.start_request(start)
+    pair.to_agent(frame)
+    with pytest.raises(RemoteProtocolError, match=f"chunk for request {rid} carries read; the request's answer is query"):
+        pair.cp.receive(pair.agent.send_chunk(rid, chunk_of(50)))

@@ -27,6 +27,7 @@ from datetime import timedelta
 from typing import Any, Generic, TypeVar
 
 from onprem.v1 import profiles_pb2, tunnel_pb2
+from tunnel import kinds
 from tunnel.errors import Code, LocalProtocolError, ProtocolError, RemoteProtocolError
 from tunnel.events import (
     CancelReceived,
@@ -179,6 +180,8 @@ class _Request:
     outbound: SendWindow
     #: ... out of a window of this size.
     outbound_window: int
+    #: The `ResponseChunk.body` its answer must use (tracked at the control plane; None: not checked).
+    body: str | None = None
 
 
 #: The frame each role must receive first.
@@ -359,6 +362,9 @@ class Connection(Generic[OutFrame]):
         assert request is not None  # the control plane never ignores: see _request
         size = frame.chunk.ByteSize()
         self._payload_size(rid, size)
+        if request.body is not None and frame.chunk.WhichOneof("body") != request.body:
+            raise RemoteProtocolError(f"chunk for request {rid} carries {frame.chunk.WhichOneof('body') or 'no body'}; "
+                                      f"the request's answer is {request.body}")
         request.inbound.receive(size)
         if request.caller is Caller.CANCELLED:
             return [FrameIgnored(rid, "chunk after cancel")]
@@ -524,6 +530,7 @@ class ControlPlaneConnection(Connection[ControlFrame]):
         rid = self._last_id + 1
         self._open(rid, has_body=start.has_body, inbound=self.limits.response_window_bytes,
                    outbound=self.request_window_bytes)
+        self._requests[rid].body = kinds.expected_body(start)
         return rid, ControlFrame(request_id=rid, start=start)
 
     def send_data(self, rid: int, data: bytes, *, end_of_data: bool) -> ControlFrame:
