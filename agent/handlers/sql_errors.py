@@ -50,6 +50,14 @@ _SQLSTATE_TABLE: tuple[tuple[str, type[RequestError], str], ...] = (
     ("0A", InvalidArgument, "SQL_ERROR"),
     ("07", InvalidArgument, "INVALID_PARAMETER"),  # ODBC: dynamic SQL error (parameter count, type)
     ("40", Aborted, "TRANSACTION_CONFLICT"),
+    # Transaction control where the database does not allow it (e.g. COMMIT inside a procedure called
+    # in a transaction block, SET TRANSACTION after the first query, DISCARD ALL inside a transaction).
+    ("2D", FailedPrecondition, "INVALID_TRANSACTION_TERMINATION"),
+    ("25", FailedPrecondition, "INVALID_TRANSACTION_STATE"),
+    ("0B", FailedPrecondition, "INVALID_TRANSACTION_STATE"),
+    ("55", FailedPrecondition, "OBJECT_NOT_IN_PREREQUISITE_STATE"),
+    ("26", InvalidArgument, "SQL_ERROR"),  # no such prepared statement
+    ("34", InvalidArgument, "SQL_ERROR"),  # no such cursor
     ("53", ResourceExhausted, "DATABASE_RESOURCES"),
 )
 
@@ -117,6 +125,9 @@ def map_error(exc: BaseException, profile: DatabaseProfile, secrets: Sequence[st
             if sqlstate.startswith(prefix):
                 return cls(f"{message} (SQLSTATE {sqlstate})", reason=reason)
         return Internal(f"{message} (SQLSTATE {sqlstate})", reason="DATABASE_ERROR")
+    if isinstance(orig, psycopg.ProgrammingError):
+        # No SQLSTATE: psycopg refused the statement itself (e.g. COPY, which it runs only through copy()).
+        return InvalidArgument(message, reason="SQL_ERROR")
     if isinstance(orig, psycopg.OperationalError):  # no SQLSTATE: the connection broke
         return Unavailable(
             f"database profile '{profile.name}' ({profile.display_url()}) failed: {message}",
