@@ -42,7 +42,7 @@ from agent.handlers.sql_guard import (
 from agent.profiles import DatabaseProfile
 from tunnel.errors import FailedPrecondition, Internal
 
-__all__ = ["Runtime", "Session"]
+__all__ = ["COMMAND_TAG", "Runtime", "Session"]
 
 log = logging.getLogger("agent.handlers.database")
 
@@ -53,6 +53,8 @@ _SQLITE_PROGRESS_STEPS = 10_000
 # Keys of a pooled connection's `info`, which lives as long as the DBAPI connection.
 _SQLITE_GUARD = "onprem_sqlite_guard"
 _ODBC_DBMS = "onprem_odbc_dbms"
+#: The last statement's command tag (read-only PostgreSQL profiles), in the SQLAlchemy connection's `info`.
+COMMAND_TAG = "onprem_command_tag"
 
 
 class _SingleStatementCursor(psycopg.Cursor[Any]):
@@ -174,6 +176,13 @@ class Runtime:
         def _remember_cursor(conn: Connection, cursor: Any, *_: Any) -> None:
             # What `Session.interrupt` cancels, for drivers that cancel per cursor (ODBC).
             conn.info["onprem_cursor"] = cursor
+
+        if self.dialect == "postgresql" and profile.read_only:
+            @event.listens_for(engine, "after_cursor_execute")
+            def _remember_tag(conn: Connection, cursor: Any, *_: Any) -> None:
+                # The command tag, for the message when a statement ended the read-only transaction:
+                # SQLAlchemy closes the cursor of a statement without rows before the caller sees it.
+                conn.info[COMMAND_TAG] = cursor.statusmessage
 
         return engine
 
@@ -367,8 +376,10 @@ class Session:
         """
         dbapi = self.dbapi
         if isinstance(dbapi, psycopg.Connection):
-            if dbapi.info.transaction_status == psycopg.pq.TransactionStatus.ACTIVE:
-                return False  # e.g. stuck in a COPY the caller started: nothing to reset, close it
+            if dbapi.info.transaction_status in (psycopg.pq.TransactionStatus.ACTIVE,
+                                                 psycopg.pq.TransactionStatus.UNKNOWN):
+                # Stuck in a COPY the caller started, or broken (its backend ended): nothing to reset.
+                return False
             reset_postgres(dbapi, self.profile.read_only)
             conn.rollback()  # SQLAlchemy's own transaction state; the driver is idle already
             return True

@@ -126,7 +126,11 @@ def map_error(exc: BaseException, profile: DatabaseProfile, secrets: Sequence[st
                 return cls(f"{message} (SQLSTATE {sqlstate})", reason=reason)
         return Internal(f"{message} (SQLSTATE {sqlstate})", reason="DATABASE_ERROR")
     if isinstance(orig, psycopg.ProgrammingError):
-        # No SQLSTATE: psycopg refused the statement itself (e.g. COPY, which it runs only through copy()).
+        # No SQLSTATE: psycopg refused the statement itself.
+        if "COPY" in message:  # psycopg runs COPY only through its copy() API
+            return InvalidArgument("COPY ... TO STDOUT and COPY ... FROM STDIN cannot run through the agent; "
+                                   "use SELECT (results stream at any size) or INSERT with ExecuteBatch",
+                                   reason="SQL_ERROR")
         return InvalidArgument(message, reason="SQL_ERROR")
     if isinstance(orig, psycopg.OperationalError):  # no SQLSTATE: the connection broke
         return Unavailable(

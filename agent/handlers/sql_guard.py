@@ -62,14 +62,14 @@ __all__ = [
 PG_READ_ONLY_OPTION = "-c default_transaction_read_only=on"
 
 _GUARD_TABLE = "pg_temp.onprem_commit_guard"
+_GUARD_WORDS = "onprem: a read-only transaction never commits"
 # One round trip, once per connection: a read-write transaction of its own, since the session's
 # default is read-only. plpgsql is installed in every database unless someone dropped it.
 _GUARD_SETUP = f"""BEGIN READ WRITE;
 CREATE TEMPORARY TABLE onprem_commit_guard (nonce text);
 CREATE FUNCTION pg_temp.onprem_refuse_commit() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-  RAISE EXCEPTION USING ERRCODE = '25006',
-    MESSAGE = 'onprem: a read-only profile never commits; the transaction was rolled back';
+  RAISE EXCEPTION USING ERRCODE = '25006', MESSAGE = '{_GUARD_WORDS} (its commit guard fired)';
 END $$;
 CREATE CONSTRAINT TRIGGER onprem_refuse_commit AFTER INSERT ON {_GUARD_TABLE}
   DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION pg_temp.onprem_refuse_commit();
@@ -165,14 +165,23 @@ class PgReadOnlyTransaction:
 
     def after_error(self, what: str, exc: BaseException) -> None:
         """A statement failed: when it took the transaction with it (a refused COMMIT), say so."""
-        if self.dbapi.info.transaction_status == TransactionStatus.IDLE:
-            orig = getattr(exc, "orig", None) or exc
-            raise FailedPrecondition(
-                f"{what} tried to end the read-only transaction; the database refused and rolled it back, "
-                f"so nothing it did was kept ({str(orig).splitlines()[0] if str(orig) else type(orig).__name__}): "
-                f"{_ADVICE}",
-                reason=_ENDED,
-            ) from None
+        orig = getattr(exc, "orig", None) or exc
+        said = str(orig).splitlines()[0] if str(orig) else type(orig).__name__
+        if self.dbapi.info.transaction_status != TransactionStatus.IDLE:
+            if said.startswith(_GUARD_WORDS):  # SET CONSTRAINTS ... IMMEDIATE fired the guard early
+                raise FailedPrecondition(
+                    f"{what} fired the read-only transaction's commit guard (SET CONSTRAINTS ... IMMEDIATE runs the "
+                    f"deferred checks of a commit): {_ADVICE}",
+                    reason="READ_ONLY_PROFILE",
+                ) from None
+            return
+        # The commit guard's own words add nothing; the database's (e.g. prepared transactions disabled) may.
+        why = "" if said.startswith(_GUARD_WORDS) else f" ({said})"
+        raise FailedPrecondition(
+            f"{what} tried to end the read-only transaction{why}; the database refused and rolled it back, so "
+            f"nothing it did was kept: {_ADVICE}",
+            reason=_ENDED,
+        ) from None
 
 
 class _Discard(Exception):

@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from agent.handlers.sql_engine import Runtime, Session
+from agent.handlers.sql_engine import COMMAND_TAG, Runtime, Session
 from agent.handlers.sql_query import Query, bind_parameters
 from agent.handlers.sql_values import bind_value, to_value
 from onprem.v1 import database_pb2, tunnel_pb2, values_pb2
@@ -38,9 +38,9 @@ def _rowcount(result: sa.CursorResult[Any]) -> int:
     return count if count is not None and count >= 0 else -1
 
 
-def _tag(result: sa.CursorResult[Any]) -> str | None:
-    """The command tag the server reported (PostgreSQL), for messages."""
-    tag = getattr(result.cursor, "statusmessage", None)
+def _tag(conn: sa.Connection) -> str | None:
+    """The command tag the server reported for the last statement (read-only PostgreSQL profiles), for messages."""
+    tag = conn.info.pop(COMMAND_TAG, None)
     return tag if isinstance(tag, str) else None
 
 
@@ -70,7 +70,7 @@ class Batch(Session):
             for i, params in enumerate(self.sets):
                 with self.guarded(f"parameter set {i}") as tag:
                     result = conn.execute(self.statement, params)
-                    tag[0] = _tag(result)
+                    tag[0] = _tag(conn)
                     count = _rowcount(result)
                     result.close()
                 affected = -1 if count < 0 or affected < 0 else affected + count
@@ -107,7 +107,7 @@ class Transaction(Session):
         for i, (statement, params) in enumerate(self.steps):
             with self.guarded(f"statement {i}") as tag:
                 result = conn.execute(statement, params)
-                tag[0] = _tag(result)
+                tag[0] = _tag(conn)
                 results.append(database_pb2.StatementResult(rows_affected=_rowcount(result)))
                 result.close()
         # A failure above leaves the transaction open; `close` rolls it back.
