@@ -66,6 +66,7 @@ _SQLSTATE_TABLE: tuple[tuple[str, type[RequestError], str], ...] = (
 _MESSAGE_TABLE: tuple[tuple[str, type[RequestError], str], ...] = (
     ("readonly database", FailedPrecondition, "READ_ONLY_PROFILE"),
     ("not authorized", FailedPrecondition, "READ_ONLY_PROFILE"),
+    ("authorization denied", FailedPrecondition, "READ_ONLY_PROFILE"),
     ("unique constraint failed", AlreadyExists, "UNIQUE_VIOLATION"),
     ("constraint failed", FailedPrecondition, "INTEGRITY_VIOLATION"),
     ("unable to open database", Unavailable, "DATABASE_UNAVAILABLE"),
@@ -79,6 +80,9 @@ _MESSAGE_TABLE: tuple[tuple[str, type[RequestError], str], ...] = (
     ("binding", InvalidArgument, "SQL_ERROR"),
     ("has no column", InvalidArgument, "SQL_ERROR"),
     ("already exists", InvalidArgument, "SQL_ERROR"),
+    # "cannot start a transaction within a transaction", "cannot VACUUM from within a transaction"
+    ("within a transaction", FailedPrecondition, "INVALID_TRANSACTION_STATE"),
+    ("no transaction is active", FailedPrecondition, "INVALID_TRANSACTION_STATE"),
 )
 
 # pyodbc puts the SQLSTATE first in its args; its message also starts with "[SQLSTATE] ".
