@@ -97,10 +97,10 @@ _FINDING_WORDS = {
     "sequence": "owns or may advance the sequences",
     "schema": "owns or may create objects in the schemas",
     "database": "owns or may create schemas in the database",
-    "large objects": "owns or may write large objects:",
+    "large objects": "owns or may write {} large object(s)",
     "new large objects": "may create large objects (EXECUTE on lo_create, lo_creat, lo_from_bytea: PUBLIC's by "
                          "default; revoke it)",
-    "security definer functions": "may call SECURITY DEFINER functions of other roles:",
+    "security definer functions": "may call {} SECURITY DEFINER function(s) of other roles",
     "extension": "may reach other connections or files through the extensions",
     "foreign server": "may use the foreign servers",
 }
@@ -245,8 +245,8 @@ def _role_may_write(conn: Connection, runtime: Runtime) -> profiles_pb2.ProfileC
         parts = []
         for kind, names in findings.items():
             words = _FINDING_WORDS[kind]
-            if kind == "new large objects":
-                parts.append(words)
+            if kind == "new large objects" or "{}" in words:  # a fixed sentence, or a count
+                parts.append(words.format(*names))
                 continue
             shown = ", ".join(names[:_MAX_NAMES]) + (f" and {len(names) - _MAX_NAMES} more" if len(names) > _MAX_NAMES
                                                       else "")
