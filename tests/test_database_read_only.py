@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 import pytest
 
 from agent.handlers.database import DatabaseHandler
@@ -328,3 +329,19 @@ async def test_a_read_only_profile_still_reads_in_every_rpc(handler: DatabaseHan
     chunks = await run(handler, request(poll_changes=database_pb2.PollChangesRequest(
         profile="ro", table="accounts", watermark_column="id")))
     assert chunks[-1].poll_changes.summary.row_count == 2
+
+
+async def test_a_role_without_the_temporary_privilege_is_refused_with_the_fix(postgres: PostgresServer) -> None:
+    # The commit guard is a temporary table: without it a read-only profile would be unguarded, so it refuses.
+    no_temp = create_owned_database(postgres, "onprem_no_temp")
+    with psycopg.connect(no_temp.admin.dsn(), autocommit=True) as conn:
+        conn.execute("REVOKE TEMPORARY ON DATABASE onprem_no_temp FROM PUBLIC, onprem_owner")
+    h = DatabaseHandler({"ro": DatabaseProfile(name="ro", url=no_temp.owner.url(), read_only=True, pool_size=1)})
+    try:
+        with pytest.raises(RequestError) as caught:
+            await collect(h, start("ro", "SELECT 1"))
+    finally:
+        await h.aclose()
+    assert (caught.value.code, caught.value.reason) == (FP, REFUSED)
+    assert caught.value.message.startswith("a read-only PostgreSQL profile needs the TEMPORARY privilege on its "
+                                           "database and the plpgsql language")

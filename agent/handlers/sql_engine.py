@@ -166,7 +166,8 @@ class Runtime:
                 import pyodbc
 
                 # Which server is behind the driver decides how a connection is reset (see Session.close).
-                record.info[_ODBC_DBMS] = str(dbapi_conn.getinfo(pyodbc.SQL_DBMS_NAME))
+                with contextlib.suppress(pyodbc.Error):
+                    record.info[_ODBC_DBMS] = str(dbapi_conn.getinfo(pyodbc.SQL_DBMS_NAME))
         if url.get_driver_name() == "pyodbc" and profile.odbc_connect is None and profile.statement_timeout_seconds:
             @event.listens_for(engine, "connect")
             def _query_timeout(dbapi_conn: Any, _record: Any) -> None:

@@ -98,6 +98,8 @@ class _PlainCursor(psycopg.Cursor[Any]):
 
 def pg_prepare_read_only(dbapi: psycopg.Connection[Any]) -> None:
     """Once per new connection of a read-only profile: the commit guard, and BEGIN READ ONLY from now on."""
+    if dbapi.info.transaction_status != TransactionStatus.IDLE:
+        dbapi.rollback()
     dbapi.autocommit = True
     try:
         _PlainCursor(dbapi).execute(_GUARD_SETUP, prepare=False)
