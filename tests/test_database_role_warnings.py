@@ -66,7 +66,7 @@ async def test_a_role_that_owns_the_database_gets_a_warning_naming_what_it_could
                   "owns or may advance the sequences public.audit_id_seq, public.s",
                   "owns or may create objects in the schemas public",
                   "owns or may create schemas in the database onprem_role_warnings",
-                  "owns or may write 1 large object(s)"):
+                  "owns or may write large objects"):
         assert named in role.message
     assert all(c.ok for c in checks.values())  # a warning never makes the profile unhealthy
 
@@ -87,6 +87,18 @@ async def test_role_attributes_and_write_grants_are_named(owned: OwnedDatabase, 
         with psycopg.connect(owned.admin.dsn(), autocommit=True) as conn:
             conn.execute("DROP OWNED BY onprem_granted")
             conn.execute("DROP ROLE onprem_granted")
+
+
+async def test_extensions_that_reach_other_connections_are_named(owned: OwnedDatabase) -> None:
+    # dblink opens a new connection whose transaction is not the agent's: only the role's rights stop it.
+    with psycopg.connect(owned.admin.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS dblink")
+    try:
+        message = (await checks_of(owned.owner.url()))["role may not write"].message
+        assert "may reach other connections or files through the extensions dblink" in message
+    finally:
+        with psycopg.connect(owned.admin.dsn(), autocommit=True) as conn:
+            conn.execute("DROP EXTENSION dblink")
 
 
 async def test_a_select_only_role_passes_without_a_warning(select_only: PostgresServer) -> None:

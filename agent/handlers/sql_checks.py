@@ -38,6 +38,7 @@ def _check(name: str, ok: bool, message: str, *, warning: bool = False) -> profi
 
 
 # What a PostgreSQL role could change outside the agent's read-only transaction: one row per finding.
+# It runs with every health check (once a minute by default): large objects stop at the first match.
 # Ownership counts through membership (MEMBER: a SET ROLE away), privileges as has_*_privilege sees them.
 _PG_WRITE_PRIVILEGES = """
 WITH me AS (SELECT * FROM pg_catalog.pg_roles WHERE rolname = current_user),
@@ -70,11 +71,10 @@ UNION ALL
 SELECT 'database', datname FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()
   AND (pg_catalog.pg_has_role(datdba, 'MEMBER') OR pg_catalog.has_database_privilege(oid, 'CREATE'))
 UNION ALL
-SELECT 'large objects', count(*)::text FROM pg_catalog.pg_largeobject_metadata m
+SELECT 'large objects', '' WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_largeobject_metadata m
   WHERE pg_catalog.pg_has_role(m.lomowner, 'MEMBER') OR EXISTS (
     SELECT 1 FROM pg_catalog.aclexplode(m.lomacl) a
-    WHERE a.privilege_type = 'UPDATE' AND (a.grantee = 0 OR pg_catalog.pg_has_role(a.grantee, 'MEMBER')))
-  HAVING count(*) > 0
+    WHERE a.privilege_type = 'UPDATE' AND (a.grantee = 0 OR pg_catalog.pg_has_role(a.grantee, 'MEMBER'))))
 UNION ALL
 SELECT 'new large objects', 'lo_create' WHERE pg_catalog.has_function_privilege('pg_catalog.lo_create(oid)', 'EXECUTE')
   OR pg_catalog.has_function_privilege('pg_catalog.lo_creat(integer)', 'EXECUTE')
@@ -97,7 +97,7 @@ _FINDING_WORDS = {
     "sequence": "owns or may advance the sequences",
     "schema": "owns or may create objects in the schemas",
     "database": "owns or may create schemas in the database",
-    "large objects": "owns or may write {} large object(s)",
+    "large objects": "owns or may write large objects",
     "new large objects": "may create large objects (EXECUTE on lo_create, lo_creat, lo_from_bytea: PUBLIC's by "
                          "default; revoke it)",
     "security definer functions": "may call {} SECURITY DEFINER function(s) of other roles",
@@ -245,7 +245,7 @@ def _role_may_write(conn: Connection, runtime: Runtime) -> profiles_pb2.ProfileC
         parts = []
         for kind, names in findings.items():
             words = _FINDING_WORDS[kind]
-            if kind == "new large objects" or "{}" in words:  # a fixed sentence, or a count
+            if kind in ("new large objects", "large objects") or "{}" in words:  # a fixed sentence, or a count
                 parts.append(words.format(*names))
                 continue
             shown = ", ".join(names[:_MAX_NAMES]) + (f" and {len(names) - _MAX_NAMES} more" if len(names) > _MAX_NAMES

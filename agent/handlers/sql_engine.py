@@ -386,7 +386,8 @@ class Session:
             return True
         if isinstance(dbapi, sqlite3.Connection) and self.sqlite_guard is not None:
             guard = self.sqlite_guard
-            with guard.ours():
+            with guard.ours():  # the driver's own ROLLBACK, even where SQLAlchemy thinks none is needed
+                dbapi.rollback()
                 conn.rollback()
             guard.refused = None
             return not guard.dirty
