@@ -21,6 +21,7 @@ import psycopg
 import pytest
 
 from agent.handlers.database import DatabaseHandler
+from agent.handlers.sql_guard import GuardMissing, PgReadOnlyTransaction
 from agent.profiles import DatabaseProfile
 from onprem.v1 import database_pb2
 from tests.support.owned_database import (
@@ -345,3 +346,23 @@ async def test_a_role_without_the_temporary_privilege_is_refused_with_the_fix(po
     assert (caught.value.code, caught.value.reason) == (FP, REFUSED)
     assert caught.value.message.startswith("a read-only PostgreSQL profile needs the TEMPORARY privilege on its "
                                            "database and the plpgsql language")
+
+
+async def test_the_commit_guard_stays_one_page_however_many_requests_it_guards(handler: DatabaseHandler) -> None:
+    # Nothing vacuums a temporary table: the guard is one row updated per request, whose rolled-back versions
+    # the next update prunes, so it never grows (rolled-back inserts would add a page every ~150 requests).
+    size = "SELECT pg_relation_size('pg_temp.onprem_commit_guard'), pg_backend_pid()"
+    _, [[first, pid]] = decode(await collect(handler, start("ro", size)))
+    for _ in range(400):
+        await collect(handler, start("ro", "SELECT 1"))
+    _, [[after, same_pid]] = decode(await collect(handler, start("ro", size)))
+    assert (after, same_pid) == (first, pid) == (8192, pid)
+
+
+def test_a_missing_guard_row_fails_closed() -> None:
+    class Result:
+        rowcount = 0
+
+    with pytest.raises(GuardMissing) as caught:
+        PgReadOnlyTransaction.begin(lambda sql, params: Result(), dbapi=None, timeout_ms=None)  # type: ignore[arg-type]
+    assert (caught.value.code, caught.value.reason) == (FP, REFUSED)

@@ -34,6 +34,7 @@ from agent.handlers import sql_odbc
 from agent.handlers.sql_errors import first_lines, scrub
 from agent.handlers.sql_guard import (
     PG_READ_ONLY_OPTION,
+    GuardMissing,
     PgReadOnlyTransaction,
     SqliteGuard,
     pg_prepare_read_only,
@@ -268,6 +269,8 @@ class Session:
         self.pg_guard: PgReadOnlyTransaction | None = None
         #: The SQLite connection's authorizer state.
         self.sqlite_guard: SqliteGuard | None = None
+        #: Close the connection instead of pooling it.
+        self._discard = False
 
     def connect(self) -> None:
         self.conn = self.runtime.engine().connect()
@@ -288,7 +291,11 @@ class Session:
         timeout_ms = max(1, int(timeout * 1000)) if timeout else None
         if self.dialect == "postgresql":
             if self.profile.read_only:
-                self.pg_guard = PgReadOnlyTransaction.begin(conn.exec_driver_sql, self.dbapi, timeout_ms)
+                try:
+                    self.pg_guard = PgReadOnlyTransaction.begin(conn.exec_driver_sql, self.dbapi, timeout_ms)
+                except GuardMissing:
+                    self._discard = True
+                    raise
             elif timeout_ms:
                 conn.exec_driver_sql(f"SET LOCAL statement_timeout = {timeout_ms}")
         elif self.dialect == "sqlite" and isinstance(self.dbapi, sqlite3.Connection):
@@ -356,7 +363,7 @@ class Session:
             return
         conn.info.pop("onprem_cursor", None)
         try:
-            keep = self._reset(conn)
+            keep = self._reset(conn) and not self._discard
             self._clear_deadline()
         except Exception as exc:  # a connection that cannot be reset must not go back to the pool
             log.warning("database profile %r: discarding a connection that failed to reset: %s",

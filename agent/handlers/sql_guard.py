@@ -8,14 +8,16 @@ PostgreSQL, read-only, in four layers (each alone is not enough):
    option, so `RESET ALL` returns to it) and psycopg opens every transaction with `BEGIN READ ONLY`.
 2. *A transaction that cannot commit.* A read-only transaction still lets a statement create large
    objects (`lo_create`), queue `NOTIFY`, `LISTEN`, or rewrite a table it owns (`CLUSTER`), and a
-   caller's `COMMIT` would keep all of that. So each connection gets a temporary table with a
-   deferred constraint trigger that raises, and each read-only transaction starts by inserting a row
-   into it: every way to commit (`COMMIT`, `END`, `COMMIT AND CHAIN`, `PREPARE TRANSACTION`, a
-   savepoint then `COMMIT`) fires the trigger and the database rolls the transaction back. The
-   insert also takes the transaction's first snapshot, after which `SET TRANSACTION READ WRITE` is
-   refused by the server. The trigger cannot be removed from inside a read-only transaction (`DROP`,
-   `ALTER`, `TRUNCATE` are refused; `DISCARD TEMP` fails on the pending event; `DELETE` leaves the
-   event queued; `SET CONSTRAINTS ... IMMEDIATE` fires it).
+   caller's `COMMIT` would keep all of that. So each connection gets a one-row temporary table with
+   a deferred constraint trigger that raises, and each read-only transaction starts by updating that
+   row: every way to commit (`COMMIT`, `END`, `COMMIT AND CHAIN`, `PREPARE TRANSACTION`, a savepoint
+   then `COMMIT`) fires the trigger and the database rolls the transaction back. The update also
+   takes the transaction's first snapshot, after which `SET TRANSACTION READ WRITE` is refused by
+   the server. The trigger cannot be removed from inside a read-only transaction (`DROP`, `ALTER`,
+   `TRUNCATE` are refused; `DISCARD TEMP` fails on the pending event; `DELETE` leaves the event
+   queued; `SET CONSTRAINTS ... IMMEDIATE` fires it). An UPDATE rather than an INSERT: the rolled-back
+   versions of the one row are pruned when the next update reads its page, while rolled-back inserts
+   would grow the table by a page every ~150 requests (nothing vacuums temporary tables).
 3. *The same transaction, after every statement.* What a commit guard cannot see is a `ROLLBACK`
    (`ABORT`, `ROLLBACK AND CHAIN`), after which the next statement would run in a new transaction,
    one that a `SET TRANSACTION READ WRITE` could open up. So the transaction also sets
@@ -51,6 +53,7 @@ from tunnel.errors import FailedPrecondition
 
 __all__ = [
     "PG_READ_ONLY_OPTION",
+    "GuardMissing",
     "PgReadOnlyTransaction",
     "SqliteGuard",
     "pg_prepare_read_only",
@@ -67,11 +70,12 @@ _GUARD_WORDS = "onprem: a read-only transaction never commits"
 # default is read-only. plpgsql is installed in every database unless someone dropped it.
 _GUARD_SETUP = f"""BEGIN READ WRITE;
 CREATE TEMPORARY TABLE onprem_commit_guard (nonce text);
+INSERT INTO {_GUARD_TABLE} VALUES ('');
 CREATE FUNCTION pg_temp.onprem_refuse_commit() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   RAISE EXCEPTION USING ERRCODE = '25006', MESSAGE = '{_GUARD_WORDS} (its commit guard fired)';
 END $$;
-CREATE CONSTRAINT TRIGGER onprem_refuse_commit AFTER INSERT ON {_GUARD_TABLE}
+CREATE CONSTRAINT TRIGGER onprem_refuse_commit AFTER UPDATE ON {_GUARD_TABLE}
   DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION pg_temp.onprem_refuse_commit();
 COMMIT"""
 
@@ -115,6 +119,10 @@ def pg_prepare_read_only(dbapi: psycopg.Connection[Any]) -> None:
     dbapi.read_only = True
 
 
+class GuardMissing(FailedPrecondition):
+    """The guard row is gone: fail closed, and the session closes the connection instead of pooling it."""
+
+
 class PgReadOnlyTransaction:
     """One request's read-only transaction, and the checks that it is still the same one."""
 
@@ -135,7 +143,12 @@ class PgReadOnlyTransaction:
         if timeout_ms:
             values += " || pg_catalog.set_config('statement_timeout', %(timeout)s, true)"
             params["timeout"] = str(timeout_ms)
-        execute(f"INSERT INTO {_GUARD_TABLE} (nonce) VALUES ({values})", params)
+        if execute(f"UPDATE {_GUARD_TABLE} SET nonce = {values}", params).rowcount != 1:
+            raise GuardMissing(
+                "this connection's commit guard is missing, so its read-only transaction could commit; "
+                "the connection is closed, retry the request",
+                reason="READ_ONLY_PROFILE",
+            )
         guard = cls(dbapi, nonce)
         if dbapi.info.parameter_status("application_name") != nonce:
             # A server or pooler that does not report application_name: the check below cannot work.
