@@ -37,7 +37,7 @@ from agent.identity import (
     save_identity,
 )
 from agent.profiles import ConfigError
-from agent.test_profile import run_test_profile
+from agent.test_profile import mark, run_test_profile
 from agent.tunnel_client import TunnelClient, channel_credentials, channel_options
 from onprem.v1 import enrollment_pb2, enrollment_pb2_grpc
 from tunnel import kinds, logs
@@ -115,10 +115,10 @@ async def doctor(config: AgentConfig) -> int:
     """Check what the agent needs, print one line per check, return 0 when all pass."""
     failures = 0
 
-    def report(ok: bool, name: str, message: str) -> None:
+    def report(ok: bool, name: str, message: str, sign: str | None = None) -> None:
         nonlocal failures
         failures += not ok
-        print(f"{'✓' if ok else '✗'} {name}: {message}", flush=True)
+        print(f"{sign or ('✓' if ok else '✗')} {name}: {message}", flush=True)
 
     report(True, "config", f"valid; control plane {config.control_plane.address}")
     try:
@@ -143,7 +143,8 @@ async def doctor(config: AgentConfig) -> int:
         for health in await dispatcher.check_all():
             kind = kind_name(health.kind)
             for check in health.checks:
-                report(check.ok, f"{kind} profile {health.profile}: {check.name}", check.message)
+                # A warning ("!") is printed but passes: e.g. a read-only profile whose role could write.
+                report(check.ok, f"{kind} profile {health.profile}: {check.name}", check.message, mark(check))
     finally:
         await dispatcher.aclose()
     return 1 if failures else 0

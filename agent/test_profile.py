@@ -3,7 +3,8 @@
 The same checks the control plane asks for with `AgentService/CheckProfile`,
 run without a control plane, so that a site can verify a new profile (host
 reachable, credentials accepted, database exists, dialect matches the server,
-the user may read) before enrolling or restarting the agent.
+the user may read; for a read-only profile, that the database enforces it and
+whether its role could write anyway) before enrolling or restarting the agent.
 """
 
 from __future__ import annotations
@@ -15,9 +16,17 @@ from typing import TextIO
 from agent.config import load_config
 from agent.handlers.base import Handler
 from agent.profiles import ConfigError
+from onprem.v1 import profiles_pb2
 from tunnel.errors import RequestError
 
-__all__ = ["run_test_profile"]
+__all__ = ["mark", "run_test_profile"]
+
+
+def mark(check: profiles_pb2.ProfileCheck) -> str:
+    """✓ passed, ! passed with a warning (something to fix that does not stop the profile), ✗ failed."""
+    if not check.ok:
+        return "✗"
+    return "!" if check.warning else "✓"
 
 
 def _handler_for(config_path: Path, name: str) -> tuple[str, Handler]:
@@ -37,7 +46,7 @@ def _handler_for(config_path: Path, name: str) -> tuple[str, Handler]:
 
 
 async def run_test_profile(config_path: Path, name: str, out: TextIO | None = None) -> int:
-    """Print `✓ check: message` / `✗ check: message` per check; 0 when all pass, else 1."""
+    """Print `✓ check: message` (or `!` for a warning, `✗` for a failure) per check; 0 when none failed, else 1."""
     out = out or sys.stdout
     try:
         kind, handler = _handler_for(config_path, name)
@@ -52,5 +61,5 @@ async def run_test_profile(config_path: Path, name: str, out: TextIO | None = No
     finally:
         await handler.aclose()
     for check in checks:
-        print(f"{'✓' if check.ok else '✗'} {check.name}: {check.message}", file=out)
+        print(f"{mark(check)} {check.name}: {check.message}", file=out)
     return 0 if checks and all(c.ok for c in checks) else 1

@@ -5,12 +5,13 @@ step at a time (connect, execute, fetch a batch, finish), so the event loop
 never waits on a database and a result of any size streams in bounded memory.
 When the request is cancelled during a step the statement is cancelled on the
 server (psycopg `cancel_safe`, sqlite3 `interrupt`, ODBC `SQLCancel`), the step
-is awaited, and the connection goes back to the pool rolled back.
+is awaited, and the connection goes back to the pool rolled back and reset.
 
 The pieces: `sql_engine` (engines, pools, the profile's limits), `sql_query`
 (a streamed statement), `sql_operations` (batch, transaction, change poll),
 `sql_values` (types), `sql_errors` (error mapping), `sql_odbc` (ODBC profiles),
-`sql_checks` (what `test-profile` reports).
+`sql_checks` (what `test-profile` reports), `sql_guard` (how read-only profiles
+stay read-only, and how connections are reset).
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ The checks run in order and stop at the first failure that makes the rest
 meaningless: the host is reachable (a TCP connect), the credentials are
 accepted, the database exists, the server is what the dialect or driver says,
 the user may read (the catalog answers), and for a read-only profile that the
-database itself refuses writes. Every message is scrubbed of secrets.
+database itself refuses writes, and whether its role could write outside the
+agent (a warning: the role is the only complete boundary, see
+docs/agent-config.md). Every message is scrubbed of secrets.
 """
 
 from __future__ import annotations
@@ -31,8 +33,78 @@ _DEFAULT_PORTS = {"postgresql": 5432, "mssql": 1433, "mysql": 3306, "mariadb": 3
 _DBMS_NAMES = {"mssql": "Microsoft SQL Server"}
 
 
-def _check(name: str, ok: bool, message: str) -> profiles_pb2.ProfileCheck:
-    return profiles_pb2.ProfileCheck(name=name, ok=ok, message=message)
+def _check(name: str, ok: bool, message: str, *, warning: bool = False) -> profiles_pb2.ProfileCheck:
+    return profiles_pb2.ProfileCheck(name=name, ok=ok, message=message, warning=warning)
+
+
+# What a PostgreSQL role could change outside the agent's read-only transaction: one row per finding.
+# It runs with every health check (once a minute by default): large objects stop at the first match.
+# Ownership counts through membership (MEMBER: a SET ROLE away), privileges as has_*_privilege sees them.
+_PG_WRITE_PRIVILEGES = """
+WITH me AS (SELECT * FROM pg_catalog.pg_roles WHERE rolname = current_user),
+user_schemas AS (
+  SELECT oid, nspname, nspowner FROM pg_catalog.pg_namespace
+  WHERE nspname NOT IN ('pg_catalog', 'information_schema') AND nspname !~ '^pg_(toast|temp_|toast_temp_)'
+),
+relations AS (
+  SELECT c.oid, c.relkind, c.relowner, pg_catalog.format('%%I.%%I', n.nspname, c.relname) AS name
+  FROM pg_catalog.pg_class c JOIN user_schemas n ON n.oid = c.relnamespace
+)
+SELECT 'attribute', a FROM me, LATERAL (VALUES ('SUPERUSER', rolsuper), ('CREATEROLE', rolcreaterole),
+  ('CREATEDB', rolcreatedb), ('BYPASSRLS', rolbypassrls), ('REPLICATION', rolreplication)) v(a, has) WHERE has
+UNION ALL
+SELECT 'member of', rolname FROM pg_catalog.pg_roles
+  WHERE rolname IN ('pg_write_all_data', 'pg_write_server_files', 'pg_execute_server_program')
+  AND pg_catalog.pg_has_role(oid, 'MEMBER')
+UNION ALL
+SELECT 'table', name FROM relations WHERE relkind IN ('r', 'p', 'v', 'm', 'f') AND (
+  pg_catalog.pg_has_role(relowner, 'MEMBER')
+  OR pg_catalog.has_table_privilege(oid, 'INSERT, UPDATE, DELETE, TRUNCATE, TRIGGER')
+  OR pg_catalog.has_any_column_privilege(oid, 'INSERT, UPDATE'))
+UNION ALL
+SELECT 'sequence', name FROM relations WHERE relkind = 'S' AND (
+  pg_catalog.pg_has_role(relowner, 'MEMBER') OR pg_catalog.has_sequence_privilege(oid, 'USAGE, UPDATE'))
+UNION ALL
+SELECT 'schema', nspname FROM user_schemas
+  WHERE pg_catalog.pg_has_role(nspowner, 'MEMBER') OR pg_catalog.has_schema_privilege(oid, 'CREATE')
+UNION ALL
+SELECT 'database', datname FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()
+  AND (pg_catalog.pg_has_role(datdba, 'MEMBER') OR pg_catalog.has_database_privilege(oid, 'CREATE'))
+UNION ALL
+SELECT 'large objects', '' WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_largeobject_metadata m
+  WHERE pg_catalog.pg_has_role(m.lomowner, 'MEMBER') OR EXISTS (
+    SELECT 1 FROM pg_catalog.aclexplode(m.lomacl) a
+    WHERE a.privilege_type = 'UPDATE' AND (a.grantee = 0 OR pg_catalog.pg_has_role(a.grantee, 'MEMBER'))))
+UNION ALL
+SELECT 'new large objects', 'lo_create' WHERE pg_catalog.has_function_privilege('pg_catalog.lo_create(oid)', 'EXECUTE')
+  OR pg_catalog.has_function_privilege('pg_catalog.lo_creat(integer)', 'EXECUTE')
+  OR pg_catalog.has_function_privilege('pg_catalog.lo_from_bytea(oid, bytea)', 'EXECUTE')
+UNION ALL
+SELECT 'security definer functions', count(*)::text FROM pg_catalog.pg_proc p JOIN user_schemas n ON n.oid = p.pronamespace
+  WHERE p.prosecdef AND NOT pg_catalog.pg_has_role(p.proowner, 'MEMBER')
+  AND pg_catalog.has_function_privilege(p.oid, 'EXECUTE') HAVING count(*) > 0
+UNION ALL
+SELECT 'extension', extname FROM pg_catalog.pg_extension WHERE extname IN ('dblink', 'postgres_fdw', 'adminpack')
+UNION ALL
+SELECT 'foreign server', srvname FROM pg_catalog.pg_foreign_server
+  WHERE pg_catalog.has_server_privilege(oid, 'USAGE')
+"""
+
+_FINDING_WORDS = {
+    "attribute": "has the attributes",
+    "member of": "is a member of",
+    "table": "owns or may change the tables",
+    "sequence": "owns or may advance the sequences",
+    "schema": "owns or may create objects in the schemas",
+    "database": "owns or may create schemas in the database",
+    "large objects": "owns or may write large objects",
+    "new large objects": "may create large objects (EXECUTE on lo_create, lo_creat, lo_from_bytea: PUBLIC's by "
+                         "default; revoke it)",
+    "security definer functions": "may call {} SECURITY DEFINER function(s) of other roles",
+    "extension": "may reach other connections or files through the extensions",
+    "foreign server": "may use the foreign servers",
+}
+_MAX_NAMES = 5
 
 
 def _address(runtime: Runtime) -> tuple[str, int] | None:
@@ -134,16 +206,67 @@ def _may_read(conn: Connection, runtime: Runtime) -> str:
     return "the server answers queries"
 
 
-def _read_only_enforced(conn: Connection, runtime: Runtime) -> profiles_pb2.ProfileCheck | None:
+def _read_only_enforced(session: Session, runtime: Runtime) -> profiles_pb2.ProfileCheck | None:
+    if not runtime.profile.read_only:
+        return None
+    conn = session.connection()
+    if runtime.dialect == "postgresql":
+        row = conn.exec_driver_sql(
+            "SELECT pg_catalog.current_setting('transaction_read_only'),"
+            " pg_catalog.current_setting('default_transaction_read_only')"
+        ).one()
+        guard = session.pg_guard
+        guarded = guard is not None
+        if guard is not None:
+            guard.check("the check")
+        ok = row[0] == "on" and row[1] == "on" and guarded
+        return _check("read-only", ok, f"the database runs this profile's transactions with transaction_read_only = "
+                                       f"{row[0]} (default_transaction_read_only = {row[1]}), "
+                                       f"{'and a commit guard that makes any COMMIT fail' if guarded else 'unguarded'}")
+    if runtime.dialect == "sqlite":
+        state = conn.exec_driver_sql("PRAGMA query_only").scalar()
+        return _check("read-only", state == 1, f"SQLite query_only = {state}, and an authorizer that refuses "
+                                               "transaction control, ATTACH and PRAGMA settings")
+    return None
+
+
+def _role_may_write(conn: Connection, runtime: Runtime) -> profiles_pb2.ProfileCheck | None:
+    """A warning when the login role of a read-only profile could write outside the agent."""
     if not runtime.profile.read_only:
         return None
     if runtime.dialect == "postgresql":
-        state = conn.exec_driver_sql("SHOW transaction_read_only").scalar()
-        return _check("read-only", state == "on", f"the database runs this profile's transactions with "
-                                                   f"transaction_read_only = {state}")
+        user = str(conn.exec_driver_sql("SELECT current_user").scalar())
+        findings: dict[str, list[str]] = {}
+        for kind, name in conn.exec_driver_sql(_PG_WRITE_PRIVILEGES).all():
+            findings.setdefault(str(kind), []).append(str(name))
+        if not findings:
+            return _check("role may not write", True, f"the role '{user}' has no privilege to write that the "
+                                                     "catalog shows")
+        parts = []
+        for kind, names in findings.items():
+            words = _FINDING_WORDS[kind]
+            if kind in ("new large objects", "large objects") or "{}" in words:  # a fixed sentence, or a count
+                parts.append(words.format(*names))
+                continue
+            shown = ", ".join(names[:_MAX_NAMES]) + (f" and {len(names) - _MAX_NAMES} more" if len(names) > _MAX_NAMES
+                                                      else "")
+            parts.append(f"{words} {shown}")
+        return _check(
+            "role may not write", True,
+            f"the role '{user}' could write outside this agent: {'; '.join(parts)}. The agent keeps this profile's "
+            "requests read-only, but only a role without these rights is a complete boundary (dblink, SECURITY "
+            "DEFINER functions, other clients): log in as a role with SELECT only",
+            warning=True,
+        )
     if runtime.dialect == "sqlite":
-        state = conn.exec_driver_sql("PRAGMA query_only").scalar()
-        return _check("read-only", state == 1, f"SQLite query_only = {state}")
+        url = make_url(runtime.profile.url)
+        path = url.database or ""
+        uri = "mode=ro" in path or str(url.query.get("mode", "")) == "ro"
+        if path and path != ":memory:" and not uri and os.access(path, os.W_OK):
+            return _check("role may not write", True, f"the agent's OS user may write {path}: query_only keeps this "
+                                                      "profile's requests read-only, but only file permissions (or "
+                                                      "a mode=ro URI) stop other writers", warning=True)
+        return _check("role may not write", True, "the agent cannot write the database file")
     return None
 
 
@@ -183,6 +306,7 @@ def run_checks(runtime: Runtime) -> list[profiles_pb2.ProfileCheck]:
         checks.append(_check("credentials", True, "the server accepted the credentials"))
         conn = session.connection()
         checks.append(_check("database exists", True, f"connected to {runtime.profile.display_url()}"))
+        stage = "dialect"  # the check a database error is reported under
         try:
             session.begin()
             description, matches = _server(conn, runtime)
@@ -190,13 +314,16 @@ def run_checks(runtime: Runtime) -> list[profiles_pb2.ProfileCheck]:
                                                      f"{runtime.dialect}"))
             if not matches:
                 return checks
+            stage = "may read"
             checks.append(_check("may read", True, _may_read(conn, runtime)))
-            enforced = _read_only_enforced(conn, runtime)
-            if enforced is not None:
-                checks.append(enforced)
+            stage = "read-only"
+            enforced = _read_only_enforced(session, runtime)
+            stage = "role may not write"
+            for more in (enforced, _role_may_write(conn, runtime)):
+                if more is not None:
+                    checks.append(more)
         except sa.exc.DBAPIError as exc:
-            name = "may read" if checks[-1].name == "dialect" else "dialect"
-            checks.append(_check(name, False, scrub(first_lines(str(exc.orig)), runtime.secrets)))
+            checks.append(_check(stage, False, scrub(first_lines(str(exc.orig)), runtime.secrets)))
     finally:
         session.close()
     return checks

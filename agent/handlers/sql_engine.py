@@ -3,9 +3,11 @@
 Each profile gets a lazily created SQLAlchemy engine (pooled), a bounded
 thread pool for the blocking driver calls, and one asyncio slot per pooled
 connection. Where the database can enforce the profile's limits itself it
-does: a READ ONLY transaction and `statement_timeout` in PostgreSQL,
-`query_only` plus an authorizer and a progress-handler deadline in SQLite, the
-query timeout (SQL_ATTR_QUERY_TIMEOUT) of ODBC connections.
+does: a READ ONLY transaction that cannot commit and `statement_timeout` in
+PostgreSQL, `query_only` plus an authorizer and a progress-handler deadline in
+SQLite, the query timeout (SQL_ATTR_QUERY_TIMEOUT) of ODBC connections
+(`sql_guard` says how read-only is kept, statement by statement). Every
+connection goes back to the pool reset, or is closed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -29,10 +32,18 @@ from sqlalchemy.pool import QueuePool
 
 from agent.handlers import sql_odbc
 from agent.handlers.sql_errors import first_lines, scrub
+from agent.handlers.sql_guard import (
+    PG_READ_ONLY_OPTION,
+    GuardMissing,
+    PgReadOnlyTransaction,
+    SqliteGuard,
+    pg_prepare_read_only,
+    reset_postgres,
+)
 from agent.profiles import DatabaseProfile
 from tunnel.errors import FailedPrecondition, Internal
 
-__all__ = ["Runtime", "Session"]
+__all__ = ["COMMAND_TAG", "Runtime", "Session"]
 
 log = logging.getLogger("agent.handlers.database")
 
@@ -40,6 +51,11 @@ _PG_CONNECT_TIMEOUT_SECONDS = 10
 _ODBC_LOGIN_TIMEOUT_SECONDS = 10
 # SQLite calls the progress handler every this many VM instructions: about every millisecond.
 _SQLITE_PROGRESS_STEPS = 10_000
+# Keys of a pooled connection's `info`, which lives as long as the DBAPI connection.
+_SQLITE_GUARD = "onprem_sqlite_guard"
+_ODBC_DBMS = "onprem_odbc_dbms"
+#: The last statement's command tag (read-only PostgreSQL profiles), in the SQLAlchemy connection's `info`.
+COMMAND_TAG = "onprem_command_tag"
 
 
 class _SingleStatementCursor(psycopg.Cursor[Any]):
@@ -53,18 +69,6 @@ class _SingleStatementCursor(psycopg.Cursor[Any]):
 
     def _execute_send(self, query: Any, *, force_extended: bool = False, binary: bool | None = None) -> None:
         super()._execute_send(query, force_extended=True, binary=binary)
-
-
-def _deny_writes(action: int, arg1: str | None, arg2: str | None, db: str | None, trigger: str | None) -> int:
-    # query_only can be switched off by the statement itself, and ATTACH can create files:
-    # refuse both so that a read-only SQLite profile stays read-only.
-    if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
-        return sqlite3.SQLITE_DENY
-    if action == sqlite3.SQLITE_PRAGMA and arg2 is not None and (arg1 or "").lower() in (
-        "query_only", "writable_schema", "journal_mode", "locking_mode",
-    ):
-        return sqlite3.SQLITE_DENY
-    return sqlite3.SQLITE_OK
 
 
 class Runtime:
@@ -136,18 +140,35 @@ class Runtime:
         if self.dialect == "postgresql":
             connect_args.setdefault("connect_timeout", _PG_CONNECT_TIMEOUT_SECONDS)
             connect_args["cursor_factory"] = _SingleStatementCursor
+            # No server-side prepared statements of psycopg's own: DISCARD ALL drops them on every return
+            # to the pool, and psycopg's cache does not always notice (it would then EXECUTE a missing one).
+            connect_args["prepare_threshold"] = None
+            if profile.read_only:
+                connect_args["options"] = f"{connect_args.get('options', '')} {PG_READ_ONLY_OPTION}".strip()
         if connect_args and profile.odbc_connect is None:
             kwargs["connect_args"] = connect_args
         engine = sa.create_engine(url, **kwargs)
-        if self.dialect == "sqlite" and profile.read_only:
+        if self.dialect == "sqlite":
             @event.listens_for(engine, "connect")
-            def _read_only(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
-                dbapi_conn.execute("PRAGMA query_only = ON")
-                dbapi_conn.set_authorizer(_deny_writes)
+            def _sqlite_guard(dbapi_conn: sqlite3.Connection, record: Any) -> None:
+                if profile.read_only:
+                    dbapi_conn.execute("PRAGMA query_only = ON")
+                guard = SqliteGuard(profile.read_only)
+                dbapi_conn.set_authorizer(guard.authorize)
+                record.info[_SQLITE_GUARD] = guard
         if self.dialect == "postgresql" and profile.read_only:
             @event.listens_for(engine, "connect")
-            def _refuse_powerful_roles(dbapi_conn: psycopg.Connection[Any], _record: Any) -> None:
+            def _read_only_connection(dbapi_conn: psycopg.Connection[Any], _record: Any) -> None:
                 self._refuse_powerful_role(dbapi_conn)
+                pg_prepare_read_only(dbapi_conn)
+        if url.get_driver_name() == "pyodbc":
+            @event.listens_for(engine, "connect")
+            def _remember_dbms(dbapi_conn: Any, record: Any) -> None:
+                import pyodbc
+
+                # Which server is behind the driver decides how a connection is reset (see Session.close).
+                with contextlib.suppress(pyodbc.Error):
+                    record.info[_ODBC_DBMS] = str(dbapi_conn.getinfo(pyodbc.SQL_DBMS_NAME))
         if url.get_driver_name() == "pyodbc" and profile.odbc_connect is None and profile.statement_timeout_seconds:
             @event.listens_for(engine, "connect")
             def _query_timeout(dbapi_conn: Any, _record: Any) -> None:
@@ -158,6 +179,13 @@ class Runtime:
             # What `Session.interrupt` cancels, for drivers that cancel per cursor (ODBC).
             conn.info["onprem_cursor"] = cursor
 
+        if self.dialect == "postgresql" and profile.read_only:
+            @event.listens_for(engine, "after_cursor_execute")
+            def _remember_tag(conn: Connection, cursor: Any, *_: Any) -> None:
+                # The command tag, for the message when a statement ended the read-only transaction:
+                # SQLAlchemy closes the cursor of a statement without rows before the caller sees it.
+                conn.info[COMMAND_TAG] = cursor.statusmessage
+
         return engine
 
     def _refuse_powerful_role(self, dbapi_conn: psycopg.Connection[Any]) -> None:
@@ -167,14 +195,17 @@ class Runtime:
         """
         row = dbapi_conn.execute(
             "SELECT current_user, rolsuper, pg_has_role('pg_write_server_files', 'MEMBER'),"
-            " pg_has_role('pg_execute_server_program', 'MEMBER') FROM pg_catalog.pg_roles WHERE rolname = current_user"
+            " pg_has_role('pg_execute_server_program', 'MEMBER'),"
+            " has_function_privilege('pg_catalog.lo_export(oid, text)', 'EXECUTE')"
+            " FROM pg_catalog.pg_roles WHERE rolname = current_user"
         ).fetchone()
         dbapi_conn.rollback()
         if row is not None and any(row[1:]):
-            what = "is a superuser" if row[1] else "may write server files or run server programs"
+            what = "is a superuser" if row[1] else "may write server files or run server programs (COPY ... TO a " \
+                "file, COPY ... PROGRAM, lo_export)"
             raise FailedPrecondition(
                 f"database profile '{self.profile.name}' is read_only, but its role '{row[0]}' {what}, which a "
-                "read-only transaction does not stop (COPY ... TO a file); log in as a role without these rights",
+                "read-only transaction does not stop; log in as a role without these rights",
                 reason="READ_ONLY_PROFILE",
             )
 
@@ -223,6 +254,8 @@ class Session:
 
     Its methods block and run in the profile's thread pool, one at a time, so
     nothing here needs a lock; only `interrupt` runs concurrently, by design.
+    Every statement of the request runs inside `guarded()`, which checks
+    after it that a read-only profile is still in its read-only transaction.
     """
 
     def __init__(self, runtime: Runtime) -> None:
@@ -232,10 +265,17 @@ class Session:
         self.conn: Connection | None = None
         self.dbapi: Any = None
         self.busy: concurrent.futures.Future[Any] | None = None
+        #: The read-only PostgreSQL transaction of this request, once begun.
+        self.pg_guard: PgReadOnlyTransaction | None = None
+        #: The SQLite connection's authorizer state.
+        self.sqlite_guard: SqliteGuard | None = None
+        #: Close the connection instead of pooling it.
+        self._discard = False
 
     def connect(self) -> None:
         self.conn = self.runtime.engine().connect()
         self.dbapi = self.conn.connection.driver_connection
+        self.sqlite_guard = self.conn.connection.info.get(_SQLITE_GUARD)
 
     def connection(self) -> Connection:
         if self.conn is None:
@@ -248,21 +288,50 @@ class Session:
         if not conn.in_transaction():
             conn.begin()  # so that commit() reaches the driver even when only raw cursors ran
         timeout = self.profile.statement_timeout_seconds
+        timeout_ms = max(1, int(timeout * 1000)) if timeout else None
         if self.dialect == "postgresql":
             if self.profile.read_only:
-                conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+                try:
+                    self.pg_guard = PgReadOnlyTransaction.begin(conn.exec_driver_sql, self.dbapi, timeout_ms)
+                except GuardMissing:
+                    self._discard = True
+                    raise
+            elif timeout_ms:
+                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {timeout_ms}")
+        elif self.dialect == "sqlite" and isinstance(self.dbapi, sqlite3.Connection):
             if timeout:
-                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}")
-        elif self.dialect == "sqlite" and timeout and isinstance(self.dbapi, sqlite3.Connection):
-            deadline = time.monotonic() + timeout
-            self.dbapi.set_progress_handler(lambda: int(time.monotonic() > deadline), _SQLITE_PROGRESS_STEPS)
+                deadline = time.monotonic() + timeout
+                self.dbapi.set_progress_handler(lambda: int(time.monotonic() > deadline), _SQLITE_PROGRESS_STEPS)
+            if self.profile.read_only and self.sqlite_guard is not None:
+                self.sqlite_guard.begin(self.dbapi)
+
+    @contextlib.contextmanager
+    def guarded(self, what: str) -> Iterator[list[str | None]]:
+        """Run one of the request's statements (or fetch from it), then check the transaction.
+
+        Yields a one-element list where the caller may put the statement's command tag, for the message.
+        A statement that broke out of a read-only transaction ends the request with FAILED_PRECONDITION
+        here, before any next statement runs. Costs no round trip: psycopg already holds the
+        transaction status and the reported settings, and sqlite3 its `in_transaction`.
+        """
+        tag: list[str | None] = [None]
+        try:
+            yield tag
+        except Exception as exc:
+            if self.pg_guard is not None:
+                self.pg_guard.after_error(what, exc)
+            elif self.sqlite_guard is not None:
+                self.sqlite_guard.after_error(what)
+            raise
+        if self.pg_guard is not None:
+            self.pg_guard.check(what, tag[0])
+        elif self.sqlite_guard is not None:
+            self.sqlite_guard.check(self.dbapi, what)
 
     def end(self, commit: bool) -> None:
-        conn = self.connection()
+        """Commit a read-write profile's work; anything else is rolled back by `close`, with the reset."""
         if commit and not self.profile.read_only:
-            conn.commit()
-        else:
-            conn.rollback()
+            self.connection().commit()
         self._clear_deadline()
 
     def _clear_deadline(self) -> None:
@@ -285,23 +354,64 @@ class Session:
         """Extra cleanup of subclasses (open results) before the connection goes back."""
 
     def close(self) -> None:
-        """Give the connection back to the pool rolled back; never raises."""
+        """Give the connection back to the pool rolled back and reset, or close it; never raises."""
         with contextlib.suppress(Exception):
             self.release()
         conn, self.conn = self.conn, None  # closing twice is a no-op
+        self.pg_guard = None
         if conn is None:
             return
         conn.info.pop("onprem_cursor", None)
         try:
-            conn.rollback()
+            keep = self._reset(conn) and not self._discard
             self._clear_deadline()
-            conn.close()
-        except Exception as exc:  # a broken connection must not go back to the pool
-            log.warning("database profile %r: discarding a connection that failed to roll back: %s",
+        except Exception as exc:  # a connection that cannot be reset must not go back to the pool
+            log.warning("database profile %r: discarding a connection that failed to reset: %s",
                         self.profile.name, scrub(first_lines(str(exc)), self.runtime.secrets))
+            keep = False
+        if not keep:
             with contextlib.suppress(Exception):
                 conn.invalidate()
-                conn.close()
+        with contextlib.suppress(Exception):
+            conn.close()
+
+    def _reset(self, conn: Connection) -> bool:
+        """Roll back and reset the session state; False when the connection must be closed instead.
+
+        PostgreSQL: `reset_postgres` (DISCARD ALL or its equivalent). SQLite: a connection on which a
+        statement left state (temporary objects, ATTACH, a PRAGMA setting) is closed. ODBC: PostgreSQL
+        behind psqlODBC gets DISCARD ALL; other servers only the rollback (no portable reset exists).
+        """
+        dbapi = self.dbapi
+        if isinstance(dbapi, psycopg.Connection):
+            if dbapi.info.transaction_status in (psycopg.pq.TransactionStatus.ACTIVE,
+                                                 psycopg.pq.TransactionStatus.UNKNOWN):
+                # Stuck in a COPY the caller started, or broken (its backend ended): nothing to reset.
+                return False
+            reset_postgres(dbapi, self.profile.read_only)
+            conn.rollback()  # SQLAlchemy's own transaction state; the driver is idle already
+            return True
+        if isinstance(dbapi, sqlite3.Connection) and self.sqlite_guard is not None:
+            guard = self.sqlite_guard
+            with guard.ours():  # the driver's own ROLLBACK, even where SQLAlchemy thinks none is needed
+                dbapi.rollback()
+                conn.rollback()
+            guard.refused = None
+            return not guard.dirty
+        conn.rollback()
+        if conn.connection.info.get(_ODBC_DBMS) == "PostgreSQL":
+            self._reset_odbc_postgres(dbapi)
+        return True
+
+    def _reset_odbc_postgres(self, dbapi: Any) -> None:
+        dbapi.autocommit = True
+        try:
+            dbapi.execute("DISCARD ALL")
+            timeout = self.profile.statement_timeout_seconds
+            if timeout:  # set per session by the creator (psqlODBC has no query timeout): again after RESET ALL
+                dbapi.execute(f"SET statement_timeout = {max(1, int(timeout * 1000))}")
+        finally:
+            dbapi.autocommit = False
 
     @property
     def closed(self) -> bool:

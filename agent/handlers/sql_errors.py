@@ -50,6 +50,14 @@ _SQLSTATE_TABLE: tuple[tuple[str, type[RequestError], str], ...] = (
     ("0A", InvalidArgument, "SQL_ERROR"),
     ("07", InvalidArgument, "INVALID_PARAMETER"),  # ODBC: dynamic SQL error (parameter count, type)
     ("40", Aborted, "TRANSACTION_CONFLICT"),
+    # Transaction control where the database does not allow it (e.g. COMMIT inside a procedure called
+    # in a transaction block, SET TRANSACTION after the first query, DISCARD ALL inside a transaction).
+    ("2D", FailedPrecondition, "INVALID_TRANSACTION_TERMINATION"),
+    ("25", FailedPrecondition, "INVALID_TRANSACTION_STATE"),
+    ("0B", FailedPrecondition, "INVALID_TRANSACTION_STATE"),
+    ("55", FailedPrecondition, "OBJECT_NOT_IN_PREREQUISITE_STATE"),
+    ("26", InvalidArgument, "SQL_ERROR"),  # no such prepared statement
+    ("34", InvalidArgument, "SQL_ERROR"),  # no such cursor
     ("53", ResourceExhausted, "DATABASE_RESOURCES"),
 )
 
@@ -58,6 +66,7 @@ _SQLSTATE_TABLE: tuple[tuple[str, type[RequestError], str], ...] = (
 _MESSAGE_TABLE: tuple[tuple[str, type[RequestError], str], ...] = (
     ("readonly database", FailedPrecondition, "READ_ONLY_PROFILE"),
     ("not authorized", FailedPrecondition, "READ_ONLY_PROFILE"),
+    ("authorization denied", FailedPrecondition, "READ_ONLY_PROFILE"),
     ("unique constraint failed", AlreadyExists, "UNIQUE_VIOLATION"),
     ("constraint failed", FailedPrecondition, "INTEGRITY_VIOLATION"),
     ("unable to open database", Unavailable, "DATABASE_UNAVAILABLE"),
@@ -71,6 +80,9 @@ _MESSAGE_TABLE: tuple[tuple[str, type[RequestError], str], ...] = (
     ("binding", InvalidArgument, "SQL_ERROR"),
     ("has no column", InvalidArgument, "SQL_ERROR"),
     ("already exists", InvalidArgument, "SQL_ERROR"),
+    # "cannot start a transaction within a transaction", "cannot VACUUM from within a transaction"
+    ("within a transaction", FailedPrecondition, "INVALID_TRANSACTION_STATE"),
+    ("no transaction is active", FailedPrecondition, "INVALID_TRANSACTION_STATE"),
 )
 
 # pyodbc puts the SQLSTATE first in its args; its message also starts with "[SQLSTATE] ".
@@ -117,6 +129,13 @@ def map_error(exc: BaseException, profile: DatabaseProfile, secrets: Sequence[st
             if sqlstate.startswith(prefix):
                 return cls(f"{message} (SQLSTATE {sqlstate})", reason=reason)
         return Internal(f"{message} (SQLSTATE {sqlstate})", reason="DATABASE_ERROR")
+    if isinstance(orig, psycopg.ProgrammingError):
+        # No SQLSTATE: psycopg refused the statement itself.
+        if "COPY" in message:  # psycopg runs COPY only through its copy() API
+            return InvalidArgument("COPY ... TO STDOUT and COPY ... FROM STDIN cannot run through the agent; "
+                                   "use SELECT (results stream at any size) or INSERT with ExecuteBatch",
+                                   reason="SQL_ERROR")
+        return InvalidArgument(message, reason="SQL_ERROR")
     if isinstance(orig, psycopg.OperationalError):  # no SQLSTATE: the connection broke
         return Unavailable(
             f"database profile '{profile.name}' ({profile.display_url()}) failed: {message}",

@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from agent.handlers.sql_engine import Runtime, Session
+from agent.handlers.sql_engine import COMMAND_TAG, Runtime, Session
 from agent.handlers.sql_query import Query, bind_parameters
 from agent.handlers.sql_values import bind_value, to_value
 from onprem.v1 import database_pb2, tunnel_pb2, values_pb2
@@ -36,6 +36,12 @@ def _rowcount(result: sa.CursorResult[Any]) -> int:
         return -1
     count = result.rowcount
     return count if count is not None and count >= 0 else -1
+
+
+def _tag(conn: sa.Connection) -> str | None:
+    """The command tag the server reported for the last statement (read-only PostgreSQL profiles), for messages."""
+    tag = conn.info.pop(COMMAND_TAG, None)
+    return tag if isinstance(tag, str) else None
 
 
 class Batch(Session):
@@ -57,10 +63,22 @@ class Batch(Session):
     def run(self) -> tunnel_pb2.ResponseChunk:
         conn = self.connection()
         self.begin()
-        # One executemany: psycopg pipelines it, pyodbc and sqlite3 loop in C.
-        result = conn.execute(self.statement, self.sets)
-        affected = _rowcount(result) if conn.dialect.supports_sane_multi_rowcount or len(self.sets) == 1 else -1
-        result.close()
+        if self.profile.read_only:
+            # One set at a time, each checked before the next runs (see Session.guarded); a read-only
+            # batch writes nothing, so its speed matters less than that check.
+            affected = 0
+            for i, params in enumerate(self.sets):
+                with self.guarded(f"parameter set {i}") as tag:
+                    result = conn.execute(self.statement, params)
+                    tag[0] = _tag(conn)
+                    count = _rowcount(result)
+                    result.close()
+                affected = -1 if count < 0 or affected < 0 else affected + count
+        else:
+            # One executemany: psycopg pipelines it, pyodbc and sqlite3 loop in C.
+            result = conn.execute(self.statement, self.sets)
+            affected = _rowcount(result) if conn.dialect.supports_sane_multi_rowcount or len(self.sets) == 1 else -1
+            result.close()
         self.end(commit=True)
         return tunnel_pb2.ResponseChunk(
             batch=database_pb2.ExecuteBatchResponse(rows_affected=affected, sets_applied=len(self.sets))
@@ -86,10 +104,12 @@ class Transaction(Session):
         conn = self.connection()
         self.begin()
         results = []
-        for statement, params in self.steps:
-            result = conn.execute(statement, params)
-            results.append(database_pb2.StatementResult(rows_affected=_rowcount(result)))
-            result.close()
+        for i, (statement, params) in enumerate(self.steps):
+            with self.guarded(f"statement {i}") as tag:
+                result = conn.execute(statement, params)
+                tag[0] = _tag(conn)
+                results.append(database_pb2.StatementResult(rows_affected=_rowcount(result)))
+                result.close()
         # A failure above leaves the transaction open; `close` rolls it back.
         self.end(commit=True)
         return tunnel_pb2.ResponseChunk(transaction=database_pb2.ExecuteTransactionResponse(results=results))

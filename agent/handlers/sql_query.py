@@ -123,11 +123,13 @@ class Query(Session):
         conn = self.connection()
         self.begin()
         if self.dialect == "postgresql":
-            self._execute_postgres()
+            with self.guarded("the statement") as tag:
+                tag[0] = self._execute_postgres()
             return
         # sqlite3 and pyodbc fetch from the database as the rows are asked for; SQLAlchemy's default
         # result does not buffer, so the rows can be read from its DBAPI cursor directly.
-        self.result = conn.execute(self.statement, self.params)
+        with self.guarded("the statement"):
+            self.result = conn.execute(self.statement, self.params)
         if self.result.returns_rows:
             self.cursor = self.result.cursor
             self.description = list(self.cursor.description or ())
@@ -135,8 +137,11 @@ class Query(Session):
             self.rows_affected = self.result.rowcount
             self.done = True
 
-    def _execute_postgres(self) -> None:
-        """Run on psycopg itself: SQLAlchemy's streaming result wraps each row in a Row, a third of the cost."""
+    def _execute_postgres(self) -> str | None:
+        """Run on psycopg itself: SQLAlchemy's streaming result wraps each row in a Row, a third of the cost.
+
+        Returns the statement's command tag.
+        """
         conn = self.connection()
         compiled = self.statement.compile(dialect=conn.dialect)
         sql, params = str(compiled), compiled.construct_params(self.params)
@@ -160,12 +165,14 @@ class Query(Session):
                 self.rows_affected = cursor.rowcount
         self.cursor = cursor
         self.description = list(cursor.description or ())
+        tag: str | None = cursor.statusmessage
         if cursor.description is None:
             self.done = True
-            return
+            return tag
         pgresult = cursor.pgresult
         if pgresult is not None and pgresult.nfields == len(self.description):
             self._origins = [(pgresult.ftable(i), pgresult.ftablecol(i)) for i in range(pgresult.nfields)]
+        return tag
 
     def header(self, first_rows: Sequence[Sequence[Any]]) -> Any:
         """Fix the column types from the driver's description and the first rows."""
@@ -207,11 +214,14 @@ class Query(Session):
             remaining = self.cap - self.row_count
             if remaining <= 0:
                 # One more row tells whether the cap cut anything off.
-                self.truncated = bool(self.cursor.fetchmany(1))
+                with self.guarded("the statement"):
+                    self.truncated = bool(self.cursor.fetchmany(1))
                 self.done = True
                 return []
             want = min(want, remaining)
-        rows: list[Sequence[Any]] = self.cursor.fetchmany(want)
+        # Fetching runs the statement further (functions in the select list included): checked as well.
+        with self.guarded("the statement"):
+            rows: list[Sequence[Any]] = self.cursor.fetchmany(want)
         if len(rows) < want and (self.cap is None or self.row_count + len(rows) < self.cap):
             self.done = True
         self.row_count += len(rows)

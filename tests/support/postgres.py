@@ -32,6 +32,11 @@ def _bindir() -> Path:
     raise RuntimeError("PostgreSQL server binaries not found: install the 'postgresql' package")
 
 
+def bin_path(name: str) -> Path:
+    """A PostgreSQL client or server program (e.g. pg_dump) of the installed version."""
+    return _bindir() / name
+
+
 @dataclass(frozen=True)
 class PostgresServer:
     host: str

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18onprem/v1/profiles.proto\x12\tonprem.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"a\n\x07Profile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.onprem.v1.ProfileKind\x12\x11\n\tread_only\x18\x03 \x01(\x08\x12\x0f\n\x07\x64ialect\x18\x04 \x01(\t\"[\n\x13\x43heckProfileRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12$\n\x04kind\x18\x03 \x01(\x0e\x32\x16.onprem.v1.ProfileKind\"9\n\x0cProfileCheck\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xab\x01\n\rProfileHealth\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.onprem.v1.ProfileKind\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\'\n\x06\x63hecks\x18\x04 \x03(\x0b\x32\x17.onprem.v1.ProfileCheck\x12.\n\nchecked_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"]\n\x14\x43heckProfileResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\'\n\x06\x63hecks\x18\x02 \x03(\x0b\x32\x17.onprem.v1.ProfileCheck\x12\n\n\x02ok\x18\x03 \x01(\x08*u\n\x0bProfileKind\x12\x1c\n\x18PROFILE_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15PROFILE_KIND_DATABASE\x10\x01\x12\x17\n\x13PROFILE_KIND_FOLDER\x10\x02\x12\x14\n\x10PROFILE_KIND_APP\x10\x03\x42`\n\rdev.onprem.v1B\rProfilesProtoP\x01Z2github.com/onprem/onprem/gen/go/onprem/v1;onpremv1\xaa\x02\tOnprem.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18onprem/v1/profiles.proto\x12\tonprem.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"a\n\x07Profile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.onprem.v1.ProfileKind\x12\x11\n\tread_only\x18\x03 \x01(\x08\x12\x0f\n\x07\x64ialect\x18\x04 \x01(\t\"[\n\x13\x43heckProfileRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12$\n\x04kind\x18\x03 \x01(\x0e\x32\x16.onprem.v1.ProfileKind\"J\n\x0cProfileCheck\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0f\n\x07warning\x18\x04 \x01(\x08\"\xab\x01\n\rProfileHealth\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.onprem.v1.ProfileKind\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\'\n\x06\x63hecks\x18\x04 \x03(\x0b\x32\x17.onprem.v1.ProfileCheck\x12.\n\nchecked_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"]\n\x14\x43heckProfileResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\'\n\x06\x63hecks\x18\x02 \x03(\x0b\x32\x17.onprem.v1.ProfileCheck\x12\n\n\x02ok\x18\x03 \x01(\x08*u\n\x0bProfileKind\x12\x1c\n\x18PROFILE_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15PROFILE_KIND_DATABASE\x10\x01\x12\x17\n\x13PROFILE_KIND_FOLDER\x10\x02\x12\x14\n\x10PROFILE_KIND_APP\x10\x03\x42`\n\rdev.onprem.v1B\rProfilesProtoP\x01Z2github.com/onprem/onprem/gen/go/onprem/v1;onpremv1\xaa\x02\tOnprem.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,16 +33,16 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'onprem.v1.profiles_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rdev.onprem.v1B\rProfilesProtoP\001Z2github.com/onprem/onprem/gen/go/onprem/v1;onpremv1\252\002\tOnprem.V1'
-  _globals['_PROFILEKIND']._serialized_start=592
-  _globals['_PROFILEKIND']._serialized_end=709
+  _globals['_PROFILEKIND']._serialized_start=609
+  _globals['_PROFILEKIND']._serialized_end=726
   _globals['_PROFILE']._serialized_start=72
   _globals['_PROFILE']._serialized_end=169
   _globals['_CHECKPROFILEREQUEST']._serialized_start=171
   _globals['_CHECKPROFILEREQUEST']._serialized_end=262
   _globals['_PROFILECHECK']._serialized_start=264
-  _globals['_PROFILECHECK']._serialized_end=321
-  _globals['_PROFILEHEALTH']._serialized_start=324
-  _globals['_PROFILEHEALTH']._serialized_end=495
-  _globals['_CHECKPROFILERESPONSE']._serialized_start=497
-  _globals['_CHECKPROFILERESPONSE']._serialized_end=590
+  _globals['_PROFILECHECK']._serialized_end=338
+  _globals['_PROFILEHEALTH']._serialized_start=341
+  _globals['_PROFILEHEALTH']._serialized_end=512
+  _globals['_CHECKPROFILERESPONSE']._serialized_start=514
+  _globals['_CHECKPROFILERESPONSE']._serialized_end=607
 # @@protoc_insertion_point(module_scope)

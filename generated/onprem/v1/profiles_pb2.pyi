@@ -44,14 +44,16 @@ class CheckProfileRequest(_message.Message):
     def __init__(self, group: _Optional[str] = ..., profile: _Optional[str] = ..., kind: _Optional[_Union[ProfileKind, str]] = ...) -> None: ...
 
 class ProfileCheck(_message.Message):
-    __slots__ = ("name", "ok", "message")
+    __slots__ = ("name", "ok", "message", "warning")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    WARNING_FIELD_NUMBER: _ClassVar[int]
     name: str
     ok: bool
     message: str
-    def __init__(self, name: _Optional[str] = ..., ok: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+    warning: bool
+    def __init__(self, name: _Optional[str] = ..., ok: _Optional[bool] = ..., message: _Optional[str] = ..., warning: _Optional[bool] = ...) -> None: ...
 
 class ProfileHealth(_message.Message):
     __slots__ = ("profile", "kind", "ok", "checks", "checked_at")
