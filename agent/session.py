@@ -130,8 +130,7 @@ class ControlPlaneSession:
 
     async def close_gracefully(self) -> None:
         """Send what is queued, then half-close: the control plane ends the stream once it has read it all."""
-        await self._shell.writer.flush()
-        await self._call.done_writing()
+        await self._shell.close_writing(self._call.done_writing)
 
     async def _drain_then_leave(self, drain: tunnel_pb2.Drain) -> None:
         grace = drain.grace_period.ToTimedelta().total_seconds() if drain.HasField("grace_period") else 30.0

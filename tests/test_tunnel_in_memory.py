@@ -139,3 +139,16 @@ async def test_an_agent_that_goes_silent_is_lost_and_its_requests_fail_unavailab
             [chunk async for chunk in exchange]
         assert caught.value.reason == "AGENT_LOST"
         await asyncio.wait_for(tunnel.control_plane_ended, 1)
+
+
+async def test_an_agent_drained_to_exit_half_closes_and_writes_nothing_after(folder: FakeFolder) -> None:
+    from tunnel.errors import DrainedToExit
+
+    # Heartbeats every 50 ms: an agent that pinged after its half-close would fail inside grpc.
+    limits = Limits(heartbeat_interval=timedelta(seconds=0.05))
+    async with TunnelFor(Dispatcher({"file_op": folder}), limits=limits) as tunnel:
+        tunnel.to_control_plane.reading.clear()  # the control plane is slow to see the half-close
+        tunnel.control_plane.drain("maintenance", timedelta(seconds=1), exit_after=True)
+        with pytest.raises(DrainedToExit, match="drained at the control plane's request \\(maintenance\\)"):
+            await asyncio.wait_for(tunnel.agent_ended, 10)
+        assert tunnel.to_control_plane.half_closed

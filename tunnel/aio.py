@@ -80,6 +80,10 @@ class FrameWriter(Generic[F]):
     def queued_frames(self) -> int:
         return len(self._queue)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
     def send_nowait(self, frame: F) -> None:
         """Queue a control frame; raises StreamClosed once the writer closed (or overflowed)."""
         if self._closed is not None:

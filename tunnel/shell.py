@@ -117,6 +117,16 @@ class Shell(Generic[OutFrame]):
         """Queue a payload frame of `size` bytes, waiting while the stream's queue is full."""
         await self.writer.send(frame, size)
 
+    async def close_writing(self, done_writing: Callable[[], Awaitable[object]]) -> None:
+        """Send what is queued, accept nothing more, then half-close with `done_writing`.
+
+        Frames queued afterwards (an end, a pong) raise StreamClosed where they are sent: a write
+        after the half-close would fail inside grpc instead.
+        """
+        await self.writer.flush()
+        self.writer.close(StreamClosed("this end has finished writing"))
+        await done_writing()
+
     # -- internals --
     def _over_budget(self, error: BudgetExceeded) -> None:
         # Called where a frame was queued, in any task: the stream's own tasks end it.
@@ -143,7 +153,8 @@ class Shell(Generic[OutFrame]):
                     meter.control(kind, now)
                 match event:
                     case PingReceived(nonce):
-                        self.writer.send_nowait(conn.pong(nonce))
+                        if not self.writer.closed:  # after our half-close, nothing more is written
+                            self.writer.send_nowait(conn.pong(nonce))
                     case PongReceived():
                         pass
                     case CreditGranted(rid, _):
@@ -166,7 +177,7 @@ class Shell(Generic[OutFrame]):
             if since is not None and now - since > stall:
                 raise BudgetExceeded("write stall", f"{self.conn.peer} has not read its stream for "
                                                     f"{now - since:.0f} s (the limit is {stall:.0f} s)")
-            if now - self.writer.last_write >= interval / 2:
+            if now - self.writer.last_write >= interval / 2 and not self.writer.closed:
                 self.writer.send_nowait(self.conn.ping(next(self._nonces)))
 
 

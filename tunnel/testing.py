@@ -46,12 +46,16 @@ class Pipe(Generic[M]):
     #: Cleared to stop the reader (a peer that does not read).
     reading: asyncio.Event = field(default_factory=asyncio.Event)
     written: int = 0
+    #: Set once the writer half-closed; a write after that fails as it does in grpc.aio.
+    half_closed: bool = False
 
     def __post_init__(self) -> None:
         self._queue = asyncio.Queue(self.capacity)
         self.reading.set()
 
     async def write(self, message: M) -> None:
+        if self.half_closed:
+            raise asyncio.InvalidStateError('RPC is half closed after calling "done_writing".')
         await self._queue.put(message)
         self.written += 1
 
@@ -60,6 +64,7 @@ class Pipe(Generic[M]):
         return await self._queue.get()
 
     async def done_writing(self) -> None:
+        self.half_closed = True
         await self._queue.put(EOF)
 
 
@@ -111,7 +116,14 @@ class TunnelFor:
         loop = asyncio.get_running_loop()
         self.control_plane_ended: asyncio.Task[None] = loop.create_task(self.control_plane.serve())
         self.agent_ended: asyncio.Task[None] = loop.create_task(self.agent.run())
-        self._tasks = [self.control_plane_ended, self.agent_ended]
+
+        async def end_the_call() -> None:
+            # When the control plane's handler returns, grpc ends the call: the agent reads its end.
+            with contextlib.suppress(BaseException):
+                await self.control_plane_ended
+            await self.to_agent.done_writing()
+
+        self._tasks = [self.control_plane_ended, self.agent_ended, loop.create_task(end_the_call())]
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
