@@ -5,6 +5,7 @@
     onprem query GROUP PROFILE SQL [--param NAME=VALUE ...] [--format csv|jsonl|table] [--max-rows N]
     onprem download GROUP PROFILE PATH [DEST] [--force] [--progress]
     onprem upload GROUP PROFILE LOCAL PATH [--overwrite|--keep-both] [--create-parents] [--progress]
+    onprem tokens | create-token | revoke-token | enrollment-tokens | revoke-enrollment-token   (see tokens.py)
 
 Connection options work as grpcurl's do: --address (or $ONPREM_ADDRESS, default 127.0.0.1:8443), --cacert
 (or $ONPREM_CACERT; system roots otherwise), --token or --token-file (or $ONPREM_TOKEN / $ONPREM_TOKEN_FILE).
@@ -35,6 +36,7 @@ from onprem.v1 import (
 )
 
 from . import rows as rowsmod
+from . import tokens as tokensmod
 from . import transfer
 from .errors import (
     EXIT_CODES_HELP,
@@ -288,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expected-sha256", help="the SHA-256 the file must have (e.g. from a published checksum); "
                    "default: the local file's")
     p.add_argument("--progress", action="store_true", help="show progress on stderr even when it is not a terminal")
+
+    tokensmod.add_commands(command)
     return parser
 
 
