@@ -57,9 +57,12 @@ class Settings:
     #: on how long a stream of a token revoked elsewhere runs on); this process's own
     #: revocations and expiries end calls at once.
     token_watch_interval: float = 1.0
-    #: Failed enrollments an address may make at once; then one more every `enroll_refill_seconds`.
+    #: Enrollments an address may run at once; each failure keeps its share until one more comes
+    #: back every `enroll_refill_seconds`; attempts past it wait for a turn, up to `enroll_max_waiting`
+    #: per address (more are RESOURCE_EXHAUSTED at once).
     enroll_failure_burst: int = 5
     enroll_refill_seconds: float = 2.0
+    enroll_max_waiting: int = 16
     #: Refused unauthenticated calls audited one row each per address before rows are summarised.
     refusal_rows_burst: int = 20
     refusal_rows_refill_seconds: float = 1.0
@@ -107,7 +110,8 @@ class ControlPlane:
         self.tokens = TokenAuthority(store, self.blocking, watch_interval=self.settings.token_watch_interval)
         s = self.settings
         self.enroll_throttle = AttemptThrottle(KeyedBuckets(
-            burst=s.enroll_failure_burst, refill_seconds=s.enroll_refill_seconds, max_keys=s.throttle_max_addresses))
+            burst=s.enroll_failure_burst, refill_seconds=s.enroll_refill_seconds, max_keys=s.throttle_max_addresses),
+            max_waiting=s.enroll_max_waiting)
         self._refusal_rows = RowLimiter(KeyedBuckets(
             burst=s.refusal_rows_burst, refill_seconds=s.refusal_rows_refill_seconds,
             max_keys=s.throttle_max_addresses))
@@ -136,11 +140,13 @@ class ControlPlane:
             self._write_refusal_summaries()
 
     def _write_refusal_summaries(self) -> None:
-        for key, count in self._refusal_rows.drain().items():
+        for (key, (method, outcome, kind)), count in self._refusal_rows.drain().items():
+            code = Code[outcome]
             self.audit.record(AuditEntry(
-                at=dt.datetime.now(dt.UTC), principal=ANONYMOUS, role="", method="(refused calls)",
-                kind="auth", code=int(Code.UNAUTHENTICATED), outcome=Code.UNAUTHENTICATED.name, peer=key,
-                detail=f"{count} more calls refused without a valid token from {key} were not audited one by one",
+                at=dt.datetime.now(dt.UTC), principal=ANONYMOUS, role="", method=method, kind=kind,
+                code=int(code), outcome=outcome, peer=key,
+                detail=f"SUMMARY: {count} more {outcome} refusals of calls without a valid token from {key}, "
+                       "not audited one by one",
             ))
 
     async def _group_facts(self, group: str) -> GroupFacts:
@@ -177,7 +183,7 @@ class ControlPlane:
             name, role, token_id = principal.name, principal.role, principal.token_id
         elif isinstance(error, TokenRefused):
             name, role, token_id = error.name, error.role, error.token_id
-        if principal is None and not self._refusal_rows.allow(peer_key(peer)):
+        if principal is None and not self._refusal_rows.allow(peer_key(peer), (method, error.code.name, kind)):
             return
         self.audit.record(AuditEntry(
             at=dt.datetime.now(dt.UTC), principal=name, role=role, method=method, kind=kind,

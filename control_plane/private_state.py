@@ -10,7 +10,10 @@ creating the database file 0600 before SQLite first opens it covers all three.
 
 A folder or file found with a looser mode at start is reported with a warning
 that names it and says how to fix it; it is not changed behind the admin's
-back (a backup user may have been given access on purpose).
+back (a backup user may have been given access on purpose). The one exception
+is a state folder that exists but is still empty (made for us by a service
+manager, e.g. systemd's `StateDirectory=` makes it 0755, or by a packager):
+populating it is creating it, so it is made 0700 first.
 """
 
 from __future__ import annotations
@@ -28,13 +31,20 @@ _OTHERS = 0o077  # group and world bits
 
 
 def private_dir(path: Path) -> Path:
-    """Make `path` (and missing parents) a folder; the folder itself is created 0700."""
+    """Make `path` (and missing parents) a folder; the folder itself is created 0700.
+
+    An existing folder keeps its mode, unless it is empty: then nothing of ours is in it
+    yet, and it is made 0700 as if we had created it.
+    """
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             path.mkdir(mode=DIR_MODE)
         except FileExistsError:
             return path  # made by a concurrent process; checked like any existing folder
+        os.chmod(path, DIR_MODE)
+    elif path.is_dir() and stat.S_IMODE(path.stat().st_mode) != DIR_MODE and not any(path.iterdir()):
+        log.info("making the empty state folder %s private (mode 0700)", path)
         os.chmod(path, DIR_MODE)
     return path
 

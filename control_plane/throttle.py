@@ -11,18 +11,19 @@ Written for an attacker with many addresses and many attempts:
   everyone who is new during the attack, but never grows the memory.
 
 `KeyedBuckets` is plain arithmetic on a clock, so it is tested without waiting;
-`AttemptThrottle` adds the asyncio wait and a cap on how many attempts of one key
-may wait at once (beyond it: refused at once, so that waiting holds nothing).
+`AttemptThrottle` adds the asyncio wait for a turn, with caps on how many attempts
+may wait (beyond them: refused at once, so that waiting holds bounded memory).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import time
 import urllib.parse
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 #: The key all callers share once the table is full.
@@ -121,7 +122,7 @@ class KeyedBuckets:
 
 
 class Throttled(Exception):
-    """Too many attempts of one key are already waiting."""
+    """Too many attempts of one key (or in all) are already waiting for their turn."""
 
     def __init__(self, key: str, retry_after: float) -> None:
         super().__init__(key)
@@ -130,61 +131,90 @@ class Throttled(Exception):
 
 
 class AttemptThrottle:
-    """Lets `burst` attempts of a key through at once, then one per `refill_seconds`.
+    """Lets `burst` attempts of a key run at once, and only failures use up the budget.
 
-    Every attempt takes a token before it is looked at; one that succeeds gives it back, so
-    only failures use up a key's budget, and concurrent attempts cannot all slip through
-    before the first failure is counted. Past the budget an attempt waits for the next token;
-    at most `max_waiting` attempts of a key wait at once, others raise `Throttled`.
+    Every attempt takes a token before it is looked at, and one that succeeds gives it back:
+    so concurrent attempts cannot all slip through before the first failure is counted, yet
+    many good attempts from one address (a fleet enrolling from behind one NAT) are only
+    ever held to `burst` at a time. Past the budget an attempt waits for its turn: a token
+    given back wakes the next waiter at once, a refill (one per `refill_seconds`) at the
+    latest. At most `max_waiting` attempts of a key, and `max_waiting_total` in all, wait;
+    others raise `Throttled` at once, so that waiting can never hold unbounded memory.
     """
 
-    def __init__(self, buckets: KeyedBuckets, *, max_waiting: int = 1,
-                 sleep: Callable[[float], Awaitable[object]] = asyncio.sleep) -> None:
+    def __init__(self, buckets: KeyedBuckets, *, max_waiting: int = 16, max_waiting_total: int = 1000) -> None:
         self._buckets = buckets
         self._max_waiting = max_waiting
-        self._sleep = sleep
+        self._max_waiting_total = max_waiting_total
+        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        self._waiting_total = 0
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting_total
 
     async def admit(self, key: str) -> float:
-        """Wait until an attempt of `key` may go on; return how long it waited."""
-        waited = 0.0
+        """Wait until an attempt of `key` may go on (it then holds a token); return how long it waited."""
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         while (wait := self._buckets.take(key)) > 0:
             filed, bucket = self._buckets.bucket(key)
-            if bucket.waiting >= self._max_waiting:
+            if bucket.waiting >= self._max_waiting or self._waiting_total >= self._max_waiting_total:
                 raise Throttled(filed, wait)
+            turn: asyncio.Future[None] = loop.create_future()
+            queue = self._waiters.setdefault(filed, deque())
+            queue.append(turn)
             bucket.waiting += 1
+            self._waiting_total += 1
             try:
-                await self._sleep(wait)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await turn
             finally:
                 bucket.waiting -= 1
-            waited += wait
-        return waited
+                self._waiting_total -= 1
+                if turn in queue:
+                    queue.remove(turn)
+                if not queue:
+                    self._waiters.pop(filed, None)
+        return loop.time() - began
 
     def succeeded(self, key: str) -> None:
+        """The attempt was good: give its token back, and wake the next waiter of its key."""
         self._buckets.give_back(key)
+        filed, _ = self._buckets.bucket(key)
+        queue = self._waiters.get(filed)
+        while queue:
+            turn = queue.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
 
 
 class RowLimiter:
-    """Decides which refusals of a key get their own audit row; counts the others for a summary row.
+    """Decides which refusals of a key get their own audit row; counts the others for summary rows.
 
     A flood of refused calls from one address writes `burst` rows, then one per `refill_seconds`,
-    plus one summary row per flush saying how many were left out; `pending` is bounded like the
-    buckets (keys past the table share the overflow key).
+    plus, per drain, one count for each kind of refusal (`what`: e.g. the RPC and its outcome) that
+    was left out. `pending` is bounded like the buckets: past `max_keys` entries, refusals of new
+    addresses are counted under the overflow key.
     """
 
     def __init__(self, buckets: KeyedBuckets) -> None:
         self._buckets = buckets
-        self._pending: dict[str, int] = {}
+        self._pending: dict[tuple[str, tuple[str, ...]], int] = {}
 
-    def allow(self, key: str) -> bool:
+    def allow(self, key: str, what: tuple[str, ...] = ()) -> bool:
         if self._buckets.take(key) == 0:
             return True
         filed, _ = self._buckets.bucket(key)
-        if filed not in self._pending and len(self._pending) >= self._buckets.max_keys:
-            filed = OVERFLOW_KEY
-        self._pending[filed] = self._pending.get(filed, 0) + 1
+        entry = (filed, what)
+        if entry not in self._pending and len(self._pending) >= self._buckets.max_keys:
+            entry = (OVERFLOW_KEY, what)
+        self._pending[entry] = self._pending.get(entry, 0) + 1
         return False
 
-    def drain(self) -> dict[str, int]:
-        """The refusals left out per key since the last drain."""
+    def drain(self) -> dict[tuple[str, tuple[str, ...]], int]:
+        """The refusals left out per (key, what) since the last drain."""
         pending, self._pending = self._pending, {}
         return pending
