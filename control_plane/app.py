@@ -196,13 +196,15 @@ class ControlPlane:
     def require_group(principal: Principal, group: str) -> None:
         if not principal.may_use_group(group):
             raise PermissionDenied(
-                f"token '{principal.name}' may not use group '{group}'", reason="GROUP_NOT_ALLOWED"
+                f"token {principal.label} may not use group '{group}' (its groups: "
+                f"{', '.join(sorted(principal.groups)) or 'none'})", reason="GROUP_NOT_ALLOWED"
             )
 
     @staticmethod
     def require_admin(principal: Principal) -> None:
         if not principal.is_admin:
-            raise PermissionDenied(f"token '{principal.name}' is not an admin token", reason="ADMIN_REQUIRED")
+            raise PermissionDenied(f"token {principal.label} is not an admin token; ask an admin to do this",
+                                   reason="ADMIN_REQUIRED")
 
     # -- the path of every data request --
     @asynccontextmanager

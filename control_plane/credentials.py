@@ -238,7 +238,9 @@ class TokenAuthority:
         self._last_counter = -1
         self._checked_counter = -1
         self._changed = asyncio.Event()
+        #: Last uses not written yet, and the latest use of each token seen by this process (for lists).
         self._used: dict[str, datetime] = {}
+        self._seen: dict[str, datetime] = {}
 
     def close(self) -> None:
         self._counter.close()
@@ -273,6 +275,9 @@ class TokenAuthority:
         if row.expires_at is not None and now >= row.expires_at:
             raise expired_error(cached.principal)
         self._used[row.token_id] = now
+        if len(self._seen) >= CACHE_MAX:
+            self._seen.clear()
+        self._seen[row.token_id] = now
         return cached.principal
 
     def open_call(self, principal: Principal, method: str, peer: str) -> OpenCall:
@@ -293,6 +298,13 @@ class TokenAuthority:
             calls.discard(call)
             if not calls:
                 del self._calls[call.principal.token_id]
+
+    def last_used(self, row: ApiTokenRow) -> datetime | None:
+        """The token's last use: the store's, or a later one this process has not written yet."""
+        seen = self._seen.get(row.token_id)
+        if seen is None or (row.last_used_at is not None and row.last_used_at >= seen):
+            return row.last_used_at
+        return seen
 
     def open_calls(self, token_id: str) -> int:
         return len(self._calls.get(token_id, ()))

@@ -70,7 +70,8 @@ async def test_an_admin_call_refused_to_an_operator_token_is_audited_with_who_wh
     assert info.value.code() == S.PERMISSION_DENIED
     rows = audit_rows(cp, "principal = ? AND method = ?", "auditee", "/onprem.v1.AgentService/CreateEnrollmentToken")
     assert [(r["role"], r["outcome"], r["code"], r["detail"]) for r in rows] == [
-        ("operator", "PERMISSION_DENIED", 7, "ADMIN_REQUIRED: token 'auditee' is not an admin token")]
+        ("operator", "PERMISSION_DENIED", 7,
+         f"ADMIN_REQUIRED: token 'auditee' (onp_{token.split('_')[1]}) is not an admin token; ask an admin to do this")]
     assert rows[0]["token_id"] == token.split("_")[1]
     assert re.fullmatch(PEER, rows[0]["peer"])
 

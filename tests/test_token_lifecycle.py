@@ -210,7 +210,8 @@ def test_an_operator_token_may_not_manage_tokens(channel: grpc.Channel, admin: s
 
     empty = message_factory.GetMessageClass(request)()
     code, message = refused(lambda: getattr(tokens(channel), rpc)(empty, metadata=bearer(operator.secret)))
-    assert (code, message) == (S.PERMISSION_DENIED, "token 'just-ops' is not an admin token")
+    assert (code, message) == (S.PERMISSION_DENIED, f"token 'just-ops' (onp_{operator.token.id}) is not an admin "
+                               "token; ask an admin to do this")
 
 
 def test_an_admin_of_one_group_cannot_grant_another_group_or_every_group(channel: grpc.Channel, admin: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import datetime as dt
 import functools
 import json
@@ -228,6 +229,8 @@ class TokenService(tokens_pb2_grpc.TokenServiceServicer):
 
         rows, more = await self._cp.blocking(_page, fetch, lambda r: principal.may_grant(r.groups), size, after)
         now = dt.datetime.now(dt.UTC)
+        # Last-used times are written in batches; this process's own latest uses are fresher.
+        rows = [dataclasses.replace(r, last_used_at=self._cp.tokens.last_used(r)) for r in rows]
         return tokens_pb2.ListTokensResponse(tokens=[token_message(r, now) for r in rows],
                                              next_page_token=_encode_page_token(more) if more else "")
 
