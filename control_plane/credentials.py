@@ -309,9 +309,13 @@ class TokenAuthority:
     def open_calls(self, token_id: str) -> int:
         return len(self._calls.get(token_id, ()))
 
-    def revoked(self, row: ApiTokenRow) -> int:
-        """A token was revoked by this process: end its open calls now; returns how many."""
-        calls = list(self._calls.get(row.token_id, ()))
+    def revoked(self, row: ApiTokenRow, *, sparing: OpenCall | None = None) -> int:
+        """A token was revoked by this process: end its open calls now; returns how many.
+
+        `sparing` is the call that revoked it, which may be one of the token's own (an admin token
+        revoking itself): that call finishes, so that its caller learns the revocation happened.
+        """
+        calls = [c for c in self._calls.get(row.token_id, ()) if c is not sparing]
         for call in calls:
             call.end(revoked_error(row))
         return len(calls)

@@ -186,6 +186,20 @@ async def test_revoking_a_token_ends_its_open_calls_and_no_others(authority: Tok
     kept.cancel()
 
 
+async def test_the_call_that_revokes_its_own_token_is_spared_so_that_it_can_answer(
+    authority: TokenAuthority, store: Store
+) -> None:
+    token, row = store.create_api_token("root", "admin", ["*"])
+    principal = await authority.authenticate(bearer(token))
+    other_task, _ = await open_call_task(authority, principal)
+    revoking = authority.open_call(principal, "/onprem.v1.TokenService/RevokeToken", "ipv4:10.0.0.7:2")
+    assert authority.revoked(store.revoke_api_token(row.token_id), sparing=revoking) == 1
+    assert revoking.error is None
+    with pytest.raises(asyncio.CancelledError):
+        await other_task
+    authority.close_call(revoking)
+
+
 async def test_an_ended_call_that_already_responded_is_stopped_never_cancelled(
     authority: TokenAuthority, store: Store
 ) -> None:

@@ -269,7 +269,10 @@ def test_revoking_something_that_is_not_a_token_says_what_to_pass(
 
 def test_an_admin_token_can_revoke_itself_and_is_refused_from_then_on(channel: grpc.Channel, admin: str) -> None:
     made = create(channel, admin, "self-revoker", ["*"], role=ADMIN)
-    tokens(channel).RevokeToken(tokens_pb2.RevokeTokenRequest(name=made.token.name), metadata=bearer(made.secret))
+    response = tokens(channel).RevokeToken(tokens_pb2.RevokeTokenRequest(name=made.token.name),
+                                           metadata=bearer(made.secret))
+    # The revoking call itself is answered: it is the one call of the token not ended by its revocation.
+    assert (response.token.id, response.token.state) == (made.token.id, tokens_pb2.TOKEN_STATE_REVOKED)
     code, message = refused(lambda: all_tokens(channel, made.secret))
     assert code == S.UNAUTHENTICATED
     assert message.startswith(f"token 'self-revoker' (onp_{made.token.id}) was revoked at ")

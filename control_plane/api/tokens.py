@@ -250,7 +250,7 @@ class TokenService(tokens_pb2_grpc.TokenServiceServicer):
         already = row.revoked
         row = await self._cp.blocking(functools.partial(
             self._cp.store.revoke_api_token, token_id, by=principal.label, reason=reason))
-        ended = self._cp.tokens.revoked(row)
+        ended = self._cp.tokens.revoked(row, sparing=current_call.get())
         what = "was already revoked" if already else f"revoked; {ended} open calls ended"
         self._audit(principal, "RevokeToken", began, f"token {row.label} {what}" + (f": {reason}" if reason else ""))
         return tokens_pb2.RevokeTokenResponse(token=token_message(row, dt.datetime.now(dt.UTC)))
