@@ -37,6 +37,7 @@ import contextlib
 import hashlib
 import logging
 import sqlite3
+import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -142,7 +143,7 @@ class SqliteCounter:
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
-            conn = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True, isolation_level=None,
+            conn = sqlite3.connect(f"file:{urllib.parse.quote(self._path)}?mode=ro", uri=True, isolation_level=None,
                                    check_same_thread=False)
             conn.execute("PRAGMA busy_timeout=0")
             self._conn = conn

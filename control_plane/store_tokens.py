@@ -172,7 +172,10 @@ class TokenStore:
 
     def _bump(self, conn: Connection, name: str = API_TOKENS_COUNTER) -> None:
         table = change_counters_table
-        conn.execute(update(table).where(table.c.name == name).values(value=table.c.value + 1))
+        if conn.execute(update(table).where(table.c.name == name).values(value=table.c.value + 1)).rowcount == 0:
+            # No counter row (a schema made without create_schema): a change must never go unannounced.
+            self._insert_ignoring_duplicates(conn, table, {"name": name, "value": 0})
+            conn.execute(update(table).where(table.c.name == name).values(value=table.c.value + 1))
 
     def change_counter(self, name: str = API_TOKENS_COUNTER) -> int:
         """The counter's value; it only grows, and grows with every revocation of its kind."""

@@ -262,6 +262,25 @@ async def test_the_sqlite_counter_reads_what_the_store_says(store: Store) -> Non
         counter.close()
 
 
+async def test_the_sqlite_counter_reads_a_store_whose_path_has_uri_characters(tmp_path: Path) -> None:
+    folder = tmp_path / "state?#%"
+    folder.mkdir()
+    with Store(f"sqlite:///{folder / 'control-plane.db'}") as odd:
+        odd.create_schema()
+        fallback_reads: list[int] = []
+
+        class Recording(StoreCounter):
+            async def read(self) -> int:
+                fallback_reads.append(1)
+                return await super().read()
+
+        counter = SqliteCounter(str(odd.sqlite_path), Recording(odd, run_blocking))
+        try:
+            assert (await counter.read(), fallback_reads) == (0, [])
+        finally:
+            counter.close()
+
+
 async def test_the_sqlite_counter_falls_back_to_the_store_when_it_cannot_read_the_file(
     store: Store, tmp_path: Path
 ) -> None:

@@ -103,6 +103,18 @@ def test_a_revocation_bumps_the_change_counter_once(store: Store) -> None:
         revoked.revoked_at, revoked.revoked_by, before + 1)
 
 
+def test_a_revocation_is_counted_even_if_the_counter_row_is_missing(store: Store) -> None:
+    from sqlalchemy import delete
+
+    from control_plane.store_schema import change_counters_table
+
+    _, row = store.create_api_token("ci", "operator", ["plant"])
+    with store.engine.begin() as conn:
+        conn.execute(delete(change_counters_table))
+    store.revoke_api_token(row.token_id)
+    assert store.change_counter() == 1
+
+
 def test_creating_a_token_does_not_move_the_counter(store: Store) -> None:
     before = store.change_counter()
     store.create_api_token("ci", "operator", ["plant"])
