@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
-from control_plane.store import ALL_GROUPS, ApiTokenRow, Role
+from control_plane.store import ALL_GROUPS, API_TOKEN_PREFIX, ApiTokenRow, Role
 
 AUTHORIZATION_KEY = "authorization"
 _BEARER_SCHEME = "bearer"
@@ -30,10 +31,22 @@ class Principal:
     name: str
     role: Role
     groups: frozenset[str]
+    #: None: the token never expires.
+    expires_at: datetime | None = None
 
     @classmethod
     def from_api_token(cls, row: ApiTokenRow) -> Principal:
-        return cls(token_id=row.token_id, name=row.name, role=row.role, groups=frozenset(row.groups))
+        return cls(token_id=row.token_id, name=row.name, role=row.role, groups=frozenset(row.groups),
+                   expires_at=row.expires_at)
+
+    @property
+    def short_id(self) -> str:
+        return f"{API_TOKEN_PREFIX}_{self.token_id}"
+
+    @property
+    def label(self) -> str:
+        """How messages and logs name the token: its name and id, never its secret."""
+        return f"'{self.name}' ({self.short_id})"
 
     @property
     def is_admin(self) -> bool:
@@ -41,6 +54,10 @@ class Principal:
 
     def may_use_group(self, group: str) -> bool:
         return ALL_GROUPS in self.groups or group in self.groups
+
+    def may_grant(self, groups: Sequence[str]) -> bool:
+        """Whether every group in `groups` (the star included) is one this token may use itself."""
+        return all((ALL_GROUPS in self.groups) if g == ALL_GROUPS else self.may_use_group(g) for g in groups)
 
 
 def parse_bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:

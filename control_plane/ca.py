@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from control_plane.private_state import private_dir, write_private
 
 CA_VALIDITY = dt.timedelta(days=3650)
 SERVER_VALIDITY = dt.timedelta(days=397)
@@ -39,13 +40,6 @@ class IssuedCertificate:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    # The key is created 0600 from the start: never world-readable, not even briefly.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -70,7 +64,7 @@ class CertificateAuthority:
     @classmethod
     def load_or_create(cls, directory: Path, common_name: str = "onprem control plane CA") -> CertificateAuthority:
         """Load the CA from `directory`, making it on first start."""
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)
         key_path, cert_path = directory / "ca.key", directory / "ca.pem"
         if key_path.exists() and cert_path.exists():
             key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
@@ -106,8 +100,9 @@ class CertificateAuthority:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256())
         )
-        _write_private(key_path, _key_pem(key))
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        # Keys 0600 from their first byte; certificates too, since the whole state folder is private.
+        write_private(key_path, _key_pem(key))
+        write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
         return cls(key, cert)
 
     def _builder(self, subject: x509.Name, public_key: ec.EllipticCurvePublicKey, validity: dt.timedelta) -> x509.CertificateBuilder:
@@ -164,8 +159,8 @@ class CertificateAuthority:
             .sign(self._key, hashes.SHA256())
         )
         key_pem = _key_pem(key)
-        _write_private(key_path, key_pem)
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        write_private(key_path, key_pem)
+        write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
         return key_pem, cert.public_bytes(serialization.Encoding.PEM) + self.cert_pem
 
     def sign_agent_csr(self, csr_pem: bytes, agent_id: str, validity: dt.timedelta) -> IssuedCertificate:

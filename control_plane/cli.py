@@ -1,12 +1,15 @@
-"""`onprem-control-plane`: serve, and make the first tokens.
+"""`onprem-control-plane`: serve, and manage tokens on the control plane's host.
 
     onprem-control-plane serve [--state-dir DIR] [--operator-listen ADDR] ...
-    onprem-control-plane create-admin-token [--name NAME]
-    onprem-control-plane create-token --name NAME --role operator --groups a,b
+    onprem-control-plane create-admin-token [--name NAME] [--ttl 90d | --no-expiry] [--output FILE]
+    onprem-control-plane create-token --name NAME --role operator --groups a,b [--ttl 30d]
+    onprem-control-plane list-tokens | revoke-token ID | token-settings [--default-ttl 90d]
     onprem-control-plane create-enrollment-token --group GROUP [--ttl SECONDS]
+    onprem-control-plane list-enrollment-tokens | revoke-enrollment-token ID
 
-Token commands talk to the store directly (they run on the control plane's
-host, before any operator can authenticate) and print the token on stdout.
+Token commands (`cli_tokens`) talk to the store directly (they run on the
+control plane's host, before any operator can authenticate) and print the
+token on stdout.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ import os
 import sys
 from pathlib import Path
 
+from control_plane import cli_tokens
 from control_plane.app import Settings
-from control_plane.server import ControlPlaneServer, ServerConfig, open_control_plane
-from control_plane.store import Store, validate_group_name
+from control_plane.server import ControlPlaneServer, ServerConfig, open_control_plane, open_store
+from control_plane.store import Store, StoreError
 from tunnel import logs
 from tunnel.protocol import Limits
 
@@ -38,11 +42,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _store(args: argparse.Namespace) -> Store:
-    url = args.database_url or f"sqlite:///{args.state_dir / 'control-plane.db'}"
-    args.state_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(url)
-    store.create_schema()
-    return store
+    return open_store(args.state_dir, args.database_url)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -77,32 +77,6 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _create_admin_token(args: argparse.Namespace) -> int:
-    with _store(args) as store:
-        token, _ = store.create_api_token(args.name, "admin", ["*"])
-    print(token)
-    return 0
-
-
-def _create_token(args: argparse.Namespace) -> int:
-    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
-    for g in groups:
-        if g != "*":
-            validate_group_name(g)
-    with _store(args) as store:
-        token, _ = store.create_api_token(args.name, args.role, groups)
-    print(token)
-    return 0
-
-
-def _create_enrollment_token(args: argparse.Namespace) -> int:
-    with _store(args) as store:
-        token, row = store.create_enrollment_token(args.group, dt.timedelta(seconds=args.ttl), args.description)
-    print(token)
-    print(f"valid until {row.expires_at.isoformat()} for group {row.group_name}", file=sys.stderr)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onprem-control-plane", description=__doc__.split("\n")[0])
     parser.add_argument("--log-level", default=os.environ.get("ONPREM_LOG_LEVEL", "INFO"))
@@ -124,24 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds between pings on a quiet agent stream; 3 missed end it")
     serve.set_defaults(func=_serve)
 
-    admin = sub.add_parser("create-admin-token", help="create an admin token for every group")
-    _common(admin)
-    admin.add_argument("--name", default="admin")
-    admin.set_defaults(func=_create_admin_token)
-
-    token = sub.add_parser("create-token", help="create an operator or admin token")
-    _common(token)
-    token.add_argument("--name", required=True)
-    token.add_argument("--role", choices=["operator", "admin"], default="operator")
-    token.add_argument("--groups", required=True, help="comma-separated groups, or * for all")
-    token.set_defaults(func=_create_token)
-
-    enroll = sub.add_parser("create-enrollment-token", help="create a single-use agent enrollment token")
-    _common(enroll)
-    enroll.add_argument("--group", required=True)
-    enroll.add_argument("--ttl", type=float, default=3600, help="seconds the token stays valid")
-    enroll.add_argument("--description", default="")
-    enroll.set_defaults(func=_create_enrollment_token)
+    cli_tokens.add_commands(sub, _common, _store)
     return parser
 
 
@@ -153,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"onprem-control-plane: {exc}", file=sys.stderr)
         return 2
+    except StoreError as exc:
+        print(f"onprem-control-plane: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -3,6 +3,16 @@
 Served on its own TLS listener without client certificates (grpcio's Python
 API can either require client certificates or not ask for them, not ask for
 them optionally, so the tunnel's mTLS listener cannot serve it too).
+
+Anyone who can reach the listener may call it, so it is written for guessers:
+- the token is checked (a read, spending nothing) before any signing work, and
+  spent atomically only once the CSR is known to be good, so a bad CSR does not
+  burn a good token and concurrent uses of one token have one winner;
+- every refused attempt is audited (anonymous, with the caller's address, the
+  token's id when it has a well-formed one, and why);
+- each address may fail `enroll_failure_burst` times at once, then once every
+  `enroll_refill_seconds`: later attempts wait for their turn (one at a time per
+  address; more are RESOURCE_EXHAUSTED at once), see `control_plane.throttle`.
 """
 
 from __future__ import annotations
@@ -10,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import secrets
+import time
 from typing import Any
 
 import grpc
@@ -17,11 +28,14 @@ import grpc
 from control_plane.api import errors
 from control_plane.app import ControlPlane
 from control_plane.ca import AGENT_ID_PREFIX, CsrError
-from control_plane.store import AuditEntry, TokenError, validate_agent_name
+from control_plane.store import AuditEntry, TokenError, enrollment_token_id, validate_agent_name
+from control_plane.throttle import Throttled, peer_key
 from onprem.v1 import enrollment_pb2, enrollment_pb2_grpc
-from tunnel.errors import Code, InvalidArgument, PermissionDenied
+from tunnel.errors import Code, InvalidArgument, PermissionDenied, RequestError, ResourceExhausted
 
 log = logging.getLogger("onprem.control_plane.enrollment")
+
+METHOD = "/onprem.v1.Enrollment/Enroll"
 
 
 class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
@@ -32,6 +46,28 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
     async def Enroll(
         self, request: enrollment_pb2.EnrollRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> enrollment_pb2.EnrollResponse:
+        began = time.monotonic()
+        peer = context.peer()
+        key = peer_key(peer)
+        throttle = self._cp.enroll_throttle
+        try:
+            try:
+                await throttle.admit(key)
+            except Throttled as exc:
+                raise ResourceExhausted(
+                    f"too many failed enrollment attempts from {exc.key}; wait {exc.retry_after:.0f} s and check "
+                    "the token (enrollment tokens are single use: ask an admin for a new one)",
+                    reason="ENROLLMENT_THROTTLED") from None
+            response = await self._enroll(request, peer)
+        except RequestError as exc:
+            token_id = enrollment_token_id(request.token)
+            self._cp.audit_refusal(method=METHOD, peer=peer, error=exc, role="agent", kind="enroll", began=began,
+                                   note=f"enrollment token onpe_{token_id}: " if token_id else "")
+            raise
+        throttle.succeeded(key)
+        return response
+
+    async def _enroll(self, request: enrollment_pb2.EnrollRequest, peer: str) -> enrollment_pb2.EnrollResponse:
         if not request.token:
             raise InvalidArgument("'token' is required: an enrollment token from an admin", reason="MISSING_TOKEN")
         if not request.csr_pem:
@@ -41,32 +77,38 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             validate_agent_name(name)
         except ValueError as exc:
             raise InvalidArgument(f"'name': {exc}", reason="INVALID_NAME") from None
-        agent_id = AGENT_ID_PREFIX + secrets.token_hex(8)
-        validity = self._cp.settings.agent_cert_validity
-        # Sign first: a bad CSR must not burn the single-use token.
+        cp = self._cp
+        # The token first, spending nothing: a guesser must not get any signing work out of us.
         try:
-            issued = self._cp.ca.sign_agent_csr(request.csr_pem.encode(), agent_id, validity)
+            await cp.blocking(cp.store.check_enrollment_token, request.token)
+        except TokenError as exc:
+            raise PermissionDenied(str(exc), reason="BAD_ENROLLMENT_TOKEN") from None
+        agent_id = AGENT_ID_PREFIX + secrets.token_hex(8)
+        # Then the CSR, before spending the token: a bad CSR must not burn a good single-use token.
+        try:
+            issued = cp.ca.sign_agent_csr(request.csr_pem.encode(), agent_id, cp.settings.agent_cert_validity)
         except CsrError as exc:
             raise InvalidArgument(str(exc), reason="BAD_CSR") from None
         try:
-            token = await self._cp.blocking(self._cp.store.consume_enrollment_token, request.token, agent_id)
+            # Atomic: of concurrent enrollments with one token, one wins; the others' certificates are dropped.
+            token = await cp.blocking(cp.store.consume_enrollment_token, request.token, agent_id)
         except TokenError as exc:
             raise PermissionDenied(str(exc), reason="BAD_ENROLLMENT_TOKEN") from None
-        await self._cp.blocking(
-            self._cp.store.add_agent, agent_id, name, token.group_name, request.hostname[:255], "",
+        await cp.blocking(
+            cp.store.add_agent, agent_id, name, token.group_name, request.hostname[:255], "",
             issued.serial, issued.not_after,
         )
         log.info("enrolled agent %s (%s) into group %s", name, agent_id, token.group_name)
-        self._cp.audit.record(AuditEntry(
+        cp.audit.record(AuditEntry(
             at=dt.datetime.now(dt.UTC), principal=f"enrollment-token:{token.token_id}", role="agent",
-            method="/onprem.v1.Enrollment/Enroll", kind="admin", code=int(Code.OK), outcome="OK",
-            group_name=token.group_name, agent_id=agent_id, detail=f"agent {name}",
+            method=METHOD, kind="admin", code=int(Code.OK), outcome="OK",
+            group_name=token.group_name, agent_id=agent_id, detail=f"agent {name}", peer=peer,
         ))
         response = enrollment_pb2.EnrollResponse(
             agent_id=agent_id,
             group=token.group_name,
             certificate_pem=issued.pem.decode(),
-            ca_pem=self._cp.ca.cert_pem.decode(),
+            ca_pem=cp.ca.cert_pem.decode(),
         )
         response.expires_at.FromDatetime(issued.not_after)
         return response

@@ -1,7 +1,9 @@
 """Builds and runs the control plane's three listeners.
 
 - operator listener (TLS, bearer tokens): the operator services, server
-  reflection and `grpc.health.v1.Health`;
+  reflection and `grpc.health.v1.Health`; every call but health and
+  reflection is authenticated from its metadata before any message is read
+  (`control_plane.api.guard`);
 - agent listener (mTLS): `AgentTunnel/Connect`;
 - enrollment listener (TLS, no client certificate): `Enrollment/Enroll`.
 
@@ -27,10 +29,13 @@ from control_plane.api.agents import AgentService
 from control_plane.api.apps import AppService
 from control_plane.api.database import DatabaseService
 from control_plane.api.files import FileService
+from control_plane.api.guard import AuthInterceptor
+from control_plane.api.tokens import TokenService
 from control_plane.app import ControlPlane, Settings
 from control_plane.ca import CertificateAuthority
 from control_plane.enrollment import EnrollmentService
-from control_plane.store import Store
+from control_plane.private_state import prepare_state_dir
+from control_plane.store import DEFAULT_DB_FILENAME, Store
 from control_plane.tunnel_service import AgentTunnelService
 from onprem.v1 import (
     agents_pb2,
@@ -42,6 +47,8 @@ from onprem.v1 import (
     enrollment_pb2_grpc,
     files_pb2,
     files_pb2_grpc,
+    tokens_pb2,
+    tokens_pb2_grpc,
     tunnel_pb2_grpc,
 )
 from tunnel.channel_options import OPERATOR_SERVER_OPTIONS, SERVER_OPTIONS, TUNNEL_SERVER_OPTIONS
@@ -53,6 +60,7 @@ OPERATOR_SERVICES = [
     files_pb2.DESCRIPTOR.services_by_name["FileService"].full_name,
     apps_pb2.DESCRIPTOR.services_by_name["AppService"].full_name,
     agents_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+    tokens_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name,
 ]
 
 
@@ -72,13 +80,19 @@ class ServerConfig:
 
     @property
     def store_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.state_dir / 'control-plane.db'}"
+        return self.database_url or f"sqlite:///{self.state_dir / DEFAULT_DB_FILENAME}"
+
+
+def open_store(state_dir: Path, database_url: str | None) -> Store:
+    """The store of a state folder, the folder made private first (see `private_state`)."""
+    prepare_state_dir(state_dir, sqlite_file=None if database_url else state_dir / DEFAULT_DB_FILENAME)
+    store = Store(database_url or f"sqlite:///{state_dir / DEFAULT_DB_FILENAME}")
+    store.create_schema()
+    return store
 
 
 def open_control_plane(config: ServerConfig) -> ControlPlane:
-    config.state_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(config.store_url)
-    store.create_schema()
+    store = open_store(config.state_dir, config.database_url)
     ca = CertificateAuthority.load_or_create(config.state_dir / "ca")
     return ControlPlane(store, ca, config.settings)
 
@@ -91,6 +105,7 @@ class ControlPlaneServer:
         self.ports: dict[str, int] = {}
         self._servers: list[grpc.aio.Server] = []
         self._audit_task: asyncio.Task[None] | None = None
+        self._background: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         key, chain = self.cp.ca.server_identity(self.config.state_dir / "ca", list(self.config.hostnames))
@@ -98,11 +113,12 @@ class ControlPlaneServer:
         tls = grpc.ssl_server_credentials([(key, chain)])
         mtls = grpc.ssl_server_credentials([(key, chain)], root_certificates=ca_pem, require_client_auth=True)
 
-        operator = grpc.aio.server(options=OPERATOR_SERVER_OPTIONS)
+        operator = grpc.aio.server(options=OPERATOR_SERVER_OPTIONS, interceptors=[AuthInterceptor(self.cp)])
         database_pb2_grpc.add_DatabaseServiceServicer_to_server(DatabaseService(self.cp), operator)
         files_pb2_grpc.add_FileServiceServicer_to_server(FileService(self.cp), operator)
         apps_pb2_grpc.add_AppServiceServicer_to_server(AppService(self.cp), operator)
         agents_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(self.cp), operator)
+        tokens_pb2_grpc.add_TokenServiceServicer_to_server(TokenService(self.cp), operator)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, operator)
         reflection.enable_server_reflection(
             [*OPERATOR_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -126,7 +142,9 @@ class ControlPlaneServer:
             self._servers.append(server)
         for server in self._servers:
             await server.start()
-        self._audit_task = asyncio.get_running_loop().create_task(self.cp.audit.run(), name="audit-writer")
+        loop = asyncio.get_running_loop()
+        self._audit_task = loop.create_task(self.cp.audit.run(), name="audit-writer")
+        self._background = loop.create_task(self.cp.run_background(), name="token-watcher")
         if self.config.metrics_listen:
             metrics.serve(self.config.metrics_listen, self._agent_states)
         for service in [*OPERATOR_SERVICES, ""]:
@@ -161,9 +179,11 @@ class ControlPlaneServer:
         for session in self.cp.registry.all():
             session.close("the control plane is shutting down")
         await agent.stop(1)
-        if self._audit_task is not None:
-            self._audit_task.cancel()
-            await asyncio.gather(self._audit_task, return_exceptions=True)
+        # The watcher first: it flushes last-used times and refusal summaries, which the audit writer then writes.
+        for task in (self._background, self._audit_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     async def serve_until_signal(self) -> None:
         loop = asyncio.get_running_loop()

@@ -5,29 +5,27 @@ SQLite file and a PostgreSQL database shared by several replicas. Every method
 runs in its own short transaction and returns frozen rows with timezone-aware
 UTC datetimes, whatever the database hands back.
 
-Secrets (operator tokens, enrollment tokens) are stored only as hashes; the
-plaintext is returned once, at creation.
+Tokens live in `store_tokens` (a mixin of `Store`): secrets are stored only as
+hashes, and the plaintext is returned once, at creation.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-import re
-import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Final
 
 from sqlalchemy import (
     Connection,
     Insert,
+    Table,
     create_engine,
     event,
     func,
     insert,
+    inspect,
     select,
     update,
 )
@@ -39,13 +37,9 @@ from sqlalchemy.exc import IntegrityError
 from control_plane.store_rows import (
     _AUDIT_DETAIL_MAX,
     _AUDIT_LIST_MAX,
-    _DESCRIPTION_MAX,
+    _PEER_MAX,
     _REASON_MAX,
-    _SECRET_BYTES,
-    _SECRET_RE,
     _SQLITE_BUSY_TIMEOUT_MS,
-    _TOKEN_ID_BYTES,
-    _TOKEN_ID_RE,
     _TOKEN_NAME_MAX,
     ALL_GROUPS,
     API_TOKEN_PREFIX,
@@ -53,6 +47,8 @@ from control_plane.store_rows import (
     ENROLLMENT_TOKEN_PREFIX,
     ENROLLMENT_TTL_DEFAULT,
     ENROLLMENT_TTL_MAX,
+    OPERATOR_TOKEN_TTL_DEFAULT,
+    OPERATOR_TOKEN_TTL_MAX,
     ROLES,
     AdvertisedProfile,
     AgentRevoked,
@@ -68,6 +64,8 @@ from control_plane.store_rows import (
     TokenError,
     TokenExpired,
     TokenInvalid,
+    TokenRevoked,
+    TokenState,
     TokenUsed,
     _check_text,
     _utc,
@@ -78,50 +76,22 @@ from control_plane.store_rows import (
 )
 from control_plane.store_schema import (
     _agent_row,
-    _api_token_row,
     _audit_row,
-    _enrollment_row,
     _group_row,
     _profiles_json,
     agents_table,
-    api_tokens_table,
     audit_table,
-    enrollment_tokens_table,
     groups_table,
     metadata,
 )
-
-# --- secrets ------------------------------------------------------------------------------------------------
-
-
-def _hash_secret(secret: str) -> str:
-    # The secret is 32 random bytes, so it cannot be guessed or found in a dictionary:
-    # a fast unsalted SHA-256 is enough; slow password hashes only matter for low-entropy secrets.
-    return hashlib.sha256(secret.encode("ascii")).hexdigest()
-
-
-def _secret_matches(secret: str, stored_hash: str) -> bool:
-    return hmac.compare_digest(_hash_secret(secret), stored_hash)
-
-
-def _new_token(prefix: str) -> tuple[str, str, str]:
-    token_id = secrets.token_hex(_TOKEN_ID_BYTES)
-    secret = secrets.token_urlsafe(_SECRET_BYTES)
-    return f"{prefix}_{token_id}_{secret}", token_id, secret
-
-
-_API_TOKEN_RE: Final = re.compile(f"{API_TOKEN_PREFIX}_({_TOKEN_ID_RE})_({_SECRET_RE})")
-_ENROLLMENT_TOKEN_RE: Final = re.compile(f"{ENROLLMENT_TOKEN_PREFIX}_({_TOKEN_ID_RE})_({_SECRET_RE})")
-
-
-def _parse_token(token: object, pattern: re.Pattern[str]) -> tuple[str, str] | None:
-    if not isinstance(token, str):
-        return None
-    match = pattern.fullmatch(token)
-    if match is None:
-        return None
-    return match.group(1), match.group(2)
-
+from control_plane.store_tokens import (
+    API_TOKENS_COUNTER,
+    PageKey,
+    TokenStore,
+    api_token_id,
+    enrollment_token_id,
+    parse_token_id,
+)
 
 # --- the store ----------------------------------------------------------------------------------------------
 
@@ -154,7 +124,7 @@ def _configure_sqlite(engine: Engine) -> None:
             conn.exec_driver_sql("BEGIN")
 
 
-class Store:
+class Store(TokenStore):
     """The control plane's state, in SQLite (embedded) or PostgreSQL (shared by replicas)."""
 
     def __init__(self, url: str, *, clock: Callable[[], datetime] = _utcnow) -> None:
@@ -177,9 +147,35 @@ class Store:
     def engine(self) -> Engine:
         return self._engine
 
+    @property
+    def sqlite_path(self) -> str | None:
+        """The database file, when the store is a SQLite file; None otherwise."""
+        url = self._engine.url
+        if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+            return None
+        return url.database
+
     def create_schema(self) -> None:
-        """Create the tables that do not exist yet."""
+        """Create the tables that do not exist yet, and refuse a store made by an older release.
+
+        There are no migrations yet (they come with Alembic); until then a store whose tables
+        lack columns this version needs is refused with a message saying so, rather than
+        failing later on the first query that touches them.
+        """
         metadata.create_all(self._engine)
+        missing = []
+        inspector = inspect(self._engine)
+        for table in metadata.sorted_tables:
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            missing += [f"{table.name}.{c.name}" for c in table.columns if c.name not in present]
+        if missing:
+            raise StoreError(
+                f"the store {self!r} was made by an older release of onprem and lacks the columns "
+                f"{', '.join(missing)}; this version cannot upgrade it in place yet (schema migrations are "
+                "planned): keep the older release for it, or start from a new state folder"
+            )
+        with self._write() as conn:
+            self._ensure_counters(conn)
 
     def close(self) -> None:
         self._engine.dispose()
@@ -199,25 +195,25 @@ class Store:
             with conn.begin():
                 yield conn
 
-    def _insert_ignoring_duplicates(self, conn: Connection, values: dict[str, Any]) -> None:
-        # Several replicas may create the same group at once; the loser must not fail.
+    def _insert_ignoring_duplicates(self, conn: Connection, table: Table, values: dict[str, Any]) -> None:
+        # Several replicas may create the same row (a group, a counter) at once; the loser must not fail.
         stmt: Insert
         if conn.dialect.name == "postgresql":
-            stmt = pg_insert(groups_table).values(values).on_conflict_do_nothing()
+            stmt = pg_insert(table).values(values).on_conflict_do_nothing()
         elif conn.dialect.name == "sqlite":
-            stmt = sqlite_insert(groups_table).values(values).on_conflict_do_nothing()
+            stmt = sqlite_insert(table).values(values).on_conflict_do_nothing()
         else:
-            exists = conn.execute(select(groups_table.c.name).where(groups_table.c.name == values["name"]))
+            exists = conn.execute(select(table.c.name).where(table.c.name == values["name"]))
             if exists.first() is not None:
                 return
-            stmt = insert(groups_table).values(values)
+            stmt = insert(table).values(values)
         conn.execute(stmt)
 
     # --- groups ---------------------------------------------------------------------------------------------
 
     def _ensure_group(self, conn: Connection, name: str) -> GroupRow:
         validate_group_name(name)
-        self._insert_ignoring_duplicates(conn, {"name": name, "created_at": self._now()})
+        self._insert_ignoring_duplicates(conn, groups_table, {"name": name, "created_at": self._now()})
         row = conn.execute(select(groups_table).where(groups_table.c.name == name)).one()
         return _group_row(row)
 
@@ -385,146 +381,6 @@ class Store:
                 found.add((profile.kind, profile.name))
         return found
 
-    # --- operator tokens ------------------------------------------------------------------------------------
-
-    def create_api_token(self, name: str, role: Role, groups: Sequence[str]) -> tuple[str, ApiTokenRow]:
-        """Create an operator token; the plaintext token is returned here and nowhere else."""
-        _check_text(name, "token name", _TOKEN_NAME_MAX, required=True)
-        if role not in ROLES:
-            raise ValueError(f"invalid role {role!r}: use one of {', '.join(ROLES)}")
-        if isinstance(groups, str):
-            # A bare string would otherwise be taken as a list of one-letter groups.
-            raise ValueError("groups must be a list of group names, not a single string")
-        wanted: list[str] = []
-        for group in groups:
-            if group != ALL_GROUPS:
-                validate_group_name(group)
-            if group not in wanted:
-                wanted.append(group)
-        token, token_id, secret = _new_token(API_TOKEN_PREFIX)
-        values = {
-            "token_id": token_id,
-            "name": name,
-            "secret_hash": _hash_secret(secret),
-            "role": role,
-            "groups": json.dumps(wanted),
-            "created_at": self._now(),
-            "revoked_at": None,
-        }
-        with self._write() as conn:
-            conn.execute(insert(api_tokens_table).values(values))
-            row = conn.execute(select(api_tokens_table).where(api_tokens_table.c.token_id == token_id)).one()
-        return token, _api_token_row(row)
-
-    def authenticate_api_token(self, token: str) -> ApiTokenRow | None:
-        """The token's row if the token is well formed, known, has the right secret and is not revoked."""
-        parsed = _parse_token(token, _API_TOKEN_RE)
-        if parsed is None:
-            return None
-        token_id, secret = parsed
-        with self._read() as conn:
-            row = conn.execute(
-                select(api_tokens_table).where(api_tokens_table.c.token_id == token_id)
-            ).first()
-        if row is None or not _secret_matches(secret, row.secret_hash) or row.revoked_at is not None:
-            return None
-        return _api_token_row(row)
-
-    def list_api_tokens(self) -> list[ApiTokenRow]:
-        stmt = select(api_tokens_table).order_by(api_tokens_table.c.created_at, api_tokens_table.c.token_id)
-        with self._read() as conn:
-            rows = conn.execute(stmt).all()
-        return [_api_token_row(r) for r in rows]
-
-    def revoke_api_token(self, token_id: str) -> ApiTokenRow:
-        """Revoke an operator token; revoking again keeps the first revocation time."""
-        stmt = (
-            update(api_tokens_table)
-            .where(api_tokens_table.c.token_id == token_id)
-            .where(api_tokens_table.c.revoked_at.is_(None))
-            .values(revoked_at=self._now())
-        )
-        with self._write() as conn:
-            conn.execute(stmt)
-            row = conn.execute(
-                select(api_tokens_table).where(api_tokens_table.c.token_id == token_id)
-            ).first()
-        if row is None:
-            raise NotFound(f"no operator token has the id {token_id!r}")
-        return _api_token_row(row)
-
-    # --- enrollment tokens ----------------------------------------------------------------------------------
-
-    def create_enrollment_token(
-        self, group: str, ttl: timedelta = ENROLLMENT_TTL_DEFAULT, description: str = ""
-    ) -> tuple[str, EnrollmentTokenRow]:
-        """Create a single-use enrollment token for `group`, creating the group if needed."""
-        validate_group_name(group)
-        if ttl <= timedelta(0) or ttl > ENROLLMENT_TTL_MAX:
-            raise ValueError(
-                f"the enrollment token's lifetime must be more than 0 and at most {ENROLLMENT_TTL_MAX}, got {ttl}"
-            )
-        _check_text(description, "description", _DESCRIPTION_MAX)
-        token, token_id, secret = _new_token(ENROLLMENT_TOKEN_PREFIX)
-        now = self._now()
-        values = {
-            "token_id": token_id,
-            "secret_hash": _hash_secret(secret),
-            "group_name": group,
-            "description": description,
-            "created_at": now,
-            "expires_at": now + ttl,
-            "used_at": None,
-            "used_by_agent": None,
-        }
-        table = enrollment_tokens_table
-        with self._write() as conn:
-            self._ensure_group(conn, group)
-            conn.execute(insert(table).values(values))
-            row = conn.execute(select(table).where(table.c.token_id == token_id)).one()
-        return token, _enrollment_row(row)
-
-    def consume_enrollment_token(
-        self, token: str, agent_id: str, now: datetime | None = None
-    ) -> EnrollmentTokenRow:
-        """Spend an enrollment token on `agent_id`; of concurrent attempts with one token, one wins.
-
-        Raises TokenInvalid, TokenExpired or TokenUsed. A wrong secret is always
-        TokenInvalid, so that guessing reveals nothing about real tokens.
-        """
-        parsed = _parse_token(token, _ENROLLMENT_TOKEN_RE)
-        if parsed is None:
-            raise TokenInvalid()
-        token_id, secret = parsed
-        at = _utc(now) if now is not None else self._now()
-        table = enrollment_tokens_table
-        by_id = select(table).where(table.c.token_id == token_id)
-        with self._write() as conn:
-            row = conn.execute(by_id).first()
-            if row is None or not _secret_matches(secret, row.secret_hash):
-                raise TokenInvalid()
-            # The conditions live in the UPDATE itself, not only in the read above: a concurrent
-            # enrollment that read the same unused row will find it used here and update nothing.
-            claimed = conn.execute(
-                update(table)
-                .where(table.c.token_id == token_id)
-                .where(table.c.used_at.is_(None))
-                .where(table.c.expires_at > at)
-                .values(used_at=at, used_by_agent=agent_id)
-            ).rowcount
-            current = conn.execute(by_id).one()
-        if claimed == 1:
-            return _enrollment_row(current)
-        if current.used_at is not None:
-            raise TokenUsed(current.used_by_agent or "?", current.used_at)
-        raise TokenExpired(current.expires_at)
-
-    def list_enrollment_tokens(self) -> list[EnrollmentTokenRow]:
-        table = enrollment_tokens_table
-        with self._read() as conn:
-            rows = conn.execute(select(table).order_by(table.c.created_at, table.c.token_id)).all()
-        return [_enrollment_row(r) for r in rows]
-
     # --- audit ----------------------------------------------------------------------------------------------
 
     def add_audit(self, entry: AuditEntry) -> int:
@@ -559,6 +415,8 @@ class Store:
             "bytes_out": entry.bytes_out,
             "duration_ms": entry.duration_ms,
             "detail": entry.detail[:_AUDIT_DETAIL_MAX],
+            "token_id": entry.token_id,
+            "peer": entry.peer[:_PEER_MAX] if entry.peer is not None else None,
         }
 
     def list_audit(self, limit: int = 100) -> list[AuditEntry]:
@@ -584,11 +442,14 @@ class Store:
 
 __all__ = [
     "ALL_GROUPS",
+    "API_TOKENS_COUNTER",
     "API_TOKEN_PREFIX",
     "DEFAULT_DB_FILENAME",
     "ENROLLMENT_TOKEN_PREFIX",
     "ENROLLMENT_TTL_DEFAULT",
     "ENROLLMENT_TTL_MAX",
+    "OPERATOR_TOKEN_TTL_DEFAULT",
+    "OPERATOR_TOKEN_TTL_MAX",
     "ROLES",
     "AdvertisedProfile",
     "AgentRevoked",
@@ -599,14 +460,20 @@ __all__ = [
     "EnrollmentTokenRow",
     "GroupRow",
     "NotFound",
+    "PageKey",
     "Role",
     "Store",
     "StoreError",
     "TokenError",
     "TokenExpired",
     "TokenInvalid",
+    "TokenRevoked",
+    "TokenState",
     "TokenUsed",
+    "api_token_id",
     "default_url",
+    "enrollment_token_id",
+    "parse_token_id",
     "validate_agent_name",
     "validate_group_name",
 ]

@@ -19,6 +19,12 @@ DEFAULT_DB_FILENAME: Final = "control-plane.db"
 
 ENROLLMENT_TTL_DEFAULT: Final = timedelta(hours=1)
 ENROLLMENT_TTL_MAX: Final = timedelta(days=7)
+#: How long an operator token lives when its creator does not say; admins change it with
+#: `onprem-control-plane token-settings --default-ttl` (the `settings` table).
+OPERATOR_TOKEN_TTL_DEFAULT: Final = timedelta(days=90)
+#: The longest lifetime an operator token may be given; only the local bootstrap command
+#: (`create-admin-token --no-expiry`) makes tokens that never expire.
+OPERATOR_TOKEN_TTL_MAX: Final = timedelta(days=366)
 
 API_TOKEN_PREFIX: Final = "onp"
 ENROLLMENT_TOKEN_PREFIX: Final = "onpe"
@@ -36,6 +42,9 @@ _AGENT_NAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,253}")
 _TOKEN_NAME_MAX: Final = 200
 _DESCRIPTION_MAX: Final = 500
 _REASON_MAX: Final = 500
+#: Who created or revoked a token: a token's label, or the local CLI and its user.
+_ACTOR_MAX: Final = 255
+_PEER_MAX: Final = 128
 _AUDIT_DETAIL_MAX: Final = 500
 _AUDIT_LIST_MAX: Final = 10_000
 
@@ -79,6 +88,16 @@ class TokenExpired(TokenError):
         self.expired_at = expired_at
         super().__init__(
             f"the enrollment token expired at {_iso(expired_at)}; ask an administrator for a new one"
+        )
+
+
+class TokenRevoked(TokenError):
+    def __init__(self, revoked_at: datetime, revoked_by: str) -> None:
+        self.revoked_at = revoked_at
+        self.revoked_by = revoked_by
+        by = f" by {revoked_by}" if revoked_by else ""
+        super().__init__(
+            f"the enrollment token was revoked at {_iso(revoked_at)}{by}; ask an administrator for a new one"
         )
 
 
@@ -142,9 +161,16 @@ class AgentRow:
         return self.revoked_at is not None
 
 
+TokenState = Literal["active", "expired", "revoked", "used"]
+
+
 @dataclass(frozen=True)
 class ApiTokenRow:
-    """An operator token, without its secret or the secret's hash."""
+    """An operator token, without its secret or the secret's hash.
+
+    People and audit rows name a token by `label`: its name and its id, which is
+    the public start of the token (`onp_<id>_<secret>`), never the secret.
+    """
 
     token_id: str
     name: str
@@ -152,10 +178,32 @@ class ApiTokenRow:
     groups: tuple[str, ...]
     created_at: datetime
     revoked_at: datetime | None
+    #: None: the token never expires (only the local bootstrap command makes such tokens).
+    expires_at: datetime | None = None
+    #: When the token last authenticated a call, to within the control plane's flush interval.
+    last_used_at: datetime | None = None
+    created_by: str = ""
+    revoked_by: str = ""
+    revoke_reason: str = ""
 
     @property
     def revoked(self) -> bool:
         return self.revoked_at is not None
+
+    @property
+    def short_id(self) -> str:
+        return f"{API_TOKEN_PREFIX}_{self.token_id}"
+
+    @property
+    def label(self) -> str:
+        return f"'{self.name}' ({self.short_id})"
+
+    def state(self, now: datetime) -> TokenState:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and now >= self.expires_at:
+            return "expired"
+        return "active"
 
 
 @dataclass(frozen=True)
@@ -169,11 +217,32 @@ class EnrollmentTokenRow:
     expires_at: datetime
     used_at: datetime | None
     used_by_agent: str | None
+    revoked_at: datetime | None = None
+    created_by: str = ""
+    revoked_by: str = ""
+    revoke_reason: str = ""
+
+    @property
+    def short_id(self) -> str:
+        return f"{ENROLLMENT_TOKEN_PREFIX}_{self.token_id}"
+
+    def state(self, now: datetime) -> TokenState:
+        if self.used_at is not None:
+            return "used"
+        if self.revoked_at is not None:
+            return "revoked"
+        if now >= self.expires_at:
+            return "expired"
+        return "active"
 
 
 @dataclass(frozen=True)
 class AuditEntry:
-    """One operator request. `detail` is a short human note: never payloads, SQL text results or secrets."""
+    """One operator request. `detail` is a short human note: never payloads, SQL text results or secrets.
+
+    `principal` is the token's name ("anonymous" when no valid token came), `token_id` its id (never its
+    secret), `peer` the caller's address as gRPC reports it (e.g. "ipv4:10.0.0.7:51234").
+    """
 
     at: datetime
     principal: str
@@ -188,6 +257,8 @@ class AuditEntry:
     bytes_out: int = 0
     duration_ms: int = 0
     detail: str = ""
+    token_id: str | None = None
+    peer: str | None = None
     id: int | None = None
 
 
@@ -236,3 +307,8 @@ def default_url(state_dir: Path) -> str:
     return f"sqlite:///{Path(state_dir).resolve() / DEFAULT_DB_FILENAME}"
 
 
+
+
+def iso_utc(value: datetime) -> str:
+    """A time as people read it in messages: UTC, ISO 8601, with a Z."""
+    return _iso(value)

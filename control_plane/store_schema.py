@@ -24,8 +24,11 @@ from sqlalchemy import (
 from sqlalchemy.types import TypeDecorator
 
 from control_plane.store_rows import (
+    _ACTOR_MAX,
     _AUDIT_DETAIL_MAX,
     _DESCRIPTION_MAX,
+    _PEER_MAX,
+    _REASON_MAX,
     _TOKEN_NAME_MAX,
     AdvertisedProfile,
     AgentRow,
@@ -101,6 +104,12 @@ api_tokens_table = Table(
     Column("groups", Text(), nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("revoked_at", UTCDateTime(), nullable=True),
+    # Added after release b333362 (issue 12); NULL: never expires (bootstrap tokens only).
+    Column("expires_at", UTCDateTime(), nullable=True),
+    Column("last_used_at", UTCDateTime(), nullable=True),
+    Column("created_by", String(_ACTOR_MAX), nullable=False, default="", server_default=""),
+    Column("revoked_by", String(_ACTOR_MAX), nullable=False, default="", server_default=""),
+    Column("revoke_reason", String(_REASON_MAX), nullable=False, default="", server_default=""),
 )
 
 enrollment_tokens_table = Table(
@@ -114,6 +123,32 @@ enrollment_tokens_table = Table(
     Column("expires_at", UTCDateTime(), nullable=False),
     Column("used_at", UTCDateTime(), nullable=True),
     Column("used_by_agent", String(128), nullable=True),
+    # Added after release b333362 (issue 12).
+    Column("revoked_at", UTCDateTime(), nullable=True),
+    Column("created_by", String(_ACTOR_MAX), nullable=False, default="", server_default=""),
+    Column("revoked_by", String(_ACTOR_MAX), nullable=False, default="", server_default=""),
+    Column("revoke_reason", String(_REASON_MAX), nullable=False, default="", server_default=""),
+)
+
+# One counter per kind of change that caches elsewhere must notice at once (issue 12): a revocation
+# bumps `api_tokens` in its own transaction, and every authentication compares the counter with the one
+# its cached answer was read under. Replicas sharing a PostgreSQL store will announce the new value with
+# NOTIFY (sent at commit, so never before the change is visible) and re-read it after reconnecting, so
+# the counter stays the truth and the notification only saves the read.
+change_counters_table = Table(
+    "change_counters",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("value", BigInteger(), nullable=False),
+)
+
+# Control-plane settings that admins change at run time (e.g. the default lifetime of operator tokens).
+settings_table = Table(
+    "settings",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
 )
 
 audit_table = Table(
@@ -134,6 +169,9 @@ audit_table = Table(
     Column("bytes_out", BigInteger(), nullable=False),
     Column("duration_ms", BigInteger(), nullable=False),
     Column("detail", String(_AUDIT_DETAIL_MAX), nullable=False),
+    # Added after release b333362 (issue 12): which token (its id, never its secret) and from where.
+    Column("token_id", String(32), nullable=True),
+    Column("peer", String(_PEER_MAX), nullable=True),
     Index("ix_audit_at", "at"),
 )
 
@@ -171,6 +209,11 @@ def _api_token_row(row: Row[Any]) -> ApiTokenRow:
         groups=tuple(json.loads(row.groups)),
         created_at=row.created_at,
         revoked_at=row.revoked_at,
+        expires_at=row.expires_at,
+        last_used_at=row.last_used_at,
+        created_by=row.created_by,
+        revoked_by=row.revoked_by,
+        revoke_reason=row.revoke_reason,
     )
 
 
@@ -183,6 +226,10 @@ def _enrollment_row(row: Row[Any]) -> EnrollmentTokenRow:
         expires_at=row.expires_at,
         used_at=row.used_at,
         used_by_agent=row.used_by_agent,
+        revoked_at=row.revoked_at,
+        created_by=row.created_by,
+        revoked_by=row.revoked_by,
+        revoke_reason=row.revoke_reason,
     )
 
 
@@ -202,6 +249,8 @@ def _audit_row(row: Row[Any]) -> AuditEntry:
         bytes_out=row.bytes_out,
         duration_ms=row.duration_ms,
         detail=row.detail,
+        token_id=row.token_id,
+        peer=row.peer,
     )
 
 

@@ -6,6 +6,7 @@
     onprem download GROUP PROFILE PATH [DEST] [--force] [--progress]
     onprem upload GROUP PROFILE LOCAL PATH [--overwrite|--keep-both] [--create-parents] [--progress]
     onprem files GROUP PROFILE [PATH] [--recursive] [--glob GLOB] [--format table|jsonl]
+    onprem tokens | create-token | revoke-token | enrollment-tokens | revoke-enrollment-token   (see tokens.py)
 
 Connection options work as grpcurl's do: --address (or $ONPREM_ADDRESS, default 127.0.0.1:8443), --cacert
 (or $ONPREM_CACERT; system roots otherwise), --token or --token-file (or $ONPREM_TOKEN / $ONPREM_TOKEN_FILE).
@@ -37,6 +38,7 @@ from onprem.v1 import (
 
 from . import listing, transfer
 from . import rows as rowsmod
+from . import tokens as tokensmod
 from .errors import (
     EXIT_CODES_HELP,
     EXIT_ERROR,
@@ -298,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("files", "list a folder of a folder profile, every page of it: type, size, modification time "
                 "(UTC) and path", cmd_files)
     listing.add_arguments(p)
+    tokensmod.add_commands(command)
     return parser
 
 

@@ -146,7 +146,7 @@ async def test_a_token_limited_to_other_groups_is_permission_denied(cp: ControlP
             ):
                 pass
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert info.value.details() == "token 'team-a' may not use group 'team-b'"
+    assert info.value.details() == f"token 'team-a' (onp_{token.split('_')[1]}) may not use group 'team-b' (its groups: team-a)"
 
 
 async def test_an_operator_token_cannot_create_enrollment_tokens(cp: ControlPlaneProcess) -> None:
@@ -156,7 +156,7 @@ async def test_an_operator_token_cannot_create_enrollment_tokens(cp: ControlPlan
             await agents_stub(channel).CreateEnrollmentToken(
                 agents_pb2.CreateEnrollmentTokenRequest(group="g"), metadata=bearer(token))
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert info.value.details() == "token 'ops' is not an admin token"
+    assert info.value.details() == f"token 'ops' (onp_{token.split('_')[1]}) is not an admin token; ask an admin to do this"
 
 
 async def test_errors_carry_a_machine_readable_reason(cp: ControlPlaneProcess) -> None:

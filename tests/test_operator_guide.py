@@ -41,6 +41,8 @@ _FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 _VOLATILE_TEXT = [
     (re.compile(r"onp[a-z]?_[A-Za-z0-9_-]+"), "<token>"),
     (re.compile(r"agent-[0-9a-f]{16}"), "<agent-id>"),
+    (re.compile(r"(?<![0-9a-f])[0-9a-f]{16}(?![0-9a-f])"), "<id>"),  # token ids, alone or in tokens/<id>
+    (re.compile(r"local CLI \([^)]*\)"), "local CLI (<user>)"),  # who ran onprem-control-plane
     (re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)?"), "<time>"),
     (re.compile(r"/[\w.+-]+(/[\w.+-]+)*/var/demo"), "var/demo"),
 ]
@@ -243,6 +245,8 @@ def test_the_guide_calls_every_operator_rpc() -> None:
         "AppService": ["Call"],
         "AgentService": ["ListAgents", "GetAgent", "ListGroups", "CreateEnrollmentToken", "RevokeAgent",
                          "CheckProfile", "DrainAgent"],
+        "TokenService": ["CreateToken", "ListTokens", "RevokeToken", "ListEnrollmentTokens",
+                         "RevokeEnrollmentToken"],
     }
     missing = [f"{s}/{m}" for s, methods in services.items() for m in methods
                if not re.search(rf"onprem\.v1\.{s}/{m}\b", text)]

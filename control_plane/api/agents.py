@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import time
 from typing import Any
 
@@ -13,6 +14,7 @@ from control_plane import store as store_mod
 from control_plane.api import errors
 from control_plane.app import KIND_BY_NAME, ControlPlane
 from control_plane.auth import Principal
+from control_plane.credentials import current_call
 from control_plane.sessions import AgentSession
 from control_plane.store import AgentRow, AuditEntry
 from onprem.v1 import agents_pb2, agents_pb2_grpc, profiles_pb2, tunnel_pb2
@@ -84,11 +86,12 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
 
     def _audit(self, principal: Principal, method: str, began: float, *, group: str | None = None,
                agent_id: str | None = None, detail: str = "") -> None:
+        call = current_call.get()
         self._cp.audit.record(AuditEntry(
             at=dt.datetime.now(dt.UTC), principal=principal.name, role=principal.role,
             method=f"/onprem.v1.AgentService/{method}", kind="admin", code=int(Code.OK), outcome="OK",
             group_name=group, agent_id=agent_id, duration_ms=int((time.monotonic() - began) * 1000),
-            detail=detail,
+            detail=detail, token_id=principal.token_id, peer=call.peer if call is not None else None,
         ))
 
     async def _agent(self, principal: Principal, agent_id: str) -> AgentRow:
@@ -149,9 +152,9 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
         if len(request.description) > MAX_DESCRIPTION:
             raise InvalidArgument(f"'description' must be at most {MAX_DESCRIPTION} characters",
                                   reason="INVALID_DESCRIPTION", field="description")
-        token, row = await self._cp.blocking(
-            self._cp.store.create_enrollment_token, request.group, ttl, request.description
-        )
+        token, row = await self._cp.blocking(functools.partial(
+            self._cp.store.create_enrollment_token, request.group, ttl, request.description,
+            created_by=principal.label))
         self._audit(principal, "CreateEnrollmentToken", began, group=request.group, detail=f"token {row.token_id}")
         response = agents_pb2.CreateEnrollmentTokenResponse(token=token, group=row.group_name)
         response.expires_at.FromDatetime(row.expires_at)

@@ -188,8 +188,8 @@ def main() -> None:
         shutil.copyfile(cp_state / "ca" / "ca.pem", DEMO / "ca.pem")
         token_file = DEMO / "admin.token"
         if not token_file.exists():
-            token_file.write_text(cp_cli("create-admin-token", "--name", "demo-admin") + "\n")
-            token_file.chmod(0o600)
+            # The demo's bootstrap token: it never expires, so that the demo works when started again later.
+            cp_cli("create-admin-token", "--name", "demo-admin", "--no-expiry", "--output", str(token_file))
         config = {
             "control_plane": {"address": AGENT, "enroll_address": ENROLL, "ca_file": str(DEMO / "ca.pem")},
             "identity_dir": str(agent_home / "identity"),
