@@ -222,6 +222,9 @@ class ControlPlane:
         start: tunnel_pb2.RequestStart,
     ) -> AsyncIterator[RoutedRequest]:
         began = time.monotonic()
+        # Asked now, while the call is alive: grpc's peer() on a call that ended reads freed memory
+        # (the control plane crashed with SIGSEGV when an operator cancelled a stream mid-write).
+        peer = context.peer()
         kind_name = NAME_BY_KIND.get(kind, "?")
         metrics.IN_FLIGHT.labels(kind_name).inc()
         principal: Principal | None = None
@@ -289,5 +292,5 @@ class ControlPlane:
                     duration_ms=int((time.monotonic() - began) * 1000),
                     detail=detail,
                     token_id=principal.token_id,
-                    peer=context.peer(),
+                    peer=peer,
                 ))

@@ -160,6 +160,25 @@ async def test_a_slow_consumer_does_not_stall_a_small_query_on_the_same_agent(
         big.cancel()
 
 
+async def test_operators_cancelling_streams_mid_write_leave_the_control_plane_serving(
+    cluster: tuple[ControlPlaneProcess, AgentProcess, str],
+) -> None:
+    """A cancel while the control plane's write to the operator waits: grpc then ends the call under the
+    handler, and asking the dead call for its peer crashed the process (SIGSEGV) within a few dozen."""
+    cp, agent, token = cluster
+    await _active(cp, agent, token)
+    async with operator_channel(cp) as channel:
+        stub = database_stub(channel)
+        for _ in range(60):
+            big = stub.Query(query(GROUP, "lite", BIG_SQLITE, rows=2_000_000), metadata=bearer(token))
+            await big.read()
+            await big.read()
+            await asyncio.sleep(0.1)  # the result fills the operator's window: a write is waiting
+            big.cancel()
+        assert cp.proc is not None and cp.proc.poll() is None
+        assert await collect_rows(stub, query(GROUP, "lite", "SELECT id FROM t"), token) == 10
+
+
 async def test_memory_stays_bounded_while_a_result_far_larger_than_the_window_streams(
     cluster: tuple[ControlPlaneProcess, AgentProcess, str],
 ) -> None:

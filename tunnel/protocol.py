@@ -323,10 +323,11 @@ class Connection(Generic[OutFrame]):
         return [CreditGranted(rid, grant)]
 
     def _payload_size(self, rid: int, size: int) -> None:
-        if size > self.max_chunk_bytes:
-            limit = "the limit" if self.role is Role.CONTROL_PLANE else "the chunk limit"
-            raise RemoteProtocolError(
-                f"{_INBOUND_PAYLOAD[self.role]} of {size} bytes exceeds {limit} of {self.max_chunk_bytes}")
+        # The control plane's own limits hold from its first frame; the agent's come with the welcome.
+        limit = self.limits.max_chunk_bytes if self.role is Role.CONTROL_PLANE else self.max_chunk_bytes
+        if size > limit:
+            which = "the limit" if self.role is Role.CONTROL_PLANE else "the chunk limit"
+            raise RemoteProtocolError(f"{_INBOUND_PAYLOAD[self.role]} of {size} bytes exceeds {which} of {limit}")
 
     # -- the control plane receives --
     def _on_hello(self, frame: AgentFrame) -> list[Event]:

@@ -114,15 +114,18 @@ class _Guarded:
         return grpc.stream_stream_rpc_method_handler(self._stream_response(h.stream_stream), **kwargs)
 
     async def _open(self, context: Context) -> OpenCall:
+        # Asked before any await, while the call is alive: grpc's peer() on a call that ended (the
+        # client cancelled meanwhile) reads freed memory.
+        peer = context.peer()
         principal = self._principal
         if principal is None:
             try:
                 principal = await self._cp.tokens.authenticate(_metadata(context))
             except RequestError as exc:
-                self._cp.audit_refusal(method=self._method, peer=context.peer(), error=exc)
+                self._cp.audit_refusal(method=self._method, peer=peer, error=exc)
                 await errors.abort(context, exc)
                 raise AssertionError("unreachable: abort raises") from None
-        call = self._cp.tokens.open_call(principal, self._method, context.peer())
+        call = self._cp.tokens.open_call(principal, self._method, peer)
         current_call.set(call)  # one task per call: the variable lives and dies with it
         return call
 
