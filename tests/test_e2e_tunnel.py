@@ -179,6 +179,24 @@ async def test_operators_cancelling_streams_mid_write_leave_the_control_plane_se
         assert await collect_rows(stub, query(GROUP, "lite", "SELECT id FROM t"), token) == 10
 
 
+async def test_an_error_quoting_a_huge_input_reaches_the_operator_cut_and_the_stream_stays_up(
+    cluster: tuple[ControlPlaneProcess, AgentProcess, str],
+) -> None:
+    cp, agent, token = cluster
+    await _active(cp, agent, token)
+    request = query(GROUP, "lite", "SELECT :d AS d")
+    request.parameters["d"].decimal_value = "9x" * 1_500_000  # 3 MB, quoted back by the agent's error
+    async with operator_channel(cp) as channel:
+        stub = database_stub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await collect_rows(stub, request, token)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert len(info.value.details() or "") < 4096
+        assert await collect_rows(stub, query(GROUP, "lite", "SELECT id FROM t"), token) == 10
+    assert agent.proc is not None and agent.proc.poll() is None
+    assert "Received message larger than max" not in (agent.home / "agent.log").read_text()
+
+
 async def test_memory_stays_bounded_while_a_result_far_larger_than_the_window_streams(
     cluster: tuple[ControlPlaneProcess, AgentProcess, str],
 ) -> None:

@@ -394,3 +394,10 @@ def test_a_chunk_of_another_kind_than_the_request_expects_breaks_the_stream(pair
     pair.to_agent(frame)
     with pytest.raises(RemoteProtocolError, match=f"chunk for request {rid} carries read; the request's answer is query"):
         pair.cp.receive(pair.agent.send_chunk(rid, chunk_of(50)))
+
+
+def test_an_agent_cuts_a_message_that_quotes_a_huge_input(pair: TunnelPair) -> None:
+    rid = pair.start()
+    frame = pair.agent.end(rid, Code.INVALID_ARGUMENT, "decimal value '" + "9" * 3_000_000 + "' is not valid")
+    assert frame.ByteSize() < 4096
+    assert frame.end.message.endswith("…")

@@ -596,8 +596,12 @@ class AgentConnection(Connection[AgentFrame]):
         if next_worker_state(request.worker, RequestEvent.END) is None:
             raise self._fail(LocalProtocolError(f"end for request {rid}, which has {request.worker.value}"))
         del self._requests[rid]
+        # The control plane shows at most MAX_END_MESSAGE characters; a message that quotes a caller's
+        # multi-megabyte input must not make a frame past the stream's message limit.
+        if len(message) > MAX_END_MESSAGE:
+            message = message[:MAX_END_MESSAGE] + "…"
         return AgentFrame(request_id=rid, end=tunnel_pb2.ResponseEnd(
-            code=int(code), message=message, reason=reason, field=field))
+            code=int(code), message=message, reason=reason[:64], field=field[:200]))
 
     @staticmethod
     def status(*, draining: bool, in_flight: int) -> AgentFrame:
