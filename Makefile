@@ -40,7 +40,7 @@ check-generated: venv
 
 lint: venv check-generated
 	$(BIN)/ruff check .
-	$(BIN)/mypy agent control_plane tunnel tools tests operator_cli
+	$(BIN)/mypy onprem tools tests
 	$(BIN)/buf lint
 	@# The protos are a public contract: no breaking change against the previous commit.
 	@if git rev-parse -q --verify HEAD~1 >/dev/null 2>&1; then \

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import grpc
 
-from agent import metrics, systemd
-from agent.config import AgentConfig, load_config
-from agent.dispatcher import Dispatcher, kind_name
-from agent.handlers.apps import AppHandler
-from agent.handlers.base import Handler
-from agent.handlers.database import DatabaseHandler
-from agent.handlers.files import FolderHandler
-from agent.identity import (
+from onprem.agent import metrics, systemd
+from onprem.agent.config import AgentConfig, load_config
+from onprem.agent.dispatcher import Dispatcher, kind_name
+from onprem.agent.handlers.apps import AppHandler
+from onprem.agent.handlers.base import Handler
+from onprem.agent.handlers.database import DatabaseHandler
+from onprem.agent.handlers.files import FolderHandler
+from onprem.agent.identity import (
     Identity,
     IdentityError,
     certificate_checks,
@@ -36,11 +36,11 @@ from agent.identity import (
     make_key_and_csr,
     save_identity,
 )
-from agent.profiles import ConfigError
-from agent.test_profile import mark, run_test_profile
-from agent.tunnel_client import TunnelClient, channel_credentials, channel_options
+from onprem.agent.profiles import ConfigError
+from onprem.agent.test_profile import mark, run_test_profile
+from onprem.agent.tunnel_client import TunnelClient, channel_credentials, channel_options
+from onprem.tunnel import kinds, logs
 from onprem.v1 import enrollment_pb2, enrollment_pb2_grpc
-from tunnel import kinds, logs
 
 log = logging.getLogger("onprem.agent")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from agent.profiles import ConfigError, Profiles, parse_profiles
+from onprem.agent.profiles import ConfigError, Profiles, parse_profiles
 
 DEFAULT_ENROLL_PORT = 8445
 

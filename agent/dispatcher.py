@@ -16,10 +16,10 @@ import datetime as dt
 import logging
 from collections.abc import AsyncIterator
 
-from agent.handlers.base import Handler, RequestContext
+from onprem.agent.handlers.base import Handler, RequestContext
+from onprem.tunnel import kinds
+from onprem.tunnel.errors import InvalidArgument, RequestError
 from onprem.v1 import profiles_pb2, tunnel_pb2
-from tunnel import kinds
-from tunnel.errors import InvalidArgument, RequestError
 
 log = logging.getLogger("onprem.agent.dispatcher")
 

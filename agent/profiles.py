@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from agent.handlers.apps_headers import NEVER_FROM_CALLER, canonical, steers
+from onprem.agent.handlers.apps_headers import NEVER_FROM_CALLER, canonical, steers
 
 __all__ = [
     "AppProfile",
@@ -221,7 +221,7 @@ _READ_ONLY_DIALECTS = {"postgresql", "sqlite"}
 
 
 def _parse_database(where: str, name: str, body: Mapping[str, Any]) -> DatabaseProfile:
-    from agent.handlers import sql_odbc  # registers the generic `odbc` dialect with SQLAlchemy
+    from onprem.agent.handlers import sql_odbc  # registers the generic `odbc` dialect with SQLAlchemy
 
     _refuse_unknown(where, body, _DATABASE_FIELDS)
     options = _database_options(where, body.get("options"))
@@ -282,7 +282,7 @@ def _database_options(where: str, raw: Any) -> dict[str, Any]:
 
 def _database_url(where: str, body: Mapping[str, Any], options: dict[str, Any]) -> tuple[URL, str | None]:
     """The SQLAlchemy URL (without a password) and, for ODBC profiles, the connection string."""
-    from agent.handlers import sql_odbc
+    from onprem.agent.handlers import sql_odbc
 
     raw_url = _optional_str(where, body, "url")
     dialect = _optional_str(where, body, "dialect")
@@ -346,7 +346,7 @@ def _url_from_parts(where: str, body: Mapping[str, Any], dialect: str) -> URL:
 
 
 def _generic_odbc(where: str, body: Mapping[str, Any], options: dict[str, Any]) -> str:
-    from agent.handlers import sql_odbc
+    from onprem.agent.handlers import sql_odbc
 
     text = _optional_str(where, body, "connection_string")
     dsn = _optional_str(where, body, "dsn")

@@ -16,15 +16,22 @@ from typing import Protocol
 
 import grpc
 
-from agent import metrics
-from agent.dispatcher import Dispatcher
-from agent.handlers.base import RequestContext
+from onprem.agent import metrics
+from onprem.agent.dispatcher import Dispatcher
+from onprem.agent.handlers.base import RequestContext
+from onprem.tunnel.budget import Budgets
+from onprem.tunnel.errors import (
+    Code,
+    DrainedToExit,
+    PeerClosedStream,
+    RequestError,
+    StreamClosed,
+    StreamEnded,
+)
+from onprem.tunnel.events import CancelReceived, DataReceived, DrainReceived, Event, RequestStarted
+from onprem.tunnel.protocol import AgentConnection, AgentFrame
+from onprem.tunnel.shell import Shell
 from onprem.v1 import profiles_pb2, tunnel_pb2
-from tunnel.budget import Budgets
-from tunnel.errors import Code, DrainedToExit, PeerClosedStream, RequestError, StreamClosed, StreamEnded
-from tunnel.events import CancelReceived, DataReceived, DrainReceived, Event, RequestStarted
-from tunnel.protocol import AgentConnection, AgentFrame
-from tunnel.shell import Shell
 
 __all__ = ["ControlPlaneSession", "DrainedToExit", "TunnelCall"]
 

@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from agent.config import load_config
-from agent.handlers.base import Handler
-from agent.profiles import ConfigError
+from onprem.agent.config import load_config
+from onprem.agent.handlers.base import Handler
+from onprem.agent.profiles import ConfigError
+from onprem.tunnel.errors import RequestError
 from onprem.v1 import profiles_pb2
-from tunnel.errors import RequestError
 
 __all__ = ["mark", "run_test_profile"]
 
@@ -30,9 +30,9 @@ def mark(check: profiles_pb2.ProfileCheck) -> str:
 
 
 def _handler_for(config_path: Path, name: str) -> tuple[str, Handler]:
-    from agent.handlers.apps import AppHandler
-    from agent.handlers.database import DatabaseHandler
-    from agent.handlers.files import FolderHandler
+    from onprem.agent.handlers.apps import AppHandler
+    from onprem.agent.handlers.database import DatabaseHandler
+    from onprem.agent.handlers.files import FolderHandler
 
     profiles = load_config(config_path).profiles
     if name in profiles.databases:

@@ -17,17 +17,17 @@ from dataclasses import dataclass
 
 import grpc
 
-from agent import __version__, metrics
-from agent.config import AgentConfig
-from agent.dispatcher import Dispatcher, kind_name
-from agent.handlers.base import Handler
-from agent.identity import Identity, make_key_and_csr, save_identity
-from agent.session import ControlPlaneSession
+from onprem.agent import __version__, metrics
+from onprem.agent.config import AgentConfig
+from onprem.agent.dispatcher import Dispatcher, kind_name
+from onprem.agent.handlers.base import Handler
+from onprem.agent.identity import Identity, make_key_and_csr, save_identity
+from onprem.agent.session import ControlPlaneSession
+from onprem.tunnel.aio import EOF
+from onprem.tunnel.channel_options import CLIENT_OPTIONS
+from onprem.tunnel.errors import DrainedToExit, PeerClosedStream, RemoteProtocolError, StreamEnded
+from onprem.tunnel.protocol import AgentConnection, ControlFrame
 from onprem.v1 import profiles_pb2, tunnel_pb2, tunnel_pb2_grpc
-from tunnel.aio import EOF
-from tunnel.channel_options import CLIENT_OPTIONS
-from tunnel.errors import DrainedToExit, PeerClosedStream, RemoteProtocolError, StreamEnded
-from tunnel.protocol import AgentConnection, ControlFrame
 
 log = logging.getLogger("onprem.agent.tunnel")
 

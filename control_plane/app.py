@@ -24,19 +24,19 @@ from typing import Any, TypeVar, cast
 
 import grpc
 
-from control_plane import metrics
-from control_plane.audit import AuditLog
-from control_plane.auth import Principal
-from control_plane.ca import CertificateAuthority
-from control_plane.credentials import OpenCall, TokenAuthority, TokenRefused, current_call
-from control_plane.failover import Opener, RoutedRequest
-from control_plane.router import KIND_NAMES, GroupFacts, Registry, Router
-from control_plane.store import AuditEntry, Store
-from control_plane.throttle import AttemptThrottle, KeyedBuckets, RowLimiter, peer_key
+from onprem.control_plane import metrics
+from onprem.control_plane.audit import AuditLog
+from onprem.control_plane.auth import Principal
+from onprem.control_plane.ca import CertificateAuthority
+from onprem.control_plane.credentials import OpenCall, TokenAuthority, TokenRefused, current_call
+from onprem.control_plane.failover import Opener, RoutedRequest
+from onprem.control_plane.router import KIND_NAMES, GroupFacts, Registry, Router
+from onprem.control_plane.store import AuditEntry, Store
+from onprem.control_plane.throttle import AttemptThrottle, KeyedBuckets, RowLimiter, peer_key
+from onprem.tunnel.budget import Budgets
+from onprem.tunnel.errors import Code, InvalidArgument, PermissionDenied, RequestError
+from onprem.tunnel.protocol import Limits
 from onprem.v1 import tunnel_pb2
-from tunnel.budget import Budgets
-from tunnel.errors import Code, InvalidArgument, PermissionDenied, RequestError
-from tunnel.protocol import Limits
 
 log = logging.getLogger("onprem.control_plane")
 

@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
-from control_plane.store import AuditEntry
+from onprem.control_plane.store import AuditEntry
 
 log = logging.getLogger("onprem.control_plane.audit")
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from control_plane.store import ALL_GROUPS, API_TOKEN_PREFIX, ApiTokenRow, Role
+from onprem.control_plane.store import ALL_GROUPS, API_TOKEN_PREFIX, ApiTokenRow, Role
 
 AUTHORIZATION_KEY = "authorization"
 _BEARER_SCHEME = "bearer"

@@ -21,12 +21,12 @@ import os
 import sys
 from pathlib import Path
 
-from control_plane import cli_tokens
-from control_plane.app import Settings
-from control_plane.server import ControlPlaneServer, ServerConfig, open_control_plane, open_store
-from control_plane.store import Store, StoreError
-from tunnel import logs
-from tunnel.protocol import Limits
+from onprem.control_plane import cli_tokens
+from onprem.control_plane.app import Settings
+from onprem.control_plane.server import ControlPlaneServer, ServerConfig, open_control_plane, open_store
+from onprem.control_plane.store import Store, StoreError
+from onprem.tunnel import logs
+from onprem.tunnel.protocol import Limits
 
 
 def _state_dir(value: str) -> Path:

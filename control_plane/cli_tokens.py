@@ -28,9 +28,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from control_plane.api.tokens import enrollment_message, token_message
-from control_plane.private_state import write_new_private
-from control_plane.store import (
+from onprem.control_plane.api.tokens import enrollment_message, token_message
+from onprem.control_plane.private_state import write_new_private
+from onprem.control_plane.store import (
     API_TOKEN_PREFIX,
     ENROLLMENT_TOKEN_PREFIX,
     NotFound,
@@ -39,9 +39,9 @@ from control_plane.store import (
     parse_token_id,
     validate_group_name,
 )
-from control_plane.store_rows import iso_utc
+from onprem.control_plane.store_rows import iso_utc
+from onprem.operator_cli.tokens import enrollment_tokens_table, parse_duration, to_json, tokens_table
 from onprem.v1 import tokens_pb2
-from operator_cli.tokens import enrollment_tokens_table, parse_duration, to_json, tokens_table
 
 OpenStore = Callable[[argparse.Namespace], Store]
 

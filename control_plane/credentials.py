@@ -44,10 +44,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
-from control_plane.auth import Principal, parse_bearer
-from control_plane.store import ApiTokenRow, Store, api_token_id
-from control_plane.store_rows import iso_utc
-from tunnel.errors import RequestError, Unauthenticated
+from onprem.control_plane.auth import Principal, parse_bearer
+from onprem.control_plane.store import ApiTokenRow, Store, api_token_id
+from onprem.control_plane.store_rows import iso_utc
+from onprem.tunnel.errors import RequestError, Unauthenticated
 
 log = logging.getLogger("onprem.control_plane.credentials")
 

@@ -25,13 +25,13 @@ from typing import Any
 
 import grpc
 
-from control_plane.api import errors
-from control_plane.app import ControlPlane
-from control_plane.ca import AGENT_ID_PREFIX, CsrError
-from control_plane.store import AuditEntry, TokenError, enrollment_token_id, validate_agent_name
-from control_plane.throttle import Throttled, peer_key
+from onprem.control_plane.api import errors
+from onprem.control_plane.app import ControlPlane
+from onprem.control_plane.ca import AGENT_ID_PREFIX, CsrError
+from onprem.control_plane.store import AuditEntry, TokenError, enrollment_token_id, validate_agent_name
+from onprem.control_plane.throttle import Throttled, peer_key
+from onprem.tunnel.errors import Code, InvalidArgument, PermissionDenied, RequestError, ResourceExhausted
 from onprem.v1 import enrollment_pb2, enrollment_pb2_grpc
-from tunnel.errors import Code, InvalidArgument, PermissionDenied, RequestError, ResourceExhausted
 
 log = logging.getLogger("onprem.control_plane.enrollment")
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from control_plane import metrics
-from control_plane.sessions import AgentSession, Exchange
+from onprem.control_plane import metrics
+from onprem.control_plane.sessions import AgentSession, Exchange
+from onprem.tunnel import kinds
+from onprem.tunnel.errors import RequestError, Unavailable
 from onprem.v1 import tunnel_pb2
-from tunnel import kinds
-from tunnel.errors import RequestError, Unavailable
 
 #: Final-status reasons with which an agent refuses a request before starting it.
 NEVER_STARTED = frozenset({"AGENT_DRAINING", "AGENT_BUSY"})

@@ -15,10 +15,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from control_plane.sessions import AgentSession, Exchange
+from onprem.control_plane.sessions import AgentSession, Exchange
+from onprem.tunnel import kinds
+from onprem.tunnel.errors import NotFound, ResourceExhausted, Unavailable
 from onprem.v1 import tunnel_pb2
-from tunnel import kinds
-from tunnel.errors import NotFound, ResourceExhausted, Unavailable
 
 log = logging.getLogger("onprem.control_plane.router")
 

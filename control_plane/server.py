@@ -24,19 +24,20 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from control_plane import metrics
-from control_plane.api.agents import AgentService
-from control_plane.api.apps import AppService
-from control_plane.api.database import DatabaseService
-from control_plane.api.files import FileService
-from control_plane.api.guard import AuthInterceptor
-from control_plane.api.tokens import TokenService
-from control_plane.app import ControlPlane, Settings
-from control_plane.ca import CertificateAuthority
-from control_plane.enrollment import EnrollmentService
-from control_plane.private_state import prepare_state_dir
-from control_plane.store import DEFAULT_DB_FILENAME, Store
-from control_plane.tunnel_service import AgentTunnelService
+from onprem.control_plane import metrics
+from onprem.control_plane.api.agents import AgentService
+from onprem.control_plane.api.apps import AppService
+from onprem.control_plane.api.database import DatabaseService
+from onprem.control_plane.api.files import FileService
+from onprem.control_plane.api.guard import AuthInterceptor
+from onprem.control_plane.api.tokens import TokenService
+from onprem.control_plane.app import ControlPlane, Settings
+from onprem.control_plane.ca import CertificateAuthority
+from onprem.control_plane.enrollment import EnrollmentService
+from onprem.control_plane.private_state import prepare_state_dir
+from onprem.control_plane.store import DEFAULT_DB_FILENAME, Store
+from onprem.control_plane.tunnel_service import AgentTunnelService
+from onprem.tunnel.channel_options import OPERATOR_SERVER_OPTIONS, SERVER_OPTIONS, TUNNEL_SERVER_OPTIONS
 from onprem.v1 import (
     agents_pb2,
     agents_pb2_grpc,
@@ -51,7 +52,6 @@ from onprem.v1 import (
     tokens_pb2_grpc,
     tunnel_pb2_grpc,
 )
-from tunnel.channel_options import OPERATOR_SERVER_OPTIONS, SERVER_OPTIONS, TUNNEL_SERVER_OPTIONS
 
 log = logging.getLogger("onprem.control_plane.server")
 

@@ -17,9 +17,8 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from onprem.v1 import profiles_pb2, tunnel_pb2
-from tunnel.budget import BudgetExceeded, Budgets
-from tunnel.errors import (
+from onprem.tunnel.budget import BudgetExceeded, Budgets
+from onprem.tunnel.errors import (
     Code,
     RemoteProtocolError,
     RequestError,
@@ -28,9 +27,10 @@ from tunnel.errors import (
     StreamEnded,
     Unavailable,
 )
-from tunnel.events import ChunkReceived, Event, RequestEnded, StatusReceived
-from tunnel.protocol import ControlFrame, ControlPlaneConnection
-from tunnel.shell import Shell
+from onprem.tunnel.events import ChunkReceived, Event, RequestEnded, StatusReceived
+from onprem.tunnel.protocol import ControlFrame, ControlPlaneConnection
+from onprem.tunnel.shell import Shell
+from onprem.v1 import profiles_pb2, tunnel_pb2
 
 log = logging.getLogger("onprem.control_plane.sessions")
 

@@ -34,7 +34,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
-from control_plane.store_rows import (
+from onprem.control_plane.store_rows import (
     _AUDIT_DETAIL_MAX,
     _AUDIT_LIST_MAX,
     _PEER_MAX,
@@ -74,7 +74,7 @@ from control_plane.store_rows import (
     validate_agent_name,
     validate_group_name,
 )
-from control_plane.store_schema import (
+from onprem.control_plane.store_schema import (
     _agent_row,
     _audit_row,
     _group_row,
@@ -84,7 +84,7 @@ from control_plane.store_schema import (
     groups_table,
     metadata,
 )
-from control_plane.store_tokens import (
+from onprem.control_plane.store_tokens import (
     API_TOKENS_COUNTER,
     PageKey,
     TokenStore,

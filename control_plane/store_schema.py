@@ -23,7 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator
 
-from control_plane.store_rows import (
+from onprem.control_plane.store_rows import (
     _ACTOR_MAX,
     _AUDIT_DETAIL_MAX,
     _DESCRIPTION_MAX,

@@ -26,7 +26,7 @@ from typing import Any, Final
 
 from sqlalchemy import Connection, Table, and_, insert, or_, select, update
 
-from control_plane.store_rows import (
+from onprem.control_plane.store_rows import (
     _ACTOR_MAX,
     _DESCRIPTION_MAX,
     _REASON_MAX,
@@ -56,7 +56,7 @@ from control_plane.store_rows import (
     _utc,
     validate_group_name,
 )
-from control_plane.store_schema import (
+from onprem.control_plane.store_schema import (
     _api_token_row,
     _enrollment_row,
     api_tokens_table,

@@ -18,16 +18,15 @@ import grpc
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from control_plane import metrics
-from control_plane.api import errors
-from control_plane.app import NAME_BY_KIND, ControlPlane
-from control_plane.ca import CsrError
-from control_plane.sessions import AgentSession
-from control_plane.store import AdvertisedProfile, AgentRow
-from onprem.v1 import profiles_pb2, tunnel_pb2, tunnel_pb2_grpc
-from tunnel.aio import EOF
-from tunnel.budget import TokenBucket
-from tunnel.errors import (
+from onprem.control_plane import metrics
+from onprem.control_plane.api import errors
+from onprem.control_plane.app import NAME_BY_KIND, ControlPlane
+from onprem.control_plane.ca import CsrError
+from onprem.control_plane.sessions import AgentSession
+from onprem.control_plane.store import AdvertisedProfile, AgentRow
+from onprem.tunnel.aio import EOF
+from onprem.tunnel.budget import TokenBucket
+from onprem.tunnel.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -36,7 +35,8 @@ from tunnel.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from tunnel.protocol import AgentFrame, ControlPlaneConnection
+from onprem.tunnel.protocol import AgentFrame, ControlPlaneConnection
+from onprem.v1 import profiles_pb2, tunnel_pb2, tunnel_pb2_grpc
 
 log = logging.getLogger("onprem.control_plane.tunnel")
 

@@ -26,20 +26,10 @@ import grpc
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 
-from onprem.v1 import (
-    agents_pb2,
-    agents_pb2_grpc,
-    database_pb2,
-    database_pb2_grpc,
-    files_pb2,
-    files_pb2_grpc,
-    values_pb2,
-)
-
-from . import listing, transfer
-from . import rows as rowsmod
-from . import tokens as tokensmod
-from .errors import (
+from onprem.operator_cli import listing, transfer
+from onprem.operator_cli import rows as rowsmod
+from onprem.operator_cli import tokens as tokensmod
+from onprem.operator_cli.errors import (
     EXIT_CODES_HELP,
     EXIT_ERROR,
     EXIT_OK,
@@ -48,6 +38,15 @@ from .errors import (
     LocalFileError,
     UsageError,
     from_rpc_error,
+)
+from onprem.v1 import (
+    agents_pb2,
+    agents_pb2_grpc,
+    database_pb2,
+    database_pb2_grpc,
+    files_pb2,
+    files_pb2_grpc,
+    values_pb2,
 )
 
 DEFAULT_ADDRESS = "127.0.0.1:8443"

@@ -22,12 +22,11 @@ from typing import TYPE_CHECKING, Protocol
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 
+from onprem.operator_cli.errors import EXIT_OK, UsageError
 from onprem.v1 import tokens_pb2, tokens_pb2_grpc
 
-from .errors import EXIT_OK, UsageError
-
 if TYPE_CHECKING:
-    from .main import Connection
+    from onprem.operator_cli.main import Connection
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}

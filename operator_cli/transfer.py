@@ -10,9 +10,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
+from onprem.operator_cli.errors import ChecksumMismatch, LocalFileError
 from onprem.v1 import files_pb2
-
-from .errors import ChecksumMismatch, LocalFileError
 
 CHUNK_SIZE = 256 * 1024
 PART_SUFFIX = ".onprem-part"

@@ -9,7 +9,14 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.profiles import AppProfile, ConfigError, DatabaseProfile, FolderProfile, Profiles, parse_profiles
+from onprem.agent.profiles import (
+    AppProfile,
+    ConfigError,
+    DatabaseProfile,
+    FolderProfile,
+    Profiles,
+    parse_profiles,
+)
 
 
 def example(tmp_path: Path) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.profiles import (
+from onprem.agent.profiles import (
     DEFAULT_APP_METHODS,
     AppProfile,
     BasicAuth,

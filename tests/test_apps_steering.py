@@ -15,12 +15,12 @@ from types import MappingProxyType
 
 import pytest
 
-from agent.handlers.apps import AppHandler
-from agent.handlers.base import RequestContext
-from agent.profiles import AppProfile
+from onprem.agent.handlers.apps import AppHandler
+from onprem.agent.handlers.base import RequestContext
+from onprem.agent.profiles import AppProfile
+from onprem.tunnel.errors import InvalidArgument, PermissionDenied
 from onprem.v1 import apps_pb2, tunnel_pb2
 from tests.support.apps_upstream import Seen, Upstream
-from tunnel.errors import InvalidArgument, PermissionDenied
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.handlers.apps import AppHandler
-from agent.handlers.base import RequestContext
-from agent.profiles import AppProfile
+from onprem.agent.handlers.apps import AppHandler
+from onprem.agent.handlers.base import RequestContext
+from onprem.agent.profiles import AppProfile
+from onprem.tunnel.errors import FailedPrecondition, Unavailable
 from onprem.v1 import apps_pb2, tunnel_pb2
 from tests.support.apps_upstream import Upstream
-from tunnel.errors import FailedPrecondition, Unavailable
 
 
 @dataclass(frozen=True)

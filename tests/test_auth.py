@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from control_plane.auth import Principal, parse_bearer
-from control_plane.store import ApiTokenRow, Role
+from onprem.control_plane.auth import Principal, parse_bearer
+from onprem.control_plane.store import ApiTokenRow, Role
 
 TOKEN = "onp_0123456789abcdef_" + "s" * 43
 

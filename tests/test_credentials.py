@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from control_plane.auth import Principal
-from control_plane.credentials import SqliteCounter, StoreCounter, TokenAuthority, TokenRefused
-from control_plane.store import ApiTokenRow, Store
-from tunnel.errors import Unauthenticated
+from onprem.control_plane.auth import Principal
+from onprem.control_plane.credentials import SqliteCounter, StoreCounter, TokenAuthority, TokenRefused
+from onprem.control_plane.store import ApiTokenRow, Store
+from onprem.tunnel.errors import Unauthenticated
 
 
 class Clock:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.handlers.database import DatabaseHandler
-from agent.profiles import DatabaseProfile
-from agent.test_profile import run_test_profile
+from onprem.agent.handlers.database import DatabaseHandler
+from onprem.agent.profiles import DatabaseProfile
+from onprem.agent.test_profile import run_test_profile
 from tests.support.postgres import PostgresServer
 from tests.test_handler_database import reader_url
 from tools.ports import free_port
@@ -57,7 +57,7 @@ async def test_a_pg_dialect_pointed_at_another_server_fails_the_dialect_check(po
     # psqlODBC says "PostgreSQL" where an mssql profile expects "Microsoft SQL Server".
     import os
 
-    from agent.profiles import parse_profiles
+    from onprem.agent.profiles import parse_profiles
 
     os.environ["CHECK_MSSQL_PW"] = postgres.password
     profile = parse_profiles({"databases": {"m": {

@@ -13,13 +13,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from agent.handlers.base import RequestContext
-from agent.handlers.database import DatabaseHandler
-from agent.profiles import DatabaseProfile
+from onprem.agent.handlers.base import RequestContext
+from onprem.agent.handlers.database import DatabaseHandler
+from onprem.agent.profiles import DatabaseProfile
+from onprem.tunnel.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, PermissionDenied
 from onprem.v1 import database_pb2, tunnel_pb2, values_pb2
 from tests.support.postgres import PostgresServer
 from tests.test_handler_database import collect, decode, reader_url, start
-from tunnel.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, PermissionDenied
 
 V = values_pb2.Value
 

@@ -20,9 +20,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from agent.handlers.database import DatabaseHandler
-from agent.handlers.sql_guard import GuardMissing, PgReadOnlyTransaction
-from agent.profiles import DatabaseProfile
+from onprem.agent.handlers.database import DatabaseHandler
+from onprem.agent.handlers.sql_guard import GuardMissing, PgReadOnlyTransaction
+from onprem.agent.profiles import DatabaseProfile
+from onprem.tunnel.errors import Code, RequestError
 from onprem.v1 import database_pb2
 from tests.support.owned_database import (
     CHANNEL,
@@ -35,7 +36,6 @@ from tests.support.owned_database import (
 from tests.support.postgres import PostgresServer
 from tests.test_database_operations import batch, request, run, transaction
 from tests.test_handler_database import collect, decode, start
-from tunnel.errors import Code, RequestError
 
 OK = Code.OK
 FP = Code.FAILED_PRECONDITION

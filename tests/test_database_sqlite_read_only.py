@@ -18,14 +18,14 @@ from typing import Any
 
 import pytest
 
-from agent.handlers.database import DatabaseHandler
-from agent.handlers.sql_guard import SqliteGuard
-from agent.profiles import DatabaseProfile
+from onprem.agent.handlers.database import DatabaseHandler
+from onprem.agent.handlers.sql_guard import SqliteGuard
+from onprem.agent.profiles import DatabaseProfile
+from onprem.tunnel.errors import Code, RequestError
 from onprem.v1 import database_pb2
 from tests.test_database_operations import batch, request, run, transaction
 from tests.test_database_read_only import CHECK, B, P, Q, Step, T
 from tests.test_handler_database import collect, decode, start
-from tunnel.errors import Code, RequestError
 
 OK = Code.OK
 FP = Code.FAILED_PRECONDITION

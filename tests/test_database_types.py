@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.handlers.database import DatabaseHandler
-from agent.profiles import DatabaseProfile
+from onprem.agent.handlers.database import DatabaseHandler
+from onprem.agent.profiles import DatabaseProfile
+from onprem.tunnel.errors import InvalidArgument
 from onprem.v1 import values_pb2
 from tests.support.postgres import PostgresServer
 from tests.test_handler_database import collect, decode, start
-from tunnel.errors import InvalidArgument
 
 V = values_pb2.Value
 VT = values_pb2.ValueType

@@ -11,8 +11,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.identity import load_identity, make_key_and_csr
-from control_plane.ca import CertificateAuthority
+from onprem.agent.identity import load_identity, make_key_and_csr
+from onprem.control_plane.ca import CertificateAuthority
 from onprem.v1 import agents_pb2, database_pb2, tunnel_pb2, tunnel_pb2_grpc
 from tests.support.postgres import PostgresServer
 from tools.cluster import (

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from onprem.tunnel.aio import EOF
 from onprem.v1 import agents_pb2, database_pb2
 from tests.support.postgres import PostgresServer
 from tools.cluster import (
@@ -31,7 +32,6 @@ from tools.cluster import (
     operator_channel,
     wait_for_agent_state,
 )
-from tunnel.aio import EOF
 
 ROOT = Path(__file__).resolve().parents[1]
 ACTIVE = agents_pb2.AGENT_STATE_ACTIVE

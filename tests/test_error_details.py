@@ -19,9 +19,9 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from onprem.tunnel.errors import Code, InvalidArgument, RequestError
 from onprem.v1 import agents_pb2, agents_pb2_grpc, database_pb2, database_pb2_grpc, files_pb2, files_pb2_grpc
 from tools.cluster import AgentProcess, ControlPlaneProcess, bearer
-from tunnel.errors import Code, InvalidArgument, RequestError
 
 
 @dataclass(frozen=True)

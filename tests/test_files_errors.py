@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
-from agent.handlers import files as files_module
-from agent.handlers import files_common, files_write, paths
-from agent.handlers.base import RequestContext
-from agent.handlers.files import FolderHandler
-from agent.handlers.files_common import os_error
-from agent.profiles import FolderProfile
+from onprem.agent.handlers import files as files_module
+from onprem.agent.handlers import files_common, files_write, paths
+from onprem.agent.handlers.base import RequestContext
+from onprem.agent.handlers.files import FolderHandler
+from onprem.agent.handlers.files_common import os_error
+from onprem.agent.profiles import FolderProfile
+from onprem.tunnel.errors import Code, InvalidArgument, RequestError
 from onprem.v1 import files_pb2, tunnel_pb2
-from tunnel.errors import Code, InvalidArgument, RequestError
 
 #: The specification: what each errno means to a caller.
 EXPECTED: dict[int, tuple[Code, str]] = {

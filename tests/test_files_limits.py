@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from agent.handlers.base import RequestContext
-from agent.handlers.files import FolderHandler
-from agent.profiles import ConfigError, FolderProfile, parse_profiles
+from onprem.agent.handlers.base import RequestContext
+from onprem.agent.handlers.files import FolderHandler
+from onprem.agent.profiles import ConfigError, FolderProfile, parse_profiles
+from onprem.tunnel.errors import InvalidArgument, PermissionDenied, ResourceExhausted
 from onprem.v1 import files_pb2, tunnel_pb2
-from tunnel.errors import InvalidArgument, PermissionDenied, ResourceExhausted
 
 MiB = 1024 * 1024
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.handlers.base import DEFAULT_MAX_CHUNK_BYTES, RequestContext
-from agent.handlers.files import FolderHandler
-from agent.handlers.files_scan import MAX_PAGE_SIZE
-from agent.profiles import FolderProfile
+from onprem.agent.handlers.base import DEFAULT_MAX_CHUNK_BYTES, RequestContext
+from onprem.agent.handlers.files import FolderHandler
+from onprem.agent.handlers.files_scan import MAX_PAGE_SIZE
+from onprem.agent.profiles import FolderProfile
+from onprem.tunnel.errors import InvalidArgument
 from onprem.v1 import files_pb2, tunnel_pb2
-from tunnel.errors import InvalidArgument
 
 LONG = 250  # bytes per name: 600 of them made one List chunk of 321,004 bytes, above the 262,144 limit
 

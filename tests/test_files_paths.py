@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.handlers import paths
-from tunnel.errors import RequestError
+from onprem.agent.handlers import paths
+from onprem.tunnel.errors import RequestError
 
 
 @pytest.fixture(params=["openat2", "walk"], autouse=True)

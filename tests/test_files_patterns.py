@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.handlers.base import RequestContext
-from agent.handlers.files import FolderHandler
-from agent.profiles import FolderProfile
+from onprem.agent.handlers.base import RequestContext
+from onprem.agent.handlers.files import FolderHandler
+from onprem.agent.profiles import FolderProfile
+from onprem.tunnel.errors import PermissionDenied
 from onprem.v1 import files_pb2, tunnel_pb2
-from tunnel.errors import PermissionDenied
 
 SECRET = b"hidden by read_patterns"
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.handlers import paths
-from agent.handlers.files import FolderHandler
-from agent.profiles import FolderProfile
+from onprem.agent.handlers import paths
+from onprem.agent.handlers.files import FolderHandler
+from onprem.agent.profiles import FolderProfile
 from tests.support.folder_race import OPERATIONS, HandlerOps, build, hammer, outside_snapshot, swapper
 
 ATTEMPTS = 300

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.handlers.base import RequestContext
-from agent.handlers.files import FolderHandler
-from agent.handlers.files_scan import MAX_PAGE_SIZE
-from agent.profiles import FolderProfile
+from onprem.agent.handlers.base import RequestContext
+from onprem.agent.handlers.files import FolderHandler
+from onprem.agent.handlers.files_scan import MAX_PAGE_SIZE
+from onprem.agent.profiles import FolderProfile
+from onprem.tunnel.errors import FailedPrecondition, InvalidArgument
 from onprem.v1 import files_pb2, tunnel_pb2
-from tunnel.errors import FailedPrecondition, InvalidArgument
 
 SETTLE_MS = 50
 

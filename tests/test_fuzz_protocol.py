@@ -16,9 +16,8 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onprem.v1 import database_pb2, files_pb2, tunnel_pb2
-from tunnel.errors import Code, RemoteProtocolError
-from tunnel.protocol import (
+from onprem.tunnel.errors import Code, RemoteProtocolError
+from onprem.tunnel.protocol import (
     AgentConnection,
     AgentFrame,
     CancelReceived,
@@ -39,6 +38,7 @@ from tunnel.protocol import (
     StatusReceived,
     Welcomed,
 )
+from onprem.v1 import database_pb2, files_pb2, tunnel_pb2
 
 F = TypeVar("F", AgentFrame, ControlFrame)
 

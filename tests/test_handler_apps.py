@@ -13,13 +13,10 @@ from types import MappingProxyType
 
 import pytest
 
-from agent.handlers.apps import AppHandler
-from agent.handlers.base import RequestContext
-from agent.profiles import AppProfile, BasicAuth, SecretSource
-from onprem.v1 import apps_pb2, profiles_pb2, tunnel_pb2
-from tests.support.apps_upstream import BIG, PATTERN, Seen, Upstream
-from tools.ports import free_port
-from tunnel.errors import (
+from onprem.agent.handlers.apps import AppHandler
+from onprem.agent.handlers.base import RequestContext
+from onprem.agent.profiles import AppProfile, BasicAuth, SecretSource
+from onprem.tunnel.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -29,6 +26,9 @@ from tunnel.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from onprem.v1 import apps_pb2, profiles_pb2, tunnel_pb2
+from tests.support.apps_upstream import BIG, PATTERN, Seen, Upstream
+from tools.ports import free_port
 
 SECRET = "agent-secret-4f1d"
 

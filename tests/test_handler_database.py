@@ -13,12 +13,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from agent.handlers.base import RequestContext
-from agent.handlers.database import DatabaseHandler
-from agent.profiles import DatabaseProfile
-from onprem.v1 import database_pb2, profiles_pb2, tunnel_pb2, values_pb2
-from tests.support.postgres import PostgresServer
-from tunnel.errors import (
+from onprem.agent.handlers.base import RequestContext
+from onprem.agent.handlers.database import DatabaseHandler
+from onprem.agent.profiles import DatabaseProfile
+from onprem.tunnel.errors import (
     AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
@@ -27,6 +25,8 @@ from tunnel.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from onprem.v1 import database_pb2, profiles_pb2, tunnel_pb2, values_pb2
+from tests.support.postgres import PostgresServer
 
 VT = values_pb2.ValueType
 
@@ -597,7 +597,7 @@ def test_profiles_are_advertised_with_dialect_and_read_only(tmp_path: Path) -> N
 
 
 def test_decimal_values_never_pass_through_float() -> None:
-    from agent.handlers.sql_values import fill as _fill
+    from onprem.agent.handlers.sql_values import fill as _fill
 
     column = values_pb2.ColumnValues()
     _fill(column, VT.VALUE_TYPE_DECIMAL, [Decimal("0.10000000000000000001"), Decimal("1E+3"), None])

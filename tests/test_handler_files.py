@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.handlers import files as files_module
-from agent.handlers import files_write
-from agent.handlers.base import RequestContext
-from agent.handlers.files import FolderHandler
-from agent.profiles import FolderProfile
-from onprem.v1 import files_pb2, profiles_pb2, tunnel_pb2
-from tunnel.errors import (
+from onprem.agent.handlers import files as files_module
+from onprem.agent.handlers import files_write
+from onprem.agent.handlers.base import RequestContext
+from onprem.agent.handlers.files import FolderHandler
+from onprem.agent.profiles import FolderProfile
+from onprem.tunnel.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -24,6 +23,7 @@ from tunnel.errors import (
     PermissionDenied,
     RequestError,
 )
+from onprem.v1 import files_pb2, profiles_pb2, tunnel_pb2
 
 FT = files_pb2.FileType
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import pyodbc
 import pytest
 
-from agent.handlers import sql_odbc
-from agent.handlers.database import DatabaseHandler
-from agent.profiles import ConfigError, parse_profiles
+from onprem.agent.handlers import sql_odbc
+from onprem.agent.handlers.database import DatabaseHandler
+from onprem.agent.profiles import ConfigError, parse_profiles
+from onprem.tunnel.errors import AlreadyExists, InvalidArgument
 from onprem.v1 import values_pb2
 from tests.support.postgres import PostgresServer
 from tests.test_database_operations import batch, run, transaction
 from tests.test_handler_database import collect, decode, start
-from tunnel.errors import AlreadyExists, InvalidArgument
 
 V = values_pb2.Value
 VT = values_pb2.ValueType

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from onprem.operator_cli import errors
+from onprem.operator_cli.rows import decode_batch, parse_parameter
+from onprem.operator_cli.transfer import CHUNK_SIZE, PART_SUFFIX, finish_download
 from onprem.v1 import agents_pb2, values_pb2
-from operator_cli import errors
-from operator_cli.rows import decode_batch, parse_parameter
-from operator_cli.transfer import CHUNK_SIZE, PART_SUFFIX, finish_download
 from tools.cluster import AgentProcess, ControlPlaneProcess, operator_channel, wait_for_agent_state
 
 ONPREM = str(Path(sys.executable).parent / "onprem")

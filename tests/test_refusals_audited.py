@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import pytest
 
-from agent.identity import make_key_and_csr
+from onprem.agent.identity import make_key_and_csr
 from onprem.v1 import agents_pb2, agents_pb2_grpc, database_pb2, enrollment_pb2, enrollment_pb2_grpc
 from tools.cluster import ControlPlaneProcess, bearer, database_stub, operator_channel
 

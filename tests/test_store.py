@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import make_url, text
 
-from control_plane.store import (
+from onprem.control_plane.store import (
     ENROLLMENT_TTL_MAX,
     AdvertisedProfile,
     AgentRevoked,

@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from control_plane.throttle import (
+from onprem.control_plane.throttle import (
     OVERFLOW_KEY,
     AttemptThrottle,
     KeyedBuckets,

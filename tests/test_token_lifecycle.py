@@ -22,7 +22,7 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 
-from agent.identity import make_key_and_csr
+from onprem.agent.identity import make_key_and_csr
 from onprem.v1 import (
     agents_pb2,
     agents_pb2_grpc,

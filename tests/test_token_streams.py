@@ -20,7 +20,7 @@ import grpc
 import pytest
 from grpc.aio import EOF  # type: ignore[attr-defined]
 
-from control_plane.store import Store
+from onprem.control_plane.store import Store
 from onprem.v1 import agents_pb2, database_pb2, files_pb2, files_pb2_grpc, tokens_pb2, tokens_pb2_grpc
 from tools.cluster import (
     AgentProcess,

@@ -7,12 +7,11 @@ from datetime import timedelta
 
 import pytest
 
-from control_plane.sessions import AgentSession
-from onprem.v1 import profiles_pb2, tunnel_pb2
-from tunnel.aio import FrameWriter, StreamClosed
-from tunnel.budget import BudgetExceeded, Budgets, PeerMeter, TokenBucket
-from tunnel.errors import Code, RemoteProtocolError, Unavailable
-from tunnel.protocol import (
+from onprem.control_plane.sessions import AgentSession
+from onprem.tunnel.aio import FrameWriter, StreamClosed
+from onprem.tunnel.budget import BudgetExceeded, Budgets, PeerMeter, TokenBucket
+from onprem.tunnel.errors import Code, RemoteProtocolError, Unavailable
+from onprem.tunnel.protocol import (
     MAX_END_MESSAGE,
     MAX_IN_FLIGHT,
     MAX_PROFILES,
@@ -24,6 +23,7 @@ from tunnel.protocol import (
     RequestEnded,
     RequestStarted,
 )
+from onprem.v1 import profiles_pb2, tunnel_pb2
 
 SMALL = Limits(response_window_bytes=4096, request_window_bytes=4096, max_chunk_bytes=1024)
 

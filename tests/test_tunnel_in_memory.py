@@ -12,12 +12,12 @@ from datetime import timedelta
 
 import pytest
 
-from agent.dispatcher import Dispatcher
-from agent.handlers.base import RequestContext
+from onprem.agent.dispatcher import Dispatcher
+from onprem.agent.handlers.base import RequestContext
+from onprem.tunnel.errors import Cancelled, DeadlineExceeded, NotFound, Unavailable
+from onprem.tunnel.protocol import Limits
+from onprem.tunnel.testing import TunnelFor
 from onprem.v1 import files_pb2, profiles_pb2, tunnel_pb2
-from tunnel.errors import Cancelled, DeadlineExceeded, NotFound, Unavailable
-from tunnel.protocol import Limits
-from tunnel.testing import TunnelFor
 
 CHUNK = 200 * 1024
 
@@ -142,7 +142,7 @@ async def test_an_agent_that_goes_silent_is_lost_and_its_requests_fail_unavailab
 
 
 async def test_an_agent_drained_to_exit_half_closes_and_writes_nothing_after(folder: FakeFolder) -> None:
-    from tunnel.errors import DrainedToExit
+    from onprem.tunnel.errors import DrainedToExit
 
     # Heartbeats every 50 ms: an agent that pinged after its half-close would fail inside grpc.
     limits = Limits(heartbeat_interval=timedelta(seconds=0.05))

@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from onprem.v1 import database_pb2, files_pb2, tunnel_pb2, values_pb2
-from tunnel.errors import Code, LocalProtocolError, RemoteProtocolError
-from tunnel.protocol import (
+from onprem.tunnel.errors import Code, LocalProtocolError, RemoteProtocolError
+from onprem.tunnel.protocol import (
     AgentConnection,
     AgentFrame,
     CancelReceived,
@@ -26,6 +25,7 @@ from tunnel.protocol import (
     RequestStarted,
     Welcomed,
 )
+from onprem.v1 import database_pb2, files_pb2, tunnel_pb2, values_pb2
 
 SMALL = Limits(response_window_bytes=4096, request_window_bytes=4096, max_chunk_bytes=1024)
 
@@ -323,7 +323,7 @@ def test_a_batch_without_the_capability_breaks_the_stream() -> None:
 
 
 def test_both_ends_are_the_same_state_machine_in_their_roles(pair: TunnelPair) -> None:
-    from tunnel.protocol import Connection, Role
+    from onprem.tunnel.protocol import Connection, Role
 
     assert isinstance(pair.cp, Connection) and isinstance(pair.agent, Connection)
     assert (pair.cp.role, pair.agent.role) == (Role.CONTROL_PLANE, Role.AGENT)

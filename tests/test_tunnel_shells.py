@@ -8,11 +8,11 @@ from typing import cast
 
 import pytest
 
-from agent.tunnel_client import Backoff
-from control_plane.router import GroupFacts, Registry, Router
+from onprem.agent.tunnel_client import Backoff
+from onprem.control_plane.router import GroupFacts, Registry, Router
+from onprem.tunnel.aio import FrameWriter, StreamClosed
+from onprem.tunnel.errors import NotFound, ResourceExhausted, Unavailable
 from onprem.v1 import profiles_pb2, tunnel_pb2
-from tunnel.aio import FrameWriter, StreamClosed
-from tunnel.errors import NotFound, ResourceExhausted, Unavailable
 
 DB = profiles_pb2.PROFILE_KIND_DATABASE
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import grpc
 
-from agent.identity import Identity, load_identity
+from onprem.agent.identity import Identity, load_identity
+from onprem.tunnel.aio import EOF
 from onprem.v1 import profiles_pb2, tunnel_pb2, tunnel_pb2_grpc
-from tunnel.aio import EOF
 
 AgentFrame = tunnel_pb2.ConnectRequest
 

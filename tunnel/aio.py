@@ -14,8 +14,8 @@ from typing import Generic, TypeVar
 
 import grpc
 
-from tunnel.budget import BudgetExceeded, Budgets
-from tunnel.errors import RequestGone, StreamClosed
+from onprem.tunnel.budget import BudgetExceeded, Budgets
+from onprem.tunnel.errors import RequestGone, StreamClosed
 
 __all__ = ["EOF", "CreditWaiters", "FrameWriter", "RequestGone", "StreamClosed"]
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tunnel.errors import RemoteProtocolError
+from onprem.tunnel.errors import RemoteProtocolError
 
 __all__ = ["BudgetExceeded", "Budgets", "PeerMeter", "TokenBucket"]
 

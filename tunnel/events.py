@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from onprem.tunnel.errors import Code
 from onprem.v1 import tunnel_pb2
-from tunnel.errors import Code
 
 __all__ = [
     "CancelReceived", "ChunkReceived", "CreditGranted", "DataReceived", "DrainReceived", "Event", "FrameIgnored",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tunnel.errors import LocalProtocolError, RemoteProtocolError
+from onprem.tunnel.errors import LocalProtocolError, RemoteProtocolError
 
 
 @dataclass

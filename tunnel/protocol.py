@@ -26,10 +26,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Generic, TypeVar
 
-from onprem.v1 import profiles_pb2, tunnel_pb2
-from tunnel import kinds
-from tunnel.errors import Code, LocalProtocolError, ProtocolError, RemoteProtocolError
-from tunnel.events import (
+from onprem.tunnel import kinds
+from onprem.tunnel.errors import Code, LocalProtocolError, ProtocolError, RemoteProtocolError
+from onprem.tunnel.events import (
     CancelReceived,
     ChunkReceived,
     CreditGranted,
@@ -45,8 +44,9 @@ from tunnel.events import (
     StatusReceived,
     Welcomed,
 )
-from tunnel.flow import ReceiveWindow, SendWindow
-from tunnel.state import Caller, RequestEvent, Role, Worker, next_caller_state, next_worker_state
+from onprem.tunnel.flow import ReceiveWindow, SendWindow
+from onprem.tunnel.state import Caller, RequestEvent, Role, Worker, next_caller_state, next_worker_state
+from onprem.v1 import profiles_pb2, tunnel_pb2
 
 __all__ = [
     "AGENT_CODES", "CAPABILITIES", "FRAME_BATCH", "MAX_END_MESSAGE", "MAX_IN_FLIGHT", "MAX_PROFILES",

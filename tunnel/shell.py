@@ -25,10 +25,10 @@ from typing import Any, Generic
 
 import grpc
 
-from tunnel.aio import EOF, CreditWaiters, FrameWriter
-from tunnel.budget import BudgetExceeded, Budgets, PeerMeter
-from tunnel.errors import PeerClosedStream, PeerSilent, ProtocolError, StreamClosed, StreamEnded
-from tunnel.events import (
+from onprem.tunnel.aio import EOF, CreditWaiters, FrameWriter
+from onprem.tunnel.budget import BudgetExceeded, Budgets, PeerMeter
+from onprem.tunnel.errors import PeerClosedStream, PeerSilent, ProtocolError, StreamClosed, StreamEnded
+from onprem.tunnel.events import (
     CreditGranted,
     DrainReceived,
     Event,
@@ -37,7 +37,7 @@ from tunnel.events import (
     PongReceived,
     StatusReceived,
 )
-from tunnel.protocol import Connection, OutFrame
+from onprem.tunnel.protocol import Connection, OutFrame
 
 __all__ = ["Shell"]
 

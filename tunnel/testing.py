@@ -22,15 +22,15 @@ from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from onprem.tunnel.aio import EOF
+from onprem.tunnel.budget import Budgets
+from onprem.tunnel.protocol import AgentConnection, ControlPlaneConnection, Limits
 from onprem.v1 import tunnel_pb2
-from tunnel.aio import EOF
-from tunnel.budget import Budgets
-from tunnel.protocol import AgentConnection, ControlPlaneConnection, Limits
 
 if TYPE_CHECKING:
-    from agent.dispatcher import Dispatcher
-    from agent.session import ControlPlaneSession
-    from control_plane.sessions import AgentSession
+    from onprem.agent.dispatcher import Dispatcher
+    from onprem.agent.session import ControlPlaneSession
+    from onprem.control_plane.sessions import AgentSession
 
 __all__ = ["Pipe", "TunnelFor"]
 
@@ -91,8 +91,8 @@ class TunnelFor:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> TunnelFor:
-        from agent.session import ControlPlaneSession
-        from control_plane.sessions import AgentSession
+        from onprem.agent.session import ControlPlaneSession
+        from onprem.control_plane.sessions import AgentSession
 
         agent_conn = AgentConnection()
         cp_conn = ControlPlaneConnection(self.limits)

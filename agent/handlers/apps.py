@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Mapping
 
 import httpx
 
-from agent.handlers.apps_auth import injected_headers, ssl_context
-from agent.handlers.apps_confine import (
+from onprem.agent.handlers.apps_auth import injected_headers, ssl_context
+from onprem.agent.handlers.apps_confine import (
     build_url,
     caller_headers,
     check_method,
@@ -25,17 +25,17 @@ from agent.handlers.apps_confine import (
     query_string,
     response_headers,
 )
-from agent.handlers.apps_errors import Progress, classify, http_errors, to_request_error
-from agent.handlers.base import RequestContext
-from agent.profiles import AppProfile
-from onprem.v1 import apps_pb2, profiles_pb2, tunnel_pb2
-from tunnel.errors import (
+from onprem.agent.handlers.apps_errors import Progress, classify, http_errors, to_request_error
+from onprem.agent.handlers.base import RequestContext
+from onprem.agent.profiles import AppProfile
+from onprem.tunnel.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     RequestError,
     ResourceExhausted,
 )
+from onprem.v1 import apps_pb2, profiles_pb2, tunnel_pb2
 
 __all__ = ["AppHandler", "build_url", "check_path"]
 

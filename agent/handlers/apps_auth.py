@@ -14,9 +14,9 @@ import os
 import ssl
 from dataclasses import dataclass
 
-from agent.handlers.apps_confine import CONTROL
-from agent.profiles import AppProfile, SecretSource
-from tunnel.errors import FailedPrecondition
+from onprem.agent.handlers.apps_confine import CONTROL
+from onprem.agent.profiles import AppProfile, SecretSource
+from onprem.tunnel.errors import FailedPrecondition
 
 __all__ = ["Injected", "injected_headers", "ssl_context"]
 

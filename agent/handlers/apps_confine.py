@@ -18,10 +18,16 @@ from urllib.parse import unquote, urlencode
 
 import httpx
 
-from agent.handlers.apps_headers import METHOD_OVERRIDES, NEVER_FROM_CALLER, URL_REWRITES, canonical, steers
-from agent.profiles import AppProfile
+from onprem.agent.handlers.apps_headers import (
+    METHOD_OVERRIDES,
+    NEVER_FROM_CALLER,
+    URL_REWRITES,
+    canonical,
+    steers,
+)
+from onprem.agent.profiles import AppProfile
+from onprem.tunnel.errors import InvalidArgument, PermissionDenied, RequestError
 from onprem.v1 import apps_pb2
-from tunnel.errors import InvalidArgument, PermissionDenied, RequestError
 
 __all__ = [
     "build_url",

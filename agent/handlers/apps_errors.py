@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import h11
 import httpx
 
-from agent.profiles import AppProfile
-from tunnel.errors import (
+from onprem.agent.profiles import AppProfile
+from onprem.tunnel.errors import (
     DeadlineExceeded,
     Internal,
     InvalidArgument,

@@ -22,15 +22,15 @@ import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar
 
-from agent.handlers.base import RequestContext
-from agent.handlers.sql_checks import run_checks
-from agent.handlers.sql_engine import Runtime, Session
-from agent.handlers.sql_errors import first_lines, map_error, scrub
-from agent.handlers.sql_operations import Batch, Poll, Transaction
-from agent.handlers.sql_query import Query
-from agent.profiles import DatabaseProfile
+from onprem.agent.handlers.base import RequestContext
+from onprem.agent.handlers.sql_checks import run_checks
+from onprem.agent.handlers.sql_engine import Runtime, Session
+from onprem.agent.handlers.sql_errors import first_lines, map_error, scrub
+from onprem.agent.handlers.sql_operations import Batch, Poll, Transaction
+from onprem.agent.handlers.sql_query import Query
+from onprem.agent.profiles import DatabaseProfile
+from onprem.tunnel.errors import InvalidArgument, NotFound
 from onprem.v1 import profiles_pb2, tunnel_pb2
-from tunnel.errors import InvalidArgument, NotFound
 
 __all__ = ["DatabaseHandler"]
 

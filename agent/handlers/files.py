@@ -29,8 +29,8 @@ import os
 import stat
 from collections.abc import AsyncIterator, Mapping
 
-from agent.handlers.base import RequestContext
-from agent.handlers.files_common import (
+from onprem.agent.handlers.base import RequestContext
+from onprem.agent.handlers.files_common import (
     TEMP_PREFIX,
     file_info,
     name_allowed,
@@ -43,19 +43,27 @@ from agent.handlers.files_common import (
     require_entry,
     require_name,
 )
-from agent.handlers.files_scan import DEFAULT_PAGE_SIZE, checked_count, list_page, poll
-from agent.handlers.files_temp import Sweeper
-from agent.handlers.files_write import write
-from agent.handlers.paths import Parts, open_at, open_parent, open_root, remove_tree, rename_noreplace, split
-from agent.profiles import FolderProfile
-from onprem.v1 import files_pb2, profiles_pb2, tunnel_pb2
-from tunnel.errors import (
+from onprem.agent.handlers.files_scan import DEFAULT_PAGE_SIZE, checked_count, list_page, poll
+from onprem.agent.handlers.files_temp import Sweeper
+from onprem.agent.handlers.files_write import write
+from onprem.agent.handlers.paths import (
+    Parts,
+    open_at,
+    open_parent,
+    open_root,
+    remove_tree,
+    rename_noreplace,
+    split,
+)
+from onprem.agent.profiles import FolderProfile
+from onprem.tunnel.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
 )
+from onprem.v1 import files_pb2, profiles_pb2, tunnel_pb2
 
 __all__ = ["TEMP_PREFIX", "FolderHandler"]
 

@@ -16,10 +16,9 @@ from collections.abc import Iterator, Sequence
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from agent.handlers.paths import Escape, Parts, open_root, outside
-from agent.profiles import FolderProfile
-from onprem.v1 import files_pb2
-from tunnel.errors import (
+from onprem.agent.handlers.paths import Escape, Parts, open_root, outside
+from onprem.agent.profiles import FolderProfile
+from onprem.tunnel.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -29,6 +28,7 @@ from tunnel.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from onprem.v1 import files_pb2
 
 TEMP_PREFIX = ".onprem-tmp-"
 #: Exactly the names uploads in progress get; only these are ever swept, and callers may not create them.

@@ -43,10 +43,10 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from agent.handlers.files_common import file_info, listable, name_allowed, rel_of
-from agent.handlers.paths import Parts, open_at, walk
+from onprem.agent.handlers.files_common import file_info, listable, name_allowed, rel_of
+from onprem.agent.handlers.paths import Parts, open_at, walk
+from onprem.tunnel.errors import InvalidArgument, ResourceExhausted
 from onprem.v1 import files_pb2, tunnel_pb2
-from tunnel.errors import InvalidArgument, ResourceExhausted
 
 DEFAULT_PAGE_SIZE = 1000
 #: The largest `page_size` and `max_files` a caller may ask for (documented in files.proto).

@@ -26,8 +26,8 @@ import stat
 import threading
 from collections.abc import Iterable
 
-from agent.handlers.files_common import TEMP_NAME, TEMP_PREFIX
-from agent.handlers.paths import open_root, walk
+from onprem.agent.handlers.files_common import TEMP_NAME, TEMP_PREFIX
+from onprem.agent.handlers.paths import open_root, walk
 
 log = logging.getLogger("onprem.agent.files")
 

@@ -16,7 +16,7 @@ import os
 import stat
 from collections.abc import AsyncIterator
 
-from agent.handlers.files_common import (
+from onprem.agent.handlers.files_common import (
     file_info,
     name_allowed,
     open_profile_root,
@@ -27,11 +27,10 @@ from agent.handlers.files_common import (
     require_entry,
     require_name,
 )
-from agent.handlers.files_temp import new_temp
-from agent.handlers.paths import Parts, open_parent, rename_noreplace, split
-from agent.profiles import FolderProfile
-from onprem.v1 import files_pb2
-from tunnel.errors import (
+from onprem.agent.handlers.files_temp import new_temp
+from onprem.agent.handlers.paths import Parts, open_parent, rename_noreplace, split
+from onprem.agent.profiles import FolderProfile
+from onprem.tunnel.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -39,6 +38,7 @@ from tunnel.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
+from onprem.v1 import files_pb2
 
 __all__ = ["write"]
 

@@ -38,7 +38,7 @@ import re
 import stat
 from collections.abc import Generator, Sequence
 
-from tunnel.errors import InvalidArgument, PermissionDenied
+from onprem.tunnel.errors import InvalidArgument, PermissionDenied
 
 __all__ = [
     "MAX_COMPONENT_BYTES",

@@ -19,11 +19,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, make_url
 
-from agent.handlers import sql_odbc
-from agent.handlers.sql_engine import Runtime, Session
-from agent.handlers.sql_errors import first_lines, scrub
+from onprem.agent.handlers import sql_odbc
+from onprem.agent.handlers.sql_engine import Runtime, Session
+from onprem.agent.handlers.sql_errors import first_lines, scrub
+from onprem.tunnel.errors import RequestError
 from onprem.v1 import profiles_pb2
-from tunnel.errors import RequestError
 
 __all__ = ["run_checks"]
 

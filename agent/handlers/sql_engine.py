@@ -30,9 +30,9 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import QueuePool
 
-from agent.handlers import sql_odbc
-from agent.handlers.sql_errors import first_lines, scrub
-from agent.handlers.sql_guard import (
+from onprem.agent.handlers import sql_odbc
+from onprem.agent.handlers.sql_errors import first_lines, scrub
+from onprem.agent.handlers.sql_guard import (
     PG_READ_ONLY_OPTION,
     GuardMissing,
     PgReadOnlyTransaction,
@@ -40,12 +40,12 @@ from agent.handlers.sql_guard import (
     pg_prepare_read_only,
     reset_postgres,
 )
-from agent.profiles import DatabaseProfile
-from tunnel.errors import FailedPrecondition, Internal
+from onprem.agent.profiles import DatabaseProfile
+from onprem.tunnel.errors import FailedPrecondition, Internal
 
 __all__ = ["COMMAND_TAG", "Runtime", "Session"]
 
-log = logging.getLogger("agent.handlers.database")
+log = logging.getLogger("onprem.agent.database")
 
 _PG_CONNECT_TIMEOUT_SECONDS = 10
 _ODBC_LOGIN_TIMEOUT_SECONDS = 10

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import psycopg
 import sqlalchemy as sa
 
-from agent.profiles import DatabaseProfile
-from tunnel.errors import (
+from onprem.agent.profiles import DatabaseProfile
+from onprem.tunnel.errors import (
     Aborted,
     AlreadyExists,
     DeadlineExceeded,

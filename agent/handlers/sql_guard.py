@@ -49,7 +49,7 @@ from typing import Any
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from tunnel.errors import FailedPrecondition
+from onprem.tunnel.errors import FailedPrecondition
 
 __all__ = [
     "PG_READ_ONLY_OPTION",

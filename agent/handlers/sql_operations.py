@@ -17,11 +17,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from agent.handlers.sql_engine import COMMAND_TAG, Runtime, Session
-from agent.handlers.sql_query import Query, bind_parameters
-from agent.handlers.sql_values import bind_value, to_value
+from onprem.agent.handlers.sql_engine import COMMAND_TAG, Runtime, Session
+from onprem.agent.handlers.sql_query import Query, bind_parameters
+from onprem.agent.handlers.sql_values import bind_value, to_value
+from onprem.tunnel.errors import InvalidArgument
 from onprem.v1 import database_pb2, tunnel_pb2, values_pb2
-from tunnel.errors import InvalidArgument
 
 __all__ = ["Batch", "Poll", "Transaction"]
 

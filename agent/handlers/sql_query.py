@@ -20,10 +20,10 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import CursorResult
 
-from agent.handlers.sql_engine import Runtime, Session
-from agent.handlers.sql_values import Misfit, bind_value, choose_types, column_type, fill
+from onprem.agent.handlers.sql_engine import Runtime, Session
+from onprem.agent.handlers.sql_values import Misfit, bind_value, choose_types, column_type, fill
+from onprem.tunnel.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from onprem.v1 import database_pb2, tunnel_pb2, values_pb2
-from tunnel.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
 __all__ = ["Query", "bind_parameters"]
 

@@ -18,8 +18,8 @@ from typing import Any
 from psycopg.postgres import types as pg_types
 from psycopg.types.json import Jsonb
 
+from onprem.tunnel.errors import InvalidArgument
 from onprem.v1 import values_pb2
-from tunnel.errors import InvalidArgument
 
 __all__ = [
     "Misfit",

@@ -10,15 +10,15 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from control_plane import store as store_mod
-from control_plane.api import errors
-from control_plane.app import KIND_BY_NAME, ControlPlane
-from control_plane.auth import Principal
-from control_plane.credentials import current_call
-from control_plane.sessions import AgentSession
-from control_plane.store import AgentRow, AuditEntry
+from onprem.control_plane import store as store_mod
+from onprem.control_plane.api import errors
+from onprem.control_plane.app import KIND_BY_NAME, ControlPlane
+from onprem.control_plane.auth import Principal
+from onprem.control_plane.credentials import current_call
+from onprem.control_plane.sessions import AgentSession
+from onprem.control_plane.store import AgentRow, AuditEntry
+from onprem.tunnel.errors import Code, FailedPrecondition, InvalidArgument, NotFound
 from onprem.v1 import agents_pb2, agents_pb2_grpc, profiles_pb2, tunnel_pb2
-from tunnel.errors import Code, FailedPrecondition, InvalidArgument, NotFound
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -8,11 +8,11 @@ from typing import Any
 
 import grpc
 
-from control_plane.api import errors
-from control_plane.api.uploads import pump_body, refuse_body
-from control_plane.app import ControlPlane
+from onprem.control_plane.api import errors
+from onprem.control_plane.api.uploads import pump_body, refuse_body
+from onprem.control_plane.app import ControlPlane
+from onprem.tunnel.errors import InvalidArgument
 from onprem.v1 import apps_pb2, apps_pb2_grpc, profiles_pb2, tunnel_pb2
-from tunnel.errors import InvalidArgument
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

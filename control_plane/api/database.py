@@ -8,11 +8,11 @@ from typing import Any
 
 import grpc
 
-from control_plane.api import errors
-from control_plane.app import ControlPlane
-from control_plane.failover import RoutedRequest
+from onprem.control_plane.api import errors
+from onprem.control_plane.app import ControlPlane
+from onprem.control_plane.failover import RoutedRequest
+from onprem.tunnel.errors import InvalidArgument
 from onprem.v1 import database_pb2, database_pb2_grpc, profiles_pb2, tunnel_pb2
-from tunnel.errors import InvalidArgument
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

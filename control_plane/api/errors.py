@@ -25,8 +25,8 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from control_plane.credentials import current_call
-from tunnel.errors import Internal, InvalidArgument, RequestError
+from onprem.control_plane.credentials import current_call
+from onprem.tunnel.errors import Internal, InvalidArgument, RequestError
 
 log = logging.getLogger("onprem.control_plane.api")
 

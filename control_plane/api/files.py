@@ -7,11 +7,11 @@ from typing import Any
 
 import grpc
 
-from control_plane.api import errors
-from control_plane.api.uploads import result_while_uploading
-from control_plane.app import ControlPlane
+from onprem.control_plane.api import errors
+from onprem.control_plane.api.uploads import result_while_uploading
+from onprem.control_plane.app import ControlPlane
+from onprem.tunnel.errors import InvalidArgument
 from onprem.v1 import files_pb2, files_pb2_grpc, profiles_pb2, tunnel_pb2
-from tunnel.errors import InvalidArgument
 
 Context = grpc.aio.ServicerContext[Any, Any]
 FOLDER = profiles_pb2.PROFILE_KIND_FOLDER

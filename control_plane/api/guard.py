@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
-from control_plane.api import errors
-from control_plane.app import ControlPlane
-from control_plane.auth import Principal
-from control_plane.credentials import OpenCall, current_call
-from tunnel.errors import RequestError
+from onprem.control_plane.api import errors
+from onprem.control_plane.app import ControlPlane
+from onprem.control_plane.auth import Principal
+from onprem.control_plane.credentials import OpenCall, current_call
+from onprem.tunnel.errors import RequestError
 
 log = logging.getLogger("onprem.control_plane.api")
 

@@ -21,13 +21,13 @@ from typing import Any, TypeVar
 
 import grpc
 
-from control_plane import store as store_mod
-from control_plane.api import errors
-from control_plane.api.agents import duration
-from control_plane.app import ControlPlane
-from control_plane.auth import Principal
-from control_plane.credentials import current_call
-from control_plane.store import (
+from onprem.control_plane import store as store_mod
+from onprem.control_plane.api import errors
+from onprem.control_plane.api.agents import duration
+from onprem.control_plane.app import ControlPlane
+from onprem.control_plane.auth import Principal
+from onprem.control_plane.credentials import current_call
+from onprem.control_plane.store import (
     ALL_GROUPS,
     API_TOKEN_PREFIX,
     ENROLLMENT_TOKEN_PREFIX,
@@ -40,9 +40,9 @@ from control_plane.store import (
     TokenUsed,
     parse_token_id,
 )
-from control_plane.store_rows import _REASON_MAX, _TOKEN_NAME_MAX, iso_utc
+from onprem.control_plane.store_rows import _REASON_MAX, _TOKEN_NAME_MAX, iso_utc
+from onprem.tunnel.errors import Code, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from onprem.v1 import tokens_pb2, tokens_pb2_grpc
-from tunnel.errors import Code, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Row = TypeVar("Row", ApiTokenRow, EnrollmentTokenRow)

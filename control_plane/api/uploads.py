@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from control_plane.failover import RoutedRequest
+from onprem.control_plane.failover import RoutedRequest
+from onprem.tunnel.errors import RequestError
 from onprem.v1 import tunnel_pb2
-from tunnel.errors import RequestError
 
 
 async def pump_body(routed: RoutedRequest, parts: AsyncIterator[bytes]) -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.handlers import paths
-from agent.handlers.files import FolderHandler
-from agent.profiles import FolderProfile
+from onprem.agent.handlers import paths
+from onprem.agent.handlers.files import FolderHandler
+from onprem.agent.profiles import FolderProfile
 from tests.faults.support import ACTIVE, cluster, log_of, wait_state
 from tests.support.folder_race import (
     OPERATIONS,

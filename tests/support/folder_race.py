@@ -32,10 +32,10 @@ from typing import Protocol, TypeVar
 
 import grpc
 
-from agent.handlers.base import RequestContext
-from agent.handlers.files import FolderHandler
+from onprem.agent.handlers.base import RequestContext
+from onprem.agent.handlers.files import FolderHandler
+from onprem.tunnel.errors import RequestError
 from onprem.v1 import files_pb2, files_pb2_grpc, tunnel_pb2
-from tunnel.errors import RequestError
 
 INSIDE_FILE = b"inside file\n"
 OUTSIDE_FILE = b"OUTSIDE " * 512

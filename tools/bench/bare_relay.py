@@ -55,7 +55,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tunnel.aio import EOF
+from onprem.tunnel.aio import EOF
 
 CALL = "/bench.Relay/Call"
 CONNECT = "/bench.Relay/Connect"

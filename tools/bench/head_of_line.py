@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 
+from onprem.tunnel.aio import EOF
 from onprem.v1 import database_pb2, files_pb2, files_pb2_grpc
 from tools.bench.common import Figure
 from tools.bench.small_requests import (
@@ -39,7 +40,6 @@ from tools.bench.small_requests import (
     wait_active,
 )
 from tools.cluster import bearer, database_stub, operator_channel
-from tunnel.aio import EOF
 
 GROUP = "bench"
 CONCURRENCY = 8

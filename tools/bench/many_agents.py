@@ -29,7 +29,7 @@ from pathlib import Path
 
 import grpc
 
-from agent.identity import make_key_and_csr
+from onprem.agent.identity import make_key_and_csr
 from onprem.v1 import agents_pb2, enrollment_pb2, enrollment_pb2_grpc
 from tools.bench.common import Figure, rss_mib
 from tools.bench.small_requests import Load, drive, make_sqlite, query_once

@@ -22,11 +22,11 @@ import signal
 import sys
 from pathlib import Path
 
-from agent.cli import build_handlers
-from agent.config import parse_config
-from agent.dispatcher import Dispatcher
-from agent.identity import Identity
-from agent.tunnel_client import TunnelClient
+from onprem.agent.cli import build_handlers
+from onprem.agent.config import parse_config
+from onprem.agent.dispatcher import Dispatcher
+from onprem.agent.identity import Identity
+from onprem.agent.tunnel_client import TunnelClient
 
 
 def _client(raw: dict[str, str], args: argparse.Namespace) -> tuple[TunnelClient, Dispatcher]:
