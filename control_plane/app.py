@@ -1,12 +1,11 @@
-"""The control plane's shared state and the operator request path.
+"""The control plane's shared state, and the entrance of the operator data path.
 
 `ControlPlane` owns the store, the CA, the registry of agent sessions, the
-router, the token authority and the audit log; the gRPC services are thin
-layers over it. `ControlPlane.relay` is the one path every operator data
-request takes: authenticate, authorize the group, route to an agent, stream,
-audit. Calls that are refused before or outside the relay (no or a bad token,
-an admin RPC called without the role) are audited by `audit_refusal`, so that
-everything refused leaves a row.
+router, the token authority, the audit log and the observer that feeds it; the
+gRPC services are thin layers over it. `ControlPlane.relay` is the one path
+every operator data request takes: authorize the group, then hand the request
+to a `relay.RelayedRequest`, which routes, retries and streams it, while the
+call's `observe.Observation` records what happened for the audit and metrics.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import asyncio
 import datetime as dt
 import functools
 import logging
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -24,28 +22,25 @@ from typing import Any, TypeVar, cast
 
 import grpc
 
-from onprem.control_plane import metrics
+from onprem.control_plane import observe
 from onprem.control_plane.audit import AuditLog
 from onprem.control_plane.auth import Principal
 from onprem.control_plane.ca import CertificateAuthority
-from onprem.control_plane.credentials import OpenCall, TokenAuthority, TokenRefused, current_call
-from onprem.control_plane.failover import Opener, RoutedRequest
-from onprem.control_plane.router import KIND_NAMES, GroupFacts, Registry, Router
-from onprem.control_plane.store import AuditEntry, Store
-from onprem.control_plane.throttle import AttemptThrottle, KeyedBuckets, RowLimiter, peer_key
+from onprem.control_plane.credentials import TokenAuthority, current_call
+from onprem.control_plane.observe import Observer
+from onprem.control_plane.relay import RelayedRequest, Target
+from onprem.control_plane.router import GroupFacts, Registry, Router
+from onprem.control_plane.store import Store
+from onprem.control_plane.throttle import AttemptThrottle, KeyedBuckets, RowLimiter
+from onprem.tunnel import kinds
 from onprem.tunnel.budget import Budgets
-from onprem.tunnel.errors import Code, InvalidArgument, PermissionDenied, RequestError
+from onprem.tunnel.errors import InvalidArgument, PermissionDenied
 from onprem.tunnel.protocol import Limits
 from onprem.v1 import tunnel_pb2
 
 log = logging.getLogger("onprem.control_plane")
 
 T = TypeVar("T")
-
-NAME_BY_KIND = KIND_NAMES
-KIND_BY_NAME = {name: kind for kind, name in KIND_NAMES.items()}
-
-ANONYMOUS = "anonymous"
 
 
 @dataclass(frozen=True)
@@ -73,33 +68,6 @@ class Settings:
     throttle_max_addresses: int = 10_000
 
 
-class GuardedRequest(RoutedRequest):
-    """A routed request that ends with its call's error once the call is ended (token revoked, expired).
-
-    Checked before and after each chunk, so chunks already queued for the operator are not
-    delivered after the end; `stop` also fails the request on the agent, which stops the work
-    there and wakes a reader waiting for the next chunk.
-    """
-
-    def __init__(self, start: tunnel_pb2.RequestStart, opener: Opener, call: OpenCall | None) -> None:
-        super().__init__(start, opener)
-        self._call = call
-
-    def _raise_if_ended(self) -> None:
-        if self._call is not None and self._call.error is not None:
-            raise self._call.error
-
-    async def __anext__(self) -> tunnel_pb2.ResponseChunk:
-        self._raise_if_ended()
-        chunk = await super().__anext__()
-        self._raise_if_ended()
-        return chunk
-
-    def stop(self, error: RequestError) -> None:
-        if self.exchange is not None and not self.exchange.ended:
-            self.exchange.fail(error)
-
-
 class ControlPlane:
     def __init__(self, store: Store, ca: CertificateAuthority, settings: Settings | None = None) -> None:
         self.store = store
@@ -115,9 +83,9 @@ class ControlPlane:
         self.enroll_throttle = AttemptThrottle(KeyedBuckets(
             burst=s.enroll_failure_burst, refill_seconds=s.enroll_refill_seconds, max_keys=s.throttle_max_addresses),
             max_waiting=s.enroll_max_waiting)
-        self._refusal_rows = RowLimiter(KeyedBuckets(
+        self.observer = Observer(self.audit, RowLimiter(KeyedBuckets(
             burst=s.refusal_rows_burst, refill_seconds=s.refusal_rows_refill_seconds,
-            max_keys=s.throttle_max_addresses))
+            max_keys=s.throttle_max_addresses)))
 
     def blocking(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Run a blocking store call off the event loop."""
@@ -132,32 +100,14 @@ class ControlPlane:
         """The token watcher and the summaries of refusals left out of the audit, until cancelled."""
         async with asyncio.TaskGroup() as group:
             group.create_task(self.tokens.run(), name="token-watcher")
-            group.create_task(self._summarise_refusals(), name="refusal-summaries")
-
-    async def _summarise_refusals(self) -> None:
-        try:
-            while True:
-                await asyncio.sleep(5.0)
-                self._write_refusal_summaries()
-        finally:
-            self._write_refusal_summaries()
-
-    def _write_refusal_summaries(self) -> None:
-        for (key, (method, outcome, kind)), count in self._refusal_rows.drain().items():
-            code = Code[outcome]
-            self.audit.record(AuditEntry(
-                at=dt.datetime.now(dt.UTC), principal=ANONYMOUS, role="", method=method, kind=kind,
-                code=int(code), outcome=outcome, peer=key,
-                detail=f"SUMMARY: {count} more {outcome} refusals of calls without a valid token from {key}, "
-                       "not audited one by one",
-            ))
+            group.create_task(self.observer.run_summaries(), name="refusal-summaries")
 
     async def _group_facts(self, group: str) -> GroupFacts:
         exists = await self.blocking(self.store.get_group, group) is not None
         profiles = await self.blocking(self.store.profiles_of_group, group) if exists else set()
         return GroupFacts(
             exists=exists,
-            known_profiles=frozenset((KIND_BY_NAME.get(kind, 0), name) for kind, name in profiles),
+            known_profiles=frozenset((kinds.profile_kind_named(kind), name) for kind, name in profiles),
         )
 
     # -- operator authentication --
@@ -170,30 +120,6 @@ class ControlPlane:
             return call.principal
         metadata = cast(Sequence[tuple[str, str | bytes]], context.invocation_metadata())
         return await self.tokens.authenticate(metadata)
-
-    # -- auditing what is refused --
-    def audit_refusal(self, *, method: str, peer: str, error: RequestError, principal: Principal | None = None,
-                      role: str = "", kind: str = "auth", note: str = "", began: float | None = None) -> None:
-        """One audit row for a refused call: who (the token, or anonymous and the address), what, why.
-
-        Calls refused without a valid token (no token, a bad or revoked one, enrollment attempts)
-        are rows up to a budget per address; past it they are counted and summarised in one row
-        per address every few seconds, so that a flood from anyone cannot grow the audit log (or
-        its queue) faster than that. Refusals of a valid token are all rows: it can be revoked.
-        """
-        name, token_id = ANONYMOUS, None
-        if principal is not None:
-            name, role, token_id = principal.name, principal.role, principal.token_id
-        elif isinstance(error, TokenRefused):
-            name, role, token_id = error.name, error.role, error.token_id
-        if principal is None and not self._refusal_rows.allow(peer_key(peer), (method, error.code.name, kind)):
-            return
-        self.audit.record(AuditEntry(
-            at=dt.datetime.now(dt.UTC), principal=name, role=role, method=method, kind=kind,
-            code=int(error.code), outcome=error.code.name,
-            duration_ms=int((time.monotonic() - began) * 1000) if began is not None else 0,
-            detail=f"{note}{error.reason}: {error.message}", token_id=token_id, peer=peer,
-        ))
 
     @staticmethod
     def require_group(principal: Principal, group: str) -> None:
@@ -215,82 +141,45 @@ class ControlPlane:
         self,
         context: grpc.aio.ServicerContext[Any, Any],
         *,
-        method: str,
         group: str,
         kind: int,
         profile: str,
         start: tunnel_pb2.RequestStart,
-    ) -> AsyncIterator[RoutedRequest]:
-        began = time.monotonic()
-        # Asked now, while the call is alive: grpc's peer() on a call that ended reads freed memory
-        # (the control plane crashed with SIGSEGV when an operator cancelled a stream mid-write).
-        peer = context.peer()
-        kind_name = NAME_BY_KIND.get(kind, "?")
-        metrics.IN_FLIGHT.labels(kind_name).inc()
-        principal: Principal | None = None
-        routed: GuardedRequest | None = None
+    ) -> AsyncIterator[RelayedRequest]:
+        """Authorize a data request for `group`, send it to one of the group's agents, and yield it.
+
+        Raises InvalidArgument (no group or profile), PermissionDenied (the token may not use the
+        group) and what `RelayedRequest.begin` raises; the request's own errors come from iterating it.
+        Runs inside the call's observation, which the API's guard opened.
+        """
+        observation = observe.current()
+        assert observation is not None, "data requests run inside the API's guard"
+        observation.begin_data_request(kinds.name_of(kind), group, profile)
+        principal = await self.authenticate(context)
+        observation.principal = principal
+        if not group:
+            raise InvalidArgument("'group' is required: the agent group to use", reason="MISSING_GROUP", field="group")
+        if not profile:
+            raise InvalidArgument("'profile' is required: the profile to use", reason="MISSING_PROFILE",
+                                  field="profile")
+        self.require_group(principal, group)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            start.timeout.FromTimedelta(dt.timedelta(seconds=max(remaining, 0.001)))
+        start.attempt = 1
         call = current_call.get()
+        request = RelayedRequest(self.router, Target(group, kind, profile), start, call)
         remove_stopper: Callable[[], None] | None = None
-        code, detail = Code.OK, ""
         try:
-            principal = await self.authenticate(context)
-            if not group:
-                raise InvalidArgument("'group' is required: the agent group to use", reason="MISSING_GROUP", field="group")
-            if not profile:
-                raise InvalidArgument("'profile' is required: the profile to use", reason="MISSING_PROFILE",
-                                      field="profile")
-            self.require_group(principal, group)
-            remaining = context.time_remaining()
-            if remaining is not None:
-                start.timeout.FromTimedelta(dt.timedelta(seconds=max(remaining, 0.001)))
-            start.attempt = 1
-            routed = GuardedRequest(
-                start, lambda excluded: self.router.open(group, kind, profile, start, excluded), call)
-            await routed.open()
+            await request.begin()
             if call is not None:
                 # From now on an ended call fails its request instead of being cancelled.
-                remove_stopper = call.add_stopper(routed.stop)
-            yield routed
-        except RequestError as exc:
-            code, detail = exc.code, exc.reason
-            raise
-        except asyncio.CancelledError:
-            if call is not None and call.error is not None:
-                code, detail = call.error.code, call.error.reason
-            else:
-                code, detail = Code.CANCELLED, "caller went away"
-            raise
-        except BaseException:
-            code = Code.INTERNAL
-            raise
+                remove_stopper = call.add_stopper(request.fail)
+            yield request
         finally:
             if remove_stopper is not None:
                 remove_stopper()
-            exchange = routed.exchange if routed is not None else None
-            if exchange is not None:
-                await exchange.aclose()
-            metrics.IN_FLIGHT.labels(kind_name).dec()
-            metrics.REQUESTS.labels(kind_name, method.rsplit("/", 1)[-1], code.name).inc()
-            metrics.LATENCY.labels(kind_name).observe(time.monotonic() - began)
-            if exchange is not None:
-                metrics.RESPONSE_BYTES.labels(kind_name).inc(exchange.bytes_out)
-            if principal is not None:
-                if call is not None:
-                    call.audited = True
-                self.audit.record(AuditEntry(
-                    at=dt.datetime.now(dt.UTC),
-                    principal=principal.name,
-                    role=principal.role,
-                    method=method,
-                    kind=NAME_BY_KIND.get(kind, "?"),
-                    code=int(code),
-                    outcome=code.name,
-                    group_name=group,
-                    agent_id=exchange.session.agent_id if exchange is not None else None,
-                    profile=profile,
-                    bytes_out=exchange.bytes_out if exchange is not None else 0,
-                    duration_ms=int((time.monotonic() - began) * 1000),
-                    detail=detail,
-                    token_id=principal.token_id,
-                    peer=peer,
-                ))
+            await request.aclose()
+            observation.agent_id = request.agent.agent_id if request.agent is not None else None
+            observation.bytes_out = request.bytes_out
+

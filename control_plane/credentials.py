@@ -185,10 +185,6 @@ class OpenCall:
     responded: bool = False
     #: Why the call was ended early (its token was revoked or expired); None while it may go on.
     error: RequestError | None = None
-    #: The error the call ended with, noted by the API's error boundary (for the audit of refusals).
-    outcome: RequestError | None = None
-    #: Whether the call's own audit row was written (the relay writes one for every data request).
-    audited: bool = False
     _stoppers: list[Callable[[RequestError], None]] = field(default_factory=list)
     _timer: asyncio.TimerHandle | None = None
 

@@ -17,10 +17,8 @@ Anyone who can reach the listener may call it, so it is written for guessers:
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import secrets
-import time
 from typing import Any
 
 import grpc
@@ -28,9 +26,10 @@ import grpc
 from onprem.control_plane.api import errors
 from onprem.control_plane.app import ControlPlane
 from onprem.control_plane.ca import AGENT_ID_PREFIX, CsrError
-from onprem.control_plane.store import AuditEntry, TokenError, enrollment_token_id, validate_agent_name
+from onprem.control_plane.observe import Observation
+from onprem.control_plane.store import TokenError, enrollment_token_id, validate_agent_name
 from onprem.control_plane.throttle import Throttled, peer_key
-from onprem.tunnel.errors import Code, InvalidArgument, PermissionDenied, RequestError, ResourceExhausted
+from onprem.tunnel.errors import InvalidArgument, PermissionDenied, ResourceExhausted
 from onprem.v1 import enrollment_pb2, enrollment_pb2_grpc
 
 log = logging.getLogger("onprem.control_plane.enrollment")
@@ -46,11 +45,12 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
     async def Enroll(
         self, request: enrollment_pb2.EnrollRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> enrollment_pb2.EnrollResponse:
-        began = time.monotonic()
         peer = context.peer()
         key = peer_key(peer)
         throttle = self._cp.enroll_throttle
-        try:
+        with self._cp.observer.observe(method=METHOD, peer=peer, kind="enroll", role="agent") as observation:
+            token_id = enrollment_token_id(request.token)
+            observation.note = f"enrollment token onpe_{token_id}: " if token_id else ""
             try:
                 await throttle.admit(key)
             except Throttled as exc:
@@ -58,16 +58,12 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
                     f"too many failed enrollment attempts from {exc.key}; wait {exc.retry_after:.0f} s and check "
                     "the token (enrollment tokens are single use: ask an admin for a new one)",
                     reason="ENROLLMENT_THROTTLED") from None
-            response = await self._enroll(request, peer)
-        except RequestError as exc:
-            token_id = enrollment_token_id(request.token)
-            self._cp.audit_refusal(method=METHOD, peer=peer, error=exc, role="agent", kind="enroll", began=began,
-                                   note=f"enrollment token onpe_{token_id}: " if token_id else "")
-            raise
+            response = await self._enroll(request, peer, observation)
         throttle.succeeded(key)
         return response
 
-    async def _enroll(self, request: enrollment_pb2.EnrollRequest, peer: str) -> enrollment_pb2.EnrollResponse:
+    async def _enroll(self, request: enrollment_pb2.EnrollRequest, peer: str,
+                      observation: Observation) -> enrollment_pb2.EnrollResponse:
         if not request.token:
             raise InvalidArgument("'token' is required: an enrollment token from an admin", reason="MISSING_TOKEN")
         if not request.csr_pem:
@@ -99,11 +95,8 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             issued.serial, issued.not_after,
         )
         log.info("enrolled agent %s (%s) into group %s", name, agent_id, token.group_name)
-        cp.audit.record(AuditEntry(
-            at=dt.datetime.now(dt.UTC), principal=f"enrollment-token:{token.token_id}", role="agent",
-            method=METHOD, kind="admin", code=int(Code.OK), outcome="OK",
-            group_name=token.group_name, agent_id=agent_id, detail=f"agent {name}", peer=peer,
-        ))
+        observation.record(f"agent {name}", group=token.group_name, agent_id=agent_id, kind="admin",
+                           principal_name=f"enrollment-token:{token.token_id}")
         response = enrollment_pb2.EnrollResponse(
             agent_id=agent_id,
             group=token.group_name,

@@ -22,9 +22,6 @@ from onprem.v1 import tunnel_pb2
 
 log = logging.getLogger("onprem.control_plane.router")
 
-#: Kind names by ProfileKind (from `tunnel.kinds`).
-KIND_NAMES: dict[int, str] = {kind.profile_kind: kind.name for kind in kinds.KINDS}
-
 
 class Registry:
     """The live sessions, one per agent: a newer session supersedes an older one."""
@@ -96,11 +93,15 @@ class Router:
         return [s for s in self._registry.in_group(group)
                 if not s.draining and s.offers(kind, profile) and s.agent_id not in excluded]
 
-    async def open(
+    async def route(
         self, group: str, kind: int, profile: str, start: tunnel_pb2.RequestStart,
         excluded: frozenset[str] = frozenset(),
     ) -> Exchange:
-        """Send `start` to the best agent not in `excluded`, waiting briefly if all are busy."""
+        """Send `start` to the best agent not in `excluded`, waiting briefly if all are busy.
+
+        Raises NotFound (no such group or profile), Unavailable (no agent can take it now) or
+        ResourceExhausted (every agent stayed full for the queue wait).
+        """
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self._queue_wait
         while True:
@@ -110,18 +111,18 @@ class Router:
             free = [s for s in eligible if s.has_capacity()]
             if free:
                 session = min(free, key=lambda s: s.in_flight / s.max_in_flight)
-                return session.open(start)
+                return session.start(start)
             remaining = give_up - loop.time()
             if remaining <= 0:
                 raise ResourceExhausted(
-                    f"every agent of group '{group}' offering {KIND_NAMES.get(kind, '?')} profile "
+                    f"every agent of group '{group}' offering {kinds.name_of(kind)} profile "
                     f"'{profile}' is running its maximum of requests; retry shortly",
                     reason="AGENTS_BUSY",
                 )
             await self._registry.wait_for_change(remaining)
 
     async def _explain(self, group: str, kind: int, profile: str) -> Exception:
-        kind_name = KIND_NAMES.get(kind, "?")
+        kind_name = kinds.name_of(kind)
         connected = self._registry.in_group(group)
         facts = await self._group_facts(group)
         if not facts.exists and not connected:

@@ -1,4 +1,4 @@
-"""The control plane's end of each agent stream, and `Exchange`, one request's view of it for the operator API.
+"""The control plane's end of each agent stream, and `Exchange`, one request's attempt on it.
 
 `tunnel.shell.Shell` reads, writes, heartbeats and holds the agent to its
 budgets; `AgentSession` is what the control plane does with the events. The
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from onprem.tunnel.budget import BudgetExceeded, Budgets
 from onprem.tunnel.errors import (
+    AgentLost,
     Code,
     RemoteProtocolError,
     RequestError,
@@ -222,7 +223,11 @@ class AgentSession:
             self.shell.send_nowait(self.conn.drain(reason, grace, exit_after=exit_after))
         self.on_change()
 
-    def open(self, start: tunnel_pb2.RequestStart) -> Exchange:
+    def start(self, start: tunnel_pb2.RequestStart) -> Exchange:
+        """Send `start` on this stream; its result comes through the `Exchange` returned.
+
+        Raises Unavailable if the session just ended (the router chose it a moment before).
+        """
         if self._closed is not None:
             raise Unavailable(f"agent {self.name} ({self.agent_id}) just disconnected: {self._closed}")
         rid, frame = self.conn.start_request(start)
@@ -285,10 +290,9 @@ class AgentSession:
         self.shell.writer.close(StreamClosed(reason))
         self.shell.credit.wake_all()
         for rid, exchange in list(self._exchanges.items()):
-            lost = Unavailable(
+            lost = AgentLost(
                 f"agent {self.name} ({self.agent_id}) was lost while running the request "
                 f"({reason}); the request may have run in part or in full",
-                reason="AGENT_LOST",
             )
             lost.cause = reason
             exchange._deliver(_End(lost))

@@ -20,10 +20,11 @@ from cryptography.x509.oid import NameOID
 
 from onprem.control_plane import metrics
 from onprem.control_plane.api import errors
-from onprem.control_plane.app import NAME_BY_KIND, ControlPlane
+from onprem.control_plane.app import ControlPlane
 from onprem.control_plane.ca import CsrError
 from onprem.control_plane.sessions import AgentSession
 from onprem.control_plane.store import AdvertisedProfile, AgentRow
+from onprem.tunnel import kinds
 from onprem.tunnel.aio import EOF
 from onprem.tunnel.budget import TokenBucket
 from onprem.tunnel.errors import (
@@ -112,7 +113,7 @@ class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
 
     async def _record_hello(self, agent_id: str, hello: tunnel_pb2.Hello, profiles: list[profiles_pb2.Profile]) -> None:
         advertised = [
-            AdvertisedProfile(name=p.name, kind=NAME_BY_KIND.get(p.kind, "unknown"), read_only=p.read_only,
+            AdvertisedProfile(name=p.name, kind=_kind_name(p.kind), read_only=p.read_only,
                               dialect=p.dialect)
             for p in profiles
         ]
@@ -186,3 +187,8 @@ class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
                                     reason="AGENT_BUDGET_EXCEEDED")
         if session.protocol_error:
             raise FailedPrecondition(f"tunnel protocol: {session.protocol_error}", reason="TUNNEL_PROTOCOL")
+
+
+def _kind_name(profile_kind: int) -> str:
+    kind = kinds.by_profile_kind(profile_kind)
+    return kind.name if kind is not None else "unknown"

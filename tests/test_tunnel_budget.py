@@ -297,7 +297,7 @@ async def test_a_ping_flood_ends_the_session_and_fails_its_requests_unavailable(
         caplog: pytest.LogCaptureFixture) -> None:
     stream = FakeAgentStream()
     session = session_for(stream, Budgets(control_frames_per_second=10, control_frame_burst=20))
-    exchange = session.open(tunnel_pb2.RequestStart())
+    exchange = session.start(tunnel_pb2.RequestStart())
     for nonce in range(100):
         stream.inbox.put_nowait(AgentFrame(ping=tunnel_pb2.Ping(nonce=nonce)))
     await asyncio.wait_for(session.serve(), 5)

@@ -75,20 +75,20 @@ def folder() -> FakeFolder:
 
 async def test_a_request_crosses_the_stream_and_its_chunks_come_back(folder: FakeFolder) -> None:
     async with TunnelFor(Dispatcher({"file_op": folder})) as tunnel:
-        chunks = [chunk async for chunk in tunnel.control_plane.open(read("small"))]
+        chunks = [chunk async for chunk in tunnel.control_plane.start(read("small"))]
     assert [len(c.read.data) for c in chunks] == [10, 10, 10]
 
 
 async def test_an_agents_error_reaches_the_caller_with_its_code_and_reason(folder: FakeFolder) -> None:
     async with TunnelFor(Dispatcher({"file_op": folder})) as tunnel:
         with pytest.raises(NotFound, match="no such file 'missing'") as caught:
-            [chunk async for chunk in tunnel.control_plane.open(read("missing"))]
+            [chunk async for chunk in tunnel.control_plane.start(read("missing"))]
     assert caught.value.reason == "FILE_NOT_FOUND"
 
 
 async def test_a_cancel_stops_the_work_on_the_agent(folder: FakeFolder) -> None:
     async with TunnelFor(Dispatcher({"file_op": folder})) as tunnel:
-        exchange = tunnel.control_plane.open(read("wait"))
+        exchange = tunnel.control_plane.start(read("wait"))
         await folder.waiting.wait()
         await exchange.aclose("the caller went away")
         with pytest.raises(Cancelled, match="cancelled by the caller"):
@@ -99,18 +99,18 @@ async def test_a_cancel_stops_the_work_on_the_agent(folder: FakeFolder) -> None:
 async def test_a_deadline_stops_the_work_on_the_agent(folder: FakeFolder) -> None:
     async with TunnelFor(Dispatcher({"file_op": folder})) as tunnel:
         with pytest.raises(DeadlineExceeded, match="the request's deadline passed on the agent"):
-            [chunk async for chunk in tunnel.control_plane.open(read("wait", timeout=0.05))]
+            [chunk async for chunk in tunnel.control_plane.start(read("wait", timeout=0.05))]
     assert folder.cancelled == ["wait"]
 
 
 async def test_a_draining_agent_finishes_what_it_runs_and_refuses_new_work(folder: FakeFolder) -> None:
     async with TunnelFor(Dispatcher({"file_op": folder})) as tunnel:
-        running = tunnel.control_plane.open(read("wait"))
+        running = tunnel.control_plane.start(read("wait"))
         await folder.waiting.wait()
         tunnel.control_plane.drain("maintenance", timedelta(seconds=5))
         # The stream is ordered: the agent takes the drain before the next request's start.
         with pytest.raises(Unavailable, match="the agent is draining") as caught:
-            [chunk async for chunk in tunnel.control_plane.open(read("small"))]
+            [chunk async for chunk in tunnel.control_plane.start(read("small"))]
         assert caught.value.reason == "AGENT_DRAINING"
         folder.release.set()
         assert len([chunk async for chunk in running]) == 3
@@ -120,10 +120,10 @@ async def test_a_reader_that_does_not_read_holds_the_agent_to_one_window(folder:
     window = 1024 * 1024
     limits = Limits(response_window_bytes=window, request_window_bytes=window, max_chunk_bytes=256 * 1024)
     async with TunnelFor(Dispatcher({"file_op": folder}), limits=limits) as tunnel:
-        stalled = tunnel.control_plane.open(read("big"))
+        stalled = tunnel.control_plane.start(read("big"))
         await anext(stalled)  # then no more: the caller stops reading
         # A small request on the same stream is not held up by the stalled one.
-        assert len([chunk async for chunk in tunnel.control_plane.open(read("small"))]) == 3
+        assert len([chunk async for chunk in tunnel.control_plane.start(read("small"))]) == 3
         # The agent made at most a window of chunks (plus the one waiting for credit), not all 64.
         assert folder.chunks_made["big"] <= window // CHUNK + 2
         # Reading on gives credit back, and the rest arrives.
@@ -133,7 +133,7 @@ async def test_a_reader_that_does_not_read_holds_the_agent_to_one_window(folder:
 async def test_an_agent_that_goes_silent_is_lost_and_its_requests_fail_unavailable(folder: FakeFolder) -> None:
     limits = Limits(heartbeat_interval=timedelta(seconds=0.05))
     async with TunnelFor(Dispatcher({"file_op": folder}), limits=limits) as tunnel:
-        exchange = tunnel.control_plane.open(read("wait"))
+        exchange = tunnel.control_plane.start(read("wait"))
         tunnel.to_control_plane.reading.clear()  # the control plane hears nothing more
         with pytest.raises(Unavailable, match="was silent for 0 s \\(heartbeats missed\\)") as caught:
             [chunk async for chunk in exchange]

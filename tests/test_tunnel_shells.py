@@ -108,7 +108,7 @@ class FakeSession:
     def has_capacity(self) -> bool:
         return self.in_flight < self.max_in_flight
 
-    def open(self, start: tunnel_pb2.RequestStart) -> str:
+    def start(self, start: tunnel_pb2.RequestStart) -> str:
         self.in_flight += 1
         self.opened.append(start)
         return self.agent_id
@@ -132,7 +132,7 @@ def router_with(*sessions: FakeSession, facts: GroupFacts | None = None, wait: f
 
 async def pick(router: Router, profile: str) -> object:
     """The fake session's id that the router opened the request on."""
-    return await router.open("g", DB, profile, tunnel_pb2.RequestStart())
+    return await router.route("g", DB, profile, tunnel_pb2.RequestStart())
 
 
 async def test_the_router_picks_the_least_loaded_agent_offering_the_profile() -> None:
@@ -151,25 +151,25 @@ async def test_the_router_skips_draining_agents() -> None:
 
 async def test_an_unknown_group_is_not_found() -> None:
     with pytest.raises(NotFound, match="group 'nope' does not exist"):
-        await router_with().open("nope", DB, "erp", tunnel_pb2.RequestStart())
+        await router_with().route("nope", DB, "erp", tunnel_pb2.RequestStart())
 
 
 async def test_a_profile_no_agent_of_the_group_offers_is_not_found() -> None:
     router = router_with(FakeSession("a1", "g", {(DB, "erp")}))
     with pytest.raises(NotFound, match=r"offers a database profile named 'crm' \(offered: erp\)"):
-        await router.open("g", DB, "crm", tunnel_pb2.RequestStart())
+        await router.route("g", DB, "crm", tunnel_pb2.RequestStart())
 
 
 async def test_a_known_group_with_no_connected_agent_is_unavailable() -> None:
     router = router_with(facts=GroupFacts(exists=True, known_profiles=frozenset({(DB, "erp")})))
     with pytest.raises(Unavailable, match="no agent of group 'g' is connected"):
-        await router.open("g", DB, "erp", tunnel_pb2.RequestStart())
+        await router.route("g", DB, "erp", tunnel_pb2.RequestStart())
 
 
 async def test_when_every_agent_is_full_the_request_waits_then_is_resource_exhausted() -> None:
     full = FakeSession("a1", "g", {(DB, "erp")}, in_flight=2)
     with pytest.raises(ResourceExhausted, match="running its maximum of requests"):
-        await router_with(full).open("g", DB, "erp", tunnel_pb2.RequestStart())
+        await router_with(full).route("g", DB, "erp", tunnel_pb2.RequestStart())
 
 
 async def test_a_waiting_request_takes_capacity_as_soon_as_it_frees_up() -> None:

@@ -10,6 +10,8 @@
     │   ├── FailedPrecondition       valid, but not in this state (read-only ...)
     │   ├── ResourceExhausted        a size or concurrency limit was hit
     │   ├── Unavailable              the agent or the system behind it is unreachable
+    │   │   ├── AgentRefused         an agent refused the request before starting it (draining, full)
+    │   │   └── AgentLost            the agent's stream ended while it ran the request
     │   ├── DeadlineExceeded
     │   ├── Cancelled
     │   ├── Aborted                  e.g. a transaction conflict
@@ -88,6 +90,8 @@ class RequestError(OnpremError):
             cls = Internal
         if cls is InvalidArgument:
             return InvalidArgument(message, reason=reason or None, field=field or None)
+        if cls is Unavailable and reason in AgentRefused.REASONS:
+            return AgentRefused(message, reason=reason)
         return cls(message, reason=reason or None)
 
 
@@ -136,6 +140,27 @@ class ResourceExhausted(RequestError):
 class Unavailable(RequestError):
     code = Code.UNAVAILABLE
     default_reason = "UNAVAILABLE"
+
+
+class AgentRefused(Unavailable):
+    """An agent answered a request by refusing it before it started: it is draining, or at its limit.
+
+    Nothing ran, so the request may go to another agent of the group. The agent says so with one of
+    `REASONS` in its final status (`from_status` rebuilds this class from them).
+    """
+
+    REASONS = frozenset({"AGENT_DRAINING", "AGENT_BUSY"})
+    default_reason = "AGENT_BUSY"
+
+
+class AgentLost(Unavailable):
+    """The stream of the agent running a request ended before the request did.
+
+    The request may have run in part or in full; `cause` says why the stream ended. Only the control
+    plane raises it: an agent cannot claim it (`tunnel.protocol` screens the reason).
+    """
+
+    default_reason = "AGENT_LOST"
 
 
 class DeadlineExceeded(RequestError):

@@ -19,7 +19,7 @@ from onprem.v1 import profiles_pb2, tunnel_pb2
 
 __all__ = [
     "APP", "DATABASE", "FOLDER", "KINDS", "PROFILE_CHECK", "Kind", "by_name", "by_payload", "by_profile_kind",
-    "expected_body", "is_idempotent", "name_of",
+    "expected_body", "is_idempotent", "name_of", "profile_kind_named",
 ]
 
 #: `RequestStart.payload` of a profile check, which any kind answers with `ResponseChunk.profile_check`.
@@ -110,6 +110,12 @@ def name_of(profile_kind: int) -> str:
     """"database", "folder" or "app"; "?" for a kind this version does not know."""
     kind = by_profile_kind(profile_kind)
     return kind.name if kind is not None else "?"
+
+
+def profile_kind_named(name: str) -> int:
+    """The `ProfileKind` of "database", "folder" or "app"; PROFILE_KIND_UNSPECIFIED (0) for another name."""
+    kind = by_name(name)
+    return int(kind.profile_kind) if kind is not None else profiles_pb2.PROFILE_KIND_UNSPECIFIED
 
 
 def expected_body(start: tunnel_pb2.RequestStart) -> str | None:

@@ -6,7 +6,7 @@ the real handshake, so that cancel, deadlines, drains and flow control are
 tested in milliseconds, with no sockets and no processes:
 
     async with TunnelFor(Dispatcher({"file_op": handler})) as tunnel:
-        exchange = tunnel.control_plane.open(start)
+        exchange = tunnel.control_plane.start(start)
         chunks = [chunk async for chunk in exchange]
 
 A pipe holds a few messages, then makes its writer wait until the other end

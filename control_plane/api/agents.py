@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import time
 from typing import Any
 
 import grpc
 from google.protobuf.message import Message
 
+from onprem.control_plane import observe
 from onprem.control_plane import store as store_mod
 from onprem.control_plane.api import errors
-from onprem.control_plane.app import KIND_BY_NAME, ControlPlane
+from onprem.control_plane.app import ControlPlane
 from onprem.control_plane.auth import Principal
-from onprem.control_plane.credentials import current_call
 from onprem.control_plane.sessions import AgentSession
-from onprem.control_plane.store import AgentRow, AuditEntry
-from onprem.tunnel.errors import Code, FailedPrecondition, InvalidArgument, NotFound
+from onprem.control_plane.store import AgentRow
+from onprem.tunnel import kinds
+from onprem.tunnel.errors import FailedPrecondition, InvalidArgument, NotFound
 from onprem.v1 import agents_pb2, agents_pb2_grpc, profiles_pb2, tunnel_pb2
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -76,23 +76,13 @@ def agent_message(row: AgentRow, session: AgentSession | None) -> agents_pb2.Age
     if row.last_seen_at is not None:
         agent.last_seen_at.FromDatetime(row.last_seen_at)
     for p in row.profiles:
-        agent.profiles.add(name=p.name, kind=KIND_BY_NAME.get(p.kind, 0), read_only=p.read_only, dialect=p.dialect)
+        agent.profiles.add(name=p.name, kind=kinds.profile_kind_named(p.kind), read_only=p.read_only, dialect=p.dialect)
     return agent
 
 
 class AgentService(agents_pb2_grpc.AgentServiceServicer):
     def __init__(self, cp: ControlPlane) -> None:
         self._cp = cp
-
-    def _audit(self, principal: Principal, method: str, began: float, *, group: str | None = None,
-               agent_id: str | None = None, detail: str = "") -> None:
-        call = current_call.get()
-        self._cp.audit.record(AuditEntry(
-            at=dt.datetime.now(dt.UTC), principal=principal.name, role=principal.role,
-            method=f"/onprem.v1.AgentService/{method}", kind="admin", code=int(Code.OK), outcome="OK",
-            group_name=group, agent_id=agent_id, duration_ms=int((time.monotonic() - began) * 1000),
-            detail=detail, token_id=principal.token_id, peer=call.peer if call is not None else None,
-        ))
 
     async def _agent(self, principal: Principal, agent_id: str) -> AgentRow:
         if not agent_id:
@@ -138,7 +128,6 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
     async def CreateEnrollmentToken(
         self, request: agents_pb2.CreateEnrollmentTokenRequest, context: Context
     ) -> agents_pb2.CreateEnrollmentTokenResponse:
-        began = time.monotonic()
         principal = await self._cp.authenticate(context)
         self._cp.require_admin(principal)
         try:
@@ -155,7 +144,7 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
         token, row = await self._cp.blocking(functools.partial(
             self._cp.store.create_enrollment_token, request.group, ttl, request.description,
             created_by=principal.label))
-        self._audit(principal, "CreateEnrollmentToken", began, group=request.group, detail=f"token {row.token_id}")
+        observe.record(group=request.group, detail=f"token {row.token_id}")
         response = agents_pb2.CreateEnrollmentTokenResponse(token=token, group=row.group_name)
         response.expires_at.FromDatetime(row.expires_at)
         return response
@@ -167,18 +156,15 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
         if request.kind == profiles_pb2.PROFILE_KIND_UNSPECIFIED:
             raise InvalidArgument("'kind' is required: DATABASE, FOLDER or APP", reason="MISSING_KIND", field="kind")
         start = tunnel_pb2.RequestStart(profile_check=request)
-        async with self._cp.relay(
-            context, method="/onprem.v1.AgentService/CheckProfile", group=request.group,
-            kind=request.kind, profile=request.profile, start=start,
-        ) as routed:
-            response = (await routed.single()).profile_check
-        assert routed.exchange is not None
-        response.agent_id = routed.exchange.session.agent_id
+        async with self._cp.relay(context, group=request.group, kind=request.kind, profile=request.profile,
+                                  start=start) as relayed:
+            response = (await relayed.single()).profile_check
+            assert relayed.agent is not None  # single() returned: an agent answered
+            response.agent_id = relayed.agent.agent_id
         return response
 
     @errors.unary
     async def DrainAgent(self, request: agents_pb2.DrainAgentRequest, context: Context) -> agents_pb2.DrainAgentResponse:
-        began = time.monotonic()
         principal = await self._cp.authenticate(context)
         self._cp.require_admin(principal)
         row = await self._agent(principal, request.agent_id)
@@ -191,13 +177,12 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
             raise InvalidArgument(f"'grace_period' must be between 0 and {MAX_DRAIN_GRACE}", reason="INVALID_GRACE",
                                   field="grace_period")
         session.drain(request.reason or f"drained by {principal.name}", grace, exit_after=True)
-        self._audit(principal, "DrainAgent", began, group=row.group_name, agent_id=row.agent_id,
-                    detail=request.reason[:200])
+        observe.record(group=row.group_name, agent_id=row.agent_id,
+                       detail=request.reason[:200])
         return agents_pb2.DrainAgentResponse(agent=agent_message(row, session))
 
     @errors.unary
     async def RevokeAgent(self, request: agents_pb2.RevokeAgentRequest, context: Context) -> agents_pb2.RevokeAgentResponse:
-        began = time.monotonic()
         principal = await self._cp.authenticate(context)
         self._cp.require_admin(principal)
         row = await self._agent(principal, request.agent_id)
@@ -205,8 +190,8 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
         session = self._cp.registry.get(row.agent_id)
         if session is not None:
             session.close(f"revoked: {row.revoked_reason}")
-        self._audit(principal, "RevokeAgent", began, group=row.group_name, agent_id=row.agent_id,
-                    detail=request.reason[:200])
+        observe.record(group=row.group_name, agent_id=row.agent_id,
+                       detail=request.reason[:200])
         return agents_pb2.RevokeAgentResponse(agent=agent_message(row, None))
 
 

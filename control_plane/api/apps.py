@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 
 from onprem.control_plane.api import errors
+from onprem.control_plane.api.relaying import Relaying
 from onprem.control_plane.api.uploads import pump_body, refuse_body
 from onprem.control_plane.app import ControlPlane
 from onprem.tunnel.errors import InvalidArgument
@@ -21,7 +22,7 @@ BODILESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 class AppService(apps_pb2_grpc.AppServiceServicer):
     def __init__(self, cp: ControlPlane) -> None:
-        self._cp = cp
+        self._relay = Relaying(cp, profiles_pb2.PROFILE_KIND_APP)
 
     @errors.streaming
     async def Call(
@@ -42,19 +43,16 @@ class AppService(apps_pb2_grpc.AppServiceServicer):
         # to another agent if theirs is lost.
         bodiless = (head.method or "GET").upper() in BODILESS_METHODS
         start = tunnel_pb2.RequestStart(app_call=apps_pb2.AppCall(head=head), has_body=not bodiless)
-        async with self._cp.relay(
-            context, method="/onprem.v1.AppService/Call", group=head.group,
-            kind=profiles_pb2.PROFILE_KIND_APP, profile=head.profile, start=start,
-        ) as routed:
+        async with self._relay(context, head.group, head.profile, start) as relayed:
             if bodiless:
                 refused = InvalidArgument(f"{head.method or 'GET'} requests take no body", reason="BODY_NOT_ALLOWED",
                                           field="body")
-                feeder = refuse_body(routed, body(), refused)
+                feeder = refuse_body(relayed, body(), refused)
             else:
-                feeder = pump_body(routed, body())
+                feeder = pump_body(relayed, body())
             pump = asyncio.get_running_loop().create_task(feeder)
             try:
-                async for chunk in routed:
+                async for chunk in relayed:
                     yield chunk.call
             finally:
                 if not pump.done():

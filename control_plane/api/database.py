@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import grpc
 
 from onprem.control_plane.api import errors
+from onprem.control_plane.api.relaying import Relaying
 from onprem.control_plane.app import ControlPlane
-from onprem.control_plane.failover import RoutedRequest
 from onprem.tunnel.errors import InvalidArgument
 from onprem.v1 import database_pb2, database_pb2_grpc, profiles_pb2, tunnel_pb2
 
@@ -19,24 +18,16 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 class DatabaseService(database_pb2_grpc.DatabaseServiceServicer):
     def __init__(self, cp: ControlPlane) -> None:
-        self._cp = cp
+        self._relay = Relaying(cp, profiles_pb2.PROFILE_KIND_DATABASE)
 
     @errors.streaming
     async def Query(self, request: database_pb2.QueryRequest, context: Context) -> AsyncIterator[database_pb2.QueryResponse]:
         if not request.sql.strip():
             raise InvalidArgument("'sql' is required: the statement to run", reason="MISSING_SQL", field="sql")
         start = tunnel_pb2.RequestStart(database_query=database_pb2.DatabaseQuery(query=request))
-        async with self._relay(context, "Query", request.group, request.profile, start) as routed:
-            async for chunk in routed:
+        async with self._relay(context, request.group, request.profile, start) as relayed:
+            async for chunk in relayed:
                 yield chunk.query
-
-    def _relay(
-        self, context: Context, method: str, group: str, profile: str, start: tunnel_pb2.RequestStart
-    ) -> AbstractAsyncContextManager[RoutedRequest]:
-        return self._cp.relay(
-            context, method=f"/onprem.v1.DatabaseService/{method}", group=group,
-            kind=profiles_pb2.PROFILE_KIND_DATABASE, profile=profile, start=start,
-        )
 
     @errors.unary
     async def ExecuteBatch(
@@ -46,8 +37,7 @@ class DatabaseService(database_pb2_grpc.DatabaseServiceServicer):
             raise InvalidArgument("'sql' is required: the statement to run for each set", reason="MISSING_SQL",
                                   field="sql")
         start = tunnel_pb2.RequestStart(database_query=database_pb2.DatabaseQuery(batch=request))
-        async with self._relay(context, "ExecuteBatch", request.group, request.profile, start) as routed:
-            return (await routed.single()).batch
+        return (await self._relay.single(context, request.group, request.profile, start)).batch
 
     @errors.unary
     async def ExecuteTransaction(
@@ -57,14 +47,13 @@ class DatabaseService(database_pb2_grpc.DatabaseServiceServicer):
             raise InvalidArgument("'statements' is required: the statements to run", reason="MISSING_SQL",
                                   field="statements")
         start = tunnel_pb2.RequestStart(database_query=database_pb2.DatabaseQuery(transaction=request))
-        async with self._relay(context, "ExecuteTransaction", request.group, request.profile, start) as routed:
-            return (await routed.single()).transaction
+        return (await self._relay.single(context, request.group, request.profile, start)).transaction
 
     @errors.streaming
     async def PollChanges(
         self, request: database_pb2.PollChangesRequest, context: Context
     ) -> AsyncIterator[database_pb2.PollChangesResponse]:
         start = tunnel_pb2.RequestStart(database_query=database_pb2.DatabaseQuery(poll_changes=request))
-        async with self._relay(context, "PollChanges", request.group, request.profile, start) as routed:
-            async for chunk in routed:
+        async with self._relay(context, request.group, request.profile, start) as relayed:
+            async for chunk in relayed:
                 yield chunk.poll_changes

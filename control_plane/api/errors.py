@@ -10,8 +10,8 @@ violation, so that a client can point at the input to fix. Any
 other exception is a bug: it is logged with its traceback and the caller gets
 INTERNAL with no internals.
 
-The error is also noted on the call being served (`credentials.current_call`),
-so that the API's guard can audit calls refused outside the relay.
+The error is also noted on the call's observation (`observe.current()`), which
+turns it into the call's audit row.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from onprem.control_plane.credentials import current_call
+from onprem.control_plane import observe
 from onprem.tunnel.errors import Internal, InvalidArgument, RequestError
 
 log = logging.getLogger("onprem.control_plane.api")
@@ -47,9 +47,9 @@ def rich_status(error: RequestError) -> status_pb2.Status:
 
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], error: RequestError) -> None:
-    call = current_call.get()
-    if call is not None and call.outcome is None:
-        call.outcome = error
+    observation = observe.current()
+    if observation is not None and observation.outcome is None:
+        observation.outcome = error
     # The call's code and message are taken from the rich status itself, so the two always agree
     # (grpcio-status's `from_call` on the client refuses a status that disagrees with its call).
     status = rpc_status.to_status(rich_status(error))

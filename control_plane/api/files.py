@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 
 from onprem.control_plane.api import errors
+from onprem.control_plane.api.relaying import Relaying
 from onprem.control_plane.api.uploads import result_while_uploading
 from onprem.control_plane.app import ControlPlane
 from onprem.tunnel.errors import InvalidArgument
@@ -17,39 +18,31 @@ Context = grpc.aio.ServicerContext[Any, Any]
 FOLDER = profiles_pb2.PROFILE_KIND_FOLDER
 
 
-def _method(name: str) -> str:
-    return f"/onprem.v1.FileService/{name}"
-
-
 class FileService(files_pb2_grpc.FileServiceServicer):
     def __init__(self, cp: ControlPlane) -> None:
-        self._cp = cp
+        self._relay = Relaying(cp, FOLDER)
 
-    async def _unary(self, context: Context, name: str, group: str, profile: str, op: files_pb2.FileOp) -> tunnel_pb2.ResponseChunk:
-        start = tunnel_pb2.RequestStart(file_op=op)
-        async with self._cp.relay(
-            context, method=_method(name), group=group, kind=FOLDER, profile=profile, start=start
-        ) as routed:
-            return await routed.single()
+    async def _unary(self, context: Context, group: str, profile: str, op: files_pb2.FileOp) -> tunnel_pb2.ResponseChunk:
+        return await self._relay.single(context, group, profile, tunnel_pb2.RequestStart(file_op=op))
 
     @errors.unary
     async def List(self, request: files_pb2.ListRequest, context: Context) -> files_pb2.ListResponse:
-        chunk = await self._unary(context, "List", request.group, request.profile, files_pb2.FileOp(list=request))
+        chunk = await self._unary(context, request.group, request.profile, files_pb2.FileOp(list=request))
         return chunk.list
 
     @errors.unary
     async def Stat(self, request: files_pb2.StatRequest, context: Context) -> files_pb2.StatResponse:
-        chunk = await self._unary(context, "Stat", request.group, request.profile, files_pb2.FileOp(stat=request))
+        chunk = await self._unary(context, request.group, request.profile, files_pb2.FileOp(stat=request))
         return chunk.stat
 
     @errors.unary
     async def Delete(self, request: files_pb2.DeleteRequest, context: Context) -> files_pb2.DeleteResponse:
-        chunk = await self._unary(context, "Delete", request.group, request.profile, files_pb2.FileOp(delete=request))
+        chunk = await self._unary(context, request.group, request.profile, files_pb2.FileOp(delete=request))
         return chunk.delete
 
     @errors.unary
     async def Move(self, request: files_pb2.MoveRequest, context: Context) -> files_pb2.MoveResponse:
-        chunk = await self._unary(context, "Move", request.group, request.profile, files_pb2.FileOp(move=request))
+        chunk = await self._unary(context, request.group, request.profile, files_pb2.FileOp(move=request))
         return chunk.move
 
     @errors.unary
@@ -57,21 +50,19 @@ class FileService(files_pb2_grpc.FileServiceServicer):
         self, request: files_pb2.MakeDirectoryRequest, context: Context
     ) -> files_pb2.MakeDirectoryResponse:
         op = files_pb2.FileOp(make_directory=request)
-        chunk = await self._unary(context, "MakeDirectory", request.group, request.profile, op)
+        chunk = await self._unary(context, request.group, request.profile, op)
         return chunk.make_directory
 
     @errors.unary
     async def Poll(self, request: files_pb2.PollRequest, context: Context) -> files_pb2.PollResponse:
-        chunk = await self._unary(context, "Poll", request.group, request.profile, files_pb2.FileOp(poll=request))
+        chunk = await self._unary(context, request.group, request.profile, files_pb2.FileOp(poll=request))
         return chunk.poll
 
     @errors.streaming
     async def Read(self, request: files_pb2.ReadRequest, context: Context) -> AsyncIterator[files_pb2.ReadResponse]:
         start = tunnel_pb2.RequestStart(file_op=files_pb2.FileOp(read=request))
-        async with self._cp.relay(
-            context, method=_method("Read"), group=request.group, kind=FOLDER, profile=request.profile, start=start
-        ) as routed:
-            async for chunk in routed:
+        async with self._relay(context, request.group, request.profile, start) as relayed:
+            async for chunk in relayed:
                 yield chunk.read
 
     @errors.unary
@@ -90,8 +81,6 @@ class FileService(files_pb2_grpc.FileServiceServicer):
                 yield message.data
 
         start = tunnel_pb2.RequestStart(file_op=files_pb2.FileOp(write=header), has_body=True)
-        async with self._cp.relay(
-            context, method=_method("Write"), group=header.group, kind=FOLDER, profile=header.profile, start=start
-        ) as routed:
-            chunk = await result_while_uploading(routed, data())
+        async with self._relay(context, header.group, header.profile, start) as relayed:
+            chunk = await result_while_uploading(relayed, data())
             return chunk.write

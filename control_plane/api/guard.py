@@ -15,8 +15,8 @@ An accepted call runs inside `_Guarded`, which
 - tracks the call with the token authority for its whole life, so that revoking
   or expiring the token ends it with UNAUTHENTICATED (a call not waiting on an
   agent is cancelled, and the cancellation is turned into that status here);
-- audits the call if it was refused outside the relay (e.g. an admin RPC called
-  with an operator token), which the relay, writing its own row, does not.
+- observes the call (`observe.Observer.observe`): services note on it what they
+  did, and its end becomes the call's audit row and metrics.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
@@ -32,6 +33,7 @@ from onprem.control_plane.api import errors
 from onprem.control_plane.app import ControlPlane
 from onprem.control_plane.auth import Principal
 from onprem.control_plane.credentials import OpenCall, current_call
+from onprem.control_plane.observe import Observation
 from onprem.tunnel.errors import RequestError
 
 log = logging.getLogger("onprem.control_plane.api")
@@ -79,7 +81,7 @@ class AuthInterceptor(_ServerInterceptor):
 
 def _refusal(cp: ControlPlane, method: str, error: RequestError) -> grpc.RpcMethodHandler[Any, Any]:
     async def refuse(_requests: AsyncIterator[bytes], context: Context) -> None:
-        cp.audit_refusal(method=method, peer=context.peer(), error=error)
+        cp.observer.refuse(method=method, peer=context.peer(), error=error)
         await errors.abort(context, error)
 
     return grpc.stream_stream_rpc_method_handler(refuse)
@@ -113,51 +115,49 @@ class _Guarded:
             return grpc.unary_stream_rpc_method_handler(self._stream_response(h.unary_stream), **kwargs)
         return grpc.stream_stream_rpc_method_handler(self._stream_response(h.stream_stream), **kwargs)
 
-    async def _open(self, context: Context) -> OpenCall:
+    def _observe(self, context: Context) -> AbstractContextManager[Observation]:
         # Asked before any await, while the call is alive: grpc's peer() on a call that ended (the
         # client cancelled meanwhile) reads freed memory.
-        peer = context.peer()
+        kind = "admin" if self._method.startswith(ADMIN_SERVICES) else "request"
+        return self._cp.observer.observe(method=self._method, peer=context.peer(), kind=kind)
+
+    async def _open(self, context: Context, observation: Observation) -> OpenCall:
         principal = self._principal
         if principal is None:
             try:
                 principal = await self._cp.tokens.authenticate(_metadata(context))
             except RequestError as exc:
-                self._cp.audit_refusal(method=self._method, peer=peer, error=exc)
                 await errors.abort(context, exc)
                 raise AssertionError("unreachable: abort raises") from None
-        call = self._cp.tokens.open_call(principal, self._method, peer)
+        observation.principal = principal
+        call = self._cp.tokens.open_call(principal, self._method, observation.peer)
         current_call.set(call)  # one task per call: the variable lives and dies with it
         return call
 
-    async def _ended(self, context: Context, call: OpenCall) -> None:
+    @staticmethod
+    async def _ended(context: Context, call: OpenCall, observation: Observation) -> None:
         """Turn the cancellation of an ended call into its status."""
         assert call.error is not None
-        if call.outcome is not None:
+        if observation.outcome is not None:
             # It was ended while already sending its own error status: let that one stand.
             raise asyncio.CancelledError
         _uncancel()
         await errors.abort(context, call.error)
 
-    def _close(self, call: OpenCall) -> None:
-        self._cp.tokens.close_call(call)
-        if call.outcome is not None and not call.audited:
-            kind = "admin" if self._method.startswith(ADMIN_SERVICES) else "request"
-            self._cp.audit_refusal(method=self._method, peer=call.peer, error=call.outcome,
-                                   principal=call.principal, kind=kind)
-
     def _unary_response(self, inner: Callable[[Any, Context], Awaitable[Any]]) -> Callable[[Any, Context], Awaitable[Any]]:
         async def behaviour(request: Any, context: Context) -> Any:
-            call = await self._open(context)
-            try:
-                if call.error is not None:
-                    await errors.abort(context, call.error)
-                return await inner(request, context)
-            except asyncio.CancelledError:
-                if call.error is None:
-                    raise
-                await self._ended(context, call)
-            finally:
-                self._close(call)
+            with self._observe(context) as observation:
+                call = await self._open(context, observation)
+                try:
+                    if call.error is not None:
+                        await errors.abort(context, call.error)
+                    return await inner(request, context)
+                except asyncio.CancelledError:
+                    if call.error is None:
+                        raise
+                    await self._ended(context, call, observation)
+                finally:
+                    self._cp.tokens.close_call(call)
 
         return behaviour
 
@@ -165,18 +165,19 @@ class _Guarded:
         self, inner: Callable[[Any, Context], AsyncIterator[Any]]
     ) -> Callable[[Any, Context], AsyncIterator[Any]]:
         async def behaviour(request: Any, context: Context) -> AsyncIterator[Any]:
-            call = await self._open(context)
-            try:
-                if call.error is not None:
-                    await errors.abort(context, call.error)
-                async for response in inner(request, context):
-                    call.responded = True
-                    yield response
-            except asyncio.CancelledError:
-                if call.error is None or call.responded:
-                    raise
-                await self._ended(context, call)
-            finally:
-                self._close(call)
+            with self._observe(context) as observation:
+                call = await self._open(context, observation)
+                try:
+                    if call.error is not None:
+                        await errors.abort(context, call.error)
+                    async for response in inner(request, context):
+                        call.responded = True
+                        yield response
+                except asyncio.CancelledError:
+                    if call.error is None or call.responded:
+                        raise
+                    await self._ended(context, call, observation)
+                finally:
+                    self._cp.tokens.close_call(call)
 
         return behaviour

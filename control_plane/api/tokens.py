@@ -15,12 +15,12 @@ import dataclasses
 import datetime as dt
 import functools
 import json
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
 
+from onprem.control_plane import observe
 from onprem.control_plane import store as store_mod
 from onprem.control_plane.api import errors
 from onprem.control_plane.api.agents import duration
@@ -33,7 +33,6 @@ from onprem.control_plane.store import (
     ENROLLMENT_TOKEN_PREFIX,
     OPERATOR_TOKEN_TTL_MAX,
     ApiTokenRow,
-    AuditEntry,
     EnrollmentTokenRow,
     PageKey,
     Role,
@@ -41,7 +40,7 @@ from onprem.control_plane.store import (
     parse_token_id,
 )
 from onprem.control_plane.store_rows import _REASON_MAX, _TOKEN_NAME_MAX, iso_utc
-from onprem.tunnel.errors import Code, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from onprem.tunnel.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from onprem.v1 import tokens_pb2, tokens_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -158,16 +157,6 @@ class TokenService(tokens_pb2_grpc.TokenServiceServicer):
         self._cp.require_admin(principal)
         return principal
 
-    def _audit(self, principal: Principal, method: str, began: float, detail: str, *,
-               group: str | None = None) -> None:
-        call = current_call.get()
-        self._cp.audit.record(AuditEntry(
-            at=dt.datetime.now(dt.UTC), principal=principal.name, role=principal.role,
-            method=f"/onprem.v1.TokenService/{method}", kind="admin", code=int(Code.OK), outcome="OK",
-            group_name=group, duration_ms=int((time.monotonic() - began) * 1000), detail=detail,
-            token_id=principal.token_id, peer=call.peer if call is not None else None,
-        ))
-
     @staticmethod
     def _reason(text: str) -> str:
         if len(text) > _REASON_MAX:
@@ -178,7 +167,6 @@ class TokenService(tokens_pb2_grpc.TokenServiceServicer):
     # -- operator tokens --
     @errors.unary
     async def CreateToken(self, request: tokens_pb2.CreateTokenRequest, context: Context) -> tokens_pb2.CreateTokenResponse:
-        began = time.monotonic()
         principal = await self._admin(context)
         spec = request.token
         name = spec.display_name.strip()
@@ -213,8 +201,7 @@ class TokenService(tokens_pb2_grpc.TokenServiceServicer):
         secret, row = await self._cp.blocking(functools.partial(
             self._cp.store.create_api_token, name, role, groups, ttl, created_by=principal.label))
         expires = iso_utc(row.expires_at) if row.expires_at is not None else "never"
-        self._audit(principal, "CreateToken", began,
-                    f"created {row.role} token {row.label} for groups {','.join(row.groups)}, expires {expires}")
+        observe.record(f"created {row.role} token {row.label} for groups {','.join(row.groups)}, expires {expires}")
         now = dt.datetime.now(dt.UTC)
         return tokens_pb2.CreateTokenResponse(token=token_message(row, now), secret=secret)
 
@@ -236,7 +223,6 @@ class TokenService(tokens_pb2_grpc.TokenServiceServicer):
 
     @errors.unary
     async def RevokeToken(self, request: tokens_pb2.RevokeTokenRequest, context: Context) -> tokens_pb2.RevokeTokenResponse:
-        began = time.monotonic()
         principal = await self._admin(context)
         token_id = parse_token_id(request.name, API_TOKEN_PREFIX)
         if token_id is None:
@@ -252,7 +238,7 @@ class TokenService(tokens_pb2_grpc.TokenServiceServicer):
             self._cp.store.revoke_api_token, token_id, by=principal.label, reason=reason))
         ended = self._cp.tokens.revoked(row, sparing=current_call.get())
         what = "was already revoked" if already else f"revoked; {ended} open calls ended"
-        self._audit(principal, "RevokeToken", began, f"token {row.label} {what}" + (f": {reason}" if reason else ""))
+        observe.record(f"token {row.label} {what}" + (f": {reason}" if reason else ""))
         return tokens_pb2.RevokeTokenResponse(token=token_message(row, dt.datetime.now(dt.UTC)))
 
     # -- enrollment tokens --
@@ -280,7 +266,6 @@ class TokenService(tokens_pb2_grpc.TokenServiceServicer):
     async def RevokeEnrollmentToken(
         self, request: tokens_pb2.RevokeEnrollmentTokenRequest, context: Context
     ) -> tokens_pb2.RevokeEnrollmentTokenResponse:
-        began = time.monotonic()
         principal = await self._admin(context)
         token_id = parse_token_id(request.name, ENROLLMENT_TOKEN_PREFIX)
         if token_id is None:
@@ -300,8 +285,7 @@ class TokenService(tokens_pb2_grpc.TokenServiceServicer):
                 f"enrollment token {row.short_id} was already used by agent {exc.agent_id} at {iso_utc(exc.used_at)}, "
                 "so there is nothing to revoke; revoke the agent instead (AgentService/RevokeAgent)",
                 reason="TOKEN_USED") from None
-        self._audit(principal, "RevokeEnrollmentToken", began,
-                    f"enrollment token {row.short_id} revoked" + (f": {reason}" if reason else ""),
-                    group=row.group_name)
+        observe.record(f"enrollment token {row.short_id} revoked" + (f": {reason}" if reason else ""),
+                       group=row.group_name)
         return tokens_pb2.RevokeEnrollmentTokenResponse(
             enrollment_token=enrollment_message(row, dt.datetime.now(dt.UTC)))

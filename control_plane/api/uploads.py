@@ -5,39 +5,37 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from onprem.control_plane.failover import RoutedRequest
+from onprem.control_plane.relay import RelayedRequest
 from onprem.tunnel.errors import RequestError
 from onprem.v1 import tunnel_pb2
 
 
-async def pump_body(routed: RoutedRequest, parts: AsyncIterator[bytes]) -> None:
+async def pump_body(request: RelayedRequest, parts: AsyncIterator[bytes]) -> None:
     """Forward an operator's body to the agent, within the request's credit.
 
     A bad body message fails the request for whoever reads its result.
     """
-    exchange = routed.exchange
-    assert exchange is not None  # requests with a body are never re-routed
     try:
         async for data in parts:
-            await exchange.send_body(data)
-        await exchange.send_body(b"", end_of_data=True)
+            await request.send_body(data)
+        await request.send_body(b"", end_of_data=True)
     except RequestError as exc:
-        exchange.fail(exc)
+        request.fail(exc)
 
 
-async def refuse_body(routed: RoutedRequest, parts: AsyncIterator[bytes], error: RequestError) -> None:
+async def refuse_body(request: RelayedRequest, parts: AsyncIterator[bytes], error: RequestError) -> None:
     """Fail the request if the operator sends a body where none is allowed."""
     async for data in parts:
-        if data and routed.exchange is not None:
-            routed.exchange.fail(error)
+        if data:
+            request.fail(error)
             return
 
 
-async def result_while_uploading(routed: RoutedRequest, parts: AsyncIterator[bytes]) -> tunnel_pb2.ResponseChunk:
+async def result_while_uploading(request: RelayedRequest, parts: AsyncIterator[bytes]) -> tunnel_pb2.ResponseChunk:
     """Upload and wait for the one result; an early error from the agent stops the upload."""
-    pump = asyncio.get_running_loop().create_task(pump_body(routed, parts))
+    pump = asyncio.get_running_loop().create_task(pump_body(request, parts))
     try:
-        return await routed.single()
+        return await request.single()
     finally:
         if not pump.done():
             pump.cancel()
