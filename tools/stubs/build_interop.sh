@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds an interop program from the generated stubs (tests/test_interop_*.py) and prints the path of
+# Builds an interop program from the generated stubs (tests/e2e/test_interop_*.py) and prints the path of
 # what to run; nothing is rebuilt when no input changed since the last build.
 #
 #   tools/stubs/build_interop.sh node   tools/stubs/ts/interop.ts, compiled with the pinned tsc together

@@ -1,4 +1,4 @@
-"""A live site for the interop programs built from generated stubs (tests/test_interop_*.py).
+"""A live site for the interop programs built from generated stubs (tests/e2e/test_interop_*.py).
 
 `running_site` starts a real control plane and one enrolled agent offering a
 SQLite database profile and a folder profile, and gives an operator token

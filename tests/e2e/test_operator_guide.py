@@ -8,7 +8,7 @@ its own demo's folder and ports, and maps its outputs back before comparing.
 
 After an intended API change, refresh the documented outputs from a real run and review the diff:
 
-    .venv/bin/python -m tests.test_operator_guide --write
+    .venv/bin/python -m tests.e2e.test_operator_guide --write
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "operators.md"
 CANONICAL_PORTS = {"operator": 8443, "agent": 8444, "enroll": 8445, "app": 8480}
 
@@ -306,6 +306,6 @@ if __name__ == "__main__":
     import tempfile
 
     if sys.argv[1:] != ["--write"]:
-        sys.exit("usage: python -m tests.test_operator_guide --write")
+        sys.exit("usage: python -m tests.e2e.test_operator_guide --write")
     with tempfile.TemporaryDirectory() as temp:
         write_outputs(Path(temp))

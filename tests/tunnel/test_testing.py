@@ -1,7 +1,7 @@
 """Both real sessions of one stream, joined in memory (tunnel.testing): cancel, deadlines, drains, flow control.
 
 No sockets and no processes: each test runs in milliseconds, and the same
-behaviours are proven with real processes in test_e2e_tunnel.py.
+behaviours are proven with real processes in tests/e2e/test_tunnel.py.
 """
 
 from __future__ import annotations

@@ -303,7 +303,7 @@ async def test_a_frame_after_the_agents_own_end_ends_the_session_and_the_result_
 
 async def test_a_chunk_above_the_chunk_limit_ends_the_session_and_the_request_is_unavailable(
         site: Site, mallory: HostileAgent) -> None:
-    # Credit overruns are deterministic only where nothing consumes meanwhile: see test_tunnel_budget.
+    # Credit overruns are deterministic only where nothing consumes meanwhile: see tests/tunnel/test_budget.py.
     async with bystanders(site), serving_mallory(site, mallory) as stream:
         asked = asyncio.create_task(operator_query(site))
         rid, _ = await stream.next_start()

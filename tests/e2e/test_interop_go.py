@@ -46,8 +46,8 @@ def printed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
 def test_the_go_stubs_hold_messages_and_clients_for_every_proto() -> None:
     _require()
     build("go")
-    generated = Path(__file__).resolve().parents[1] / "build" / "stubs" / "go" / "onprem" / "v1"
-    protos = {p.stem for p in (Path(__file__).resolve().parents[1] / "protos" / "onprem" / "v1").glob("*.proto")}
+    generated = Path(__file__).resolve().parents[2] / "build" / "stubs" / "go" / "onprem" / "v1"
+    protos = {p.stem for p in (Path(__file__).resolve().parents[2] / "protos" / "onprem" / "v1").glob("*.proto")}
     assert {p.name.removesuffix(".pb.go") for p in generated.glob("*.pb.go") if "_grpc" not in p.name} == protos
     assert "NewDatabaseServiceClient" in (generated / "database_grpc.pb.go").read_text()
 

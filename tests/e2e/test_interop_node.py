@@ -41,8 +41,8 @@ def printed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
 def test_the_typescript_stubs_are_generated_for_every_proto() -> None:
     _require("node", "npm")
     build("node")
-    generated = Path(__file__).resolve().parents[1] / "build" / "stubs" / "typescript" / "onprem" / "v1"
-    protos = Path(__file__).resolve().parents[1] / "protos" / "onprem" / "v1"
+    generated = Path(__file__).resolve().parents[2] / "build" / "stubs" / "typescript" / "onprem" / "v1"
+    protos = Path(__file__).resolve().parents[2] / "protos" / "onprem" / "v1"
     assert sorted(p.stem for p in generated.glob("*.ts")) == sorted(p.stem for p in protos.glob("*.proto"))
 
 

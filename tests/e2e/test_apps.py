@@ -50,7 +50,7 @@ class App:
     def __init__(self) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.support.apps_upstream", "--port", str(self.port),
-                                      "--steerable"], cwd=Path(__file__).resolve().parent.parent)
+                                      "--steerable"], cwd=Path(__file__).resolve().parents[2])
         deadline = time.monotonic() + 15
         while True:
             try:

@@ -33,7 +33,7 @@ from tools.cluster import (
     wait_for_agent_state,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ACTIVE = agents_pb2.AGENT_STATE_ACTIVE
 
 
