@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from onprem.control_plane import cli_tokens
-from onprem.control_plane.app import Settings
+from onprem.control_plane.core import Settings
 from onprem.control_plane.server import ControlPlaneServer, ServerConfig, open_control_plane, open_store
 from onprem.control_plane.store import Store, StoreError
 from onprem.tunnel import logs

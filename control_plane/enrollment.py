@@ -24,8 +24,8 @@ from typing import Any
 import grpc
 
 from onprem.control_plane.api import errors
-from onprem.control_plane.app import ControlPlane
 from onprem.control_plane.ca import AGENT_ID_PREFIX, CsrError
+from onprem.control_plane.core import ControlPlane
 from onprem.control_plane.observe import Observation
 from onprem.control_plane.store import TokenError, enrollment_token_id, validate_agent_name
 from onprem.control_plane.throttle import Throttled, peer_key

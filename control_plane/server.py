@@ -31,8 +31,8 @@ from onprem.control_plane.api.database import DatabaseService
 from onprem.control_plane.api.files import FileService
 from onprem.control_plane.api.guard import AuthInterceptor
 from onprem.control_plane.api.tokens import TokenService
-from onprem.control_plane.app import ControlPlane, Settings
 from onprem.control_plane.ca import CertificateAuthority
+from onprem.control_plane.core import ControlPlane, Settings
 from onprem.control_plane.enrollment import EnrollmentService
 from onprem.control_plane.private_state import prepare_state_dir
 from onprem.control_plane.store import DEFAULT_DB_FILENAME, Store

@@ -20,8 +20,8 @@ from cryptography.x509.oid import NameOID
 
 from onprem.control_plane import metrics
 from onprem.control_plane.api import errors
-from onprem.control_plane.app import ControlPlane
 from onprem.control_plane.ca import CsrError
+from onprem.control_plane.core import ControlPlane
 from onprem.control_plane.sessions import AgentSession
 from onprem.control_plane.store import AdvertisedProfile, AgentRow
 from onprem.tunnel import kinds

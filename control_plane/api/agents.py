@@ -12,8 +12,8 @@ from google.protobuf.message import Message
 from onprem.control_plane import observe
 from onprem.control_plane import store as store_mod
 from onprem.control_plane.api import errors
-from onprem.control_plane.app import ControlPlane
 from onprem.control_plane.auth import Principal
+from onprem.control_plane.core import ControlPlane
 from onprem.control_plane.sessions import AgentSession
 from onprem.control_plane.store import AgentRow
 from onprem.tunnel import kinds

@@ -10,7 +10,7 @@ import grpc
 from onprem.control_plane.api import errors
 from onprem.control_plane.api.relaying import Relaying
 from onprem.control_plane.api.uploads import result_while_uploading
-from onprem.control_plane.app import ControlPlane
+from onprem.control_plane.core import ControlPlane
 from onprem.tunnel.errors import InvalidArgument
 from onprem.v1 import files_pb2, files_pb2_grpc, profiles_pb2, tunnel_pb2
 

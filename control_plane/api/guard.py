@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 
 from onprem.control_plane.api import errors
-from onprem.control_plane.app import ControlPlane
 from onprem.control_plane.auth import Principal
+from onprem.control_plane.core import ControlPlane
 from onprem.control_plane.credentials import OpenCall, current_call
 from onprem.control_plane.observe import Observation
 from onprem.tunnel.errors import RequestError

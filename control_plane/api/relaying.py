@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from onprem.control_plane.app import ControlPlane
+from onprem.control_plane.core import ControlPlane
 from onprem.control_plane.relay import RelayedRequest
 from onprem.v1 import tunnel_pb2
 

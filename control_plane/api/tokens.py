@@ -24,8 +24,8 @@ from onprem.control_plane import observe
 from onprem.control_plane import store as store_mod
 from onprem.control_plane.api import errors
 from onprem.control_plane.api.agents import duration
-from onprem.control_plane.app import ControlPlane
 from onprem.control_plane.auth import Principal
+from onprem.control_plane.core import ControlPlane
 from onprem.control_plane.credentials import current_call
 from onprem.control_plane.store import (
     ALL_GROUPS,

@@ -1,4 +1,4 @@
-"""The control plane's shared state, and the entrance of the operator data path.
+"""The core every control-plane service shares: its state, and the entrance of the operator data path.
 
 `ControlPlane` owns the store, the CA, the registry of agent sessions, the
 router, the token authority, the audit log and the observer that feeds it; the
