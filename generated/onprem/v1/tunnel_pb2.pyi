@@ -57,7 +57,7 @@ class AgentFrameBatch(_message.Message):
     def __init__(self, frames: _Optional[_Iterable[_Union[ConnectRequest, _Mapping]]] = ...) -> None: ...
 
 class ConnectResponse(_message.Message):
-    __slots__ = ("request_id", "welcome", "start", "data", "cancel", "window_update", "ping", "pong", "drain", "batch")
+    __slots__ = ("request_id", "welcome", "start", "data", "cancel", "window_update", "ping", "pong", "drain", "batch", "replicas")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class ConnectResponse(_message.Message):
     PONG_FIELD_NUMBER: _ClassVar[int]
     DRAIN_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     welcome: Welcome
     start: RequestStart
@@ -78,7 +79,8 @@ class ConnectResponse(_message.Message):
     pong: Pong
     drain: Drain
     batch: ControlFrameBatch
-    def __init__(self, request_id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., start: _Optional[_Union[RequestStart, _Mapping]] = ..., data: _Optional[_Union[RequestData, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., window_update: _Optional[_Union[WindowUpdate, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., drain: _Optional[_Union[Drain, _Mapping]] = ..., batch: _Optional[_Union[ControlFrameBatch, _Mapping]] = ...) -> None: ...
+    replicas: ReplicaSet
+    def __init__(self, request_id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., start: _Optional[_Union[RequestStart, _Mapping]] = ..., data: _Optional[_Union[RequestData, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., window_update: _Optional[_Union[WindowUpdate, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., drain: _Optional[_Union[Drain, _Mapping]] = ..., batch: _Optional[_Union[ControlFrameBatch, _Mapping]] = ..., replicas: _Optional[_Union[ReplicaSet, _Mapping]] = ...) -> None: ...
 
 class ControlFrameBatch(_message.Message):
     __slots__ = ("frames",)
@@ -107,7 +109,7 @@ class Hello(_message.Message):
     def __init__(self, protocol_revisions: _Optional[_Iterable[int]] = ..., agent_version: _Optional[str] = ..., hostname: _Optional[str] = ..., profiles: _Optional[_Iterable[_Union[_profiles_pb2.Profile, _Mapping]]] = ..., max_in_flight: _Optional[int] = ..., request_window_bytes: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., capabilities: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("protocol_revision", "agent_id", "group", "session_id", "heartbeat_interval", "response_window_bytes", "max_chunk_bytes", "capabilities")
+    __slots__ = ("protocol_revision", "agent_id", "group", "session_id", "heartbeat_interval", "response_window_bytes", "max_chunk_bytes", "capabilities", "replica", "replicas")
     PROTOCOL_REVISION_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +118,8 @@ class Welcome(_message.Message):
     RESPONSE_WINDOW_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     protocol_revision: int
     agent_id: str
     group: str
@@ -124,7 +128,23 @@ class Welcome(_message.Message):
     response_window_bytes: int
     max_chunk_bytes: int
     capabilities: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, protocol_revision: _Optional[int] = ..., agent_id: _Optional[str] = ..., group: _Optional[str] = ..., session_id: _Optional[str] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., response_window_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ...) -> None: ...
+    replica: Replica
+    replicas: _containers.RepeatedCompositeFieldContainer[Replica]
+    def __init__(self, protocol_revision: _Optional[int] = ..., agent_id: _Optional[str] = ..., group: _Optional[str] = ..., session_id: _Optional[str] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., response_window_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., replica: _Optional[_Union[Replica, _Mapping]] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ...) -> None: ...
+
+class Replica(_message.Message):
+    __slots__ = ("replica_id", "agent_address")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    agent_address: str
+    def __init__(self, replica_id: _Optional[str] = ..., agent_address: _Optional[str] = ...) -> None: ...
+
+class ReplicaSet(_message.Message):
+    __slots__ = ("replicas",)
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    replicas: _containers.RepeatedCompositeFieldContainer[Replica]
+    def __init__(self, replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ...) -> None: ...
 
 class RequestStart(_message.Message):
     __slots__ = ("timeout", "has_body", "attempt", "database_query", "file_op", "app_call", "profile_check")
@@ -187,18 +207,20 @@ class Drain(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., grace_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., exit_after: _Optional[bool] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("draining", "in_flight", "profiles", "profiles_changed", "profile_health")
+    __slots__ = ("draining", "in_flight", "profiles", "profiles_changed", "profile_health", "agent_in_flight")
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     PROFILES_FIELD_NUMBER: _ClassVar[int]
     PROFILES_CHANGED_FIELD_NUMBER: _ClassVar[int]
     PROFILE_HEALTH_FIELD_NUMBER: _ClassVar[int]
+    AGENT_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     draining: bool
     in_flight: int
     profiles: _containers.RepeatedCompositeFieldContainer[_profiles_pb2.Profile]
     profiles_changed: bool
     profile_health: _containers.RepeatedCompositeFieldContainer[_profiles_pb2.ProfileHealth]
-    def __init__(self, draining: _Optional[bool] = ..., in_flight: _Optional[int] = ..., profiles: _Optional[_Iterable[_Union[_profiles_pb2.Profile, _Mapping]]] = ..., profiles_changed: _Optional[bool] = ..., profile_health: _Optional[_Iterable[_Union[_profiles_pb2.ProfileHealth, _Mapping]]] = ...) -> None: ...
+    agent_in_flight: int
+    def __init__(self, draining: _Optional[bool] = ..., in_flight: _Optional[int] = ..., profiles: _Optional[_Iterable[_Union[_profiles_pb2.Profile, _Mapping]]] = ..., profiles_changed: _Optional[bool] = ..., profile_health: _Optional[_Iterable[_Union[_profiles_pb2.ProfileHealth, _Mapping]]] = ..., agent_in_flight: _Optional[int] = ...) -> None: ...
 
 class ResponseChunk(_message.Message):
     __slots__ = ("query", "list", "stat", "read", "write", "delete", "move", "make_directory", "call", "batch", "transaction", "poll_changes", "poll", "profile_check")

@@ -65,6 +65,16 @@ class AgentTunnelStub:
     * A window update grants at least one byte, and never more credit than
     the window.
     * An agent opens at most one stream a second, in bursts of 10.
+
+    Replicas: the control plane may run as several replicas sharing one
+    store. When both sides offer the "replicas" capability, the welcome names
+    the replica that accepted the stream and every live replica, and
+    `replicas` frames follow whenever that set changes. The agent then holds
+    one stream to each replica (up to a maximum it is configured with), each
+    with its own backoff, and reports in `AgentStatus.agent_in_flight` the
+    requests it runs over all of them, which each replica routes by. A replica
+    that is stopping sends `drain` on its streams only; the agent goes on
+    serving through the others.
     """
 
     def __init__(self, channel):
@@ -125,6 +135,16 @@ class AgentTunnelServicer:
     * A window update grants at least one byte, and never more credit than
     the window.
     * An agent opens at most one stream a second, in bursts of 10.
+
+    Replicas: the control plane may run as several replicas sharing one
+    store. When both sides offer the "replicas" capability, the welcome names
+    the replica that accepted the stream and every live replica, and
+    `replicas` frames follow whenever that set changes. The agent then holds
+    one stream to each replica (up to a maximum it is configured with), each
+    with its own backoff, and reports in `AgentStatus.agent_in_flight` the
+    requests it runs over all of them, which each replica routes by. A replica
+    that is stopping sends `drain` on its streams only; the agent goes on
+    serving through the others.
     """
 
     def Connect(self, request_iterator, context):
@@ -204,6 +224,16 @@ class AgentTunnel:
     * A window update grants at least one byte, and never more credit than
     the window.
     * An agent opens at most one stream a second, in bursts of 10.
+
+    Replicas: the control plane may run as several replicas sharing one
+    store. When both sides offer the "replicas" capability, the welcome names
+    the replica that accepted the stream and every live replica, and
+    `replicas` frames follow whenever that set changes. The agent then holds
+    one stream to each replica (up to a maximum it is configured with), each
+    with its own backoff, and reports in `AgentStatus.agent_in_flight` the
+    requests it runs over all of them, which each replica routes by. A replica
+    that is stopping sends `drain` on its streams only; the agent goes on
+    serving through the others.
     """
 
     @staticmethod

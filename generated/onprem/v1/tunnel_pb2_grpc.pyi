@@ -66,6 +66,16 @@ class AgentTunnelStub:
       * A window update grants at least one byte, and never more credit than
         the window.
       * An agent opens at most one stream a second, in bursts of 10.
+
+    Replicas: the control plane may run as several replicas sharing one
+    store. When both sides offer the "replicas" capability, the welcome names
+    the replica that accepted the stream and every live replica, and
+    `replicas` frames follow whenever that set changes. The agent then holds
+    one stream to each replica (up to a maximum it is configured with), each
+    with its own backoff, and reports in `AgentStatus.agent_in_flight` the
+    requests it runs over all of them, which each replica routes by. A replica
+    that is stopping sends `drain` on its streams only; the agent goes on
+    serving through the others.
     """
 
     @_typing.overload
@@ -121,6 +131,16 @@ class AgentTunnelAsyncStub(AgentTunnelStub):
       * A window update grants at least one byte, and never more credit than
         the window.
       * An agent opens at most one stream a second, in bursts of 10.
+
+    Replicas: the control plane may run as several replicas sharing one
+    store. When both sides offer the "replicas" capability, the welcome names
+    the replica that accepted the stream and every live replica, and
+    `replicas` frames follow whenever that set changes. The agent then holds
+    one stream to each replica (up to a maximum it is configured with), each
+    with its own backoff, and reports in `AgentStatus.agent_in_flight` the
+    requests it runs over all of them, which each replica routes by. A replica
+    that is stopping sends `drain` on its streams only; the agent goes on
+    serving through the others.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -172,6 +192,16 @@ class AgentTunnelServicer(metaclass=_abc_1.ABCMeta):
       * A window update grants at least one byte, and never more credit than
         the window.
       * An agent opens at most one stream a second, in bursts of 10.
+
+    Replicas: the control plane may run as several replicas sharing one
+    store. When both sides offer the "replicas" capability, the welcome names
+    the replica that accepted the stream and every live replica, and
+    `replicas` frames follow whenever that set changes. The agent then holds
+    one stream to each replica (up to a maximum it is configured with), each
+    with its own backoff, and reports in `AgentStatus.agent_in_flight` the
+    requests it runs over all of them, which each replica routes by. A replica
+    that is stopping sends `drain` on its streams only; the agent goes on
+    serving through the others.
     """
 
     @_abc_1.abstractmethod
