@@ -91,6 +91,13 @@ class DrainReceived:
 
 
 @dataclass(frozen=True)
+class ReplicasChanged:
+    """The control plane's live replicas are now these (the agent holds a stream to each)."""
+
+    replicas: tuple[tunnel_pb2.Replica, ...]
+
+
+@dataclass(frozen=True)
 class StatusReceived:
     status: tunnel_pb2.AgentStatus
 
@@ -106,5 +113,5 @@ class FrameIgnored:
 Event = (
     HelloReceived | Welcomed | RequestStarted | DataReceived | CancelReceived | ChunkReceived
     | RequestEnded | CreditGranted | PingReceived | PongReceived | DrainReceived | StatusReceived
-    | FrameIgnored
+    | ReplicasChanged | FrameIgnored
 )

@@ -39,6 +39,7 @@ from onprem.tunnel.events import (
     HelloReceived,
     PingReceived,
     PongReceived,
+    ReplicasChanged,
     RequestEnded,
     RequestStarted,
     StatusReceived,
@@ -49,18 +50,47 @@ from onprem.tunnel.state import Caller, RequestEvent, Role, Worker, next_caller_
 from onprem.v1 import profiles_pb2, tunnel_pb2
 
 __all__ = [
-    "AGENT_CODES", "CAPABILITIES", "FRAME_BATCH", "MAX_END_MESSAGE", "MAX_IN_FLIGHT", "MAX_PROFILES",
-    "PROTOCOL_REVISION", "AgentConnection", "AgentFrame", "CancelReceived", "ChunkReceived", "Connection",
-    "ControlFrame", "ControlPlaneConnection", "CreditGranted", "DataReceived", "DrainReceived", "Event",
-    "FrameIgnored", "HelloReceived", "Limits", "PingReceived", "PongReceived", "RequestEnded", "RequestStarted",
-    "Role", "StatusReceived", "Welcomed", "check_profiles", "screen_end",
+    "AGENT_CODES",
+    "CAPABILITIES",
+    "FRAME_BATCH",
+    "MAX_END_MESSAGE",
+    "MAX_IN_FLIGHT",
+    "MAX_PROFILES",
+    "MAX_REPLICAS",
+    "PROTOCOL_REVISION",
+    "REPLICAS",
+    "AgentConnection",
+    "AgentFrame",
+    "CancelReceived",
+    "ChunkReceived",
+    "Connection",
+    "ControlFrame",
+    "ControlPlaneConnection",
+    "CreditGranted",
+    "DataReceived",
+    "DrainReceived",
+    "Event",
+    "FrameIgnored",
+    "HelloReceived",
+    "Limits",
+    "PingReceived",
+    "PongReceived",
+    "RequestEnded",
+    "RequestStarted",
+    "Role",
+    "StatusReceived",
+    "Welcomed",
+    "check_profiles",
+    "screen_end",
 ]
 
 PROTOCOL_REVISION = 1
 SUPPORTED_REVISIONS = (1,)
 #: Optional features, offered in Hello and agreed in Welcome.
 FRAME_BATCH = "frame-batch"
-CAPABILITIES = (FRAME_BATCH,)
+#: The control plane runs as replicas: the welcome names them, `replicas` frames follow changes.
+REPLICAS = "replicas"
+CAPABILITIES = (FRAME_BATCH, REPLICAS)
 
 AgentFrame = tunnel_pb2.ConnectRequest
 ControlFrame = tunnel_pb2.ConnectResponse
@@ -71,6 +101,9 @@ MAX_PROFILES = 1024
 MAX_PROFILE_NAME = 255
 #: The most requests an agent may ask to run at once (its config allows no more either).
 MAX_IN_FLIGHT = 10_000
+#: The most replicas a control plane may name to an agent, and the longest id or address of one.
+MAX_REPLICAS = 64
+MAX_REPLICA_FIELD = 255
 
 #: The codes with which an agent may end a request (tunnel.proto lists them). An agent speaks for
 #: its own work only: it cannot say the caller is unauthenticated (that is the control plane's
@@ -124,6 +157,23 @@ def check_profiles(profiles: Sequence[profiles_pb2.Profile], where: str) -> None
             raise RemoteProtocolError(
                 f"{where} offers a profile named {profile.name[:40]!r}; names have 1 to {MAX_PROFILE_NAME} characters"
             )
+
+
+def check_replicas(replicas: Sequence[tunnel_pb2.Replica], where: str) -> None:
+    """Refuse a replica list no control plane could mean; raises `RemoteProtocolError`."""
+    if len(replicas) > MAX_REPLICAS:
+        raise RemoteProtocolError(f"{where} names {len(replicas)} replicas; the limit is {MAX_REPLICAS}")
+    seen: set[str] = set()
+    for replica in replicas:
+        if not replica.replica_id or len(replica.replica_id) > MAX_REPLICA_FIELD:
+            raise RemoteProtocolError(f"{where} names a replica with the id {replica.replica_id[:40]!r}; ids have "
+                                      f"1 to {MAX_REPLICA_FIELD} characters")
+        if len(replica.agent_address) > MAX_REPLICA_FIELD:
+            raise RemoteProtocolError(f"{where} names replica {replica.replica_id!r} with an address of "
+                                      f"{len(replica.agent_address)} characters; the limit is {MAX_REPLICA_FIELD}")
+        if replica.replica_id in seen:
+            raise RemoteProtocolError(f"{where} names replica {replica.replica_id!r} twice")
+        seen.add(replica.replica_id)
 
 
 def _check_grant(window: SendWindow, grant: int, size: int, rid: int) -> None:
@@ -208,6 +258,8 @@ class Connection(Generic[OutFrame]):
         self.welcome: tunnel_pb2.Welcome | None = None
         #: Whether both sides agreed to batch frames (FRAME_BATCH).
         self.batching = False
+        #: Whether both sides agreed on replicas (REPLICAS): offered by the agent, kept by the welcome.
+        self.replicas = False
         #: The agent's credit window for each request's data: its own at the agent, learned from Hello here.
         self.request_window_bytes = request_window_bytes
         self._requests: dict[int, _Request] = {}
@@ -347,9 +399,13 @@ class Connection(Generic[OutFrame]):
         self.hello = hello
         self.request_window_bytes = window
         self.batching = FRAME_BATCH in hello.capabilities
+        self.replicas = REPLICAS in hello.capabilities
         return [HelloReceived(hello)]
 
     def _on_status(self, frame: AgentFrame) -> list[Event]:
+        if frame.status.agent_in_flight > MAX_IN_FLIGHT:
+            raise RemoteProtocolError(f"status reports {frame.status.agent_in_flight} requests in flight; an agent "
+                                      f"runs at most {MAX_IN_FLIGHT}")
         if frame.status.profiles_changed:
             check_profiles(frame.status.profiles, "status")
         if len(frame.status.profile_health) > MAX_PROFILES:
@@ -384,9 +440,21 @@ class Connection(Generic[OutFrame]):
             raise RemoteProtocolError(f"control plane chose revision {welcome.protocol_revision}")
         if welcome.max_chunk_bytes == 0 or welcome.max_chunk_bytes * 2 > welcome.response_window_bytes:
             raise RemoteProtocolError("welcome: max_chunk_bytes must be positive and at most half the window")
+        if REPLICAS in welcome.capabilities:
+            if not welcome.HasField("replica"):
+                raise RemoteProtocolError("welcome agreed on replicas but names no replica")
+            check_replicas([welcome.replica], "welcome")
+            check_replicas(welcome.replicas, "welcome")
         self.welcome = welcome
         self.batching = FRAME_BATCH in welcome.capabilities
+        self.replicas = REPLICAS in welcome.capabilities
         return [Welcomed(welcome)]
+
+    def _on_replicas(self, frame: ControlFrame) -> list[Event]:
+        if not self.replicas:
+            raise RemoteProtocolError("a replicas frame, but the stream did not agree on replicas")
+        check_replicas(frame.replicas.replicas, "replicas frame")
+        return [ReplicasChanged(tuple(frame.replicas.replicas))]
 
     def _on_drain(self, frame: ControlFrame) -> list[Event]:
         return [DrainReceived(frame.drain)]
@@ -495,6 +563,7 @@ _RECEIVE: dict[Role, dict[str, _Handler]] = {
         "ping": Connection._on_ping,
         "pong": Connection._on_pong,
         "drain": Connection._on_drain,
+        "replicas": Connection._on_replicas,
         "batch": Connection._on_batch,
     },
 }
@@ -509,8 +578,14 @@ class ControlPlaneConnection(Connection[ControlFrame]):
     def __init__(self, limits: Limits | None = None) -> None:
         super().__init__(Role.CONTROL_PLANE, limits)
 
-    def welcome_frame(self, *, agent_id: str, group: str, session_id: str) -> ControlFrame:
-        """The answer to the agent's hello; raises LocalProtocolError before it."""
+    def welcome_frame(self, *, agent_id: str, group: str, session_id: str,
+                      replica: tunnel_pb2.Replica | None = None,
+                      replicas: Sequence[tunnel_pb2.Replica] = ()) -> ControlFrame:
+        """The answer to the agent's hello; raises LocalProtocolError before it.
+
+        `replica` (this one) and `replicas` (every live one) go to an agent that offered the
+        "replicas" capability; an agent that did not gets neither, and no replicas frames later.
+        """
         self._sending()
         if self.hello is None:
             raise self._fail(LocalProtocolError("welcome before hello"))
@@ -520,8 +595,22 @@ class ControlPlaneConnection(Connection[ControlFrame]):
             capabilities=[c for c in CAPABILITIES if c in self.hello.capabilities],
         )
         welcome.heartbeat_interval.FromTimedelta(self.limits.heartbeat_interval)
+        if replica is not None and self.replicas:
+            welcome.replica.CopyFrom(replica)
+            welcome.replicas.extend(replicas)
+        else:
+            # A control plane that names no replica has not agreed on replicas, whatever the agent offers.
+            if REPLICAS in welcome.capabilities:
+                welcome.capabilities.remove(REPLICAS)
+            self.replicas = False
         self.welcome = welcome
         return ControlFrame(welcome=welcome)
+
+    def replicas_frame(self, replicas: Sequence[tunnel_pb2.Replica]) -> ControlFrame | None:
+        """The frame that tells the agent the live replicas now; None if the stream did not agree on them."""
+        if not self.replicas or self._broken is not None:
+            return None
+        return ControlFrame(replicas=tunnel_pb2.ReplicaSet(replicas=list(replicas)))
 
     def start_request(self, start: tunnel_pb2.RequestStart) -> tuple[int, ControlFrame]:
         """A new request's id and frame; raises LocalProtocolError before the handshake."""
@@ -604,5 +693,7 @@ class AgentConnection(Connection[AgentFrame]):
             code=int(code), message=message, reason=reason[:64], field=field[:200]))
 
     @staticmethod
-    def status(*, draining: bool, in_flight: int) -> AgentFrame:
-        return AgentFrame(status=tunnel_pb2.AgentStatus(draining=draining, in_flight=in_flight))
+    def status(*, draining: bool, in_flight: int, agent_in_flight: int = 0) -> AgentFrame:
+        """A status frame: this stream's requests, and (with replicas) the agent's over all its streams."""
+        return AgentFrame(status=tunnel_pb2.AgentStatus(draining=draining, in_flight=in_flight,
+                                                        agent_in_flight=agent_in_flight))

@@ -35,6 +35,7 @@ from onprem.tunnel.events import (
     FrameIgnored,
     PingReceived,
     PongReceived,
+    ReplicasChanged,
     StatusReceived,
 )
 from onprem.tunnel.protocol import Connection, OutFrame
@@ -46,6 +47,7 @@ log = logging.getLogger("onprem.tunnel.shell")
 #: The events that are stream-level frames, by the name their budget counts them under.
 _CONTROL: dict[type[Event], str] = {
     PingReceived: "ping", PongReceived: "pong", StatusReceived: "status", DrainReceived: "drain",
+    ReplicasChanged: "replicas",
 }
 
 
