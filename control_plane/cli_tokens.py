@@ -36,10 +36,10 @@ from onprem.control_plane.store import (
     NotFound,
     Store,
     TokenUsed,
+    iso_utc,
     parse_token_id,
     validate_group_name,
 )
-from onprem.control_plane.store_rows import iso_utc
 from onprem.operator_cli.tokens import enrollment_tokens_table, parse_duration, to_json, tokens_table
 from onprem.v1 import tokens_pb2
 

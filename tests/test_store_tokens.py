@@ -106,7 +106,7 @@ def test_a_revocation_bumps_the_change_counter_once(store: Store) -> None:
 def test_a_revocation_is_counted_even_if_the_counter_row_is_missing(store: Store) -> None:
     from sqlalchemy import delete
 
-    from onprem.control_plane.store_schema import change_counters_table
+    from onprem.control_plane.store.schema import change_counters_table
 
     _, row = store.create_api_token("ci", "operator", ["plant"])
     with store.engine.begin() as conn:

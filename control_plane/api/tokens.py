@@ -32,15 +32,17 @@ from onprem.control_plane.store import (
     API_TOKEN_PREFIX,
     ENROLLMENT_TOKEN_PREFIX,
     OPERATOR_TOKEN_TTL_MAX,
+    REASON_MAX,
+    TOKEN_NAME_MAX,
     ApiTokenRow,
     AuditEntry,
     EnrollmentTokenRow,
     PageKey,
     Role,
     TokenUsed,
+    iso_utc,
     parse_token_id,
 )
-from onprem.control_plane.store_rows import _REASON_MAX, _TOKEN_NAME_MAX, iso_utc
 from onprem.tunnel.errors import Code, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from onprem.v1 import tokens_pb2, tokens_pb2_grpc
 
@@ -170,8 +172,8 @@ class TokenService(tokens_pb2_grpc.TokenServiceServicer):
 
     @staticmethod
     def _reason(text: str) -> str:
-        if len(text) > _REASON_MAX:
-            raise InvalidArgument(f"'reason' must be at most {_REASON_MAX} characters", reason="INVALID_REASON",
+        if len(text) > REASON_MAX:
+            raise InvalidArgument(f"'reason' must be at most {REASON_MAX} characters", reason="INVALID_REASON",
                                   field="reason")
         return text
 
@@ -182,9 +184,9 @@ class TokenService(tokens_pb2_grpc.TokenServiceServicer):
         principal = await self._admin(context)
         spec = request.token
         name = spec.display_name.strip()
-        if not name or len(name) > _TOKEN_NAME_MAX:
+        if not name or len(name) > TOKEN_NAME_MAX:
             raise InvalidArgument(f"'token.display_name' is required: a name for people, e.g. \"ci-bot\" (at most "
-                                  f"{_TOKEN_NAME_MAX} characters)", reason="INVALID_NAME", field="token.display_name")
+                                  f"{TOKEN_NAME_MAX} characters)", reason="INVALID_NAME", field="token.display_name")
         role = _ROLES.get(spec.role)
         if role is None:
             raise InvalidArgument("'token.role' is required: TOKEN_ROLE_OPERATOR or TOKEN_ROLE_ADMIN",

@@ -1,8 +1,6 @@
 """The store's credentials: operator tokens, enrollment tokens, the change counter and token settings.
 
-A mixin of `Store` (which provides the transactions and the clock), kept apart
-so that each module stays readable. Secrets are stored only as hashes; the
-plaintext is returned once, at creation.
+Secrets are stored only as hashes; the plaintext is returned once, at creation.
 
 Revocation and the caches of other processes: every revocation of an operator
 token bumps the `api_tokens` change counter in the same transaction. A control
@@ -20,57 +18,92 @@ import json
 import re
 import secrets
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, cast
 
-from sqlalchemy import Connection, Table, and_, insert, or_, select, update
+from sqlalchemy import Connection, Row, and_, insert, or_, select, update
 
-from onprem.control_plane.store_rows import (
-    _ACTOR_MAX,
-    _DESCRIPTION_MAX,
-    _REASON_MAX,
-    _SECRET_BYTES,
-    _SECRET_RE,
-    _TOKEN_ID_BYTES,
-    _TOKEN_ID_RE,
-    _TOKEN_NAME_MAX,
+from onprem.control_plane.store.errors import NotFound, TokenExpired, TokenInvalid, TokenRevoked, TokenUsed
+from onprem.control_plane.store.groups import GroupStore
+from onprem.control_plane.store.rows import (
     ALL_GROUPS,
     API_TOKEN_PREFIX,
     ENROLLMENT_TOKEN_PREFIX,
-    ENROLLMENT_TTL_DEFAULT,
-    ENROLLMENT_TTL_MAX,
-    OPERATOR_TOKEN_TTL_DEFAULT,
-    OPERATOR_TOKEN_TTL_MAX,
     ROLES,
     ApiTokenRow,
     EnrollmentTokenRow,
-    GroupRow,
-    NotFound,
     Role,
-    TokenExpired,
-    TokenInvalid,
-    TokenRevoked,
-    TokenUsed,
-    _check_text,
-    _utc,
-    validate_group_name,
 )
-from onprem.control_plane.store_schema import (
-    _api_token_row,
-    _enrollment_row,
+from onprem.control_plane.store.schema import (
+    API_TOKENS_COUNTER,
     api_tokens_table,
     change_counters_table,
     enrollment_tokens_table,
     settings_table,
 )
+from onprem.control_plane.store.values import (
+    ACTOR_MAX,
+    DESCRIPTION_MAX,
+    REASON_MAX,
+    TOKEN_NAME_MAX,
+    check_text,
+    utc,
+    validate_group_name,
+)
 
-#: The change counter bumped by every revocation of an operator token.
-API_TOKENS_COUNTER: Final = "api_tokens"
+ENROLLMENT_TTL_DEFAULT: Final = timedelta(hours=1)
+ENROLLMENT_TTL_MAX: Final = timedelta(days=7)
+#: How long an operator token lives when its creator does not say; admins change it with
+#: `onprem-control-plane token-settings --default-ttl` (the `settings` table).
+OPERATOR_TOKEN_TTL_DEFAULT: Final = timedelta(days=90)
+#: The longest lifetime an operator token may be given; only the local bootstrap command
+#: (`create-admin-token --no-expiry`) makes tokens that never expire.
+OPERATOR_TOKEN_TTL_MAX: Final = timedelta(days=366)
+
+_TOKEN_ID_BYTES: Final = 8
+_SECRET_BYTES: Final = 32
+# token_hex(8) and token_urlsafe(32) have fixed lengths; matching them exactly
+# rejects garbage before it reaches the database.
+_TOKEN_ID_RE: Final = f"[0-9a-f]{{{_TOKEN_ID_BYTES * 2}}}"
+_SECRET_RE: Final = "[A-Za-z0-9_-]{43}"
+
 _DEFAULT_TTL_SETTING: Final = "operator_token_default_ttl_seconds"
 
 #: A position in a token list: (created_at, token_id) of the last row of the previous page.
 PageKey = tuple[datetime, str]
+
+
+def _api_token_row(row: Row[Any]) -> ApiTokenRow:
+    return ApiTokenRow(
+        token_id=row.token_id,
+        name=row.name,
+        role=cast(Role, row.role),
+        groups=tuple(json.loads(row.groups)),
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+        expires_at=row.expires_at,
+        last_used_at=row.last_used_at,
+        created_by=row.created_by,
+        revoked_by=row.revoked_by,
+        revoke_reason=row.revoke_reason,
+    )
+
+
+def _enrollment_row(row: Row[Any]) -> EnrollmentTokenRow:
+    return EnrollmentTokenRow(
+        token_id=row.token_id,
+        group_name=row.group_name,
+        description=row.description,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        used_at=row.used_at,
+        used_by_agent=row.used_by_agent,
+        revoked_at=row.revoked_at,
+        created_by=row.created_by,
+        revoked_by=row.revoked_by,
+        revoke_reason=row.revoke_reason,
+    )
+
 
 # --- secrets ------------------------------------------------------------------------------------------------
 
@@ -146,29 +179,10 @@ def _after(table: Any, after: PageKey | None) -> Any:
                and_(table.c.created_at == created_at, table.c.token_id > token_id))
 
 
-class TokenStore:
-    """Operator and enrollment tokens; mixed into `Store`, which provides the hooks below."""
-
-    def _read(self) -> AbstractContextManager[Connection]:
-        raise NotImplementedError
-
-    def _write(self) -> AbstractContextManager[Connection]:
-        raise NotImplementedError
-
-    def _now(self) -> datetime:
-        raise NotImplementedError
-
-    def _ensure_group(self, conn: Connection, name: str) -> GroupRow:
-        raise NotImplementedError
-
-    def _insert_ignoring_duplicates(self, conn: Connection, table: Table, values: dict[str, Any]) -> None:
-        raise NotImplementedError
+class TokenStore(GroupStore):
+    """Operator and enrollment tokens (making an enrollment token makes its group)."""
 
     # --- the change counter ---------------------------------------------------------------------------------
-
-    def _ensure_counters(self, conn: Connection) -> None:
-        # Several processes may create the schema at once; the loser must not fail.
-        self._insert_ignoring_duplicates(conn, change_counters_table, {"name": API_TOKENS_COUNTER, "value": 0})
 
     def _bump(self, conn: Connection, name: str = API_TOKENS_COUNTER) -> None:
         table = change_counters_table
@@ -215,8 +229,8 @@ class TokenStore:
         It expires after `ttl`, or the default lifetime when `ttl` is None; `no_expiry`
         makes a token that never expires (for bootstrapping, from the local CLI only).
         """
-        _check_text(name, "token name", _TOKEN_NAME_MAX, required=True)
-        _check_text(created_by, "creator", _ACTOR_MAX)
+        check_text(name, "token name", TOKEN_NAME_MAX, required=True)
+        check_text(created_by, "creator", ACTOR_MAX)
         if role not in ROLES:
             raise ValueError(f"invalid role {role!r}: use one of {', '.join(ROLES)}")
         wanted = _groups(groups)
@@ -300,8 +314,8 @@ class TokenStore:
         Bumps the change counter in the same transaction, so every cache learns of it on its
         next read of the counter.
         """
-        _check_text(by, "revoker", _ACTOR_MAX)
-        _check_text(reason, "reason", _REASON_MAX)
+        check_text(by, "revoker", ACTOR_MAX)
+        check_text(reason, "reason", REASON_MAX)
         table = api_tokens_table
         stmt = (
             update(table)
@@ -327,7 +341,7 @@ class TokenStore:
                 conn.execute(
                     update(table)
                     .where(table.c.token_id == token_id)
-                    .where(table.c.last_used_at.is_(None) | (table.c.last_used_at < _utc(at)))
+                    .where(table.c.last_used_at.is_(None) | (table.c.last_used_at < utc(at)))
                     .values(last_used_at=at)
                 )
 
@@ -342,8 +356,8 @@ class TokenStore:
             raise ValueError(
                 f"the enrollment token's lifetime must be more than 0 and at most {ENROLLMENT_TTL_MAX}, got {ttl}"
             )
-        _check_text(description, "description", _DESCRIPTION_MAX)
-        _check_text(created_by, "creator", _ACTOR_MAX)
+        check_text(description, "description", DESCRIPTION_MAX)
+        check_text(created_by, "creator", ACTOR_MAX)
         token, token_id, secret = _new_token(ENROLLMENT_TOKEN_PREFIX)
         now = self._now()
         values = {
@@ -377,7 +391,7 @@ class TokenStore:
         if parsed is None:
             raise TokenInvalid()
         token_id, secret = parsed
-        at = _utc(now) if now is not None else self._now()
+        at = utc(now) if now is not None else self._now()
         table = enrollment_tokens_table
         with self._read() as conn:
             row = conn.execute(select(table).where(table.c.token_id == token_id)).first()
@@ -398,7 +412,7 @@ class TokenStore:
         if parsed is None:
             raise TokenInvalid()
         token_id, secret = parsed
-        at = _utc(now) if now is not None else self._now()
+        at = utc(now) if now is not None else self._now()
         table = enrollment_tokens_table
         by_id = select(table).where(table.c.token_id == token_id)
         with self._write() as conn:
@@ -448,8 +462,8 @@ class TokenStore:
 
         Raises NotFound, or TokenUsed for a token an agent already used (revoke the agent instead).
         """
-        _check_text(by, "revoker", _ACTOR_MAX)
-        _check_text(reason, "reason", _REASON_MAX)
+        check_text(by, "revoker", ACTOR_MAX)
+        check_text(reason, "reason", REASON_MAX)
         table = enrollment_tokens_table
         stmt = (
             update(table)
