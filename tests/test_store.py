@@ -17,20 +17,20 @@ from sqlalchemy import make_url, text
 from onprem.control_plane.store import (
     ENROLLMENT_TTL_MAX,
     AdvertisedProfile,
+    AgentAlreadyExists,
     AgentRevoked,
     AgentRow,
     AuditEntry,
-    Conflict,
+    EnrollmentTokenExpired,
+    EnrollmentTokenInvalid,
     EnrollmentTokenRow,
-    NotFound,
+    EnrollmentTokenUsed,
     Store,
-    TokenExpired,
-    TokenInvalid,
-    TokenUsed,
     default_url,
     validate_agent_name,
     validate_group_name,
 )
+from onprem.tunnel.errors import NotFound
 from tests.support.postgres import PostgresServer
 
 # Real CA serials are up to 20 bytes; this one does not fit in any SQL integer.
@@ -363,7 +363,7 @@ def test_enrollment_token_is_consumed_once_and_names_the_agent_that_used_it(
     used = store.consume_enrollment_token(token, "agent-1", clock.now + timedelta(minutes=1))
     assert used.used_by_agent == "agent-1"
     assert used.used_at == clock.now + timedelta(minutes=1)
-    with pytest.raises(TokenUsed, match="already used by agent agent-1") as caught:
+    with pytest.raises(EnrollmentTokenUsed, match="already used by agent agent-1") as caught:
         store.consume_enrollment_token(token, "agent-2", clock.now + timedelta(minutes=2))
     assert caught.value.agent_id == "agent-1"
     assert store.list_enrollment_tokens()[0].used_by_agent == "agent-1"
@@ -371,10 +371,10 @@ def test_enrollment_token_is_consumed_once_and_names_the_agent_that_used_it(
 
 def test_enrollment_token_is_refused_at_and_after_its_expiry(store: Store, clock: Clock) -> None:
     token, row = store.create_enrollment_token("plant", timedelta(minutes=10))
-    with pytest.raises(TokenExpired, match=re.escape("expired at 2030-01-02T03:14:05.678901Z")) as caught:
+    with pytest.raises(EnrollmentTokenExpired, match=re.escape("expired at 2030-01-02T03:14:05.678901Z")) as caught:
         store.consume_enrollment_token(token, "agent-1", row.expires_at)
     assert caught.value.expired_at == row.expires_at
-    with pytest.raises(TokenExpired):
+    with pytest.raises(EnrollmentTokenExpired):
         store.consume_enrollment_token(token, "agent-1", row.expires_at + timedelta(days=1))
     # A refused attempt must not spend the token.
     assert store.list_enrollment_tokens()[0].used_at is None
@@ -389,7 +389,7 @@ def test_enrollment_token_is_accepted_just_before_its_expiry(store: Store) -> No
 def test_consume_uses_the_store_clock_when_no_time_is_given(store: Store, clock: Clock) -> None:
     token, _row = store.create_enrollment_token("plant", timedelta(minutes=10))
     clock.advance(timedelta(minutes=11))
-    with pytest.raises(TokenExpired):
+    with pytest.raises(EnrollmentTokenExpired):
         store.consume_enrollment_token(token, "agent-1")
 
 
@@ -397,9 +397,9 @@ def test_a_wrong_secret_says_invalid_even_for_a_used_or_expired_token(store: Sto
     token, row = store.create_enrollment_token("plant", timedelta(minutes=10))
     store.consume_enrollment_token(token, "agent-1", clock.now)
     wrong = token[:-1] + ("A" if token[-1] != "A" else "B")
-    with pytest.raises(TokenInvalid, match=r"^the enrollment token is not valid$"):
+    with pytest.raises(EnrollmentTokenInvalid, match=r"^the enrollment token is not valid$"):
         store.consume_enrollment_token(wrong, "agent-2", clock.now)
-    with pytest.raises(TokenInvalid):
+    with pytest.raises(EnrollmentTokenInvalid):
         store.consume_enrollment_token(wrong, "agent-2", row.expires_at + timedelta(hours=1))
 
 
@@ -418,14 +418,14 @@ def test_malformed_or_unknown_enrollment_tokens_are_invalid(
     store: Store, clock: Clock, mangle: Callable[[str], str]
 ) -> None:
     token, _row = store.create_enrollment_token("plant")
-    with pytest.raises(TokenInvalid):
+    with pytest.raises(EnrollmentTokenInvalid):
         store.consume_enrollment_token(mangle(token), "agent-1", clock.now)
     assert store.list_enrollment_tokens()[0].used_at is None
 
 
 def test_an_operator_token_is_not_an_enrollment_token(store: Store, clock: Clock) -> None:
     api_token, _ = store.create_api_token("ci", "admin", ["*"])
-    with pytest.raises(TokenInvalid):
+    with pytest.raises(EnrollmentTokenInvalid):
         store.consume_enrollment_token(api_token, "agent-1", clock.now)
     enrollment_token, _ = store.create_enrollment_token("plant")
     assert store.authenticate_api_token(enrollment_token) is None
@@ -443,8 +443,8 @@ def test_concurrent_enrollments_with_one_token_have_exactly_one_winner(store: St
         winners = [r for r in results if isinstance(r, EnrollmentTokenRow)]
         losers = [r for r in results if not isinstance(r, EnrollmentTokenRow)]
         assert len(winners) == 1, results
-        assert all(isinstance(r, TokenUsed) for r in losers), losers
-        assert {r.agent_id for r in losers if isinstance(r, TokenUsed)} <= {winners[0].used_by_agent}
+        assert all(isinstance(r, EnrollmentTokenUsed) for r in losers), losers
+        assert {r.agent_id for r in losers if isinstance(r, EnrollmentTokenUsed)} <= {winners[0].used_by_agent}
 
 
 def test_enrollment_token_secret_is_stored_only_as_its_sha256(store: Store) -> None:
@@ -506,7 +506,7 @@ def test_agent_in_an_unknown_group_is_refused(store: Store) -> None:
 
 def test_agent_ids_are_unique(store: Store) -> None:
     add_agent(store, "agent-1")
-    with pytest.raises(Conflict, match="agent-1"):
+    with pytest.raises(AgentAlreadyExists, match="agent-1"):
         add_agent(store, "agent-1", name="other")
 
 

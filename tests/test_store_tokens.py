@@ -15,15 +15,16 @@ from pathlib import Path
 import pytest
 
 from onprem.control_plane.store import (
-    NotFound,
+    EnrollmentTokenExpired,
+    EnrollmentTokenInvalid,
+    EnrollmentTokenRevoked,
+    EnrollmentTokenUsed,
     Store,
     StoreError,
-    TokenExpired,
-    TokenInvalid,
-    TokenRevoked,
-    TokenUsed,
+    UsedEnrollmentTokenNotRevocable,
     parse_token_id,
 )
+from onprem.tunnel.errors import NotFound
 from tests.support.postgres import PostgresServer
 
 
@@ -177,15 +178,15 @@ def test_checking_an_enrollment_token_spends_nothing(store: Store, clock: Clock)
     assert store.check_enrollment_token(token) == row
     assert store.check_enrollment_token(token) == row
     assert store.consume_enrollment_token(token, "agent-1").used_by_agent == "agent-1"
-    with pytest.raises(TokenUsed):
+    with pytest.raises(EnrollmentTokenUsed):
         store.check_enrollment_token(token)
 
 
 def test_checking_a_bad_enrollment_token_says_as_little_as_consuming_it(store: Store, clock: Clock) -> None:
     token, row = store.create_enrollment_token("plant", timedelta(minutes=5))
-    with pytest.raises(TokenInvalid):
+    with pytest.raises(EnrollmentTokenInvalid):
         store.check_enrollment_token(token[:-1] + ("A" if token[-1] != "A" else "B"))
-    with pytest.raises(TokenExpired):
+    with pytest.raises(EnrollmentTokenExpired):
         store.check_enrollment_token(token, row.expires_at)
 
 
@@ -194,7 +195,7 @@ def test_a_revoked_enrollment_token_cannot_be_used_and_says_who_revoked_it(store
     revoked = store.revoke_enrollment_token(row.token_id, by="'root' (onp_0000000000000000)", reason="typo")
     assert (revoked.revoked_at, revoked.state(clock.now)) == (clock.now, "revoked")
     for attempt in (store.check_enrollment_token, lambda t: store.consume_enrollment_token(t, "agent-1")):
-        with pytest.raises(TokenRevoked, match=r"^the enrollment token was revoked at 2030-01-02T03:04:05\.678901Z by "
+        with pytest.raises(EnrollmentTokenRevoked, match=r"^the enrollment token was revoked at 2030-01-02T03:04:05\.678901Z by "
                                                r"'root' \(onp_0000000000000000\); ask an administrator for a new one$"):
             attempt(token)
     assert store.get_enrollment_token(row.token_id).used_at is None  # type: ignore[union-attr]
@@ -203,7 +204,7 @@ def test_a_revoked_enrollment_token_cannot_be_used_and_says_who_revoked_it(store
 def test_a_used_enrollment_token_cannot_be_revoked(store: Store) -> None:
     token, row = store.create_enrollment_token("plant")
     store.consume_enrollment_token(token, "agent-1")
-    with pytest.raises(TokenUsed, match="already used by agent agent-1"):
+    with pytest.raises(UsedEnrollmentTokenNotRevocable, match="already used by agent agent-1"):
         store.revoke_enrollment_token(row.token_id)
     assert store.get_enrollment_token(row.token_id).revoked_at is None  # type: ignore[union-attr]
 

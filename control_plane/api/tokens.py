@@ -39,11 +39,10 @@ from onprem.control_plane.store import (
     EnrollmentTokenRow,
     PageKey,
     Role,
-    TokenUsed,
     iso_utc,
     parse_token_id,
 )
-from onprem.tunnel.errors import Code, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from onprem.tunnel.errors import Code, InvalidArgument, NotFound, PermissionDenied
 from onprem.v1 import tokens_pb2, tokens_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -294,14 +293,9 @@ class TokenService(tokens_pb2_grpc.TokenServiceServicer):
         if row is None or not principal.may_use_group(row.group_name):
             raise NotFound(f"no enrollment token has the id '{token_id}'; ListEnrollmentTokens shows the tokens you "
                            "may manage", reason="TOKEN_NOT_FOUND")
-        try:
-            row = await self._cp.blocking(functools.partial(
-                self._cp.store.revoke_enrollment_token, token_id, by=principal.label, reason=reason))
-        except TokenUsed as exc:
-            raise FailedPrecondition(
-                f"enrollment token {row.short_id} was already used by agent {exc.agent_id} at {iso_utc(exc.used_at)}, "
-                "so there is nothing to revoke; revoke the agent instead (AgentService/RevokeAgent)",
-                reason="TOKEN_USED") from None
+        # A used token raises UsedEnrollmentTokenNotRevocable (FAILED_PRECONDITION, TOKEN_USED).
+        row = await self._cp.blocking(functools.partial(
+            self._cp.store.revoke_enrollment_token, token_id, by=principal.label, reason=reason))
         self._audit(principal, "RevokeEnrollmentToken", began,
                     f"enrollment token {row.short_id} revoked" + (f": {reason}" if reason else ""),
                     group=row.group_name)

@@ -6,7 +6,8 @@ enforces (`store.values`). The modules, by concern:
 
     values     length limits, name rules, UTC times
     rows       the frozen rows returned, roles and token prefixes
-    errors     what the store raises
+    errors     what the store raises: kinds of the project's error tree (`tunnel.errors`), whose
+               code, reason and message go to the caller as they are; a missing row is NotFound
     schema     the tables (`metadata`)
     database   the engine, transactions, clock and `create_schema` (`StoreBase`)
     groups     groups
@@ -20,15 +21,15 @@ from __future__ import annotations
 
 from onprem.control_plane.store.database import DEFAULT_DB_FILENAME, default_url
 from onprem.control_plane.store.errors import (
+    AgentAlreadyExists,
     AgentRevoked,
-    Conflict,
-    NotFound,
+    EnrollmentTokenExpired,
+    EnrollmentTokenInvalid,
+    EnrollmentTokenRefused,
+    EnrollmentTokenRevoked,
+    EnrollmentTokenUsed,
     StoreError,
-    TokenError,
-    TokenExpired,
-    TokenInvalid,
-    TokenRevoked,
-    TokenUsed,
+    UsedEnrollmentTokenNotRevocable,
 )
 from onprem.control_plane.store.facade import Store
 from onprem.control_plane.store.rows import (
@@ -82,24 +83,24 @@ __all__ = [
     "ROLES",
     "TOKEN_NAME_MAX",
     "AdvertisedProfile",
+    "AgentAlreadyExists",
     "AgentRevoked",
     "AgentRow",
     "ApiTokenRow",
     "AuditEntry",
-    "Conflict",
+    "EnrollmentTokenExpired",
+    "EnrollmentTokenInvalid",
+    "EnrollmentTokenRefused",
+    "EnrollmentTokenRevoked",
     "EnrollmentTokenRow",
+    "EnrollmentTokenUsed",
     "GroupRow",
-    "NotFound",
     "PageKey",
     "Role",
     "Store",
     "StoreError",
-    "TokenError",
-    "TokenExpired",
-    "TokenInvalid",
-    "TokenRevoked",
     "TokenState",
-    "TokenUsed",
+    "UsedEnrollmentTokenNotRevocable",
     "api_token_id",
     "default_url",
     "enrollment_token_id",

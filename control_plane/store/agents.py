@@ -11,7 +11,7 @@ from sqlalchemy import Connection, Row, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from onprem.control_plane.store.database import StoreBase
-from onprem.control_plane.store.errors import AgentRevoked, Conflict, NotFound
+from onprem.control_plane.store.errors import AgentAlreadyExists, AgentRevoked
 from onprem.control_plane.store.rows import AdvertisedProfile, AgentRow
 from onprem.control_plane.store.schema import agents_table, groups_table
 from onprem.control_plane.store.values import (
@@ -21,6 +21,7 @@ from onprem.control_plane.store.values import (
     validate_agent_name,
     validate_group_name,
 )
+from onprem.tunnel.errors import NotFound
 
 
 def _agent_row(row: Row[Any]) -> AgentRow:
@@ -49,6 +50,10 @@ def _profiles_json(profiles: Iterable[AdvertisedProfile | Mapping[str, Any]]) ->
     return json.dumps(normalised, separators=(",", ":"))
 
 
+def _no_agent(agent_id: str) -> NotFound:
+    return NotFound(f"no agent has the id {agent_id!r}", reason="AGENT_NOT_FOUND")
+
+
 class AgentStore(StoreBase):
     def add_agent(
         self,
@@ -63,7 +68,10 @@ class AgentStore(StoreBase):
         enrolled_at: datetime | None = None,
         profiles: Iterable[AdvertisedProfile | Mapping[str, Any]] = (),
     ) -> AgentRow:
-        """Record a newly enrolled agent; its group must exist (enrollment tokens create it)."""
+        """Record a newly enrolled agent; its group must exist (enrollment tokens create it).
+
+        Raises NotFound for an unknown group, AgentAlreadyExists for an id that is taken.
+        """
         check_text(agent_id, "agent id", 128, required=True)
         validate_agent_name(name)
         validate_group_name(group_name)
@@ -85,12 +93,12 @@ class AgentStore(StoreBase):
             with self._write() as conn:
                 group = conn.execute(select(groups_table.c.name).where(groups_table.c.name == group_name))
                 if group.first() is None:
-                    raise NotFound(f"the group {group_name!r} does not exist")
+                    raise NotFound(f"the group {group_name!r} does not exist", reason="GROUP_NOT_FOUND")
                 conn.execute(insert(agents_table).values(values))
                 row = conn.execute(select(agents_table).where(agents_table.c.agent_id == agent_id)).one()
         except IntegrityError as exc:
             # The group was checked above, so the only constraint left to break is the primary key.
-            raise Conflict(f"an agent with id {agent_id!r} exists already") from exc
+            raise AgentAlreadyExists(agent_id) from exc
         return _agent_row(row)
 
     def get_agent(self, agent_id: str) -> AgentRow | None:
@@ -112,7 +120,7 @@ class AgentStore(StoreBase):
     def _update_agent(self, conn: Connection, agent_id: str, values: dict[str, Any]) -> AgentRow:
         result = conn.execute(update(agents_table).where(agents_table.c.agent_id == agent_id).values(values))
         if result.rowcount == 0:
-            raise NotFound(f"no agent has the id {agent_id!r}")
+            raise _no_agent(agent_id)
         row = conn.execute(select(agents_table).where(agents_table.c.agent_id == agent_id)).one()
         return _agent_row(row)
 
@@ -161,11 +169,11 @@ class AgentStore(StoreBase):
             conn.execute(stmt)
             row = conn.execute(select(agents_table).where(agents_table.c.agent_id == agent_id)).first()
         if row is None:
-            raise NotFound(f"no agent has the id {agent_id!r}")
+            raise _no_agent(agent_id)
         return _agent_row(row)
 
     def set_certificate(self, agent_id: str, serial: int, expires_at: datetime) -> AgentRow:
-        """Record a renewed certificate; refused for a revoked agent, which must never get one."""
+        """Record a renewed certificate; refused (AgentRevoked) for a revoked agent, which must never get one."""
         stmt = (
             update(agents_table)
             .where(agents_table.c.agent_id == agent_id)
@@ -176,9 +184,9 @@ class AgentStore(StoreBase):
             updated = conn.execute(stmt).rowcount
             row = conn.execute(select(agents_table).where(agents_table.c.agent_id == agent_id)).first()
         if row is None:
-            raise NotFound(f"no agent has the id {agent_id!r}")
+            raise _no_agent(agent_id)
         if updated == 0:
-            raise AgentRevoked(f"the agent {agent_id!r} is revoked and cannot get a new certificate")
+            raise AgentRevoked(agent_id, row.revoked_reason)
         return _agent_row(row)
 
     def profiles_of_group(self, group: str) -> set[tuple[str, str]]:

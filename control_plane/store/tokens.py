@@ -23,7 +23,13 @@ from typing import Any, Final, cast
 
 from sqlalchemy import Connection, Row, and_, insert, or_, select, update
 
-from onprem.control_plane.store.errors import NotFound, TokenExpired, TokenInvalid, TokenRevoked, TokenUsed
+from onprem.control_plane.store.errors import (
+    EnrollmentTokenExpired,
+    EnrollmentTokenInvalid,
+    EnrollmentTokenRevoked,
+    EnrollmentTokenUsed,
+    UsedEnrollmentTokenNotRevocable,
+)
 from onprem.control_plane.store.groups import GroupStore
 from onprem.control_plane.store.rows import (
     ALL_GROUPS,
@@ -50,6 +56,7 @@ from onprem.control_plane.store.values import (
     utc,
     validate_group_name,
 )
+from onprem.tunnel.errors import NotFound
 
 ENROLLMENT_TTL_DEFAULT: Final = timedelta(hours=1)
 ENROLLMENT_TTL_MAX: Final = timedelta(days=7)
@@ -328,7 +335,7 @@ class TokenStore(GroupStore):
                 self._bump(conn)
             row = conn.execute(select(table).where(table.c.token_id == token_id)).first()
         if row is None:
-            raise NotFound(f"no operator token has the id {token_id!r}")
+            raise NotFound(f"no operator token has the id {token_id!r}", reason="TOKEN_NOT_FOUND")
         return _api_token_row(row)
 
     def touch_api_tokens(self, used: Mapping[str, datetime]) -> None:
@@ -384,19 +391,19 @@ class TokenStore(GroupStore):
     def check_enrollment_token(self, token: str, now: datetime | None = None) -> EnrollmentTokenRow:
         """The token's row if it could enroll an agent now; spends nothing (consume does, atomically).
 
-        Lets enrollment refuse a bad token before doing any signing work. Raises
-        TokenInvalid, TokenRevoked, TokenUsed or TokenExpired.
+        Lets enrollment refuse a bad token before doing any signing work. Raises an
+        EnrollmentTokenRefused: EnrollmentTokenInvalid, ...Revoked, ...Used or ...Expired.
         """
         parsed = _parse_token(token, _ENROLLMENT_TOKEN_RE)
         if parsed is None:
-            raise TokenInvalid()
+            raise EnrollmentTokenInvalid()
         token_id, secret = parsed
         at = utc(now) if now is not None else self._now()
         table = enrollment_tokens_table
         with self._read() as conn:
             row = conn.execute(select(table).where(table.c.token_id == token_id)).first()
         if row is None or not _secret_matches(secret, row.secret_hash):
-            raise TokenInvalid()
+            raise EnrollmentTokenInvalid()
         _raise_unless_usable(row, at)
         return _enrollment_row(row)
 
@@ -405,12 +412,12 @@ class TokenStore(GroupStore):
     ) -> EnrollmentTokenRow:
         """Spend an enrollment token on `agent_id`; of concurrent attempts with one token, one wins.
 
-        Raises TokenInvalid, TokenRevoked, TokenExpired or TokenUsed. A wrong secret is always
-        TokenInvalid, so that guessing reveals nothing about real tokens.
+        Raises an EnrollmentTokenRefused (...Invalid, ...Revoked, ...Expired or ...Used). A wrong
+        secret is always EnrollmentTokenInvalid, so that guessing reveals nothing about real tokens.
         """
         parsed = _parse_token(token, _ENROLLMENT_TOKEN_RE)
         if parsed is None:
-            raise TokenInvalid()
+            raise EnrollmentTokenInvalid()
         token_id, secret = parsed
         at = utc(now) if now is not None else self._now()
         table = enrollment_tokens_table
@@ -418,7 +425,7 @@ class TokenStore(GroupStore):
         with self._write() as conn:
             row = conn.execute(by_id).first()
             if row is None or not _secret_matches(secret, row.secret_hash):
-                raise TokenInvalid()
+                raise EnrollmentTokenInvalid()
             # The conditions live in the UPDATE itself, not only in the read above: a concurrent
             # enrollment (or revocation) that read the same unused row will find it changed here.
             claimed = conn.execute(
@@ -433,7 +440,7 @@ class TokenStore(GroupStore):
         if claimed == 1:
             return _enrollment_row(current)
         _raise_unless_usable(current, at)
-        raise TokenExpired(current.expires_at)  # unreachable unless the clock moved back
+        raise EnrollmentTokenExpired(current.expires_at)  # unreachable unless the clock moved back
 
     def get_enrollment_token(self, token_id: str) -> EnrollmentTokenRow | None:
         table = enrollment_tokens_table
@@ -460,7 +467,8 @@ class TokenStore(GroupStore):
     def revoke_enrollment_token(self, token_id: str, *, by: str = "", reason: str = "") -> EnrollmentTokenRow:
         """Revoke an unused enrollment token; revoking again keeps the first revocation.
 
-        Raises NotFound, or TokenUsed for a token an agent already used (revoke the agent instead).
+        Raises NotFound, or UsedEnrollmentTokenNotRevocable for a token an agent already used (revoke
+        the agent instead).
         """
         check_text(by, "revoker", ACTOR_MAX)
         check_text(reason, "reason", REASON_MAX)
@@ -476,9 +484,9 @@ class TokenStore(GroupStore):
             conn.execute(stmt)
             row = conn.execute(select(table).where(table.c.token_id == token_id)).first()
         if row is None:
-            raise NotFound(f"no enrollment token has the id {token_id!r}")
+            raise NotFound(f"no enrollment token has the id {token_id!r}", reason="TOKEN_NOT_FOUND")
         if row.used_at is not None:
-            raise TokenUsed(row.used_by_agent or "?", row.used_at)
+            raise UsedEnrollmentTokenNotRevocable(token_id, row.used_by_agent or "?", row.used_at)
         return _enrollment_row(row)
 
 
@@ -493,8 +501,8 @@ def _check_ttl(ttl: timedelta) -> timedelta:
 
 def _raise_unless_usable(row: Any, at: datetime) -> None:
     if row.used_at is not None:
-        raise TokenUsed(row.used_by_agent or "?", row.used_at)
+        raise EnrollmentTokenUsed(row.used_by_agent or "?", row.used_at)
     if row.revoked_at is not None:
-        raise TokenRevoked(row.revoked_at, row.revoked_by)
+        raise EnrollmentTokenRevoked(row.revoked_at, row.revoked_by)
     if row.expires_at <= at:
-        raise TokenExpired(row.expires_at)
+        raise EnrollmentTokenExpired(row.expires_at)
