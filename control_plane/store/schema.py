@@ -10,6 +10,7 @@ from typing import Final
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Dialect,
@@ -145,6 +146,48 @@ settings_table = Table(
     Column("name", String(64), primary_key=True),
     Column("value", Text(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+# The control plane's replicas (issue 14): each records itself and its heartbeat; one that missed
+# its heartbeats is gone. A replica that stops cleanly deletes its row.
+replicas_table = Table(
+    "replicas",
+    metadata,
+    Column("replica_id", String(255), primary_key=True),
+    # What agents dial, and what operators dial, as host:port ("" when behind a load balancer).
+    Column("agent_address", String(255), nullable=False),
+    Column("operator_address", String(255), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("heartbeat_at", UTCDateTime(), nullable=False),
+    # "serving", or "draining" once it is stopping (agents leave it, operators should too).
+    Column("state", String(16), nullable=False),
+)
+
+# Which replica holds a stream of which agent: for ListAgents over all replicas and for drains. A
+# replica writes its own rows; those of a replica that is gone are ignored, and deleted by any other.
+agent_streams_table = Table(
+    "agent_streams",
+    metadata,
+    Column("agent_id", String(128), primary_key=True),
+    Column("replica_id", String(255), primary_key=True),
+    Column("session_id", String(32), nullable=False),
+    Column("connected_at", UTCDateTime(), nullable=False),
+    Column("draining", Boolean(), nullable=False),
+    Index("ix_agent_streams_replica_id", "replica_id"),
+)
+
+# A drain an admin asked for, for every replica holding a stream of the agent to carry out (the
+# NOTIFY that announces it may be missed; each replica checks for drains newer than its streams).
+agent_drains_table = Table(
+    "agent_drains",
+    metadata,
+    Column("agent_id", String(128), primary_key=True),
+    Column("requested_at", UTCDateTime(), nullable=False),
+    Column("reason", Text(), nullable=False),
+    Column("grace_ms", BigInteger(), nullable=False),
+    Column("exit_after", Boolean(), nullable=False),
+    Column("requested_by", String(ACTOR_MAX), nullable=False),
 )
 
 audit_table = Table(
