@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy.connectors.pyodbc import PyODBCConnector
 from sqlalchemy.dialects import registry
+from sqlalchemy.engine import URL
 from sqlalchemy.engine.default import DefaultDialect
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "ODBC_READ_ONLY_DRIVERS",
     "GenericOdbcDialect",
     "connection_string",
+    "generic_connection_string",
+    "mssql_connection_string",
     "parse_connection_string",
     "quote_value",
     "read_only_refusal",
@@ -100,6 +103,40 @@ def parse_connection_string(text: str) -> dict[str, str]:
             raise ValueError("an attribute has an empty name")
         attributes[key] = value
     return attributes
+
+
+def option_text(value: Any) -> str:
+    """A profile option's value as an attribute value: booleans as yes/no."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def mssql_connection_string(url: URL, options: dict[str, Any]) -> str:
+    """The connection string of an `mssql` profile given by its parts (host, port, database, username).
+
+    Its driver is `options["driver"]` (or `DRIVER`), which is taken out of `options`, else
+    `MSSQL_DEFAULT_DRIVER`; the other options become attributes as they are.
+    """
+    attributes = {"DRIVER": str(options.pop("driver", options.pop("DRIVER", MSSQL_DEFAULT_DRIVER)))}
+    server = url.host or ""
+    attributes["SERVER"] = f"{server},{url.port}" if url.port else server
+    if url.database:
+        attributes["DATABASE"] = url.database
+    if url.username:
+        attributes["UID"] = url.username
+    attributes.update({k: option_text(v) for k, v in options.items()})
+    return connection_string(attributes)
+
+
+def generic_connection_string(source: dict[str, str], username: str | None, options: Mapping[str, Any]) -> str:
+    """The connection string of a generic `odbc` profile: its source's attributes (already checked to hold
+    no password), then UID and the options."""
+    attributes = dict(source)
+    if username is not None:
+        attributes["UID"] = username
+    attributes.update({k: option_text(v) for k, v in options.items()})
+    return connection_string(attributes)
 
 
 def secret_keys(attributes: Mapping[str, Any]) -> list[str]:
