@@ -27,7 +27,7 @@ from onprem.agent.dispatcher import Dispatcher, kind_name
 from onprem.agent.handlers.apps import AppHandler
 from onprem.agent.handlers.base import Handler
 from onprem.agent.handlers.database import DatabaseHandler
-from onprem.agent.handlers.files import FolderHandler
+from onprem.agent.handlers.folders import FolderHandler
 from onprem.agent.identity import (
     Identity,
     IdentityError,

@@ -32,7 +32,7 @@ def mark(check: profiles_pb2.ProfileCheck) -> str:
 def _handler_for(config_path: Path, name: str) -> tuple[str, Handler]:
     from onprem.agent.handlers.apps import AppHandler
     from onprem.agent.handlers.database import DatabaseHandler
-    from onprem.agent.handlers.files import FolderHandler
+    from onprem.agent.handlers.folders import FolderHandler
 
     profiles = load_config(config_path).profiles
     if name in profiles.databases:

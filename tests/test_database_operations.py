@@ -261,7 +261,7 @@ async def test_poll_changes_while_writers_insert_equal_timestamps_concurrently(
 
     def writer(n: int) -> None:
         # Four writers; every 20 consecutive rows share one timestamp. The advisory lock makes commit
-        # order follow (timestamp, key) order, the premise of any watermark (see sql_operations).
+        # order follow (timestamp, key) order, the premise of any watermark (see agent/handlers/database/operations.py).
         with psycopg.connect(ops_db.dsn()) as conn:
             for _ in range(60):
                 with conn.transaction():

@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 from onprem.agent.handlers.database import DatabaseHandler
-from onprem.agent.handlers.sql_guard import GuardMissing, PgReadOnlyTransaction
+from onprem.agent.handlers.database.guard import GuardMissing, PgReadOnlyTransaction
 from onprem.agent.profiles import DatabaseProfile
 from onprem.tunnel.errors import Code, RequestError
 from onprem.v1 import database_pb2

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from onprem.agent.handlers.database import DatabaseHandler
-from onprem.agent.handlers.sql_guard import SqliteGuard
+from onprem.agent.handlers.database.guard import SqliteGuard
 from onprem.agent.profiles import DatabaseProfile
 from onprem.tunnel.errors import Code, RequestError
 from onprem.v1 import database_pb2

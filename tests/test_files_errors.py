@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 
-from onprem.agent.handlers import files as files_module
-from onprem.agent.handlers import files_common, files_write, paths
 from onprem.agent.handlers.base import RequestContext
-from onprem.agent.handlers.files import FolderHandler
-from onprem.agent.handlers.files_common import os_error
+from onprem.agent.handlers.folders import FolderHandler, paths
+from onprem.agent.handlers.folders import common as files_common
+from onprem.agent.handlers.folders import handler as files_module
+from onprem.agent.handlers.folders import write as files_write
+from onprem.agent.handlers.folders.common import os_error
 from onprem.agent.profiles import FolderProfile
 from onprem.tunnel.errors import Code, InvalidArgument, RequestError
 from onprem.v1 import files_pb2, tunnel_pb2

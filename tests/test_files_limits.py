@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from onprem.agent.handlers.base import RequestContext
-from onprem.agent.handlers.files import FolderHandler
+from onprem.agent.handlers.folders import FolderHandler
 from onprem.agent.profiles import ConfigError, FolderProfile, parse_profiles
 from onprem.tunnel.errors import InvalidArgument, PermissionDenied, ResourceExhausted
 from onprem.v1 import files_pb2, tunnel_pb2

@@ -1,4 +1,4 @@
-"""agent.handlers.paths, the one place a folder path is resolved: with openat2 and with the O_PATH walk used where
+"""agent.handlers.folders.paths, the one place a folder path is resolved: with openat2 and with the O_PATH walk used where
 the kernel lacks it, a symlink anywhere in a path is ELOOP, never followed."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from onprem.agent.handlers import paths
+from onprem.agent.handlers.folders import paths
 from onprem.tunnel.errors import RequestError
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from onprem.agent.handlers.base import RequestContext
-from onprem.agent.handlers.files import FolderHandler
+from onprem.agent.handlers.folders import FolderHandler
 from onprem.agent.profiles import FolderProfile
 from onprem.tunnel.errors import PermissionDenied
 from onprem.v1 import files_pb2, tunnel_pb2

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from onprem.agent.handlers import paths
-from onprem.agent.handlers.files import FolderHandler
+from onprem.agent.handlers.folders import FolderHandler, paths
 from onprem.agent.profiles import FolderProfile
 from tests.support.folder_race import OPERATIONS, HandlerOps, build, hammer, outside_snapshot, swapper
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from onprem.agent.handlers.base import RequestContext
-from onprem.agent.handlers.files import FolderHandler
-from onprem.agent.handlers.files_scan import MAX_PAGE_SIZE
+from onprem.agent.handlers.folders import FolderHandler
+from onprem.agent.handlers.folders.scan import MAX_PAGE_SIZE
 from onprem.agent.profiles import FolderProfile
 from onprem.tunnel.errors import FailedPrecondition, InvalidArgument
 from onprem.v1 import files_pb2, tunnel_pb2

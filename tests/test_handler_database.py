@@ -597,7 +597,7 @@ def test_profiles_are_advertised_with_dialect_and_read_only(tmp_path: Path) -> N
 
 
 def test_decimal_values_never_pass_through_float() -> None:
-    from onprem.agent.handlers.sql_values import fill as _fill
+    from onprem.agent.handlers.database.values import fill as _fill
 
     column = values_pb2.ColumnValues()
     _fill(column, VT.VALUE_TYPE_DECIMAL, [Decimal("0.10000000000000000001"), Decimal("1E+3"), None])

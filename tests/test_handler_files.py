@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from onprem.agent.handlers import files as files_module
-from onprem.agent.handlers import files_write
 from onprem.agent.handlers.base import RequestContext
-from onprem.agent.handlers.files import FolderHandler
+from onprem.agent.handlers.folders import FolderHandler
+from onprem.agent.handlers.folders import handler as files_module
+from onprem.agent.handlers.folders import write as files_write
 from onprem.agent.profiles import FolderProfile
 from onprem.tunnel.errors import (
     AlreadyExists,

@@ -13,8 +13,7 @@ from pathlib import Path
 import pyodbc
 import pytest
 
-from onprem.agent.handlers import sql_odbc
-from onprem.agent.handlers.database import DatabaseHandler
+from onprem.agent.handlers.database import DatabaseHandler, odbc
 from onprem.agent.profiles import ConfigError, parse_profiles
 from onprem.tunnel.errors import AlreadyExists, InvalidArgument
 from onprem.v1 import values_pb2
@@ -135,7 +134,7 @@ def test_the_drivers_accept_but_ignore_the_read_only_access_mode(driver: str, po
     finally:
         conn.rollback()
         conn.close()
-    assert driver.lower() not in sql_odbc.ODBC_READ_ONLY_DRIVERS
+    assert driver.lower() not in odbc.ODBC_READ_ONLY_DRIVERS
 
 
 @pytest.mark.parametrize("body", [
@@ -150,7 +149,7 @@ def test_read_only_profiles_whose_driver_cannot_enforce_it_are_refused_at_load(b
 
 
 def test_a_driver_known_to_enforce_read_only_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sql_odbc, "ODBC_READ_ONLY_DRIVERS", frozenset({"strict driver"}))
+    monkeypatch.setattr(odbc, "ODBC_READ_ONLY_DRIVERS", frozenset({"strict driver"}))
     profile = parse_profiles({"databases": {"d": {"dialect": "odbc", "connection_string": "Driver={Strict Driver}",
                                                   "read_only": True}}}).databases["d"]
     assert profile.read_only and profile.dialect == "odbc"
@@ -198,8 +197,8 @@ def test_mssql_connection_fails_cleanly_when_its_driver_is_not_installed(monkeyp
     ("DSN=x;Opt={a;b}}c}", {"DSN": "x", "Opt": "a;b}c"}),
 ])
 def test_connection_strings_parse_and_quote_round_trip(text: str, attributes: dict[str, str]) -> None:
-    assert sql_odbc.parse_connection_string(text) == attributes
-    assert sql_odbc.parse_connection_string(sql_odbc.connection_string(attributes)) == attributes
+    assert odbc.parse_connection_string(text) == attributes
+    assert odbc.parse_connection_string(odbc.connection_string(attributes)) == attributes
 
 
 @pytest.mark.parametrize(("body", "message"), [

@@ -109,7 +109,7 @@ class AppProfile:
     def parse(cls, where: str, name: str, body: Mapping[str, Any]) -> AppProfile:
         """The profile `body` describes, or a `ConfigError` naming the field at fault."""
         # Imported here: the handler package imports this module.
-        from onprem.agent.handlers.apps_headers import canonical
+        from onprem.agent.handlers.apps.headers import canonical
 
         fields = Fields.known(where, body, _FIELDS)
         base_url = fields.required_str("base_url")
@@ -275,7 +275,7 @@ def _caller_headers(fields: Fields, injected: frozenset[str]) -> frozenset[str]:
     Listing anything else is refused rather than ignored, so that a config which
     believes it opened (or closed) something says so at start-up.
     """
-    from onprem.agent.handlers.apps_headers import NEVER_FROM_CALLER, canonical, steers
+    from onprem.agent.handlers.apps.headers import NEVER_FROM_CALLER, canonical, steers
 
     key = "allow_caller_headers"
     raw = fields.get(key)

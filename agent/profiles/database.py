@@ -67,7 +67,7 @@ class DatabaseProfile:
         """The profile `body` describes, or a `ConfigError` naming the field at fault."""
         # Imported here: the handler package imports this module. Importing it also registers the
         # generic `odbc` dialect with SQLAlchemy, which the URL checks below need.
-        from onprem.agent.handlers import sql_odbc as odbc
+        from onprem.agent.handlers.database import odbc
 
         fields = Fields.known(where, body, _FIELDS)
         options = _options(fields)
@@ -125,7 +125,7 @@ def _options(fields: Fields) -> dict[str, Any]:
 
 def _url(fields: Fields, options: dict[str, Any]) -> tuple[URL, str | None]:
     """The SQLAlchemy URL (without a password) and, for ODBC profiles, the connection string."""
-    from onprem.agent.handlers import sql_odbc as odbc
+    from onprem.agent.handlers.database import odbc
 
     raw_url = fields.optional_str("url")
     dialect = fields.optional_str("dialect")
@@ -180,7 +180,7 @@ def _url_from_parts(fields: Fields, dialect: str) -> URL:
 
 
 def _generic_odbc(fields: Fields, options: dict[str, Any]) -> str:
-    from onprem.agent.handlers import sql_odbc as odbc
+    from onprem.agent.handlers.database import odbc
 
     text = fields.optional_str("connection_string")
     dsn = fields.optional_str("dsn")

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from onprem.agent.handlers import paths
-from onprem.agent.handlers.files import FolderHandler
+from onprem.agent.handlers.folders import FolderHandler, paths
 from onprem.agent.profiles import FolderProfile
 from tests.faults.support import ACTIVE, cluster, log_of, wait_state
 from tests.support.folder_race import (

@@ -33,7 +33,7 @@ from typing import Protocol, TypeVar
 import grpc
 
 from onprem.agent.handlers.base import RequestContext
-from onprem.agent.handlers.files import FolderHandler
+from onprem.agent.handlers.folders import FolderHandler
 from onprem.tunnel.errors import RequestError
 from onprem.v1 import files_pb2, files_pb2_grpc, tunnel_pb2
 

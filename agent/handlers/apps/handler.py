@@ -1,8 +1,8 @@
 """HTTP calls confined to the base URLs and path prefixes of the agent's app profiles.
 
-What a call may reach is decided in `apps_confine` (path, method, headers),
-the credentials it carries in `apps_auth`, and what its failures become in
-`apps_errors`. This module moves the bytes: request bodies stream from the
+What a call may reach is decided in `confine` (path, method, headers),
+the credentials it carries in `auth`, and what its failures become in
+`errors`. This module moves the bytes: request bodies stream from the
 tunnel to the app and responses stream back, each in bounded chunks, so a
 body of any size passes through constant memory. Redirects are never
 followed: a 3xx goes back to the caller as is, to be judged there.
@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Mapping
 
 import httpx
 
-from onprem.agent.handlers.apps_auth import injected_headers, ssl_context
-from onprem.agent.handlers.apps_confine import (
+from onprem.agent.handlers.apps.auth import injected_headers, ssl_context
+from onprem.agent.handlers.apps.confine import (
     build_url,
     caller_headers,
     check_method,
@@ -25,9 +25,9 @@ from onprem.agent.handlers.apps_confine import (
     query_string,
     response_headers,
 )
-from onprem.agent.handlers.apps_errors import Progress, classify, http_errors, to_request_error
+from onprem.agent.handlers.apps.errors import Progress, classify, http_errors, to_request_error
 from onprem.agent.handlers.base import RequestContext
-from onprem.agent.profiles import AppProfile
+from onprem.agent.profiles.apps import AppProfile
 from onprem.tunnel.errors import (
     FailedPrecondition,
     InvalidArgument,

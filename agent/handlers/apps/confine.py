@@ -4,7 +4,7 @@ A call's path is checked as text before any URL is built (no scheme, no
 leading "/", no "..", no encoded separators...), then the joined URL is
 checked again against the base URL and the allowed prefixes, so that neither
 layer alone has to be perfect. Caller headers that would steer the app past
-those checks (see `apps_headers`) are refused unless the profile allows
+those checks (see `headers`) are refused unless the profile allows
 them, and even then a method override or rewritten URL must name what the
 profile allows. Everything here is pure: no I/O.
 """
@@ -18,14 +18,14 @@ from urllib.parse import unquote, urlencode
 
 import httpx
 
-from onprem.agent.handlers.apps_headers import (
+from onprem.agent.handlers.apps.headers import (
     METHOD_OVERRIDES,
     NEVER_FROM_CALLER,
     URL_REWRITES,
     canonical,
     steers,
 )
-from onprem.agent.profiles import AppProfile
+from onprem.agent.profiles.apps import AppProfile
 from onprem.tunnel.errors import InvalidArgument, PermissionDenied, RequestError
 from onprem.v1 import apps_pb2
 
@@ -212,7 +212,7 @@ def caller_headers(profile: AppProfile, headers: Iterable[apps_pb2.Header]) -> l
 
     Malformed headers are INVALID_ARGUMENT. PERMISSION_DENIED, naming the
     header: one the agent injects, a hop-by-hop one, and one that would steer
-    the app (`apps_headers.steers`) unless the profile lists it in
+    the app (`headers.steers`) unless the profile lists it in
     `allow_caller_headers`. `Expect` is dropped. Names are compared in
     canonical form, so `X_Forwarded_For` and `x-forwarded-for` are
     `X-Forwarded-For`. Per header: a regex, and a few set lookups.

@@ -24,7 +24,7 @@ operation holds it open (the operation finishes in that folder, which holds only
 hard link a local user made to a file elsewhere (see `FolderHandler` for what read patterns do about links),
 and mount points inside the root, which the site made.
 
-Errors leave this module as OSError (ELOOP for "a symlink was in the way"); `files_common.os_errors` turns them
+Errors leave this module as OSError (ELOOP for "a symlink was in the way"); `common.os_errors` turns them
 into statuses. Nothing here knows a profile.
 """
 

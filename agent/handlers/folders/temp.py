@@ -26,8 +26,8 @@ import stat
 import threading
 from collections.abc import Iterable
 
-from onprem.agent.handlers.files_common import TEMP_NAME, TEMP_PREFIX
-from onprem.agent.handlers.paths import open_root, walk
+from onprem.agent.handlers.folders.common import TEMP_NAME, TEMP_PREFIX
+from onprem.agent.handlers.folders.paths import open_root, walk
 
 log = logging.getLogger("onprem.agent.files")
 

@@ -6,7 +6,7 @@ connection. Where the database can enforce the profile's limits itself it
 does: a READ ONLY transaction that cannot commit and `statement_timeout` in
 PostgreSQL, `query_only` plus an authorizer and a progress-handler deadline in
 SQLite, the query timeout (SQL_ATTR_QUERY_TIMEOUT) of ODBC connections
-(`sql_guard` says how read-only is kept, statement by statement). Every
+(`guard` says how read-only is kept, statement by statement). Every
 connection goes back to the pool reset, or is closed.
 """
 
@@ -30,9 +30,9 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import QueuePool
 
-from onprem.agent.handlers import sql_odbc
-from onprem.agent.handlers.sql_errors import first_lines, scrub
-from onprem.agent.handlers.sql_guard import (
+from onprem.agent.handlers.database import odbc
+from onprem.agent.handlers.database.errors import first_lines, scrub
+from onprem.agent.handlers.database.guard import (
     PG_READ_ONLY_OPTION,
     GuardMissing,
     PgReadOnlyTransaction,
@@ -40,7 +40,7 @@ from onprem.agent.handlers.sql_guard import (
     pg_prepare_read_only,
     reset_postgres,
 )
-from onprem.agent.profiles import DatabaseProfile
+from onprem.agent.profiles.database import DatabaseProfile
 from onprem.tunnel.errors import FailedPrecondition, Internal
 
 __all__ = ["COMMAND_TAG", "Runtime", "Session"]
@@ -220,7 +220,7 @@ class Runtime:
     def _odbc_creator(self, connect: str, password: str | None) -> Any:
         import pyodbc
 
-        text = connect if password is None else f"{connect};PWD={sql_odbc.quote_value(password)}"
+        text = connect if password is None else f"{connect};PWD={odbc.quote_value(password)}"
         timeout = self.profile.statement_timeout_seconds
 
         def create() -> Any:

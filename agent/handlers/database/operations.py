@@ -17,9 +17,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from onprem.agent.handlers.sql_engine import COMMAND_TAG, Runtime, Session
-from onprem.agent.handlers.sql_query import Query, bind_parameters
-from onprem.agent.handlers.sql_values import bind_value, to_value
+from onprem.agent.handlers.database.engine import COMMAND_TAG, Runtime, Session
+from onprem.agent.handlers.database.query import Query, bind_parameters
+from onprem.agent.handlers.database.values import bind_value, to_value
 from onprem.tunnel.errors import InvalidArgument
 from onprem.v1 import database_pb2, tunnel_pb2, values_pb2
 

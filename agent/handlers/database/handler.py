@@ -7,11 +7,7 @@ When the request is cancelled during a step the statement is cancelled on the
 server (psycopg `cancel_safe`, sqlite3 `interrupt`, ODBC `SQLCancel`), the step
 is awaited, and the connection goes back to the pool rolled back and reset.
 
-The pieces: `sql_engine` (engines, pools, the profile's limits), `sql_query`
-(a streamed statement), `sql_operations` (batch, transaction, change poll),
-`sql_values` (types), `sql_errors` (error mapping), `sql_odbc` (ODBC profiles),
-`sql_checks` (what `test-profile` reports), `sql_guard` (how read-only profiles
-stay read-only, and how connections are reset).
+The other modules of this package hold the pieces (see its `__init__`).
 """
 
 from __future__ import annotations
@@ -23,18 +19,18 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar
 
 from onprem.agent.handlers.base import RequestContext
-from onprem.agent.handlers.sql_checks import run_checks
-from onprem.agent.handlers.sql_engine import Runtime, Session
-from onprem.agent.handlers.sql_errors import first_lines, map_error, scrub
-from onprem.agent.handlers.sql_operations import Batch, Poll, Transaction
-from onprem.agent.handlers.sql_query import Query
-from onprem.agent.profiles import DatabaseProfile
+from onprem.agent.handlers.database.checks import run_checks
+from onprem.agent.handlers.database.engine import Runtime, Session
+from onprem.agent.handlers.database.errors import first_lines, map_error, scrub
+from onprem.agent.handlers.database.operations import Batch, Poll, Transaction
+from onprem.agent.handlers.database.query import Query
+from onprem.agent.profiles.database import DatabaseProfile
 from onprem.tunnel.errors import InvalidArgument, NotFound
 from onprem.v1 import profiles_pb2, tunnel_pb2
 
 __all__ = ["DatabaseHandler"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("onprem.agent.handlers.database")
 T = TypeVar("T")
 
 #: How long a cancelled step may take to notice the server-side cancel.
@@ -147,7 +143,7 @@ class DatabaseHandler:
             await self._close(work)
 
     async def check(self, profile: str) -> list[profiles_pb2.ProfileCheck]:
-        """Reachable, credentials, database, dialect, may read: each a ProfileCheck (see sql_checks)."""
+        """Reachable, credentials, database, dialect, may read: each a ProfileCheck (see checks)."""
         runtime = self._runtime(profile)
         async with runtime.slots:  # like a statement: never wait on pool checkout inside a thread
             return await asyncio.get_running_loop().run_in_executor(runtime.executor, run_checks, runtime)

@@ -14,8 +14,8 @@ import os
 import ssl
 from dataclasses import dataclass
 
-from onprem.agent.handlers.apps_confine import CONTROL
-from onprem.agent.profiles import AppProfile, SecretSource
+from onprem.agent.handlers.apps.confine import CONTROL
+from onprem.agent.profiles.apps import AppProfile, SecretSource
 from onprem.tunnel.errors import FailedPrecondition
 
 __all__ = ["Injected", "injected_headers", "ssl_context"]

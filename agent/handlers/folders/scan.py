@@ -2,7 +2,7 @@
 
 Both run in a worker thread and hold at most one page of stat results,
 whatever the size of the tree. Both read folders only through descriptors
-(`agent.handlers.paths`): each folder is opened from the root's descriptor
+(`agent.handlers.folders.paths`): each folder is opened from the root's descriptor
 without following a symlink, and its entries are stat'ed relative to that
 folder's descriptor, so a folder swapped for a symlink mid-scan is skipped,
 never followed. Symlinks are not listed, not reported, never descended into.
@@ -43,8 +43,8 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from onprem.agent.handlers.files_common import file_info, listable, name_allowed, rel_of
-from onprem.agent.handlers.paths import Parts, open_at, walk
+from onprem.agent.handlers.folders.common import file_info, listable, name_allowed, rel_of
+from onprem.agent.handlers.folders.paths import Parts, open_at, walk
 from onprem.tunnel.errors import InvalidArgument, ResourceExhausted
 from onprem.v1 import files_pb2, tunnel_pb2
 
@@ -270,7 +270,7 @@ def poll(root_fd: int, top: Parts, req: files_pb2.PollRequest, read_patterns: Se
             if (req.glob and not fnmatch.fnmatchcase(name, req.glob)) or not name_allowed(name, read_patterns):
                 continue
             if read_patterns and st.st_nlink > 1:
-                continue  # Read refuses it (files_common.readable_content): so is it not reported
+                continue  # Read refuses it (common.readable_content): so is it not reported
             yield st.st_ctime_ns, rel, st
 
     found = heapq.nsmallest(limit + 1, candidates(), key=lambda c: (c[0], c[1]))

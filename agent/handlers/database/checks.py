@@ -19,9 +19,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, make_url
 
-from onprem.agent.handlers import sql_odbc
-from onprem.agent.handlers.sql_engine import Runtime, Session
-from onprem.agent.handlers.sql_errors import first_lines, scrub
+from onprem.agent.handlers.database import odbc
+from onprem.agent.handlers.database.engine import Runtime, Session
+from onprem.agent.handlers.database.errors import first_lines, scrub
 from onprem.tunnel.errors import RequestError
 from onprem.v1 import profiles_pb2
 
@@ -111,7 +111,7 @@ def _address(runtime: Runtime) -> tuple[str, int] | None:
     """Where the database listens, when the profile says; None for files and DSNs."""
     profile = runtime.profile
     if profile.odbc_connect is not None:
-        attributes = {k.lower(): v for k, v in sql_odbc.parse_connection_string(profile.odbc_connect).items()}
+        attributes = {k.lower(): v for k, v in odbc.parse_connection_string(profile.odbc_connect).items()}
         server = attributes.get("server") or attributes.get("servername") or attributes.get("host")
         if not server:
             return None

@@ -1,14 +1,14 @@
 """File operations confined to the agent's folder profiles.
 
 Every blocking call runs in a thread (`asyncio.to_thread`), hashing too.
-Where a path is confined: `agent.handlers.paths`. Each operation splits its
+Where a path is confined: `agent.handlers.folders.paths`. Each operation splits its
 path there (the text checks), opens the profile's root, resolves from that
 descriptor without following a symlink, and acts with the *at calls on the
 parent folder's descriptor; there is no path string that is checked and then
-used. OS errors become statuses in `files_common.os_errors`, always naming
+used. OS errors become statuses in `common.os_errors`, always naming
 the profile-relative path.
 
-Uploads live in `files_write`, listings and polls in `files_scan`.
+Uploads live in `write`, listings and polls in `scan`.
 
 Name patterns hold for every way a name can change: Write, Move and Delete
 need writable names (both names, for a Move); a Move never gives a file the
@@ -30,7 +30,7 @@ import stat
 from collections.abc import AsyncIterator, Mapping
 
 from onprem.agent.handlers.base import RequestContext
-from onprem.agent.handlers.files_common import (
+from onprem.agent.handlers.folders.common import (
     TEMP_PREFIX,
     file_info,
     name_allowed,
@@ -43,10 +43,7 @@ from onprem.agent.handlers.files_common import (
     require_entry,
     require_name,
 )
-from onprem.agent.handlers.files_scan import DEFAULT_PAGE_SIZE, checked_count, list_page, poll
-from onprem.agent.handlers.files_temp import Sweeper
-from onprem.agent.handlers.files_write import write
-from onprem.agent.handlers.paths import (
+from onprem.agent.handlers.folders.paths import (
     Parts,
     open_at,
     open_parent,
@@ -55,7 +52,10 @@ from onprem.agent.handlers.paths import (
     rename_noreplace,
     split,
 )
-from onprem.agent.profiles import FolderProfile
+from onprem.agent.handlers.folders.scan import DEFAULT_PAGE_SIZE, checked_count, list_page, poll
+from onprem.agent.handlers.folders.temp import Sweeper
+from onprem.agent.handlers.folders.write import write
+from onprem.agent.profiles.folders import FolderProfile
 from onprem.tunnel.errors import (
     AlreadyExists,
     FailedPrecondition,

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import psycopg
 import sqlalchemy as sa
 
-from onprem.agent.profiles import DatabaseProfile
+from onprem.agent.profiles.database import DatabaseProfile
 from onprem.tunnel.errors import (
     Aborted,
     AlreadyExists,

@@ -16,8 +16,8 @@ from collections.abc import Iterator, Sequence
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from onprem.agent.handlers.paths import Escape, Parts, open_root, outside
-from onprem.agent.profiles import FolderProfile
+from onprem.agent.handlers.folders.paths import Escape, Parts, open_root, outside
+from onprem.agent.profiles.folders import FolderProfile
 from onprem.tunnel.errors import (
     AlreadyExists,
     FailedPrecondition,

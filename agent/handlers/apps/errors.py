@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import h11
 import httpx
 
-from onprem.agent.profiles import AppProfile
+from onprem.agent.profiles.apps import AppProfile
 from onprem.tunnel.errors import (
     DeadlineExceeded,
     Internal,

@@ -20,8 +20,8 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import CursorResult
 
-from onprem.agent.handlers.sql_engine import Runtime, Session
-from onprem.agent.handlers.sql_values import Misfit, bind_value, choose_types, column_type, fill
+from onprem.agent.handlers.database.engine import Runtime, Session
+from onprem.agent.handlers.database.values import Misfit, bind_value, choose_types, column_type, fill
 from onprem.tunnel.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from onprem.v1 import database_pb2, tunnel_pb2, values_pb2
 

@@ -1,7 +1,7 @@
 """Uploads: a locked temp file beside the target, then an atomic rename, on the parent folder's descriptor.
 
 The parent folder is resolved once from the root's descriptor (`paths.open_parent`, never through a
-symlink), the temp file is created in it (`files_temp.new_temp`), and the upload appears at its path only by a
+symlink), the temp file is created in it (`temp.new_temp`), and the upload appears at its path only by a
 rename on that same descriptor (renameat2 RENAME_NOREPLACE when an existing file must not be replaced, a link
 where the kernel lacks it), after fsync, the profile's size limit and the expected checksum have held. The
 parent's descriptor is readable because fsync of a folder needs it.
@@ -16,7 +16,7 @@ import os
 import stat
 from collections.abc import AsyncIterator
 
-from onprem.agent.handlers.files_common import (
+from onprem.agent.handlers.folders.common import (
     file_info,
     name_allowed,
     open_profile_root,
@@ -27,9 +27,9 @@ from onprem.agent.handlers.files_common import (
     require_entry,
     require_name,
 )
-from onprem.agent.handlers.files_temp import new_temp
-from onprem.agent.handlers.paths import Parts, open_parent, rename_noreplace, split
-from onprem.agent.profiles import FolderProfile
+from onprem.agent.handlers.folders.paths import Parts, open_parent, rename_noreplace, split
+from onprem.agent.handlers.folders.temp import new_temp
+from onprem.agent.profiles.folders import FolderProfile
 from onprem.tunnel.errors import (
     AlreadyExists,
     FailedPrecondition,
