@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from onprem.agent.config import load_config
 from onprem.agent.handlers.base import Handler
+from onprem.agent.handlers.table import handler_for, profile_names
 from onprem.agent.profiles import ConfigError
 from onprem.tunnel.errors import RequestError
 from onprem.v1 import profiles_pb2
@@ -29,20 +30,15 @@ def mark(check: profiles_pb2.ProfileCheck) -> str:
     return "!" if check.warning else "✓"
 
 
-def _handler_for(config_path: Path, name: str) -> tuple[str, Handler]:
-    from onprem.agent.handlers.apps import AppHandler
-    from onprem.agent.handlers.database import DatabaseHandler
-    from onprem.agent.handlers.folders import FolderHandler
-
+def _handler_for(config_path: Path, name: str) -> tuple[str, Handler[Any]]:
+    """The kind's name ("database"...) and a handler for the profile called `name`."""
     profiles = load_config(config_path).profiles
-    if name in profiles.databases:
-        return "database", DatabaseHandler(profiles.databases)
-    if name in profiles.folders:
-        return "folder", FolderHandler(profiles.folders, sweep=False)
-    if name in profiles.apps:
-        return "app", AppHandler(profiles.apps)
-    known = sorted({*profiles.databases, *profiles.folders, *profiles.apps})
-    raise ConfigError(f"no profile named {name!r} in {config_path}; configured: {', '.join(known) or 'none'}")
+    found = handler_for(profiles, name)
+    if found is None:
+        known = profile_names(profiles)
+        raise ConfigError(f"no profile named {name!r} in {config_path}; configured: {', '.join(known) or 'none'}")
+    kind, handler = found
+    return kind.name, handler
 
 
 async def run_test_profile(config_path: Path, name: str, out: TextIO | None = None) -> int:

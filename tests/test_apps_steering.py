@@ -84,7 +84,7 @@ async def no_body() -> AsyncIterator[bytes]:
 
 
 async def run(handler: AppHandler, start: tunnel_pb2.RequestStart) -> tuple[int, bytes]:
-    chunks = [chunk async for chunk in handler.handle(start, RequestContext(request_id=1, body=no_body()))]
+    chunks = [chunk async for chunk in handler.handle(start.app_call, RequestContext(request_id=1, body=no_body()))]
     return chunks[0].call.head.status_code, b"".join(c.call.body for c in chunks[1:])
 
 

@@ -24,7 +24,7 @@ from onprem.agent.handlers.apps import AppHandler
 from onprem.agent.handlers.base import RequestContext
 from onprem.agent.profiles import AppProfile
 from onprem.tunnel.errors import FailedPrecondition, Unavailable
-from onprem.v1 import apps_pb2, tunnel_pb2
+from onprem.v1 import apps_pb2
 from tests.support.apps_upstream import Upstream
 
 
@@ -149,8 +149,8 @@ async def handler(pki: Pki, mtls_app: Upstream, plain_app: Upstream, tmp_path: P
 
 
 async def get(handler: AppHandler, profile: str, path: str = "x") -> tuple[int, bytes]:
-    start = tunnel_pb2.RequestStart(app_call=apps_pb2.AppCall(head=apps_pb2.CallHead(profile=profile, path=path)))
-    chunks = [c async for c in handler.handle(start, RequestContext(request_id=1, body=None))]
+    call = apps_pb2.AppCall(head=apps_pb2.CallHead(profile=profile, path=path))
+    chunks = [c async for c in handler.handle(call, RequestContext(request_id=1, body=None))]
     return chunks[0].call.head.status_code, b"".join(c.call.body for c in chunks[1:])
 
 

@@ -29,7 +29,7 @@ def request(**operation: Any) -> tunnel_pb2.RequestStart:
 
 
 async def run(handler: DatabaseHandler, start_: tunnel_pb2.RequestStart) -> list[tunnel_pb2.ResponseChunk]:
-    return [c async for c in handler.handle(start_, RequestContext(request_id=1, body=None))]
+    return [c async for c in handler.handle(start_.database_query, RequestContext(request_id=1, body=None))]
 
 
 def batch(profile: str, sql: str, *sets: dict[str, V]) -> tunnel_pb2.RequestStart:

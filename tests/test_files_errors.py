@@ -21,7 +21,7 @@ from onprem.agent.handlers.folders import write as files_write
 from onprem.agent.handlers.folders.common import os_error
 from onprem.agent.profiles import FolderProfile
 from onprem.tunnel.errors import Code, InvalidArgument, RequestError
-from onprem.v1 import files_pb2, tunnel_pb2
+from onprem.v1 import files_pb2
 
 #: The specification: what each errno means to a caller.
 EXPECTED: dict[int, tuple[Code, str]] = {
@@ -94,10 +94,10 @@ async def outcome(handler: FolderHandler, op: str, **fields: Any) -> RequestErro
     message = {"stat": files_pb2.StatRequest, "list": files_pb2.ListRequest, "read": files_pb2.ReadRequest,
                "write": files_pb2.WriteHeader, "delete": files_pb2.DeleteRequest, "move": files_pb2.MoveRequest,
                "make_directory": files_pb2.MakeDirectoryRequest, "poll": files_pb2.PollRequest}[op]
-    start = tunnel_pb2.RequestStart(file_op=files_pb2.FileOp(**{op: message(profile="f", **fields)}))
+    file_op = files_pb2.FileOp(**{op: message(profile="f", **fields)})
     body = body_of(b"data") if op == "write" else None
     try:
-        [_ async for _ in handler.handle(start, RequestContext(request_id=1, body=body))]
+        [_ async for _ in handler.handle(file_op, RequestContext(request_id=1, body=body))]
     except RequestError as exc:
         return exc
     raise AssertionError(f"{op} {fields} succeeded")
@@ -214,7 +214,7 @@ async def test_names_on_disk_that_are_not_utf8_are_left_out_of_listings_and_poll
     handler = handler_for(root)
     for op in (files_pb2.FileOp(list=files_pb2.ListRequest(profile="f", recursive=True)),
                files_pb2.FileOp(poll=files_pb2.PollRequest(profile="f", recursive=True, settle_ms=50))):
-        [chunk] = [c async for c in handler.handle(tunnel_pb2.RequestStart(file_op=op),
+        [chunk] = [c async for c in handler.handle(op,
                                                    RequestContext(request_id=1, body=None))]
         paths_seen = [e.path for e in (chunk.list.entries if op.HasField("list") else chunk.poll.entries)]
         assert "a.txt" in paths_seen

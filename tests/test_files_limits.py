@@ -33,8 +33,8 @@ async def body_of(*parts: bytes) -> AsyncIterator[bytes]:
 
 async def run(handler: FolderHandler, body: AsyncIterator[bytes] | None = None,
               **op: object) -> list[tunnel_pb2.ResponseChunk]:
-    start = tunnel_pb2.RequestStart(file_op=files_pb2.FileOp(**op))  # type: ignore[arg-type]
-    return [c async for c in handler.handle(start, RequestContext(request_id=1, body=body))]
+    file_op = files_pb2.FileOp(**op)  # type: ignore[arg-type]
+    return [c async for c in handler.handle(file_op, RequestContext(request_id=1, body=body))]
 
 
 def write(path: str, mode: files_pb2.WriteMode = files_pb2.WRITE_MODE_CREATE) -> files_pb2.WriteHeader:
@@ -183,10 +183,10 @@ async def test_read_range_streams_exactly_those_bytes_with_their_sha256(
 ) -> None:
     data = os.urandom(100_000)
     (tmp_path / "f.bin").write_bytes(data)
-    start = tunnel_pb2.RequestStart(file_op=files_pb2.FileOp(
-        read=files_pb2.ReadRequest(profile="f", path="f.bin", offset=offset, length=length)))
+    file_op = files_pb2.FileOp(
+        read=files_pb2.ReadRequest(profile="f", path="f.bin", offset=offset, length=length))
     chunks = [c async for c in handler_for(tmp_path).handle(
-        start, RequestContext(request_id=1, body=None, max_chunk_bytes=16 * 1024))]
+        file_op, RequestContext(request_id=1, body=None, max_chunk_bytes=16 * 1024))]
     parts = [c.read for c in chunks]
     assert parts[0].HasField("info") and parts[0].info.size == 100_000
     sent = b"".join(p.data for p in parts[1:-1])

@@ -32,7 +32,7 @@ async def call(handler: FolderHandler, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_
 async def run_op(handler: FolderHandler, op: files_pb2.FileOp,
                  max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> tunnel_pb2.ResponseChunk:
     context = RequestContext(request_id=1, body=None, max_chunk_bytes=max_chunk_bytes)
-    [chunk] = [c async for c in handler.handle(tunnel_pb2.RequestStart(file_op=op), context)]
+    [chunk] = [c async for c in handler.handle(op, context)]
     return chunk
 
 

@@ -27,8 +27,8 @@ def handler_for(root: Path, **kw: object) -> FolderHandler:
 
 async def run(handler: FolderHandler, body: AsyncIterator[bytes] | None = None,
               **op: object) -> list[tunnel_pb2.ResponseChunk]:
-    start = tunnel_pb2.RequestStart(file_op=files_pb2.FileOp(**op))  # type: ignore[arg-type]
-    return [c async for c in handler.handle(start, RequestContext(request_id=1, body=body))]
+    file_op = files_pb2.FileOp(**op)  # type: ignore[arg-type]
+    return [c async for c in handler.handle(file_op, RequestContext(request_id=1, body=body))]
 
 
 async def body_of(data: bytes) -> AsyncIterator[bytes]:

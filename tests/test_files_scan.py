@@ -28,8 +28,8 @@ def handler_for(root: Path, **kw: object) -> FolderHandler:
 
 
 async def call(handler: FolderHandler, **op: object) -> tunnel_pb2.ResponseChunk:
-    start = tunnel_pb2.RequestStart(file_op=files_pb2.FileOp(**op))  # type: ignore[arg-type]
-    [chunk] = [c async for c in handler.handle(start, RequestContext(request_id=1, body=None))]
+    file_op = files_pb2.FileOp(**op)  # type: ignore[arg-type]
+    [chunk] = [c async for c in handler.handle(file_op, RequestContext(request_id=1, body=None))]
     return chunk
 
 

@@ -105,7 +105,7 @@ async def no_body() -> AsyncIterator[bytes]:
 async def run(handler: AppHandler, start: tunnel_pb2.RequestStart, body: AsyncIterator[bytes] | None = None,
               max_chunk_bytes: int = 256 * 1024) -> tuple[apps_pb2.CallResponseHead, bytes, list[tunnel_pb2.ResponseChunk]]:
     context = RequestContext(request_id=1, body=body if body is not None else no_body(), max_chunk_bytes=max_chunk_bytes)
-    chunks = [chunk async for chunk in handler.handle(start, context)]
+    chunks = [chunk async for chunk in handler.handle(start.app_call, context)]
     assert chunks[0].call.WhichOneof("part") == "head"
     assert all(c.call.WhichOneof("part") == "body" for c in chunks[1:])
     return chunks[0].call.head, b"".join(c.call.body for c in chunks[1:]), chunks
@@ -115,7 +115,7 @@ async def run_until_error(handler: AppHandler, start: tunnel_pb2.RequestStart) -
     """The chunks that went out before the call failed, and its error."""
     chunks: list[tunnel_pb2.ResponseChunk] = []
     try:
-        async for chunk in handler.handle(start, RequestContext(request_id=1, body=no_body())):
+        async for chunk in handler.handle(start.app_call, RequestContext(request_id=1, body=no_body())):
             chunks.append(chunk)
     except RequestError as exc:
         return chunks, exc
@@ -217,7 +217,7 @@ async def test_a_slow_chunked_response_is_relayed_as_it_comes(handler: AppHandle
     began = time.monotonic()
     arrivals: list[float] = []
     parts: list[bytes] = []
-    async for chunk in handler.handle(call("slow", query=[("chunks", "5"), ("delay", "0.15")]), context):
+    async for chunk in handler.handle(call("slow", query=[("chunks", "5"), ("delay", "0.15")]).app_call, context):
         if chunk.call.WhichOneof("part") == "body":
             arrivals.append(time.monotonic() - began)
             parts.append(chunk.call.body)
@@ -418,7 +418,7 @@ async def test_cancelling_a_call_mid_response_closes_the_apps_connection(
     got_body = asyncio.Event()
 
     async def consume() -> None:
-        async for chunk in handler.handle(call("forever"), RequestContext(request_id=1, body=no_body())):
+        async for chunk in handler.handle(call("forever").app_call, RequestContext(request_id=1, body=no_body())):
             if chunk.call.WhichOneof("part") == "body":
                 got_body.set()
 

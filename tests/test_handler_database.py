@@ -42,7 +42,7 @@ async def collect(
     handler: DatabaseHandler, request: tunnel_pb2.RequestStart, max_chunk_bytes: int = 256 * 1024
 ) -> list[database_pb2.QueryResponse]:
     context = RequestContext(request_id=1, body=None, max_chunk_bytes=max_chunk_bytes)
-    return [chunk.query async for chunk in handler.handle(request, context)]
+    return [chunk.query async for chunk in handler.handle(request.database_query, context)]
 
 
 def decode(responses: list[database_pb2.QueryResponse]) -> tuple[list[values_pb2.Column], list[list[Any]]]:
@@ -462,7 +462,7 @@ async def test_pg_large_result_arrives_in_bounded_batches(pg_handler: DatabaseHa
     batches = 0
     rows = 0
     last = 0
-    async for chunk in pg_handler.handle(request, context):
+    async for chunk in pg_handler.handle(request.database_query, context):
         assert chunk.ByteSize() <= limit
         part = chunk.query.WhichOneof("result")
         if part == "rows":
@@ -482,7 +482,7 @@ async def test_pg_first_batch_arrives_before_the_query_finishes(pg_handler: Data
     sql = "SELECT i, CASE WHEN i = 5000 THEN pg_sleep(3)::text END FROM generate_series(1, 5000) AS i"
     context = RequestContext(request_id=1, body=None, max_chunk_bytes=1024)
     began = time.monotonic()
-    stream = pg_handler.handle(start("pg", sql), context)
+    stream = pg_handler.handle(start("pg", sql).database_query, context)
     try:
         async for chunk in stream:
             if chunk.query.WhichOneof("result") == "rows":

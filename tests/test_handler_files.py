@@ -73,7 +73,7 @@ async def run(
     max_chunk_bytes: int = 256 * 1024,
 ) -> list[tunnel_pb2.ResponseChunk]:
     context = RequestContext(request_id=1, body=body, max_chunk_bytes=max_chunk_bytes)
-    return [chunk async for chunk in handler.handle(start, context)]
+    return [chunk async for chunk in handler.handle(start.file_op, context)]
 
 
 def write_req(path: str, mode: int = files_pb2.WRITE_MODE_CREATE, profile: str = "f", **kw: object) -> tunnel_pb2.RequestStart:

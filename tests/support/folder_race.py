@@ -304,9 +304,9 @@ class HandlerOps:
 
     async def _run(self, body: AsyncIterator[bytes] | None = None,
                    **op: object) -> list[tunnel_pb2.ResponseChunk]:
-        start = tunnel_pb2.RequestStart(file_op=files_pb2.FileOp(**op))  # type: ignore[arg-type]
+        file_op = files_pb2.FileOp(**op)  # type: ignore[arg-type]
         try:
-            return [c async for c in self.handler.handle(start, RequestContext(request_id=1, body=body))]
+            return [c async for c in self.handler.handle(file_op, RequestContext(request_id=1, body=body))]
         except RequestError as exc:
             raise Refused(exc.code.name, exc.message) from None
 

@@ -30,7 +30,6 @@ from onprem.agent.handlers.base import RequestContext
 from onprem.agent.profiles.apps import AppProfile
 from onprem.tunnel.errors import (
     FailedPrecondition,
-    InvalidArgument,
     NotFound,
     RequestError,
     ResourceExhausted,
@@ -123,12 +122,8 @@ class AppHandler:
                 )
             return client
 
-    async def handle(
-        self, request: tunnel_pb2.RequestStart, context: RequestContext
-    ) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
-        if request.WhichOneof("payload") != "app_call":
-            raise InvalidArgument("expected an app_call", reason="INVALID_PAYLOAD")
-        head = request.app_call.head
+    async def handle(self, call: apps_pb2.AppCall, context: RequestContext) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
+        head = call.head
         profile = self._profile(head.profile)
         method = check_method(profile, head.method)
         url = build_url(profile, head.path)

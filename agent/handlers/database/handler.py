@@ -26,7 +26,7 @@ from onprem.agent.handlers.database.operations import Batch, Poll, Transaction
 from onprem.agent.handlers.database.query import Query
 from onprem.agent.profiles.database import DatabaseProfile
 from onprem.tunnel.errors import InvalidArgument, NotFound
-from onprem.v1 import profiles_pb2, tunnel_pb2
+from onprem.v1 import database_pb2, profiles_pb2, tunnel_pb2
 
 __all__ = ["DatabaseHandler"]
 
@@ -95,11 +95,8 @@ class DatabaseHandler:
         return runtime
 
     async def handle(
-        self, request: tunnel_pb2.RequestStart, context: RequestContext
+        self, payload: database_pb2.DatabaseQuery, context: RequestContext
     ) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
-        if request.WhichOneof("payload") != "database_query":
-            raise InvalidArgument("expected a database_query", reason="INVALID_PAYLOAD")
-        payload = request.database_query
         operation = payload.WhichOneof("operation")
         if operation == "query":
             runtime = self._runtime(payload.query.profile)

@@ -135,11 +135,8 @@ class FolderHandler:
             raise FailedPrecondition(f"folder profile '{name}' is read-only", reason="READ_ONLY_PROFILE")
         return profile
 
-    async def handle(
-        self, request: tunnel_pb2.RequestStart, context: RequestContext
-    ) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
-        op = request.file_op
-        kind = op.WhichOneof("operation") if request.WhichOneof("payload") == "file_op" else None
+    async def handle(self, op: files_pb2.FileOp, context: RequestContext) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
+        kind = op.WhichOneof("operation")
         try:
             if kind == "list":
                 yield tunnel_pb2.ResponseChunk(list=await asyncio.to_thread(self._list, op.list,
