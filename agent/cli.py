@@ -33,8 +33,8 @@ from onprem.agent.identity import (
     make_key_and_csr,
     save_identity,
 )
+from onprem.agent.profile_check import mark, run_test_profile
 from onprem.agent.profiles import ConfigError
-from onprem.agent.test_profile import mark, run_test_profile
 from onprem.agent.tunnel_client import TunnelClient, channel_credentials, channel_options
 from onprem.tunnel import kinds, logs
 from onprem.v1 import enrollment_pb2, enrollment_pb2_grpc

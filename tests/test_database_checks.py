@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from onprem.agent.handlers.database import DatabaseHandler
+from onprem.agent.profile_check import run_test_profile
 from onprem.agent.profiles import DatabaseProfile
-from onprem.agent.test_profile import run_test_profile
 from tests.support.postgres import PostgresServer
 from tests.test_handler_database import reader_url
 from tools.ports import free_port

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from onprem.agent.handlers.database import DatabaseHandler
+from onprem.agent.profile_check import run_test_profile
 from onprem.agent.profiles import DatabaseProfile
-from onprem.agent.test_profile import run_test_profile
 from onprem.v1 import profiles_pb2
 from tests.support.owned_database import OwnedDatabase, create_owned_database
 from tests.support.postgres import PostgresServer

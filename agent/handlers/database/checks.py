@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, make_url
 
 from onprem.agent.handlers.database import odbc
-from onprem.agent.handlers.database.engine import Runtime, Session
+from onprem.agent.handlers.database.engine import ProfileRuntime, RequestConnection
 from onprem.agent.handlers.database.errors import first_lines, scrub
 from onprem.tunnel.errors import RequestError
 from onprem.v1 import profiles_pb2
@@ -107,7 +107,7 @@ _FINDING_WORDS = {
 _MAX_NAMES = 5
 
 
-def _address(runtime: Runtime) -> tuple[str, int] | None:
+def _address(runtime: ProfileRuntime) -> tuple[str, int] | None:
     """Where the database listens, when the profile says; None for files and DSNs."""
     profile = runtime.profile
     if profile.odbc_connect is not None:
@@ -124,7 +124,7 @@ def _address(runtime: Runtime) -> tuple[str, int] | None:
     return url.host, url.port or _DEFAULT_PORTS.get(runtime.dialect, 0)
 
 
-def _reachable(runtime: Runtime) -> profiles_pb2.ProfileCheck | None:
+def _reachable(runtime: ProfileRuntime) -> profiles_pb2.ProfileCheck | None:
     if runtime.dialect == "sqlite":
         path = make_url(runtime.profile.url).database or ""
         if path in ("", ":memory:") or path.startswith("file:"):
@@ -146,7 +146,7 @@ def _reachable(runtime: Runtime) -> profiles_pb2.ProfileCheck | None:
     return _check("reachable", True, f"{host}:{port} accepts TCP connections")
 
 
-def _connect_failure(runtime: Runtime, exc: BaseException) -> list[profiles_pb2.ProfileCheck]:
+def _connect_failure(runtime: ProfileRuntime, exc: BaseException) -> list[profiles_pb2.ProfileCheck]:
     orig = getattr(exc, "orig", None) or exc
     message = exc.message if isinstance(exc, RequestError) else scrub(first_lines(str(orig)), runtime.secrets)
     lowered = message.lower()
@@ -164,7 +164,7 @@ def _connect_failure(runtime: Runtime, exc: BaseException) -> list[profiles_pb2.
     return [_check("credentials", False, f"could not connect: {message}")]
 
 
-def _server(conn: Connection, runtime: Runtime) -> tuple[str, bool]:
+def _server(conn: Connection, runtime: ProfileRuntime) -> tuple[str, bool]:
     """The server's own description, and whether it matches the profile's dialect or driver."""
     dbapi: Any = conn.connection.driver_connection
     if runtime.dialect == "postgresql":
@@ -183,7 +183,7 @@ def _server(conn: Connection, runtime: Runtime) -> tuple[str, bool]:
     return f"{conn.dialect.name} server {conn.dialect.server_version_info}", True
 
 
-def _may_read(conn: Connection, runtime: Runtime) -> str:
+def _may_read(conn: Connection, runtime: ProfileRuntime) -> str:
     dbapi: Any = conn.connection.driver_connection
     if runtime.dialect == "postgresql":
         count = conn.exec_driver_sql(
@@ -206,16 +206,16 @@ def _may_read(conn: Connection, runtime: Runtime) -> str:
     return "the server answers queries"
 
 
-def _read_only_enforced(session: Session, runtime: Runtime) -> profiles_pb2.ProfileCheck | None:
+def _read_only_enforced(probe: RequestConnection, runtime: ProfileRuntime) -> profiles_pb2.ProfileCheck | None:
     if not runtime.profile.read_only:
         return None
-    conn = session.connection()
+    conn = probe.connection()
     if runtime.dialect == "postgresql":
         row = conn.exec_driver_sql(
             "SELECT pg_catalog.current_setting('transaction_read_only'),"
             " pg_catalog.current_setting('default_transaction_read_only')"
         ).one()
-        guard = session.pg_guard
+        guard = probe.pg_guard
         guarded = guard is not None
         if guard is not None:
             guard.check("the check")
@@ -230,7 +230,7 @@ def _read_only_enforced(session: Session, runtime: Runtime) -> profiles_pb2.Prof
     return None
 
 
-def _role_may_write(conn: Connection, runtime: Runtime) -> profiles_pb2.ProfileCheck | None:
+def _role_may_write(conn: Connection, runtime: ProfileRuntime) -> profiles_pb2.ProfileCheck | None:
     """A warning when the login role of a read-only profile could write outside the agent."""
     if not runtime.profile.read_only:
         return None
@@ -270,7 +270,7 @@ def _role_may_write(conn: Connection, runtime: Runtime) -> profiles_pb2.ProfileC
     return None
 
 
-def run_checks(runtime: Runtime) -> list[profiles_pb2.ProfileCheck]:
+def run_checks(runtime: ProfileRuntime) -> list[profiles_pb2.ProfileCheck]:
     """Run the checks in order (blocking: call it in the profile's thread pool)."""
     checks: list[profiles_pb2.ProfileCheck] = []
     reachable = _reachable(runtime)
@@ -297,18 +297,18 @@ def run_checks(runtime: Runtime) -> list[profiles_pb2.ProfileCheck]:
                 _check("dialect", False, f"the server is {name}, not {_DBMS_NAMES[runtime.dialect]} as the "
                                          f"profile's dialect {runtime.dialect} expects"),
             ]
-    session = Session(runtime)
+    probe = RequestConnection(runtime)
     try:
         try:
-            session.connect()
+            probe.connect()
         except Exception as exc:
             return checks + _connect_failure(runtime, exc)
         checks.append(_check("credentials", True, "the server accepted the credentials"))
-        conn = session.connection()
+        conn = probe.connection()
         checks.append(_check("database exists", True, f"connected to {runtime.profile.display_url()}"))
         stage = "dialect"  # the check a database error is reported under
         try:
-            session.begin()
+            probe.begin()
             description, matches = _server(conn, runtime)
             checks.append(_check("dialect", matches, f"the server is {description}; the profile's dialect is "
                                                      f"{runtime.dialect}"))
@@ -317,7 +317,7 @@ def run_checks(runtime: Runtime) -> list[profiles_pb2.ProfileCheck]:
             stage = "may read"
             checks.append(_check("may read", True, _may_read(conn, runtime)))
             stage = "read-only"
-            enforced = _read_only_enforced(session, runtime)
+            enforced = _read_only_enforced(probe, runtime)
             stage = "role may not write"
             for more in (enforced, _role_may_write(conn, runtime)):
                 if more is not None:
@@ -325,5 +325,5 @@ def run_checks(runtime: Runtime) -> list[profiles_pb2.ProfileCheck]:
         except sa.exc.DBAPIError as exc:
             checks.append(_check(stage, False, scrub(first_lines(str(exc.orig)), runtime.secrets)))
     finally:
-        session.close()
+        probe.close()
     return checks

@@ -1,4 +1,5 @@
-"""A profile's engine, thread pool and connection slots, and one request's connection.
+"""A profile's engine, thread pool and connection slots (`ProfileRuntime`), and one request's
+connection (`RequestConnection`, which `Query`, `Batch`, `Transaction` and `Poll` extend).
 
 Each profile gets a lazily created SQLAlchemy engine (pooled), a bounded
 thread pool for the blocking driver calls, and one asyncio slot per pooled
@@ -43,7 +44,7 @@ from onprem.agent.handlers.database.guard import (
 from onprem.agent.profiles.database import DatabaseProfile
 from onprem.tunnel.errors import FailedPrecondition, Internal
 
-__all__ = ["COMMAND_TAG", "Runtime", "Session"]
+__all__ = ["COMMAND_TAG", "ProfileRuntime", "RequestConnection"]
 
 log = logging.getLogger("onprem.agent.database")
 
@@ -71,8 +72,8 @@ class _SingleStatementCursor(psycopg.Cursor[Any]):
         super()._execute_send(query, force_extended=True, binary=binary)
 
 
-class Runtime:
-    """A profile's lazily created engine and its bounded thread pool."""
+class ProfileRuntime:
+    """A profile's lazily created engine, its bounded thread pool, its connection slots and its secrets."""
 
     def __init__(self, profile: DatabaseProfile) -> None:
         self.profile = profile
@@ -166,7 +167,7 @@ class Runtime:
             def _remember_dbms(dbapi_conn: Any, record: Any) -> None:
                 import pyodbc
 
-                # Which server is behind the driver decides how a connection is reset (see Session.close).
+                # Which server is behind the driver decides how a connection is reset (see RequestConnection.close).
                 with contextlib.suppress(pyodbc.Error):
                     record.info[_ODBC_DBMS] = str(dbapi_conn.getinfo(pyodbc.SQL_DBMS_NAME))
         if url.get_driver_name() == "pyodbc" and profile.odbc_connect is None and profile.statement_timeout_seconds:
@@ -176,7 +177,7 @@ class Runtime:
 
         @event.listens_for(engine, "before_cursor_execute")
         def _remember_cursor(conn: Connection, cursor: Any, *_: Any) -> None:
-            # What `Session.interrupt` cancels, for drivers that cancel per cursor (ODBC).
+            # What `RequestConnection.interrupt` cancels, for drivers that cancel per cursor (ODBC).
             conn.info["onprem_cursor"] = cursor
 
         if self.dialect == "postgresql" and profile.read_only:
@@ -249,7 +250,7 @@ class Runtime:
             self._engine.dispose()
 
 
-class Session:
+class RequestConnection:
     """One request's pooled connection and transaction.
 
     Its methods block and run in the profile's thread pool, one at a time, so
@@ -258,7 +259,7 @@ class Session:
     after it that a read-only profile is still in its read-only transaction.
     """
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: ProfileRuntime) -> None:
         self.runtime = runtime
         self.profile = runtime.profile
         self.dialect = runtime.dialect

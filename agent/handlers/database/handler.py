@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from onprem.agent.handlers.base import RequestContext
 from onprem.agent.handlers.database.checks import run_checks
-from onprem.agent.handlers.database.engine import Runtime, Session
+from onprem.agent.handlers.database.engine import ProfileRuntime, RequestConnection
 from onprem.agent.handlers.database.errors import first_lines, map_error, scrub
 from onprem.agent.handlers.database.operations import Batch, Poll, Transaction
 from onprem.agent.handlers.database.query import Query
@@ -45,9 +45,9 @@ class _ConnectFailed(Exception):
         self.cause = cause
 
 
-def _connect(session: Session) -> None:
+def _connect(work: RequestConnection) -> None:
     try:
-        session.connect()
+        work.connect()
     except Exception as exc:
         raise _ConnectFailed(exc) from exc
 
@@ -75,7 +75,7 @@ class DatabaseHandler:
 
     def __init__(self, profiles: Mapping[str, DatabaseProfile]) -> None:
         self._profiles = dict(profiles)
-        self._runtimes: dict[str, Runtime] = {}
+        self._runtimes: dict[str, ProfileRuntime] = {}
 
     def profiles(self) -> list[profiles_pb2.Profile]:
         return [
@@ -85,13 +85,13 @@ class DatabaseHandler:
             for p in self._profiles.values()
         ]
 
-    def _runtime(self, name: str) -> Runtime:
+    def _runtime(self, name: str) -> ProfileRuntime:
         runtime = self._runtimes.get(name)
         if runtime is None:
             profile = self._profiles.get(name)
             if profile is None:
                 raise NotFound(f"database profile '{name}' is not configured on this agent", reason="PROFILE_NOT_FOUND")
-            runtime = self._runtimes[name] = Runtime(profile)
+            runtime = self._runtimes[name] = ProfileRuntime(profile)
         return runtime
 
     async def handle(
@@ -145,37 +145,37 @@ class DatabaseHandler:
         async with runtime.slots:  # like a statement: never wait on pool checkout inside a thread
             return await asyncio.get_running_loop().run_in_executor(runtime.executor, run_checks, runtime)
 
-    async def _step(self, session: Session, fn: Callable[[], T], *, connecting: bool = False) -> T:
+    async def _step(self, work: RequestConnection, fn: Callable[[], T]) -> T:
         """Run one blocking step in the profile's pool; on cancel, cancel it on the server."""
-        runtime = session.runtime
-        future = session.busy = runtime.executor.submit(fn)
+        runtime = work.runtime
+        future = work.busy = runtime.executor.submit(fn)
         waiter = asyncio.wrap_future(future)
         try:
             return await asyncio.shield(waiter)
         except asyncio.CancelledError:
             if not future.cancel():
-                await self._interrupt(session, waiter)
+                await self._interrupt(work, waiter)
             raise
         except _ConnectFailed as exc:
             raise map_error(exc.cause, runtime.profile, runtime.secrets, True) from None
         except Exception as exc:
-            raise map_error(exc, runtime.profile, runtime.secrets, connecting) from None
+            raise map_error(exc, runtime.profile, runtime.secrets, False) from None
 
-    async def _interrupt(self, session: Session, waiter: asyncio.Future[Any]) -> None:
+    async def _interrupt(self, work: RequestConnection, waiter: asyncio.Future[Any]) -> None:
         try:
-            await asyncio.to_thread(session.interrupt)
+            await asyncio.to_thread(work.interrupt)
         except Exception as exc:
-            log.warning("database profile %r: could not cancel a statement: %s", session.profile.name,
-                        scrub(first_lines(str(exc)), session.runtime.secrets))
+            log.warning("database profile %r: could not cancel a statement: %s", work.profile.name,
+                        scrub(first_lines(str(exc)), work.runtime.secrets))
         await asyncio.wait({waiter}, timeout=_CANCEL_GRACE_SECONDS)
         if waiter.done() and not waiter.cancelled():
             waiter.exception()  # retrieved: the cancelled statement's error is expected
 
-    async def _close(self, session: Session) -> None:
-        """Close the session and give its connection slot back (once the connection is back)."""
-        runtime = session.runtime
-        busy = session.busy
-        if session.closed and (busy is None or busy.done()):
+    async def _close(self, work: RequestConnection) -> None:
+        """Close the connection of `work` and give its slot back (once the connection is back)."""
+        runtime = work.runtime
+        busy = work.busy
+        if work.closed and (busy is None or busy.done()):
             runtime.slots.release()  # closed in its last step: no trip to the pool needed
             return
         if busy is not None and not busy.done():
@@ -184,16 +184,16 @@ class DatabaseHandler:
 
             def close_later(_: concurrent.futures.Future[Any]) -> None:
                 try:
-                    session.close()
+                    work.close()
                 finally:
                     loop.call_soon_threadsafe(runtime.slots.release)
 
             busy.add_done_callback(close_later)
             return
         try:
-            closing = runtime.executor.submit(session.close)
+            closing = runtime.executor.submit(work.close)
         except RuntimeError:  # aclose() already shut the pool down
-            session.close()
+            work.close()
             runtime.slots.release()
             return
         try:

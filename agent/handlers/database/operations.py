@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from onprem.agent.handlers.database.engine import COMMAND_TAG, Runtime, Session
+from onprem.agent.handlers.database.engine import COMMAND_TAG, ProfileRuntime, RequestConnection
 from onprem.agent.handlers.database.query import Query, bind_parameters
 from onprem.agent.handlers.database.values import bind_value, to_value
 from onprem.tunnel.errors import InvalidArgument
@@ -44,10 +44,10 @@ def _tag(conn: sa.Connection) -> str | None:
     return tag if isinstance(tag, str) else None
 
 
-class Batch(Session):
+class Batch(RequestConnection):
     """One statement, once per parameter set, in one transaction."""
 
-    def __init__(self, runtime: Runtime, request: database_pb2.ExecuteBatchRequest) -> None:
+    def __init__(self, runtime: ProfileRuntime, request: database_pb2.ExecuteBatchRequest) -> None:
         super().__init__(runtime)
         if not request.parameter_sets:
             raise InvalidArgument("a batch needs at least one parameter set", reason="INVALID_PARAMETER")
@@ -64,7 +64,7 @@ class Batch(Session):
         conn = self.connection()
         self.begin()
         if self.profile.read_only:
-            # One set at a time, each checked before the next runs (see Session.guarded); a read-only
+            # One set at a time, each checked before the next runs (see RequestConnection.guarded); a read-only
             # batch writes nothing, so its speed matters less than that check.
             affected = 0
             for i, params in enumerate(self.sets):
@@ -85,10 +85,10 @@ class Batch(Session):
         )
 
 
-class Transaction(Session):
+class Transaction(RequestConnection):
     """Several statements that commit together, or roll back together at the first failure."""
 
-    def __init__(self, runtime: Runtime, request: database_pb2.ExecuteTransactionRequest) -> None:
+    def __init__(self, runtime: ProfileRuntime, request: database_pb2.ExecuteTransactionRequest) -> None:
         super().__init__(runtime)
         if not request.statements:
             raise InvalidArgument("a transaction needs at least one statement", reason="INVALID_PARAMETER")
@@ -118,7 +118,7 @@ class Transaction(Session):
 class Poll(Query):
     """The rows after a (watermark, key) position, in that order, and the position to resume from."""
 
-    def __init__(self, runtime: Runtime, request: database_pb2.PollChangesRequest, max_chunk_bytes: int) -> None:
+    def __init__(self, runtime: ProfileRuntime, request: database_pb2.PollChangesRequest, max_chunk_bytes: int) -> None:
         self.request = request
         dialect = runtime.dialect
         if not request.watermark_column:

@@ -20,7 +20,7 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import CursorResult
 
-from onprem.agent.handlers.database.engine import Runtime, Session
+from onprem.agent.handlers.database.engine import ProfileRuntime, RequestConnection
 from onprem.agent.handlers.database.values import Misfit, bind_value, choose_types, column_type, fill
 from onprem.tunnel.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from onprem.v1 import database_pb2, tunnel_pb2, values_pb2
@@ -76,14 +76,14 @@ def _load_as_text(cursor: Any) -> None:
         cursor.adapters.register_loader(name, _TEXT_LOADER)
 
 
-class Query(Session):
+class Query(RequestConnection):
     """A statement whose result streams as columnar batches of at most `max_chunk_bytes`.
 
     `wrap` builds the oneof message of the response stream (QueryResponse or
     PollChangesResponse), so that a change poll reuses the streaming unchanged.
     """
 
-    def __init__(self, runtime: Runtime, statement: sa.TextClause | sa.Select[Any], params: dict[str, Any], max_chunk_bytes: int,
+    def __init__(self, runtime: ProfileRuntime, statement: sa.TextClause | sa.Select[Any], params: dict[str, Any], max_chunk_bytes: int,
                  cap: int | None) -> None:
         super().__init__(runtime)
         self.statement = statement
@@ -105,7 +105,7 @@ class Query(Session):
         self._origins: list[tuple[int, int]] = []
 
     @classmethod
-    def from_request(cls, runtime: Runtime, query: database_pb2.QueryRequest, max_chunk_bytes: int) -> Query:
+    def from_request(cls, runtime: ProfileRuntime, query: database_pb2.QueryRequest, max_chunk_bytes: int) -> Query:
         statement = sa.text(query.sql)
         params = bind_parameters(statement, query.sql, query.parameters, runtime.dialect)
         caps = [c for c in (query.max_rows, runtime.profile.max_rows) if c]
