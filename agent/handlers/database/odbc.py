@@ -41,7 +41,7 @@ MSSQL_DEFAULT_DRIVER = "ODBC Driver 18 for SQL Server"
 #: SQL_MODE_READ_ONLY on the server side. The ODBC specification makes the attribute a hint ("the
 #: connection is not required to support SQL statements that cause updates"), and measured here both
 #: psqlODBC 13.02 and sqliteodbc 0.9998 accept it and then run INSERT, CREATE and writable CTEs
-#: (tests/test_odbc.py proves it on every run). psqlODBC's own `ReadOnly=1` option guesses from the
+#: (tests/agent/handlers/database/test_odbc.py proves it on every run). psqlODBC's own `ReadOnly=1` option guesses from the
 #: SQL text and lets a writable CTE through. Microsoft's SQL Server drivers document the attribute as
 #: a hint as well. So no driver qualifies yet, and a read-only ODBC profile is refused at load: a
 #: read-only promise that the database does not keep would be worse than none.

@@ -23,9 +23,9 @@ from onprem.agent.handlers.database.guard import SqliteGuard
 from onprem.agent.profiles import DatabaseProfile
 from onprem.tunnel.errors import Code, RequestError
 from onprem.v1 import database_pb2
-from tests.test_database_operations import batch, request, run, transaction
-from tests.test_database_read_only import CHECK, B, P, Q, Step, T
-from tests.test_handler_database import collect, decode, start
+from tests.agent.handlers.database.test_handler import collect, decode, start
+from tests.agent.handlers.database.test_operations import batch, request, run, transaction
+from tests.agent.handlers.database.test_read_only import CHECK, B, P, Q, Step, T
 
 OK = Code.OK
 FP = Code.FAILED_PRECONDITION

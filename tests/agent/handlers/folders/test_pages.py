@@ -141,5 +141,5 @@ async def test_a_page_size_at_the_maximum_is_accepted(tmp_path: Path, operation:
 
 
 def test_the_documented_maximum_is_the_enforced_one() -> None:
-    proto = (Path(__file__).resolve().parents[1] / "protos" / "onprem" / "v1" / "files.proto").read_text()
+    proto = (Path(__file__).resolve().parents[4] / "protos" / "onprem" / "v1" / "files.proto").read_text()
     assert proto.count(f"at most {MAX_PAGE_SIZE:,}") == 2  # page_size and max_files

@@ -307,7 +307,7 @@ async def test_the_host_the_app_sees_is_the_base_urls(handler: AppHandler, serve
 
 
 async def test_a_caller_sending_host_is_permission_denied_naming_it(handler: AppHandler, server: tuple[str, Seen]) -> None:
-    # Once silently dropped; now refused, like every header that steers the app (tests/test_apps_steering.py).
+    # Once silently dropped; now refused, like every header that steers the app (tests/agent/handlers/apps/test_steering.py).
     with pytest.raises(PermissionDenied) as info:
         await run(handler, call("x", headers={"Host": "evil.example"}))
     assert info.value.message == ("header 'Host' would let the caller change the host the app believes it serves; "
@@ -597,7 +597,7 @@ async def test_a_content_length_on_a_call_without_a_body_is_invalid_argument(han
 
 
 def test_hostile_corpus_is_large_enough() -> None:
-    # The steering and hop-by-hop headers are a corpus of their own, in tests/test_apps_steering.py.
+    # The steering and hop-by-hop headers are a corpus of their own, in tests/agent/handlers/apps/test_steering.py.
     corpus = set(HOSTILE_PATHS) | set(PREFIX_DENIED) | set(PREFIX_ESCAPES)
     assert len(corpus) + len(HOSTILE_HEADERS) >= 100
 

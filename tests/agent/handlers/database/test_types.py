@@ -15,8 +15,8 @@ from onprem.agent.handlers.database import DatabaseHandler
 from onprem.agent.profiles import DatabaseProfile
 from onprem.tunnel.errors import InvalidArgument
 from onprem.v1 import values_pb2
+from tests.agent.handlers.database.test_handler import collect, decode, start
 from tests.support.postgres import PostgresServer
-from tests.test_handler_database import collect, decode, start
 
 V = values_pb2.Value
 VT = values_pb2.ValueType

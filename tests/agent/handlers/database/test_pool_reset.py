@@ -20,11 +20,11 @@ from sqlalchemy import event
 from onprem.agent.handlers.database import DatabaseHandler
 from onprem.agent.profiles import DatabaseProfile, parse_profiles
 from onprem.tunnel.errors import Code, RequestError
+from tests.agent.handlers.database.test_handler import collect, decode, start
+from tests.agent.handlers.database.test_odbc import pg_connection_string
+from tests.agent.handlers.database.test_operations import batch, run, transaction
 from tests.support.owned_database import OwnedDatabase, create_owned_database
 from tests.support.postgres import PostgresServer
-from tests.test_database_operations import batch, run, transaction
-from tests.test_handler_database import collect, decode, start
-from tests.test_odbc import pg_connection_string
 
 PROFILES = ["ro", "rw"]
 

@@ -17,9 +17,9 @@ from onprem.agent.handlers.database import DatabaseHandler, odbc
 from onprem.agent.profiles import ConfigError, parse_profiles
 from onprem.tunnel.errors import AlreadyExists, InvalidArgument
 from onprem.v1 import values_pb2
+from tests.agent.handlers.database.test_handler import collect, decode, start
+from tests.agent.handlers.database.test_operations import batch, run, transaction
 from tests.support.postgres import PostgresServer
-from tests.test_database_operations import batch, run, transaction
-from tests.test_handler_database import collect, decode, start
 
 V = values_pb2.Value
 VT = values_pb2.ValueType

@@ -11,8 +11,8 @@ import yaml
 from onprem.agent.handlers.database import DatabaseHandler
 from onprem.agent.profile_check import run_test_profile
 from onprem.agent.profiles import DatabaseProfile
+from tests.agent.handlers.database.test_handler import reader_url
 from tests.support.postgres import PostgresServer
-from tests.test_handler_database import reader_url
 from tools.ports import free_port
 
 

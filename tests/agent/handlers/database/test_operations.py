@@ -18,8 +18,8 @@ from onprem.agent.handlers.database import DatabaseHandler
 from onprem.agent.profiles import DatabaseProfile
 from onprem.tunnel.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, PermissionDenied
 from onprem.v1 import database_pb2, tunnel_pb2, values_pb2
+from tests.agent.handlers.database.test_handler import collect, decode, reader_url, start
 from tests.support.postgres import PostgresServer
-from tests.test_handler_database import collect, decode, reader_url, start
 
 V = values_pb2.Value
 

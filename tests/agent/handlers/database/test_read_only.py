@@ -25,6 +25,8 @@ from onprem.agent.handlers.database.guard import GuardMissing, PgReadOnlyTransac
 from onprem.agent.profiles import DatabaseProfile
 from onprem.tunnel.errors import Code, RequestError
 from onprem.v1 import database_pb2
+from tests.agent.handlers.database.test_handler import collect, decode, start
+from tests.agent.handlers.database.test_operations import batch, request, run, transaction
 from tests.support.owned_database import (
     CHANNEL,
     LARGE_OBJECT,
@@ -34,8 +36,6 @@ from tests.support.owned_database import (
     create_owned_database,
 )
 from tests.support.postgres import PostgresServer
-from tests.test_database_operations import batch, request, run, transaction
-from tests.test_handler_database import collect, decode, start
 
 OK = Code.OK
 FP = Code.FAILED_PRECONDITION
