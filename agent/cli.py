@@ -23,11 +23,8 @@ import grpc
 
 from onprem.agent import metrics, systemd
 from onprem.agent.config import AgentConfig, load_config
-from onprem.agent.dispatcher import Dispatcher, kind_name
-from onprem.agent.handlers.apps import AppHandler
-from onprem.agent.handlers.base import Handler
-from onprem.agent.handlers.database import DatabaseHandler
-from onprem.agent.handlers.files import FolderHandler
+from onprem.agent.dispatcher import Dispatcher
+from onprem.agent.handlers.table import build_handlers
 from onprem.agent.identity import (
     Identity,
     IdentityError,
@@ -36,8 +33,8 @@ from onprem.agent.identity import (
     make_key_and_csr,
     save_identity,
 )
+from onprem.agent.profile_check import mark, run_test_profile
 from onprem.agent.profiles import ConfigError
-from onprem.agent.test_profile import mark, run_test_profile
 from onprem.agent.tunnel_client import TunnelClient, channel_credentials, channel_options
 from onprem.tunnel import kinds, logs
 from onprem.v1 import enrollment_pb2, enrollment_pb2_grpc
@@ -45,14 +42,6 @@ from onprem.v1 import enrollment_pb2, enrollment_pb2_grpc
 log = logging.getLogger("onprem.agent")
 
 DEFAULT_CONFIG = os.environ.get("ONPREM_AGENT_CONFIG", "/etc/onprem-agent/agent.yaml")
-
-
-def build_handlers(config: AgentConfig) -> dict[str, Handler]:
-    return {
-        kinds.DATABASE.payload: DatabaseHandler(config.profiles.databases),
-        kinds.FOLDER.payload: FolderHandler(config.profiles.folders),
-        kinds.APP.payload: AppHandler(config.profiles.apps),
-    }
 
 
 async def enroll(config: AgentConfig, token: str, name: str) -> Identity:
@@ -71,7 +60,7 @@ async def enroll(config: AgentConfig, token: str, name: str) -> Identity:
 
 
 async def run(config_path: Path, config: AgentConfig, identity: Identity) -> None:
-    dispatcher = Dispatcher(build_handlers(config))
+    dispatcher = Dispatcher(build_handlers(config.profiles))
     client = TunnelClient(config, identity, dispatcher)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -87,7 +76,7 @@ async def run(config_path: Path, config: AgentConfig, identity: Identity) -> Non
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
         else:
-            client.reload(fresh, build_handlers(fresh))
+            client.reload(fresh, build_handlers(fresh.profiles))
         systemd.notify("READY=1", f"STATUS=serving {len(dispatcher.profiles())} profiles")
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -138,10 +127,10 @@ async def doctor(config: AgentConfig) -> int:
     except (TimeoutError, grpc.aio.AioRpcError) as exc:
         report(False, "control plane", f"cannot reach {config.control_plane.address} over mTLS within 10 s"
                f"{': ' + str(exc) if str(exc) else ''} (firewall, proxy, address, or a certificate it refuses)")
-    dispatcher = Dispatcher(build_handlers(config))
+    dispatcher = Dispatcher(build_handlers(config.profiles))
     try:
         for health in await dispatcher.check_all():
-            kind = kind_name(health.kind)
+            kind = kinds.name_of(health.kind)
             for check in health.checks:
                 # A warning ("!") is printed but passes: e.g. a read-only profile whose role could write.
                 report(check.ok, f"{kind} profile {health.profile}: {check.name}", check.message, mark(check))

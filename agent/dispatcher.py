@@ -1,8 +1,10 @@
 """Where a request's payload meets its typed handler.
 
-`RequestStart.payload` is a oneof: `database_query` goes to the database
-handler, `file_op` to the folder handler, `app_call` to the app handler, and
-`profile_check` to the handler of the profile's kind.
+`RequestStart.payload` is a oneof. The registry of kinds (`tunnel.kinds`)
+names the kind of each payload field; the dispatcher unwraps the payload and
+hands the typed message (`DatabaseQuery`, `FileOp`, `AppCall`) to that kind's
+handler, which need not look at the oneof again. A `profile_check` goes to
+the handler of the profile's kind, found in the registry by `ProfileKind`.
 
 A configuration reload (SIGHUP) swaps in a new set of handlers: new requests
 use them at once, requests already running finish on the handlers they
@@ -15,6 +17,7 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from onprem.agent.handlers.base import Handler, RequestContext
 from onprem.tunnel import kinds
@@ -23,11 +26,6 @@ from onprem.v1 import profiles_pb2, tunnel_pb2
 
 log = logging.getLogger("onprem.agent.dispatcher")
 
-def kind_name(kind: int) -> str:
-    """"database", "folder" or "app", for logs, metrics and the doctor's lines."""
-    return kinds.name_of(kind)
-
-
 #: How long one profile's health check may take before it counts as failed.
 CHECK_TIMEOUT = 20.0
 
@@ -35,7 +33,7 @@ CHECK_TIMEOUT = 20.0
 class _Generation:
     """One set of handlers, and how many requests still run on it."""
 
-    def __init__(self, handlers: dict[str, Handler]) -> None:
+    def __init__(self, handlers: dict[str, Handler[Any]]) -> None:
         self.handlers = handlers
         self.active = 0
         self.retired = False
@@ -49,15 +47,15 @@ class _Generation:
 
 
 class Dispatcher:
-    def __init__(self, handlers: dict[str, Handler]) -> None:
-        # Keys are the names of RequestStart's payload fields.
+    def __init__(self, handlers: dict[str, Handler[Any]]) -> None:
+        # Keys are the names of RequestStart's payload fields (`Kind.payload`).
         self._current = _Generation(handlers)
         self._closing: set[asyncio.Task[None]] = set()
 
     def profiles(self) -> list[profiles_pb2.Profile]:
         return [p for handler in self._current.handlers.values() for p in handler.profiles()]
 
-    def replace(self, handlers: dict[str, Handler]) -> None:
+    def replace(self, handlers: dict[str, Handler[Any]]) -> None:
         """Use `handlers` for new requests; close the old ones once their requests end."""
         old, self._current = self._current, _Generation(handlers)
         old.retired = True
@@ -66,24 +64,25 @@ class Dispatcher:
 
     def handle(self, start: tunnel_pb2.RequestStart, context: RequestContext) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
         generation = self._current
-        kind = start.WhichOneof("payload")
-        if kind == kinds.PROFILE_CHECK:
+        payload = start.WhichOneof("payload")
+        if payload == kinds.PROFILE_CHECK:
             return self._tracked(generation, self._check(generation, start.profile_check))
-        handler = generation.handlers.get(kind or "")
-        if handler is None:
-            raise InvalidArgument(f"this agent does not handle {kind or 'requests without a payload'}")
-        return self._tracked(generation, handler.handle(start, context))
+        kind = kinds.by_payload(payload)
+        handler = generation.handlers.get(kind.payload) if kind is not None else None
+        if kind is None or handler is None:
+            raise InvalidArgument(f"this agent does not handle {payload or 'requests without a payload'}")
+        return self._tracked(generation, handler.handle(kind.payload_of(start), context))
 
     async def check_all(self) -> list[profiles_pb2.ProfileHealth]:
         """Check every profile, concurrently; a check that hangs counts as failed."""
         generation = self._current
-        jobs: list[tuple[int, str, Handler]] = []
+        jobs: list[tuple[int, str, Handler[Any]]] = []
         for kind in kinds.KINDS:
             handler = generation.handlers.get(kind.payload)
             if handler is not None:
                 jobs.extend((kind.profile_kind, p.name, handler) for p in handler.profiles())
 
-        async def one(kind: int, name: str, handler: Handler) -> profiles_pb2.ProfileHealth:
+        async def one(kind: int, name: str, handler: Handler[Any]) -> profiles_pb2.ProfileHealth:
             try:
                 async with asyncio.timeout(CHECK_TIMEOUT):
                     checks = await handler.check(name)

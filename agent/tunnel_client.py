@@ -14,15 +14,17 @@ import logging
 import random
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 from onprem.agent import __version__, metrics
 from onprem.agent.config import AgentConfig
-from onprem.agent.dispatcher import Dispatcher, kind_name
+from onprem.agent.dispatcher import Dispatcher
 from onprem.agent.handlers.base import Handler
 from onprem.agent.identity import Identity, make_key_and_csr, save_identity
 from onprem.agent.session import ControlPlaneSession
+from onprem.tunnel import kinds
 from onprem.tunnel.aio import EOF
 from onprem.tunnel.channel_options import CLIENT_OPTIONS
 from onprem.tunnel.errors import DrainedToExit, PeerClosedStream, RemoteProtocolError, StreamEnded
@@ -95,7 +97,7 @@ class TunnelClient:
         hello.started_at.FromDatetime(self._started_at)
         return hello
 
-    def reload(self, config: AgentConfig, dispatcher_handlers: dict[str, Handler]) -> None:
+    def reload(self, config: AgentConfig, dispatcher_handlers: dict[str, Handler[Any]]) -> None:
         """Take a reloaded config's profiles into use without dropping the stream, and re-advertise them."""
         self._config = config
         self._dispatcher.replace(dispatcher_handlers)
@@ -111,7 +113,7 @@ class TunnelClient:
             self._check_now.clear()
             self.health = await self._dispatcher.check_all()
             for health in self.health:
-                metrics.PROFILE_UP.labels(kind_name(health.kind), health.profile).set(1 if health.ok else 0)
+                metrics.PROFILE_UP.labels(kinds.name_of(health.kind), health.profile).set(1 if health.ok else 0)
             failing = [h.profile for h in self.health if not h.ok]
             if failing:
                 log.warning("profile checks failing: %s", ", ".join(failing))

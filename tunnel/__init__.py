@@ -2,6 +2,7 @@
 
 `protocol` holds the per-request state machine and flow control, free of I/O:
 frames in, events out. `errors` holds the error hierarchy and its mapping to
-gRPC status codes. The asyncio shells that move frames over a real stream
-live in `agent.tunnel_client` and `control_plane.sessions`.
+gRPC status codes. `shell` is the asyncio shell that moves frames over a
+real stream, for either end; each end's session (`agent.session`,
+`control_plane.sessions`) plugs into it.
 """

@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from google.protobuf.message import Message
+
 from onprem.v1 import profiles_pb2, tunnel_pb2
 
 __all__ = [
@@ -41,6 +43,11 @@ class Kind:
     bodies: Mapping[str, str]
     #: Whether running `start` twice is harmless, given whether its profile is read-only.
     idempotent: Callable[[tunnel_pb2.RequestStart, bool], bool]
+
+    def payload_of(self, start: tunnel_pb2.RequestStart) -> Message:
+        """The typed message `start` carries in this kind's payload field (a `DatabaseQuery`, `FileOp`...)."""
+        message: Message = getattr(start, self.payload)
+        return message
 
     def operation(self, start: tunnel_pb2.RequestStart) -> str:
         """The operation `start` asks for ("query", "read", "call"...)."""

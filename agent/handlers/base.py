@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from onprem.v1 import profiles_pb2, tunnel_pb2
+
+#: The typed payload a handler runs: `DatabaseQuery`, `FileOp` or `AppCall` (see `tunnel.kinds`).
+Payload = TypeVar("Payload", contravariant=True)
 
 #: The largest `ResponseChunk` payload a handler should produce, in bytes.
 #: The tunnel refuses chunks above the negotiated maximum (`Welcome.max_chunk_bytes`).
@@ -25,15 +28,15 @@ class RequestContext:
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
 
 
-class Handler(Protocol):
+class Handler(Protocol[Payload]):
     """Runs one kind of payload against the profiles of that kind."""
 
     def profiles(self) -> list[profiles_pb2.Profile]:
         """The profiles this handler offers, as advertised in Hello."""
         ...
 
-    def handle(self, request: tunnel_pb2.RequestStart, context: RequestContext) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
-        """Run the request, yielding result chunks; raise RequestError to fail.
+    def handle(self, payload: Payload, context: RequestContext) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
+        """Run the request whose payload the dispatcher unwrapped, yielding result chunks; raise RequestError to fail.
 
         Cancellation arrives as `asyncio.CancelledError` at an await: stop the
         work (cancel the statement, close the file, abort the HTTP call) and

@@ -2,7 +2,7 @@
 root while every folder operation runs against it 10,000 times, through the handler with each way of resolving
 (openat2, and the O_NOFOLLOW walk used where the kernel has none), then through the real processes. Nothing
 outside the root is read, listed, created, changed or deleted, and every refusal is PERMISSION_DENIED or
-NOT_FOUND. tests/support/folder_race.py has the trees and the checks; tests/test_files_race.py is the short run.
+NOT_FOUND. tests/support/folder_race.py has the trees and the checks; tests/agent/handlers/folders/test_race.py is the short run.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from onprem.agent.handlers import paths
-from onprem.agent.handlers.files import FolderHandler
+from onprem.agent.handlers.folders import FolderHandler, paths
 from onprem.agent.profiles import FolderProfile
 from tests.faults.support import ACTIVE, cluster, log_of, wait_state
 from tests.support.folder_race import (

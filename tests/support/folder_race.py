@@ -33,7 +33,7 @@ from typing import Protocol, TypeVar
 import grpc
 
 from onprem.agent.handlers.base import RequestContext
-from onprem.agent.handlers.files import FolderHandler
+from onprem.agent.handlers.folders import FolderHandler
 from onprem.tunnel.errors import RequestError
 from onprem.v1 import files_pb2, files_pb2_grpc, tunnel_pb2
 
@@ -304,9 +304,9 @@ class HandlerOps:
 
     async def _run(self, body: AsyncIterator[bytes] | None = None,
                    **op: object) -> list[tunnel_pb2.ResponseChunk]:
-        start = tunnel_pb2.RequestStart(file_op=files_pb2.FileOp(**op))  # type: ignore[arg-type]
+        file_op = files_pb2.FileOp(**op)  # type: ignore[arg-type]
         try:
-            return [c async for c in self.handler.handle(start, RequestContext(request_id=1, body=body))]
+            return [c async for c in self.handler.handle(file_op, RequestContext(request_id=1, body=body))]
         except RequestError as exc:
             raise Refused(exc.code.name, exc.message) from None
 

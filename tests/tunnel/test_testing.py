@@ -36,9 +36,9 @@ class FakeFolder:
     def profiles(self) -> list[profiles_pb2.Profile]:
         return [profiles_pb2.Profile(kind=profiles_pb2.PROFILE_KIND_FOLDER, name="f")]
 
-    async def handle(self, request: tunnel_pb2.RequestStart, context: RequestContext,
+    async def handle(self, op: files_pb2.FileOp, context: RequestContext,
                      ) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
-        path = request.file_op.read.path
+        path = op.read.path
         self.started.append(path)
         try:
             if path == "missing":

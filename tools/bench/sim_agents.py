@@ -22,9 +22,9 @@ import signal
 import sys
 from pathlib import Path
 
-from onprem.agent.cli import build_handlers
 from onprem.agent.config import parse_config
 from onprem.agent.dispatcher import Dispatcher
+from onprem.agent.handlers.table import build_handlers
 from onprem.agent.identity import Identity
 from onprem.agent.tunnel_client import TunnelClient
 
@@ -38,7 +38,7 @@ def _client(raw: dict[str, str], args: argparse.Namespace) -> tuple[TunnelClient
         "drain_grace_seconds": 1,
         "profiles": {"databases": {"lite": {"url": f"sqlite:///{args.sqlite}", "pool_size": 1}}},
     }, base_dir=Path(args.home))
-    dispatcher = Dispatcher(build_handlers(config))
+    dispatcher = Dispatcher(build_handlers(config.profiles))
     return TunnelClient(config, identity, dispatcher), dispatcher
 
 

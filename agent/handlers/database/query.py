@@ -1,0 +1,291 @@
+"""One streamed statement: execute, then header, row batches sized by bytes, summary.
+
+Column types are fixed by the header, which is sent after the first batch has
+been fetched: the driver's type when it reports one (PostgreSQL OIDs, pyodbc
+classes), else the first non-null value of the column in that batch, else
+UNSPECIFIED (text). A column whose values disagree within that first batch is
+sent as STRING. A later value that does not fit its column is converted when
+that loses nothing (an int in a DOUBLE column, any value in a text-encoded
+column) and otherwise fails the request with FAILED_PRECONDITION, asking for a
+CAST: quietly sending a different type than the header promised would be worse.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+from sqlalchemy.engine import CursorResult
+
+from onprem.agent.handlers.database.engine import ProfileRuntime, RequestConnection
+from onprem.agent.handlers.database.values import Misfit, bind_value, choose_types, column_type, fill
+from onprem.tunnel.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from onprem.v1 import database_pb2, tunnel_pb2, values_pb2
+
+__all__ = ["Query", "bind_parameters"]
+
+VT = values_pb2.ValueType
+
+_FIRST_FETCH_ROWS = 200
+_MAX_FETCH_ROWS = 5000
+# Statement tags whose row count is the rows affected (PostgreSQL's command status).
+_DML_TAGS = ("INSERT", "UPDATE", "DELETE", "MERGE")
+
+
+@functools.lru_cache(maxsize=1024)
+def _names_of(sql: str) -> frozenset[str]:
+    return frozenset(sa.text(sql).compile().params)
+
+
+def _parameter_names(statement: sa.TextClause, sql: str) -> frozenset[str]:
+    """The statement's `:name`s; compiling is costly on the hot path, so by SQL text, cached."""
+    if statement.text != sql:
+        return frozenset(statement.compile().params)
+    return _names_of(sql)
+
+
+def bind_parameters(statement: sa.TextClause, sql: str, given: Mapping[str, values_pb2.Value],
+                    dialect: str) -> dict[str, Any]:
+    """Check the names against the statement's `:name`s and convert the values."""
+    if not sql.strip():
+        raise InvalidArgument("the SQL text is empty", reason="SQL_ERROR")
+    wanted = _parameter_names(statement, sql)
+    for name in sorted(wanted - set(given)):
+        raise InvalidArgument(f"parameter '{name}' is used by the statement but not given", reason="INVALID_PARAMETER",
+                              field=f"parameters.{name}")
+    for name in sorted(set(given) - wanted):
+        # SQLAlchemy reads `:name::type` as literal text, not as a parameter.
+        hint = f"; write CAST(:{name} AS type) instead of :{name}::type" if f":{name}::" in sql else ""
+        raise InvalidArgument(
+            f"parameter '{name}' is given but the statement has no ':{name}'{hint}", reason="INVALID_PARAMETER"
+        )
+    return {name: bind_value(name, value, dialect) for name, value in given.items()}
+
+
+# Types whose PostgreSQL text form already is (nearly) the canonical text values.proto asks for: loading
+# them as text skips parsing into Python objects only to print them again (half the cost of a timestamp).
+_TEXT_LOADED = ("numeric", "date", "time", "timetz", "timestamp", "timestamptz", "uuid", "json", "jsonb")
+_TEXT_LOADER = psycopg.adapters.get_loader(psycopg.adapters.types["text"].oid, psycopg.pq.Format.TEXT)
+
+
+def _load_as_text(cursor: Any) -> None:
+    for name in _TEXT_LOADED:
+        cursor.adapters.register_loader(name, _TEXT_LOADER)
+
+
+class Query(RequestConnection):
+    """A statement whose result streams as columnar batches of at most `max_chunk_bytes`.
+
+    `wrap` builds the oneof message of the response stream (QueryResponse or
+    PollChangesResponse), so that a change poll reuses the streaming unchanged.
+    """
+
+    def __init__(self, runtime: ProfileRuntime, statement: sa.TextClause | sa.Select[Any], params: dict[str, Any], max_chunk_bytes: int,
+                 cap: int | None) -> None:
+        super().__init__(runtime)
+        self.statement = statement
+        self.params = params
+        self.max_chunk_bytes = max_chunk_bytes
+        self.cap = cap
+        self.result: CursorResult[Any] | None = None
+        #: The DBAPI cursor the rows come from.
+        self.cursor: Any = None
+        self.types: list[int] = []
+        self.description: list[Any] = []
+        self.row_count = 0
+        self.rows_affected = -1
+        self.truncated = False
+        self.done = False
+        self.fetch_rows = _FIRST_FETCH_ROWS
+        self.last_row: Sequence[Any] | None = None
+        #: (table OID, column number) per column, 0s when computed: PostgreSQL only.
+        self._origins: list[tuple[int, int]] = []
+
+    @classmethod
+    def from_request(cls, runtime: ProfileRuntime, query: database_pb2.QueryRequest, max_chunk_bytes: int) -> Query:
+        statement = sa.text(query.sql)
+        params = bind_parameters(statement, query.sql, query.parameters, runtime.dialect)
+        caps = [c for c in (query.max_rows, runtime.profile.max_rows) if c]
+        return cls(runtime, statement, params, max_chunk_bytes, min(caps) if caps else None)
+
+    def wrap(self, **part: Any) -> Any:
+        return tunnel_pb2.ResponseChunk(query=database_pb2.QueryResponse(**part))
+
+    def rows_chunk(self) -> tuple[tunnel_pb2.ResponseChunk, values_pb2.RowBatch]:
+        """An empty rows message and the batch inside it, filled in place: wrapping a filled batch copies it."""
+        chunk = tunnel_pb2.ResponseChunk()
+        return chunk, chunk.query.rows
+
+    def execute(self) -> None:
+        conn = self.connection()
+        self.begin()
+        if self.dialect == "postgresql":
+            with self.guarded("the statement") as tag:
+                tag[0] = self._execute_postgres()
+            return
+        # sqlite3 and pyodbc fetch from the database as the rows are asked for; SQLAlchemy's default
+        # result does not buffer, so the rows can be read from its DBAPI cursor directly.
+        with self.guarded("the statement"):
+            self.result = conn.execute(self.statement, self.params)
+        if self.result.returns_rows:
+            self.cursor = self.result.cursor
+            self.description = list(self.cursor.description or ())
+        else:
+            self.rows_affected = self.result.rowcount
+            self.done = True
+
+    def _execute_postgres(self) -> str | None:
+        """Run on psycopg itself: SQLAlchemy's streaming result wraps each row in a Row, a third of the cost.
+
+        Returns the statement's command tag.
+        """
+        conn = self.connection()
+        compiled = self.statement.compile(dialect=conn.dialect)
+        sql, params = str(compiled), compiled.construct_params(self.params)
+        dbapi: psycopg.Connection[Any] = self.dbapi
+        # A server-side cursor streams rows in bounded memory...
+        cursor: Any = dbapi.cursor(name="onprem_stream")
+        _load_as_text(cursor)
+        try:
+            cursor.execute(sql, params)
+        except psycopg.Error as exc:
+            # ...but PostgreSQL declares cursors only for SELECT/VALUES: DML, DDL, CALL and writable
+            # CTEs fail to DECLARE without having run, so run them again with a plain cursor.
+            if exc.sqlstate not in ("42601", "0A000"):
+                raise
+            conn.rollback()
+            self.begin()
+            cursor = dbapi.cursor()
+            _load_as_text(cursor)
+            cursor.execute(sql, params)
+            if (cursor.statusmessage or "").split(" ")[0] in _DML_TAGS:
+                self.rows_affected = cursor.rowcount
+        self.cursor = cursor
+        self.description = list(cursor.description or ())
+        tag: str | None = cursor.statusmessage
+        if cursor.description is None:
+            self.done = True
+            return tag
+        pgresult = cursor.pgresult
+        if pgresult is not None and pgresult.nfields == len(self.description):
+            self._origins = [(pgresult.ftable(i), pgresult.ftablecol(i)) for i in range(pgresult.nfields)]
+        return tag
+
+    def header(self, first_rows: Sequence[Sequence[Any]]) -> Any:
+        """Fix the column types from the driver's description and the first rows."""
+        columns: list[values_pb2.Column] = []
+        described: list[int] = []
+        nullable = self._pg_nullable()
+        for i, desc in enumerate(self.description):
+            vt, db_type, null_ok = column_type(desc, self.dialect)
+            described.append(vt)
+            known = nullable[i] if nullable else null_ok
+            columns.append(values_pb2.Column(name=desc[0], database_type=db_type, nullable=known is not False))
+        self.types = choose_types(described, first_rows)
+        for column, vt in zip(columns, self.types, strict=True):
+            column.type = vt  # type: ignore[assignment]
+        return self.wrap(header=database_pb2.QueryHeader(columns=columns))
+
+    def _pg_nullable(self) -> list[bool | None] | None:
+        """Whether each column may be NULL, for columns read straight from a table (PostgreSQL)."""
+        origins = self._origins
+        if not origins or not any(o[0] for o in origins):
+            return None
+        cache = self.runtime.pg_nullable
+        missing = sorted({o for o in origins if o[0] and o not in cache})
+        if missing:
+            rows = self.connection().exec_driver_sql(
+                "SELECT attrelid::int8, attnum::int8, NOT attnotnull FROM pg_catalog.pg_attribute "
+                "WHERE (attrelid::int8, attnum::int8) IN (SELECT * FROM unnest(%(r)s::int8[], %(n)s::int8[]))",
+                {"r": [o[0] for o in missing], "n": [o[1] for o in missing]},
+            ).all()
+            cache.update({(int(r[0]), int(r[1])): bool(r[2]) for r in rows})
+        return [cache.get(o) if o[0] else None for o in origins]
+
+    def fetch(self) -> list[Sequence[Any]]:
+        """Fetch the next rows, respecting the row cap; marks the end of the result."""
+        if self.done or self.cursor is None:
+            return []
+        want = self.fetch_rows
+        if self.cap is not None:
+            remaining = self.cap - self.row_count
+            if remaining <= 0:
+                # One more row tells whether the cap cut anything off.
+                with self.guarded("the statement"):
+                    self.truncated = bool(self.cursor.fetchmany(1))
+                self.done = True
+                return []
+            want = min(want, remaining)
+        # Fetching runs the statement further (functions in the select list included): checked as well.
+        with self.guarded("the statement"):
+            rows: list[Sequence[Any]] = self.cursor.fetchmany(want)
+        if len(rows) < want and (self.cap is None or self.row_count + len(rows) < self.cap):
+            self.done = True
+        self.row_count += len(rows)
+        if rows:
+            self.last_row = rows[-1]
+        return rows
+
+    def batches(self, rows: Sequence[Sequence[Any]]) -> list[Any]:
+        """Encode rows as RowBatch chunks, halving until each fits in max_chunk_bytes."""
+        if not rows:
+            return []
+        chunk = self._encode(rows)
+        size = chunk.ByteSize()
+        if size <= self.max_chunk_bytes:
+            # Aim the next fetch at about three quarters of a chunk.
+            per_row = max(1, size // len(rows))
+            self.fetch_rows = max(1, min(_MAX_FETCH_ROWS, (self.max_chunk_bytes * 3 // 4) // per_row))
+            return [chunk]
+        if len(rows) == 1:
+            raise ResourceExhausted(
+                f"row {self.row_count} is {size} bytes encoded, above the chunk limit of {self.max_chunk_bytes}",
+                reason="ROW_TOO_LARGE",
+            )
+        half = len(rows) // 2
+        return self.batches(rows[:half]) + self.batches(rows[half:])
+
+    def _encode(self, rows: Sequence[Sequence[Any]]) -> tunnel_pb2.ResponseChunk:
+        chunk, batch = self.rows_chunk()
+        batch.row_count = len(rows)
+        # One transpose in C instead of a list comprehension per column.
+        columns = list(zip(*rows, strict=True))
+        for i, vt in enumerate(self.types):
+            try:
+                fill(batch.columns.add(), vt, list(columns[i]))
+            except Misfit:
+                name = self.description[i][0]
+                raise FailedPrecondition(
+                    f"column '{name}' holds values of another type than {VT.Name(vt)} (chosen from its first rows); "
+                    "CAST it in the SQL to one type",
+                    reason="MIXED_COLUMN_TYPES",
+                ) from None
+        return chunk
+
+    def first(self) -> list[Any]:
+        rows = self.fetch()
+        return [self.header(rows), *self.batches(rows)]
+
+    def next(self) -> list[Any]:
+        return self.batches(self.fetch())
+
+    def close_result(self) -> None:
+        cursor, self.cursor = self.cursor, None
+        if cursor is not None and self.result is None:
+            cursor.close()  # our own psycopg cursor; SQLAlchemy's result closes its own
+        if self.result is not None:
+            self.result.close()
+
+    def finish(self) -> Any:
+        self.close_result()
+        self.end(commit=True)
+        summary = database_pb2.QuerySummary(
+            row_count=self.row_count, rows_affected=self.rows_affected, truncated=self.truncated
+        )
+        return self.wrap(summary=summary)
+
+    def release(self) -> None:
+        self.close_result()
