@@ -14,6 +14,7 @@ import asyncio
 import datetime as dt
 import functools
 import logging
+import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -22,15 +23,18 @@ from typing import Any, TypeVar, cast
 
 import grpc
 
-from onprem.control_plane import observe
+from onprem.control_plane import __version__, observe
 from onprem.control_plane.audit import AuditLog
 from onprem.control_plane.auth import Principal
 from onprem.control_plane.ca import CertificateAuthority
+from onprem.control_plane.changes import TOKENS, ChangeFeed
 from onprem.control_plane.credentials import TokenAuthority, current_call
 from onprem.control_plane.observe import Observer
 from onprem.control_plane.relay import RelayedRequest, Target
+from onprem.control_plane.replicas import REPLICAS_TOPIC, Membership, ReplicaIdentity
 from onprem.control_plane.router import GroupFacts, Registry, Router
-from onprem.control_plane.store import Store
+from onprem.control_plane.sessions import AgentSession
+from onprem.control_plane.store import DrainRow, Store
 from onprem.control_plane.throttle import AttemptThrottle, KeyedBuckets, RowLimiter
 from onprem.tunnel import kinds
 from onprem.tunnel.budget import Budgets
@@ -66,10 +70,17 @@ class Settings:
     refusal_rows_refill_seconds: float = 1.0
     #: Callers (addresses) remembered by each throttle; past it, new ones share one budget.
     throttle_max_addresses: int = 10_000
+    #: Seconds between a replica's heartbeats in the registry; one that missed this many is gone.
+    replica_heartbeat: float = 2.0
+    replica_missed_heartbeats: int = 3
+    #: Seconds between checks of this replica's agents against the store (revocations and drains
+    #: another replica made, should their notification be missed).
+    change_check_interval: float = 2.0
 
 
 class ControlPlane:
-    def __init__(self, store: Store, ca: CertificateAuthority, settings: Settings | None = None) -> None:
+    def __init__(self, store: Store, ca: CertificateAuthority, settings: Settings | None = None,
+                 identity: ReplicaIdentity | None = None) -> None:
         self.store = store
         self.ca = ca
         self.settings = settings or Settings()
@@ -86,6 +97,20 @@ class ControlPlane:
         self.observer = Observer(self.audit, RowLimiter(KeyedBuckets(
             burst=s.refusal_rows_burst, refill_seconds=s.refusal_rows_refill_seconds,
             max_keys=s.throttle_max_addresses)))
+        self.changes = ChangeFeed(self, check_interval=s.change_check_interval)
+        self.membership = Membership(
+            self, identity or ReplicaIdentity("cp-" + secrets.token_hex(6)), heartbeat=s.replica_heartbeat,
+            missed_heartbeats=s.replica_missed_heartbeats, version=__version__)
+        self.membership.on_change = self._tell_agents
+        self.changes.on(REPLICAS_TOPIC, lambda _message: self.membership.wake())
+        self.changes.on(TOKENS, lambda _message: self.tokens.poke())
+        self.changes.set_check(self.check_agents)
+        #: Drains carried out here, by (agent id, when it was asked), so that none is carried out twice.
+        self._drains_done: set[tuple[str, dt.datetime]] = set()
+
+    @property
+    def replica_id(self) -> str:
+        return self.membership.identity.replica_id
 
     def blocking(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Run a blocking store call off the event loop."""
@@ -97,10 +122,43 @@ class ControlPlane:
         self.store.close()
 
     async def run_background(self) -> None:
-        """The token watcher and the summaries of refusals left out of the audit, until cancelled."""
+        """The token watcher, the refusal summaries, the replica's heartbeat and the change feed, until
+        cancelled."""
         async with asyncio.TaskGroup() as group:
             group.create_task(self.tokens.run(), name="token-watcher")
             group.create_task(self.observer.run_summaries(), name="refusal-summaries")
+            group.create_task(self.membership.run(), name="replica-heartbeat")
+            group.create_task(self.changes.run(), name="change-feed")
+
+    # -- replicas --
+    def _tell_agents(self, replicas: list[tunnel_pb2.Replica]) -> None:
+        for session in self.registry.all():
+            session.send_replicas(replicas)
+
+    async def check_agents(self) -> None:
+        """Act on what other replicas changed for this replica's agents: revocations and drains."""
+        sessions = {s.agent_id: s for s in self.registry.all() if s.is_open}
+        await self.blocking(functools.partial(
+            self.store.forget_gone_replicas, self.membership.max_age, keep=dt.timedelta(hours=1)))
+        if not sessions:
+            return
+        for agent_id in await self.blocking(self.store.revoked_among, list(sessions)):
+            row = await self.blocking(self.store.get_agent, agent_id)
+            reason = row.revoked_reason if row is not None else ""
+            log.info("agent %s was revoked (by another replica): closing its stream", agent_id)
+            sessions[agent_id].close(f"revoked: {reason}")
+        for drain in await self.blocking(self.store.drains_for, list(sessions)):
+            session = sessions.get(drain.agent_id)
+            if session is not None:
+                self.apply_drain(session, drain)
+
+    def apply_drain(self, session: AgentSession, drain: DrainRow) -> None:
+        """Carry out an admin's drain on this replica's stream of its agent, once."""
+        key = (drain.agent_id, drain.requested_at)
+        if key in self._drains_done or drain.requested_at < session.connected_at:
+            return  # carried out already, or asked before this stream opened (the agent reconnected since)
+        self._drains_done.add(key)
+        session.drain(drain.reason or f"drained by {drain.requested_by}", drain.grace, exit_after=drain.exit_after)
 
     async def _group_facts(self, group: str) -> GroupFacts:
         exists = await self.blocking(self.store.get_group, group) is not None

@@ -335,6 +335,10 @@ class TokenAuthority:
         if used:
             await self._run_blocking(self._store.touch_api_tokens, used)
 
+    def poke(self) -> None:
+        """Check open calls now (another replica announced a token change)."""
+        self._changed.set()
+
     async def run(self) -> None:
         """Watch for revocations and write last-used times, until cancelled (then flush)."""
         loop = asyncio.get_running_loop()

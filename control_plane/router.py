@@ -2,7 +2,9 @@
 
 A request goes only to an agent of its group that is connected, not
 draining, and advertises the profile; among those, the least loaded one with
-room under its advertised concurrency limit. Failure is explained: an
+room under its advertised concurrency limit. An agent's load counts its
+requests on every replica (it reports them); one that is full all the same
+refuses, and the request goes to another agent (`failover`). Failure is explained: an
 unknown group or profile is NOT_FOUND, a known one with no agent able to
 take it right now is UNAVAILABLE, and agents that stay full past a short
 wait make it RESOURCE_EXHAUSTED.
@@ -110,7 +112,7 @@ class Router:
                 raise await self._explain(group, kind, profile)
             free = [s for s in eligible if s.has_capacity()]
             if free:
-                session = min(free, key=lambda s: s.in_flight / s.max_in_flight)
+                session = min(free, key=lambda s: s.load)
                 return session.start(start)
             remaining = give_up - loop.time()
             if remaining <= 0:

@@ -158,6 +158,10 @@ class AgentSession:
         #: Set when the agent went past a budget; the stream ends with RESOURCE_EXHAUSTED.
         self.budget_error: BudgetExceeded | None = None
         self._task: asyncio.Task[None] | None = None
+        #: The requests the agent runs over all its streams (one per replica), as it last reported.
+        self.agent_in_flight = 0
+        #: Set when the session turns draining (the store remembers it for the other replicas).
+        self.draining_changed = asyncio.Event()
         #: Set when the session ends, for whoever waits on capacity.
         self.on_change: Callable[[], None] = lambda: None
 
@@ -185,8 +189,23 @@ class AgentSession:
     def has_capacity(self) -> bool:
         return self.conn.in_flight < self.max_in_flight
 
-    def welcome_frame(self) -> ControlFrame:
-        return self.conn.welcome_frame(agent_id=self.agent_id, group=self.group, session_id=self.session_id)
+    @property
+    def load(self) -> float:
+        """How busy the agent is, 0 to 1: its requests over all replicas (as it reported them, or
+        at least those on this stream) against its limit."""
+        return max(self.conn.in_flight, self.agent_in_flight) / self.max_in_flight
+
+    def welcome_frame(self, replica: tunnel_pb2.Replica | None = None,
+                      replicas: list[tunnel_pb2.Replica] | None = None) -> ControlFrame:
+        return self.conn.welcome_frame(agent_id=self.agent_id, group=self.group, session_id=self.session_id,
+                                       replica=replica, replicas=replicas or [])
+
+    def send_replicas(self, replicas: list[tunnel_pb2.Replica]) -> None:
+        """Tell the agent the serving replicas now (if its stream agreed on replicas)."""
+        frame = self.conn.replicas_frame(replicas)
+        if frame is not None and self._closed is None:
+            with contextlib.suppress(StreamClosed):
+                self.shell.send_nowait(frame)
 
     async def serve(self) -> None:
         """Run the stream until it ends; fail whatever is in flight then."""
@@ -219,6 +238,7 @@ class AgentSession:
     def drain(self, reason: str, grace: dt.timedelta, *, exit_after: bool = False) -> None:
         """Route nothing more here, and ask the agent to finish its requests (then reconnect, or exit)."""
         self.draining = True
+        self.draining_changed.set()
         with contextlib.suppress(StreamClosed):
             self.shell.send_nowait(self.conn.drain(reason, grace, exit_after=exit_after))
         self.on_change()
@@ -269,6 +289,8 @@ class AgentSession:
             case StatusReceived(status):
                 if status.draining and not self.draining:
                     log.info("agent %s (%s) is draining", self.name, self.agent_id)
+                    self.draining_changed.set()
+                self.agent_in_flight = status.agent_in_flight
                 # Once draining, a session stays so: the control plane may have asked for it.
                 self.draining = self.draining or status.draining
                 if status.profiles_changed:

@@ -134,6 +134,15 @@ class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
             except Exception:
                 log.exception("could not store the new profiles of agent %s", session.agent_id)
 
+    async def _remember_draining(self, session: AgentSession) -> None:
+        """Note in the store that the stream is draining, for ListAgents on the other replicas."""
+        await session.draining_changed.wait()
+        try:
+            await self._cp.blocking(self._cp.store.mark_stream_draining, session.agent_id, self._cp.replica_id,
+                                    session.session_id)
+        except Exception:
+            log.exception("could not record that agent %s is draining", session.agent_id)
+
     # Connect reads and writes through `context` (one writer task), so it
     # returns nothing instead of being a generator as the generated base says; its refusals go
     # through the same boundary as every other RPC, so each carries its ErrorInfo reason.
@@ -141,6 +150,8 @@ class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
     async def Connect(  # type: ignore[override]
         self, request_iterator: Any, context: grpc.aio.ServicerContext[AgentFrame, tunnel_pb2.ConnectResponse]
     ) -> None:
+        # Asked first, while the call is surely alive (grpc's peer() on an ended call reads freed memory).
+        peer = context.peer()
         row, cert = await self._authenticate(context, connecting=True)
         conn = ControlPlaneConnection(self._cp.settings.limits)
         try:
@@ -162,18 +173,28 @@ class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
             cert_expires_at=cert.not_valid_after_utc, budgets=self._cp.settings.budgets,
         )
         await self._record_hello(row.agent_id, hello, list(hello.profiles))
-        await context.write(session.welcome_frame())
+        membership = self._cp.membership
+        await self._cp.blocking(self._cp.store.record_stream, row.agent_id, self._cp.replica_id, session.session_id)
+        await context.write(session.welcome_frame(membership.me, membership.serving))
         self._cp.registry.add(session)
         metrics.SESSIONS_OPENED.inc()
         log.info("agent %s (%s) of group %s connected from %s, session %s, %d profiles",
-                 row.name, row.agent_id, row.group_name, context.peer(), session.session_id, len(hello.profiles))
-        persist = asyncio.get_running_loop().create_task(self._remember_profiles(session, hello))
+                 row.name, row.agent_id, row.group_name, peer, session.session_id, len(hello.profiles))
+        loop = asyncio.get_running_loop()
+        watchers = [loop.create_task(self._remember_profiles(session, hello)),
+                    loop.create_task(self._remember_draining(session))]
         try:
             await session.serve()
         finally:
-            persist.cancel()
-            await asyncio.gather(persist, return_exceptions=True)
+            for watcher in watchers:
+                watcher.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
             self._cp.registry.remove(session)
+            try:
+                await self._cp.blocking(self._cp.store.forget_stream, row.agent_id, self._cp.replica_id,
+                                        session.session_id)
+            except Exception:
+                log.exception("could not record that agent %s left this replica", row.agent_id)
             metrics.SESSIONS_LOST.inc()
             log.info("agent %s (%s) session %s ended", row.name, row.agent_id, session.session_id)
             try:

@@ -14,6 +14,7 @@ enforces (`store.values`). The modules, by concern:
     agents     agents, their certificates and advertised profiles
     tokens     operator and enrollment tokens, the change counter, token settings
     audit      the audit log
+    replicas   the replicas sharing the store, their agents' streams, drains, notifications
     facade     `Store`, all of the above in one class
 """
 
@@ -32,6 +33,14 @@ from onprem.control_plane.store.errors import (
     UsedEnrollmentTokenNotRevocable,
 )
 from onprem.control_plane.store.facade import Store
+from onprem.control_plane.store.replicas import (
+    CHANNEL,
+    DRAINING,
+    SERVING,
+    AgentStreamRow,
+    DrainRow,
+    ReplicaRow,
+)
 from onprem.control_plane.store.rows import (
     ALL_GROUPS,
     API_TOKEN_PREFIX,
@@ -72,8 +81,10 @@ __all__ = [
     "ALL_GROUPS",
     "API_TOKENS_COUNTER",
     "API_TOKEN_PREFIX",
+    "CHANNEL",
     "DEFAULT_DB_FILENAME",
     "DESCRIPTION_MAX",
+    "DRAINING",
     "ENROLLMENT_TOKEN_PREFIX",
     "ENROLLMENT_TTL_DEFAULT",
     "ENROLLMENT_TTL_MAX",
@@ -81,13 +92,16 @@ __all__ = [
     "OPERATOR_TOKEN_TTL_MAX",
     "REASON_MAX",
     "ROLES",
+    "SERVING",
     "TOKEN_NAME_MAX",
     "AdvertisedProfile",
     "AgentAlreadyExists",
     "AgentRevoked",
     "AgentRow",
+    "AgentStreamRow",
     "ApiTokenRow",
     "AuditEntry",
+    "DrainRow",
     "EnrollmentTokenExpired",
     "EnrollmentTokenInvalid",
     "EnrollmentTokenRefused",
@@ -96,6 +110,7 @@ __all__ = [
     "EnrollmentTokenUsed",
     "GroupRow",
     "PageKey",
+    "ReplicaRow",
     "Role",
     "Store",
     "StoreError",

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from onprem.control_plane.store.agents import AgentStore
 from onprem.control_plane.store.audit import AuditStore
+from onprem.control_plane.store.replicas import ReplicaStore
 from onprem.control_plane.store.tokens import TokenStore
 
 
-class Store(AgentStore, TokenStore, AuditStore):
+class Store(AgentStore, TokenStore, AuditStore, ReplicaStore):
     """The control plane's state, in SQLite (embedded) or PostgreSQL (shared by replicas).
 
     Groups (`groups`), agents (`agents`), operator and enrollment tokens with their change
-    counter and settings (`tokens`), and the audit log (`audit`).
+    counter and settings (`tokens`), the audit log (`audit`), and the replicas with their agent streams,
+    drains and notifications (`replicas`).
     """
