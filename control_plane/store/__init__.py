@@ -15,6 +15,7 @@ enforces (`store.values`). The modules, by concern:
     tokens     operator and enrollment tokens, the change counter, token settings
     audit      the audit log
     facade     `Store`, all of the above in one class
+    migrations the schema's Alembic revisions: `upgrade(url)`, `current_revision(url)`
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from onprem.control_plane.store.errors import (
     UsedEnrollmentTokenNotRevocable,
 )
 from onprem.control_plane.store.facade import Store
+from onprem.control_plane.store.migrations import current_revision, downgrade, head_revision, upgrade
 from onprem.control_plane.store.rows import (
     ALL_GROUPS,
     API_TOKEN_PREFIX,
@@ -102,10 +104,14 @@ __all__ = [
     "TokenState",
     "UsedEnrollmentTokenNotRevocable",
     "api_token_id",
+    "current_revision",
     "default_url",
+    "downgrade",
     "enrollment_token_id",
+    "head_revision",
     "iso_utc",
     "parse_token_id",
+    "upgrade",
     "validate_agent_name",
     "validate_group_name",
 ]
