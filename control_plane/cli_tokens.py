@@ -33,14 +33,14 @@ from onprem.control_plane.private_state import write_new_private
 from onprem.control_plane.store import (
     API_TOKEN_PREFIX,
     ENROLLMENT_TOKEN_PREFIX,
-    NotFound,
     Store,
-    TokenUsed,
+    UsedEnrollmentTokenNotRevocable,
+    iso_utc,
     parse_token_id,
     validate_group_name,
 )
-from onprem.control_plane.store_rows import iso_utc
 from onprem.operator_cli.tokens import enrollment_tokens_table, parse_duration, to_json, tokens_table
+from onprem.tunnel.errors import NotFound
 from onprem.v1 import tokens_pb2
 
 OpenStore = Callable[[argparse.Namespace], Store]
@@ -170,7 +170,7 @@ def revoke_enrollment_token(open_store: OpenStore, args: argparse.Namespace) -> 
             row = store.revoke_enrollment_token(token_id, by=actor(), reason=args.reason)
         except NotFound as exc:
             raise ValueError(f"{exc}; `list-enrollment-tokens` shows the ids") from None
-        except TokenUsed as exc:
+        except UsedEnrollmentTokenNotRevocable as exc:
             raise ValueError(f"enrollment token {ENROLLMENT_TOKEN_PREFIX}_{token_id} was already used by agent "
                              f"{exc.agent_id}; revoke the agent instead") from None
     assert row.revoked_at is not None

@@ -45,8 +45,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from onprem.control_plane.auth import Principal, parse_bearer
-from onprem.control_plane.store import ApiTokenRow, Store, api_token_id
-from onprem.control_plane.store_rows import iso_utc
+from onprem.control_plane.store import ApiTokenRow, Store, api_token_id, iso_utc
 from onprem.tunnel.errors import RequestError, Unauthenticated
 
 log = logging.getLogger("onprem.control_plane.credentials")

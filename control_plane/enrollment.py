@@ -27,9 +27,9 @@ from onprem.control_plane.api import errors
 from onprem.control_plane.ca import AGENT_ID_PREFIX, CsrError
 from onprem.control_plane.core import ControlPlane
 from onprem.control_plane.observe import Observation
-from onprem.control_plane.store import TokenError, enrollment_token_id, validate_agent_name
+from onprem.control_plane.store import enrollment_token_id, validate_agent_name
 from onprem.control_plane.throttle import Throttled, peer_key
-from onprem.tunnel.errors import InvalidArgument, PermissionDenied, ResourceExhausted
+from onprem.tunnel.errors import InvalidArgument, ResourceExhausted
 from onprem.v1 import enrollment_pb2, enrollment_pb2_grpc
 
 log = logging.getLogger("onprem.control_plane.enrollment")
@@ -74,22 +74,17 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         except ValueError as exc:
             raise InvalidArgument(f"'name': {exc}", reason="INVALID_NAME") from None
         cp = self._cp
-        # The token first, spending nothing: a guesser must not get any signing work out of us.
-        try:
-            await cp.blocking(cp.store.check_enrollment_token, request.token)
-        except TokenError as exc:
-            raise PermissionDenied(str(exc), reason="BAD_ENROLLMENT_TOKEN") from None
+        # The token first, spending nothing: a guesser must not get any signing work out of us. A token
+        # that cannot enroll raises EnrollmentTokenRefused (PERMISSION_DENIED, BAD_ENROLLMENT_TOKEN).
+        await cp.blocking(cp.store.check_enrollment_token, request.token)
         agent_id = AGENT_ID_PREFIX + secrets.token_hex(8)
         # Then the CSR, before spending the token: a bad CSR must not burn a good single-use token.
         try:
             issued = cp.ca.sign_agent_csr(request.csr_pem.encode(), agent_id, cp.settings.agent_cert_validity)
         except CsrError as exc:
             raise InvalidArgument(str(exc), reason="BAD_CSR") from None
-        try:
-            # Atomic: of concurrent enrollments with one token, one wins; the others' certificates are dropped.
-            token = await cp.blocking(cp.store.consume_enrollment_token, request.token, agent_id)
-        except TokenError as exc:
-            raise PermissionDenied(str(exc), reason="BAD_ENROLLMENT_TOKEN") from None
+        # Atomic: of concurrent enrollments with one token, one wins; the others' certificates are dropped.
+        token = await cp.blocking(cp.store.consume_enrollment_token, request.token, agent_id)
         await cp.blocking(
             cp.store.add_agent, agent_id, name, token.group_name, request.hostname[:255], "",
             issued.serial, issued.not_after,

@@ -23,7 +23,7 @@ from onprem.control_plane.api import errors
 from onprem.control_plane.ca import CsrError
 from onprem.control_plane.core import ControlPlane
 from onprem.control_plane.sessions import AgentSession
-from onprem.control_plane.store import AdvertisedProfile, AgentRow
+from onprem.control_plane.store import AdvertisedProfile, AgentRevoked, AgentRow
 from onprem.tunnel import kinds
 from onprem.tunnel.aio import EOF
 from onprem.tunnel.budget import TokenBucket
@@ -83,9 +83,7 @@ class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
         if row is None:
             raise PermissionDenied(f"agent '{agent_id}' is not enrolled here", reason="AGENT_NOT_ENROLLED")
         if row.revoked:
-            raise PermissionDenied(
-                f"agent '{agent_id}' was revoked ({row.revoked_reason}); enroll it again with a new token",
-                reason="AGENT_REVOKED")
+            raise AgentRevoked(agent_id, row.revoked_reason)
         if row.cert_serial != cert.serial_number:
             raise PermissionDenied(f"this certificate of agent '{agent_id}' was replaced by a newer one",
                                    reason="CERTIFICATE_REPLACED")

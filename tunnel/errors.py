@@ -3,11 +3,21 @@
     OnpremError
     ├── RequestError                 ends one request; `code` is its gRPC status
     │   ├── InvalidArgument          the caller's input is malformed
-    │   ├── NotFound                 no such group, profile, path, agent
+    │   ├── NotFound                 no such group, profile, path, agent, token
     │   ├── AlreadyExists
+    │   │   └── AgentAlreadyExists   an agent with this id is recorded already (store)
     │   ├── PermissionDenied         authenticated, but not allowed
+    │   │   ├── AgentRevoked         an admin revoked the agent (store)
+    │   │   └── EnrollmentTokenRefused   the token cannot enroll an agent (store)
+    │   │       ├── EnrollmentTokenInvalid   malformed, unknown or a wrong secret
+    │   │       ├── EnrollmentTokenExpired   its lifetime ended it
+    │   │       ├── EnrollmentTokenRevoked   an admin ended it
+    │   │       └── EnrollmentTokenUsed      an agent enrolled with it (single use)
     │   ├── Unauthenticated          no or bad credentials
+    │   │   └── TokenRefused         an operator token an admin revoked, or its lifetime ended (credentials)
     │   ├── FailedPrecondition       valid, but not in this state (read-only ...)
+    │   │   ├── UsedEnrollmentTokenNotRevocable  an agent enrolled with it: revoke the agent (store)
+    │   │   └── GuardMissing         a read-only session's guard row is gone (agent.handlers.sql_guard)
     │   ├── ResourceExhausted        a size or concurrency limit was hit
     │   ├── Unavailable              the agent or the system behind it is unreachable
     │   │   ├── AgentRefused         an agent refused the request before starting it (draining, full)
@@ -17,6 +27,7 @@
     │   ├── Aborted                  e.g. a transaction conflict
     │   ├── Unimplemented
     │   └── Internal                 a bug; details go to the log, not the caller
+    ├── StoreError                   the store cannot work, e.g. a database of an older release (store)
     ├── ProtocolError                a peer broke the tunnel protocol
     │   ├── LocalProtocolError       we did
     │   └── RemoteProtocolError      the other side did
@@ -27,6 +38,9 @@
     │   ├── StreamClosed             we closed it (sending on it fails)
     │   └── DrainedToExit            the control plane drained the agent to stop it
     └── RequestGone                  a request ended while its sender waited for credit
+
+Kinds marked (store) live in `control_plane.store.errors`: the store raises them
+with the reason and message the caller gets, so no caller translates them.
 
 Handlers raise these; exactly one place per process turns them into a
 status (the operator API's error boundary, the agent's request runner).

@@ -1,7 +1,8 @@
 """The one place where operator-API exceptions become gRPC statuses.
 
-Servicer methods raise `tunnel.errors.RequestError` subclasses (their own, or
-an agent's, re-raised from its final status). The boundary aborts the call
+Servicer methods raise `tunnel.errors.RequestError` subclasses (their own, the
+store's refusals from `control_plane.store.errors`, or an agent's, re-raised from
+its final status), and they pass through untranslated. The boundary aborts the call
 with the error's code and message, and attaches a `google.rpc.Status` with an
 `ErrorInfo` (reason, domain) in `grpc-status-details-bin`, so that clients in
 any language can branch on a stable reason instead of message text; an

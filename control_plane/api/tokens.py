@@ -32,15 +32,16 @@ from onprem.control_plane.store import (
     API_TOKEN_PREFIX,
     ENROLLMENT_TOKEN_PREFIX,
     OPERATOR_TOKEN_TTL_MAX,
+    REASON_MAX,
+    TOKEN_NAME_MAX,
     ApiTokenRow,
     EnrollmentTokenRow,
     PageKey,
     Role,
-    TokenUsed,
+    iso_utc,
     parse_token_id,
 )
-from onprem.control_plane.store_rows import _REASON_MAX, _TOKEN_NAME_MAX, iso_utc
-from onprem.tunnel.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from onprem.tunnel.errors import InvalidArgument, NotFound, PermissionDenied
 from onprem.v1 import tokens_pb2, tokens_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -159,8 +160,8 @@ class TokenService(tokens_pb2_grpc.TokenServiceServicer):
 
     @staticmethod
     def _reason(text: str) -> str:
-        if len(text) > _REASON_MAX:
-            raise InvalidArgument(f"'reason' must be at most {_REASON_MAX} characters", reason="INVALID_REASON",
+        if len(text) > REASON_MAX:
+            raise InvalidArgument(f"'reason' must be at most {REASON_MAX} characters", reason="INVALID_REASON",
                                   field="reason")
         return text
 
@@ -170,9 +171,9 @@ class TokenService(tokens_pb2_grpc.TokenServiceServicer):
         principal = await self._admin(context)
         spec = request.token
         name = spec.display_name.strip()
-        if not name or len(name) > _TOKEN_NAME_MAX:
+        if not name or len(name) > TOKEN_NAME_MAX:
             raise InvalidArgument(f"'token.display_name' is required: a name for people, e.g. \"ci-bot\" (at most "
-                                  f"{_TOKEN_NAME_MAX} characters)", reason="INVALID_NAME", field="token.display_name")
+                                  f"{TOKEN_NAME_MAX} characters)", reason="INVALID_NAME", field="token.display_name")
         role = _ROLES.get(spec.role)
         if role is None:
             raise InvalidArgument("'token.role' is required: TOKEN_ROLE_OPERATOR or TOKEN_ROLE_ADMIN",
@@ -277,14 +278,9 @@ class TokenService(tokens_pb2_grpc.TokenServiceServicer):
         if row is None or not principal.may_use_group(row.group_name):
             raise NotFound(f"no enrollment token has the id '{token_id}'; ListEnrollmentTokens shows the tokens you "
                            "may manage", reason="TOKEN_NOT_FOUND")
-        try:
-            row = await self._cp.blocking(functools.partial(
-                self._cp.store.revoke_enrollment_token, token_id, by=principal.label, reason=reason))
-        except TokenUsed as exc:
-            raise FailedPrecondition(
-                f"enrollment token {row.short_id} was already used by agent {exc.agent_id} at {iso_utc(exc.used_at)}, "
-                "so there is nothing to revoke; revoke the agent instead (AgentService/RevokeAgent)",
-                reason="TOKEN_USED") from None
+        # A used token raises UsedEnrollmentTokenNotRevocable (FAILED_PRECONDITION, TOKEN_USED).
+        row = await self._cp.blocking(functools.partial(
+            self._cp.store.revoke_enrollment_token, token_id, by=principal.label, reason=reason))
         observe.record(f"enrollment token {row.short_id} revoked" + (f": {reason}" if reason else ""),
                        group=row.group_name)
         return tokens_pb2.RevokeEnrollmentTokenResponse(

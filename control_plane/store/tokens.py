@@ -1,8 +1,6 @@
 """The store's credentials: operator tokens, enrollment tokens, the change counter and token settings.
 
-A mixin of `Store` (which provides the transactions and the clock), kept apart
-so that each module stays readable. Secrets are stored only as hashes; the
-plaintext is returned once, at creation.
+Secrets are stored only as hashes; the plaintext is returned once, at creation.
 
 Revocation and the caches of other processes: every revocation of an operator
 token bumps the `api_tokens` change counter in the same transaction. A control
@@ -20,57 +18,99 @@ import json
 import re
 import secrets
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, cast
 
-from sqlalchemy import Connection, Table, and_, insert, or_, select, update
+from sqlalchemy import Connection, Row, and_, insert, or_, select, update
 
-from onprem.control_plane.store_rows import (
-    _ACTOR_MAX,
-    _DESCRIPTION_MAX,
-    _REASON_MAX,
-    _SECRET_BYTES,
-    _SECRET_RE,
-    _TOKEN_ID_BYTES,
-    _TOKEN_ID_RE,
-    _TOKEN_NAME_MAX,
+from onprem.control_plane.store.errors import (
+    EnrollmentTokenExpired,
+    EnrollmentTokenInvalid,
+    EnrollmentTokenRevoked,
+    EnrollmentTokenUsed,
+    UsedEnrollmentTokenNotRevocable,
+)
+from onprem.control_plane.store.groups import GroupStore
+from onprem.control_plane.store.rows import (
     ALL_GROUPS,
     API_TOKEN_PREFIX,
     ENROLLMENT_TOKEN_PREFIX,
-    ENROLLMENT_TTL_DEFAULT,
-    ENROLLMENT_TTL_MAX,
-    OPERATOR_TOKEN_TTL_DEFAULT,
-    OPERATOR_TOKEN_TTL_MAX,
     ROLES,
     ApiTokenRow,
     EnrollmentTokenRow,
-    GroupRow,
-    NotFound,
     Role,
-    TokenExpired,
-    TokenInvalid,
-    TokenRevoked,
-    TokenUsed,
-    _check_text,
-    _utc,
-    validate_group_name,
 )
-from onprem.control_plane.store_schema import (
-    _api_token_row,
-    _enrollment_row,
+from onprem.control_plane.store.schema import (
+    API_TOKENS_COUNTER,
     api_tokens_table,
     change_counters_table,
     enrollment_tokens_table,
     settings_table,
 )
+from onprem.control_plane.store.values import (
+    ACTOR_MAX,
+    DESCRIPTION_MAX,
+    REASON_MAX,
+    TOKEN_NAME_MAX,
+    check_text,
+    utc,
+    validate_group_name,
+)
+from onprem.tunnel.errors import NotFound
 
-#: The change counter bumped by every revocation of an operator token.
-API_TOKENS_COUNTER: Final = "api_tokens"
+ENROLLMENT_TTL_DEFAULT: Final = timedelta(hours=1)
+ENROLLMENT_TTL_MAX: Final = timedelta(days=7)
+#: How long an operator token lives when its creator does not say; admins change it with
+#: `onprem-control-plane token-settings --default-ttl` (the `settings` table).
+OPERATOR_TOKEN_TTL_DEFAULT: Final = timedelta(days=90)
+#: The longest lifetime an operator token may be given; only the local bootstrap command
+#: (`create-admin-token --no-expiry`) makes tokens that never expire.
+OPERATOR_TOKEN_TTL_MAX: Final = timedelta(days=366)
+
+_TOKEN_ID_BYTES: Final = 8
+_SECRET_BYTES: Final = 32
+# token_hex(8) and token_urlsafe(32) have fixed lengths; matching them exactly
+# rejects garbage before it reaches the database.
+_TOKEN_ID_RE: Final = f"[0-9a-f]{{{_TOKEN_ID_BYTES * 2}}}"
+_SECRET_RE: Final = "[A-Za-z0-9_-]{43}"
+
 _DEFAULT_TTL_SETTING: Final = "operator_token_default_ttl_seconds"
 
 #: A position in a token list: (created_at, token_id) of the last row of the previous page.
 PageKey = tuple[datetime, str]
+
+
+def _api_token_row(row: Row[Any]) -> ApiTokenRow:
+    return ApiTokenRow(
+        token_id=row.token_id,
+        name=row.name,
+        role=cast(Role, row.role),
+        groups=tuple(json.loads(row.groups)),
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+        expires_at=row.expires_at,
+        last_used_at=row.last_used_at,
+        created_by=row.created_by,
+        revoked_by=row.revoked_by,
+        revoke_reason=row.revoke_reason,
+    )
+
+
+def _enrollment_row(row: Row[Any]) -> EnrollmentTokenRow:
+    return EnrollmentTokenRow(
+        token_id=row.token_id,
+        group_name=row.group_name,
+        description=row.description,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        used_at=row.used_at,
+        used_by_agent=row.used_by_agent,
+        revoked_at=row.revoked_at,
+        created_by=row.created_by,
+        revoked_by=row.revoked_by,
+        revoke_reason=row.revoke_reason,
+    )
+
 
 # --- secrets ------------------------------------------------------------------------------------------------
 
@@ -146,29 +186,10 @@ def _after(table: Any, after: PageKey | None) -> Any:
                and_(table.c.created_at == created_at, table.c.token_id > token_id))
 
 
-class TokenStore:
-    """Operator and enrollment tokens; mixed into `Store`, which provides the hooks below."""
-
-    def _read(self) -> AbstractContextManager[Connection]:
-        raise NotImplementedError
-
-    def _write(self) -> AbstractContextManager[Connection]:
-        raise NotImplementedError
-
-    def _now(self) -> datetime:
-        raise NotImplementedError
-
-    def _ensure_group(self, conn: Connection, name: str) -> GroupRow:
-        raise NotImplementedError
-
-    def _insert_ignoring_duplicates(self, conn: Connection, table: Table, values: dict[str, Any]) -> None:
-        raise NotImplementedError
+class TokenStore(GroupStore):
+    """Operator and enrollment tokens (making an enrollment token makes its group)."""
 
     # --- the change counter ---------------------------------------------------------------------------------
-
-    def _ensure_counters(self, conn: Connection) -> None:
-        # Several processes may create the schema at once; the loser must not fail.
-        self._insert_ignoring_duplicates(conn, change_counters_table, {"name": API_TOKENS_COUNTER, "value": 0})
 
     def _bump(self, conn: Connection, name: str = API_TOKENS_COUNTER) -> None:
         table = change_counters_table
@@ -215,8 +236,8 @@ class TokenStore:
         It expires after `ttl`, or the default lifetime when `ttl` is None; `no_expiry`
         makes a token that never expires (for bootstrapping, from the local CLI only).
         """
-        _check_text(name, "token name", _TOKEN_NAME_MAX, required=True)
-        _check_text(created_by, "creator", _ACTOR_MAX)
+        check_text(name, "token name", TOKEN_NAME_MAX, required=True)
+        check_text(created_by, "creator", ACTOR_MAX)
         if role not in ROLES:
             raise ValueError(f"invalid role {role!r}: use one of {', '.join(ROLES)}")
         wanted = _groups(groups)
@@ -300,8 +321,8 @@ class TokenStore:
         Bumps the change counter in the same transaction, so every cache learns of it on its
         next read of the counter.
         """
-        _check_text(by, "revoker", _ACTOR_MAX)
-        _check_text(reason, "reason", _REASON_MAX)
+        check_text(by, "revoker", ACTOR_MAX)
+        check_text(reason, "reason", REASON_MAX)
         table = api_tokens_table
         stmt = (
             update(table)
@@ -314,7 +335,7 @@ class TokenStore:
                 self._bump(conn)
             row = conn.execute(select(table).where(table.c.token_id == token_id)).first()
         if row is None:
-            raise NotFound(f"no operator token has the id {token_id!r}")
+            raise NotFound(f"no operator token has the id {token_id!r}", reason="TOKEN_NOT_FOUND")
         return _api_token_row(row)
 
     def touch_api_tokens(self, used: Mapping[str, datetime]) -> None:
@@ -327,7 +348,7 @@ class TokenStore:
                 conn.execute(
                     update(table)
                     .where(table.c.token_id == token_id)
-                    .where(table.c.last_used_at.is_(None) | (table.c.last_used_at < _utc(at)))
+                    .where(table.c.last_used_at.is_(None) | (table.c.last_used_at < utc(at)))
                     .values(last_used_at=at)
                 )
 
@@ -342,8 +363,8 @@ class TokenStore:
             raise ValueError(
                 f"the enrollment token's lifetime must be more than 0 and at most {ENROLLMENT_TTL_MAX}, got {ttl}"
             )
-        _check_text(description, "description", _DESCRIPTION_MAX)
-        _check_text(created_by, "creator", _ACTOR_MAX)
+        check_text(description, "description", DESCRIPTION_MAX)
+        check_text(created_by, "creator", ACTOR_MAX)
         token, token_id, secret = _new_token(ENROLLMENT_TOKEN_PREFIX)
         now = self._now()
         values = {
@@ -370,19 +391,19 @@ class TokenStore:
     def check_enrollment_token(self, token: str, now: datetime | None = None) -> EnrollmentTokenRow:
         """The token's row if it could enroll an agent now; spends nothing (consume does, atomically).
 
-        Lets enrollment refuse a bad token before doing any signing work. Raises
-        TokenInvalid, TokenRevoked, TokenUsed or TokenExpired.
+        Lets enrollment refuse a bad token before doing any signing work. Raises an
+        EnrollmentTokenRefused: EnrollmentTokenInvalid, ...Revoked, ...Used or ...Expired.
         """
         parsed = _parse_token(token, _ENROLLMENT_TOKEN_RE)
         if parsed is None:
-            raise TokenInvalid()
+            raise EnrollmentTokenInvalid()
         token_id, secret = parsed
-        at = _utc(now) if now is not None else self._now()
+        at = utc(now) if now is not None else self._now()
         table = enrollment_tokens_table
         with self._read() as conn:
             row = conn.execute(select(table).where(table.c.token_id == token_id)).first()
         if row is None or not _secret_matches(secret, row.secret_hash):
-            raise TokenInvalid()
+            raise EnrollmentTokenInvalid()
         _raise_unless_usable(row, at)
         return _enrollment_row(row)
 
@@ -391,20 +412,20 @@ class TokenStore:
     ) -> EnrollmentTokenRow:
         """Spend an enrollment token on `agent_id`; of concurrent attempts with one token, one wins.
 
-        Raises TokenInvalid, TokenRevoked, TokenExpired or TokenUsed. A wrong secret is always
-        TokenInvalid, so that guessing reveals nothing about real tokens.
+        Raises an EnrollmentTokenRefused (...Invalid, ...Revoked, ...Expired or ...Used). A wrong
+        secret is always EnrollmentTokenInvalid, so that guessing reveals nothing about real tokens.
         """
         parsed = _parse_token(token, _ENROLLMENT_TOKEN_RE)
         if parsed is None:
-            raise TokenInvalid()
+            raise EnrollmentTokenInvalid()
         token_id, secret = parsed
-        at = _utc(now) if now is not None else self._now()
+        at = utc(now) if now is not None else self._now()
         table = enrollment_tokens_table
         by_id = select(table).where(table.c.token_id == token_id)
         with self._write() as conn:
             row = conn.execute(by_id).first()
             if row is None or not _secret_matches(secret, row.secret_hash):
-                raise TokenInvalid()
+                raise EnrollmentTokenInvalid()
             # The conditions live in the UPDATE itself, not only in the read above: a concurrent
             # enrollment (or revocation) that read the same unused row will find it changed here.
             claimed = conn.execute(
@@ -419,7 +440,7 @@ class TokenStore:
         if claimed == 1:
             return _enrollment_row(current)
         _raise_unless_usable(current, at)
-        raise TokenExpired(current.expires_at)  # unreachable unless the clock moved back
+        raise EnrollmentTokenExpired(current.expires_at)  # unreachable unless the clock moved back
 
     def get_enrollment_token(self, token_id: str) -> EnrollmentTokenRow | None:
         table = enrollment_tokens_table
@@ -446,10 +467,11 @@ class TokenStore:
     def revoke_enrollment_token(self, token_id: str, *, by: str = "", reason: str = "") -> EnrollmentTokenRow:
         """Revoke an unused enrollment token; revoking again keeps the first revocation.
 
-        Raises NotFound, or TokenUsed for a token an agent already used (revoke the agent instead).
+        Raises NotFound, or UsedEnrollmentTokenNotRevocable for a token an agent already used (revoke
+        the agent instead).
         """
-        _check_text(by, "revoker", _ACTOR_MAX)
-        _check_text(reason, "reason", _REASON_MAX)
+        check_text(by, "revoker", ACTOR_MAX)
+        check_text(reason, "reason", REASON_MAX)
         table = enrollment_tokens_table
         stmt = (
             update(table)
@@ -462,9 +484,9 @@ class TokenStore:
             conn.execute(stmt)
             row = conn.execute(select(table).where(table.c.token_id == token_id)).first()
         if row is None:
-            raise NotFound(f"no enrollment token has the id {token_id!r}")
+            raise NotFound(f"no enrollment token has the id {token_id!r}", reason="TOKEN_NOT_FOUND")
         if row.used_at is not None:
-            raise TokenUsed(row.used_by_agent or "?", row.used_at)
+            raise UsedEnrollmentTokenNotRevocable(token_id, row.used_by_agent or "?", row.used_at)
         return _enrollment_row(row)
 
 
@@ -479,8 +501,8 @@ def _check_ttl(ttl: timedelta) -> timedelta:
 
 def _raise_unless_usable(row: Any, at: datetime) -> None:
     if row.used_at is not None:
-        raise TokenUsed(row.used_by_agent or "?", row.used_at)
+        raise EnrollmentTokenUsed(row.used_by_agent or "?", row.used_at)
     if row.revoked_at is not None:
-        raise TokenRevoked(row.revoked_at, row.revoked_by)
+        raise EnrollmentTokenRevoked(row.revoked_at, row.revoked_by)
     if row.expires_at <= at:
-        raise TokenExpired(row.expires_at)
+        raise EnrollmentTokenExpired(row.expires_at)

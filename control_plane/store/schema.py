@@ -1,11 +1,12 @@
-"""The store's tables, and the conversion of database rows to frozen rows."""
+"""The store's tables: `metadata` is the schema that `Store.create_schema` makes.
+
+Each query module turns the rows of its own tables into the frozen rows of `store.rows`.
+"""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Final
 
 from sqlalchemy import (
     BigInteger,
@@ -16,28 +17,20 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
-    Row,
     String,
     Table,
     Text,
 )
 from sqlalchemy.types import TypeDecorator
 
-from onprem.control_plane.store_rows import (
-    _ACTOR_MAX,
-    _AUDIT_DETAIL_MAX,
-    _DESCRIPTION_MAX,
-    _PEER_MAX,
-    _REASON_MAX,
-    _TOKEN_NAME_MAX,
-    AdvertisedProfile,
-    AgentRow,
-    ApiTokenRow,
-    AuditEntry,
-    EnrollmentTokenRow,
-    GroupRow,
-    Role,
-    _utc,
+from onprem.control_plane.store.values import (
+    ACTOR_MAX,
+    AUDIT_DETAIL_MAX,
+    DESCRIPTION_MAX,
+    PEER_MAX,
+    REASON_MAX,
+    TOKEN_NAME_MAX,
+    utc,
 )
 
 # --- schema -------------------------------------------------------------------------------------------------
@@ -57,7 +50,7 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        value = _utc(value)
+        value = utc(value)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
@@ -98,7 +91,7 @@ api_tokens_table = Table(
     "api_tokens",
     metadata,
     Column("token_id", String(32), primary_key=True),
-    Column("name", String(_TOKEN_NAME_MAX), nullable=False),
+    Column("name", String(TOKEN_NAME_MAX), nullable=False),
     Column("secret_hash", String(64), nullable=False),
     Column("role", String(16), nullable=False),
     Column("groups", Text(), nullable=False),
@@ -107,9 +100,9 @@ api_tokens_table = Table(
     # Added after release b333362 (issue 12); NULL: never expires (bootstrap tokens only).
     Column("expires_at", UTCDateTime(), nullable=True),
     Column("last_used_at", UTCDateTime(), nullable=True),
-    Column("created_by", String(_ACTOR_MAX), nullable=False, default="", server_default=""),
-    Column("revoked_by", String(_ACTOR_MAX), nullable=False, default="", server_default=""),
-    Column("revoke_reason", String(_REASON_MAX), nullable=False, default="", server_default=""),
+    Column("created_by", String(ACTOR_MAX), nullable=False, default="", server_default=""),
+    Column("revoked_by", String(ACTOR_MAX), nullable=False, default="", server_default=""),
+    Column("revoke_reason", String(REASON_MAX), nullable=False, default="", server_default=""),
 )
 
 enrollment_tokens_table = Table(
@@ -118,16 +111,16 @@ enrollment_tokens_table = Table(
     Column("token_id", String(32), primary_key=True),
     Column("secret_hash", String(64), nullable=False),
     Column("group_name", String(63), ForeignKey("groups.name"), nullable=False),
-    Column("description", String(_DESCRIPTION_MAX), nullable=False),
+    Column("description", String(DESCRIPTION_MAX), nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("expires_at", UTCDateTime(), nullable=False),
     Column("used_at", UTCDateTime(), nullable=True),
     Column("used_by_agent", String(128), nullable=True),
     # Added after release b333362 (issue 12).
     Column("revoked_at", UTCDateTime(), nullable=True),
-    Column("created_by", String(_ACTOR_MAX), nullable=False, default="", server_default=""),
-    Column("revoked_by", String(_ACTOR_MAX), nullable=False, default="", server_default=""),
-    Column("revoke_reason", String(_REASON_MAX), nullable=False, default="", server_default=""),
+    Column("created_by", String(ACTOR_MAX), nullable=False, default="", server_default=""),
+    Column("revoked_by", String(ACTOR_MAX), nullable=False, default="", server_default=""),
+    Column("revoke_reason", String(REASON_MAX), nullable=False, default="", server_default=""),
 )
 
 # One counter per kind of change that caches elsewhere must notice at once (issue 12): a revocation
@@ -135,6 +128,9 @@ enrollment_tokens_table = Table(
 # its cached answer was read under. Replicas sharing a PostgreSQL store will announce the new value with
 # NOTIFY (sent at commit, so never before the change is visible) and re-read it after reconnecting, so
 # the counter stays the truth and the notification only saves the read.
+#: The change counter bumped by every revocation of an operator token; the schema starts it at 0.
+API_TOKENS_COUNTER: Final = "api_tokens"
+
 change_counters_table = Table(
     "change_counters",
     metadata,
@@ -157,7 +153,7 @@ audit_table = Table(
     # BIGINT on PostgreSQL for a long-lived log; SQLite only autoincrements an INTEGER primary key.
     Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True),
     Column("at", UTCDateTime(), nullable=False),
-    Column("principal", String(_TOKEN_NAME_MAX), nullable=False),
+    Column("principal", String(TOKEN_NAME_MAX), nullable=False),
     Column("role", String(16), nullable=False),
     Column("method", String(200), nullable=False),
     Column("group_name", String(63), nullable=True),
@@ -168,97 +164,9 @@ audit_table = Table(
     Column("outcome", String(32), nullable=False),
     Column("bytes_out", BigInteger(), nullable=False),
     Column("duration_ms", BigInteger(), nullable=False),
-    Column("detail", String(_AUDIT_DETAIL_MAX), nullable=False),
+    Column("detail", String(AUDIT_DETAIL_MAX), nullable=False),
     # Added after release b333362 (issue 12): which token (its id, never its secret) and from where.
     Column("token_id", String(32), nullable=True),
-    Column("peer", String(_PEER_MAX), nullable=True),
+    Column("peer", String(PEER_MAX), nullable=True),
     Index("ix_audit_at", "at"),
 )
-
-
-# --- row conversion -----------------------------------------------------------------------------------------
-
-
-def _group_row(row: Row[Any]) -> GroupRow:
-    return GroupRow(name=row.name, created_at=row.created_at)
-
-
-def _agent_row(row: Row[Any]) -> AgentRow:
-    profiles = tuple(AdvertisedProfile.from_mapping(p) for p in json.loads(row.profiles))
-    return AgentRow(
-        agent_id=row.agent_id,
-        name=row.name,
-        group_name=row.group_name,
-        hostname=row.hostname,
-        version=row.version,
-        enrolled_at=row.enrolled_at,
-        last_seen_at=row.last_seen_at,
-        cert_serial=int(row.cert_serial),
-        cert_expires_at=row.cert_expires_at,
-        revoked_at=row.revoked_at,
-        revoked_reason=row.revoked_reason,
-        profiles=profiles,
-    )
-
-
-def _api_token_row(row: Row[Any]) -> ApiTokenRow:
-    return ApiTokenRow(
-        token_id=row.token_id,
-        name=row.name,
-        role=cast(Role, row.role),
-        groups=tuple(json.loads(row.groups)),
-        created_at=row.created_at,
-        revoked_at=row.revoked_at,
-        expires_at=row.expires_at,
-        last_used_at=row.last_used_at,
-        created_by=row.created_by,
-        revoked_by=row.revoked_by,
-        revoke_reason=row.revoke_reason,
-    )
-
-
-def _enrollment_row(row: Row[Any]) -> EnrollmentTokenRow:
-    return EnrollmentTokenRow(
-        token_id=row.token_id,
-        group_name=row.group_name,
-        description=row.description,
-        created_at=row.created_at,
-        expires_at=row.expires_at,
-        used_at=row.used_at,
-        used_by_agent=row.used_by_agent,
-        revoked_at=row.revoked_at,
-        created_by=row.created_by,
-        revoked_by=row.revoked_by,
-        revoke_reason=row.revoke_reason,
-    )
-
-
-def _audit_row(row: Row[Any]) -> AuditEntry:
-    return AuditEntry(
-        id=row.id,
-        at=row.at,
-        principal=row.principal,
-        role=row.role,
-        method=row.method,
-        group_name=row.group_name,
-        agent_id=row.agent_id,
-        profile=row.profile,
-        kind=row.kind,
-        code=row.code,
-        outcome=row.outcome,
-        bytes_out=row.bytes_out,
-        duration_ms=row.duration_ms,
-        detail=row.detail,
-        token_id=row.token_id,
-        peer=row.peer,
-    )
-
-
-def _profiles_json(profiles: Iterable[AdvertisedProfile | Mapping[str, Any]]) -> str:
-    normalised = [
-        (p if isinstance(p, AdvertisedProfile) else AdvertisedProfile.from_mapping(p)).to_dict()
-        for p in profiles
-    ]
-    return json.dumps(normalised, separators=(",", ":"))
-
-
