@@ -6,6 +6,7 @@ and names other software uses (``agent``, ``tools``, ``tunnel``) are not in it.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,9 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Built from a copy: setuptools keeps a build/ folder in the source tree, whose leftovers from an
+    # older layout would land in the wheel, and the checkout must stay as it was.
+    source = tmp_path_factory.mktemp("source") / "onprem"
+    shutil.copytree(ROOT, source, symlinks=True,
+                    ignore=shutil.ignore_patterns(".git", ".venv", "build", "var", "*.egg-info", "__pycache__"))
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
-                    str(ROOT)], check=True, capture_output=True, timeout=300)
+                    str(source)], check=True, capture_output=True, timeout=300)
     [built] = out.glob("onprem-*.whl")
     return built
 
@@ -33,9 +39,12 @@ def test_the_wheel_holds_only_the_onprem_package_and_its_metadata(wheel: Path) -
 def test_the_wheel_holds_every_part_and_not_the_tools(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in ("onprem/agent/cli.py", "onprem/control_plane/cli.py", "onprem/operator_cli/main.py",
-                   "onprem/tunnel/protocol.py", "onprem/v1/tunnel_pb2.py", "onprem/agent/handlers/__init__.py"):
+                   "onprem/tunnel/protocol.py", "onprem/v1/tunnel_pb2.py", "onprem/agent/handlers/__init__.py",
+                   "onprem/control_plane/store/migrations/env.py"):
         assert module in names
     assert not [n for n in names if n.startswith(("onprem/tools", "tools/", "tests/", "onprem/tests"))]
+    # The store's schema revisions travel with the package: a replica upgrades its database from them.
+    assert [n for n in names if n.startswith("onprem/control_plane/store/migrations/versions/r0001")]
 
 
 def test_the_console_scripts_point_into_onprem(wheel: Path) -> None:

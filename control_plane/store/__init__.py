@@ -16,6 +16,7 @@ enforces (`store.values`). The modules, by concern:
     audit      the audit log
     replicas   the replicas sharing the store, their agents' streams, drains, notifications
     facade     `Store`, all of the above in one class
+    migrations the schema's Alembic revisions: `upgrade(url)`, `current_revision(url)`
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from onprem.control_plane.store.errors import (
     UsedEnrollmentTokenNotRevocable,
 )
 from onprem.control_plane.store.facade import Store
+from onprem.control_plane.store.migrations import current_revision, downgrade, head_revision, upgrade
 from onprem.control_plane.store.replicas import (
     CHANNEL,
     DRAINING,
@@ -117,10 +119,14 @@ __all__ = [
     "TokenState",
     "UsedEnrollmentTokenNotRevocable",
     "api_token_id",
+    "current_revision",
     "default_url",
+    "downgrade",
     "enrollment_token_id",
+    "head_revision",
     "iso_utc",
     "parse_token_id",
+    "upgrade",
     "validate_agent_name",
     "validate_group_name",
 ]

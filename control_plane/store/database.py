@@ -61,6 +61,15 @@ def _configure_sqlite(engine: Engine) -> None:
             conn.exec_driver_sql("BEGIN")
 
 
+def make_engine(url: str) -> Engine:
+    """An engine for the store's database; on SQLite, in WAL mode and with transactions SQLAlchemy controls
+    (so that DDL, e.g. a migration's, is transactional too)."""
+    engine = create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        _configure_sqlite(engine)
+    return engine
+
+
 class StoreBase:
     """A SQLite file (embedded) or a PostgreSQL database (shared by replicas), and its transactions.
 
@@ -70,10 +79,7 @@ class StoreBase:
 
     def __init__(self, url: str, *, clock: Callable[[], datetime] = utcnow) -> None:
         self._clock = clock
-        engine = create_engine(url, pool_pre_ping=True)
-        if engine.dialect.name == "sqlite":
-            _configure_sqlite(engine)
-        self._engine = engine
+        self._engine = make_engine(url)
 
     def __repr__(self) -> str:
         return f"Store({self._engine.url.render_as_string(hide_password=True)!r})"
