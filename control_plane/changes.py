@@ -49,6 +49,12 @@ class ChangeFeed:
         self._wake = asyncio.Event()
         #: Whether the listener is connected (PostgreSQL); health reports an outage otherwise.
         self.listening = False
+        #: Counts the listener's connections: what was learnt under one epoch is stale in the next.
+        self.epoch = 0
+
+    def listening_epoch(self) -> int | None:
+        """The listener's current connection, or None while it is not connected."""
+        return self.epoch if self.listening else None
 
     def on(self, topic: str, handler: Handler) -> None:
         self._handlers[topic] = handler
@@ -106,6 +112,7 @@ class ChangeFeed:
             try:
                 async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
+                    self.epoch += 1
                     self.listening, attempt = True, 0
                     log.info("listening for changes from other replicas")
                     self._wake.set()  # catch up on what was missed while not listening

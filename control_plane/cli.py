@@ -1,6 +1,7 @@
 """`onprem-control-plane`: serve, and manage tokens on the control plane's host.
 
     onprem-control-plane serve [--state-dir DIR] [--operator-listen ADDR] ...
+    onprem-control-plane migrate [--database-url URL]
     onprem-control-plane create-admin-token [--name NAME] [--ttl 90d | --no-expiry] [--output FILE]
     onprem-control-plane create-token --name NAME --role operator --groups a,b [--ttl 30d]
     onprem-control-plane list-tokens | revoke-token ID | token-settings [--default-ttl 90d]
@@ -21,10 +22,11 @@ import os
 import sys
 from pathlib import Path
 
-from onprem.control_plane import cli_tokens
+from onprem.control_plane import __version__, cli_tokens
 from onprem.control_plane.core import Settings
+from onprem.control_plane.private_state import prepare_state_dir
 from onprem.control_plane.server import ControlPlaneServer, ServerConfig, open_control_plane, open_store
-from onprem.control_plane.store import Store, StoreError
+from onprem.control_plane.store import DEFAULT_DB_FILENAME, Store, StoreError, current_revision, default_url
 from onprem.tunnel import logs
 from onprem.tunnel.protocol import Limits
 
@@ -60,6 +62,9 @@ def _serve(args: argparse.Namespace) -> int:
         grace_period=args.grace_period,
         metrics_listen=args.metrics_listen,
         settings=settings,
+        replica_id=args.replica_id,
+        advertise_agent_address=args.advertise_agent_address or "",
+        advertise_operator_address=args.advertise_operator_address or "",
     )
 
     async def run() -> None:
@@ -74,6 +79,20 @@ def _serve(args: argparse.Namespace) -> int:
             cp.close()
 
     asyncio.run(run())
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    """Upgrade the store's schema to this version's (once, before the replicas of a new version start)."""
+    prepare_state_dir(args.state_dir, sqlite_file=None if args.database_url else args.state_dir / DEFAULT_DB_FILENAME)
+    url = args.database_url or default_url(args.state_dir)
+    before = current_revision(url)
+    with Store(url) as store:
+        after = store.create_schema(upgrade=True, version=__version__)
+    if before == after:
+        print(f"the store is at schema revision {after} already: nothing to do")
+    else:
+        print(f"the store was at schema revision {before or 'none (new)'}; it is at {after} now")
     return 0
 
 
@@ -97,6 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--heartbeat-interval", type=float, default=10.0,
                        help="seconds between pings on a quiet agent stream; 3 missed end it")
     serve.set_defaults(func=_serve)
+
+    serve.add_argument("--replica-id", default=os.environ.get("ONPREM_REPLICA_ID"),
+                       help="this replica's id among those sharing the store (default: one made on first start "
+                            "and kept in the state dir)")
+    serve.add_argument("--advertise-agent-address", default=os.environ.get("ONPREM_ADVERTISE_AGENT_ADDRESS"),
+                       help="host:port agents dial to reach this replica (default: none; agents keep dialing "
+                            "their configured address, e.g. a load balancer, until they hold every replica)")
+    serve.add_argument("--advertise-operator-address", default=os.environ.get("ONPREM_ADVERTISE_OPERATOR_ADDRESS"),
+                       help="host:port operators dial to reach this replica (shown in the registry)")
+
+    migrate = sub.add_parser("migrate", help="upgrade the store's schema to this version's (PostgreSQL: once, "
+                                             "before starting the new version's replicas)")
+    _common(migrate)
+    migrate.set_defaults(func=_migrate)
 
     cli_tokens.add_commands(sub, _common, _store)
     return parser

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from onprem.control_plane.api.tokens import enrollment_message, token_message
+from onprem.control_plane.changes import TOKENS
 from onprem.control_plane.private_state import write_new_private
 from onprem.control_plane.store import (
     API_TOKEN_PREFIX,
@@ -136,6 +137,8 @@ def revoke_token(open_store: OpenStore, args: argparse.Namespace) -> int:
             row = store.revoke_api_token(token_id, by=actor(), reason=args.reason)
         except NotFound as exc:
             raise ValueError(f"{exc}; `list-tokens` shows the ids") from None
+        # Replicas on a shared store end the token's open calls now rather than at their next check.
+        store.notify(TOKENS, {"token_id": token_id})
     assert row.revoked_at is not None
     print(f"revoked token {row.label} at {iso_utc(row.revoked_at)}; a running control plane refuses its next "
           "call and ends its open calls within a second")

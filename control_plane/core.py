@@ -15,7 +15,7 @@ import datetime as dt
 import functools
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -28,7 +28,7 @@ from onprem.control_plane.audit import AuditLog
 from onprem.control_plane.auth import Principal
 from onprem.control_plane.ca import CertificateAuthority
 from onprem.control_plane.changes import TOKENS, ChangeFeed
-from onprem.control_plane.credentials import TokenAuthority, current_call
+from onprem.control_plane.credentials import NotifiedCounter, StoreCounter, TokenAuthority, current_call
 from onprem.control_plane.observe import Observer
 from onprem.control_plane.relay import RelayedRequest, Target
 from onprem.control_plane.replicas import REPLICAS_TOPIC, Membership, ReplicaIdentity
@@ -89,7 +89,12 @@ class ControlPlane:
         self.registry = Registry()
         self.router = Router(self.registry, self._group_facts, queue_wait=self.settings.queue_wait)
         self.audit = AuditLog(store.add_audits, self.blocking)
-        self.tokens = TokenAuthority(store, self.blocking, watch_interval=self.settings.token_watch_interval)
+        self.changes = ChangeFeed(self, check_interval=self.settings.change_check_interval)
+        counter: NotifiedCounter | None = None
+        if store.notifies:
+            counter = NotifiedCounter(StoreCounter(store, self.blocking), self.changes.listening_epoch)
+        self.tokens = TokenAuthority(store, self.blocking, counter=counter,
+                                     watch_interval=self.settings.token_watch_interval)
         s = self.settings
         self.enroll_throttle = AttemptThrottle(KeyedBuckets(
             burst=s.enroll_failure_burst, refill_seconds=s.enroll_refill_seconds, max_keys=s.throttle_max_addresses),
@@ -97,13 +102,17 @@ class ControlPlane:
         self.observer = Observer(self.audit, RowLimiter(KeyedBuckets(
             burst=s.refusal_rows_burst, refill_seconds=s.refusal_rows_refill_seconds,
             max_keys=s.throttle_max_addresses)))
-        self.changes = ChangeFeed(self, check_interval=s.change_check_interval)
         self.membership = Membership(
             self, identity or ReplicaIdentity("cp-" + secrets.token_hex(6)), heartbeat=s.replica_heartbeat,
             missed_heartbeats=s.replica_missed_heartbeats, version=__version__)
         self.membership.on_change = self._tell_agents
         self.changes.on(REPLICAS_TOPIC, lambda _message: self.membership.wake())
-        self.changes.on(TOKENS, lambda _message: self.tokens.poke())
+        def tokens_changed(_message: Mapping[str, Any]) -> None:
+            if counter is not None:
+                counter.invalidate()
+            self.tokens.poke()
+
+        self.changes.on(TOKENS, tokens_changed)
         self.changes.set_check(self.check_agents)
         #: Drains carried out here, by (agent id, when it was asked), so that none is carried out twice.
         self._drains_done: set[tuple[str, dt.datetime]] = set()

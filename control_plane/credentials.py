@@ -13,10 +13,13 @@ Every call is authenticated afresh, with no window in which a revoked token stil
   done on the event loop: a few microseconds, less than the thread hop that any store
   call off the loop costs (~100 us of CPU). A busy database makes that read fail at once
   rather than wait, and the read is then done off the loop like any other. On other
-  databases the counter is read off the loop. Replicas sharing a PostgreSQL store will
-  keep the counter in memory from `LISTEN`/`NOTIFY` (the notification is sent at commit),
-  re-reading it when their listening connection is re-established: a `CounterSource`
-  that answers without a round trip.
+  databases the counter is read off the loop. Replicas sharing a PostgreSQL store keep
+  the counter in memory while their change feed listens (`NotifiedCounter`): every
+  revocation is announced after it commits, which makes the next call re-read it, and
+  the value is trusted only within one unbroken listening connection.
+- While the store cannot be reached, no revocation can commit anywhere, so the last
+  counter read stays true: tokens already known go on working; a token never seen
+  before is refused UNAVAILABLE (`STORE_UNAVAILABLE`) until the store is back.
 
 Open calls are tracked per token. A call whose token is revoked in this process ends at
 once; one revoked elsewhere ends within `watch_interval` (the watcher reads the counter
@@ -46,7 +49,7 @@ from typing import Any, Protocol, TypeVar
 
 from onprem.control_plane.auth import Principal, parse_bearer
 from onprem.control_plane.store import ApiTokenRow, Store, api_token_id, iso_utc
-from onprem.tunnel.errors import RequestError, Unauthenticated
+from onprem.tunnel.errors import RequestError, Unauthenticated, Unavailable
 
 log = logging.getLogger("onprem.control_plane.credentials")
 
@@ -108,6 +111,10 @@ class CounterSource(Protocol):
 
     async def read(self) -> int: ...
 
+    async def refresh(self) -> int:
+        """Read the counter from the store itself, whatever is kept in memory (the watcher's check)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -120,6 +127,9 @@ class StoreCounter:
 
     async def read(self) -> int:
         return int(await self._run_blocking(self._store.change_counter))
+
+    async def refresh(self) -> int:
+        return await self.read()
 
     def close(self) -> None:
         pass
@@ -156,10 +166,54 @@ class SqliteCounter:
             return await self._fallback.read()
         return int(row[0]) if row else 0
 
+    async def refresh(self) -> int:
+        return await self.read()
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+class NotifiedCounter:
+    """The counter of a store shared by replicas, kept in memory while the change feed listens.
+
+    `listening()` gives the feed's connection epoch, or None while it is not connected; a value is
+    trusted only under the epoch it was read in, so that changes announced while the listener was
+    away are never missed. `invalidate` (a token change was announced) makes the next read go to
+    the store.
+    """
+
+    def __init__(self, fallback: CounterSource, listening: Callable[[], int | None]) -> None:
+        self._fallback = fallback
+        self._listening = listening
+        self._value: tuple[int, int] | None = None  # (epoch, counter)
+
+    async def read(self) -> int:
+        epoch = self._listening()
+        if epoch is not None and self._value is not None and self._value[0] == epoch:
+            return self._value[1]
+        value = await self._fallback.read()
+        self._value = (epoch, value) if epoch is not None else None
+        return value
+
+    async def refresh(self) -> int:
+        # The periodic check: a notification lost after its change committed is caught here.
+        epoch = self._listening()
+        value = await self._fallback.refresh()
+        self._value = (epoch, value) if epoch is not None else None
+        return value
+
+    def invalidate(self) -> None:
+        self._value = None
+
+    def close(self) -> None:
+        self._fallback.close()
+
+
+def store_unavailable() -> RequestError:
+    return Unavailable("the control plane cannot reach its store to check this token; retry shortly",
+                       reason="STORE_UNAVAILABLE")
 
 
 def counter_source(store: Store, run_blocking: RunBlocking) -> CounterSource:
@@ -249,14 +303,24 @@ class TokenAuthority:
             raise missing_token()
         if api_token_id(token) is None:
             raise bad_token()  # malformed: not worth a store read
-        counter = await self._counter.read()
+        try:
+            counter = await self._counter.read()
+        except Exception as exc:
+            if self._last_counter < 0:
+                raise store_unavailable() from exc
+            # No revocation can commit while the store is unreachable: the last value read still holds.
+            log.debug("the change counter cannot be read (%s); using the last value, %d", exc, self._last_counter)
+            counter = self._last_counter
         if counter != self._last_counter:
             self._last_counter = counter
             self._changed.set()  # the watcher checks the open calls now, not at its next tick
         key = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         cached = self._cache.get(key)
         if cached is None or cached.counter != counter:
-            row = await self._run_blocking(self._store.find_api_token, token)
+            try:
+                row = await self._run_blocking(self._store.find_api_token, token)
+            except Exception as exc:
+                raise store_unavailable() from exc
             if row is None:
                 raise bad_token()
             if len(self._cache) >= CACHE_MAX:
@@ -319,7 +383,9 @@ class TokenAuthority:
     # -- in the background --
     async def check_open_calls(self) -> None:
         """End the open calls of tokens revoked since the last check (by any process)."""
-        counter = await self._counter.read()
+        counter = await self._counter.refresh()
+        if counter != self._last_counter:
+            self._last_counter = counter
         if counter == self._checked_counter:
             return
         ids = list(self._calls)

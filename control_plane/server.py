@@ -7,14 +7,20 @@
 - agent listener (mTLS): `AgentTunnel/Connect`;
 - enrollment listener (TLS, no client certificate): `Enrollment/Enroll`.
 
-On SIGTERM or SIGINT: health turns NOT_SERVING, agents are told to drain,
-in-flight requests get a grace period, then the servers stop.
+Several replicas may share one PostgreSQL store (`replicas`, `changes`): each
+records itself before it serves, and every agent holds a stream to each.
+
+On SIGTERM or SIGINT: health turns NOT_SERVING, the replica's row says
+"draining" (agents stop dialing it, the other replicas drop it at once), its
+agents are told to drain this stream only, in-flight requests get a grace
+period, then the servers stop and the row goes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -23,8 +29,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from sqlalchemy.exc import DBAPIError
 
-from onprem.control_plane import metrics
+from onprem.control_plane import __version__, metrics
 from onprem.control_plane.api.agents import AgentService
 from onprem.control_plane.api.apps import AppService
 from onprem.control_plane.api.database import DatabaseService
@@ -35,7 +42,8 @@ from onprem.control_plane.ca import CertificateAuthority
 from onprem.control_plane.core import ControlPlane, Settings
 from onprem.control_plane.enrollment import EnrollmentService
 from onprem.control_plane.private_state import prepare_state_dir
-from onprem.control_plane.store import DEFAULT_DB_FILENAME, Store
+from onprem.control_plane.replicas import ReplicaIdentity, load_replica_id
+from onprem.control_plane.store import DEFAULT_DB_FILENAME, Store, StoreError
 from onprem.control_plane.tunnel_service import AgentTunnelService
 from onprem.tunnel.channel_options import OPERATOR_SERVER_OPTIONS, SERVER_OPTIONS, TUNNEL_SERVER_OPTIONS
 from onprem.v1 import (
@@ -54,6 +62,11 @@ from onprem.v1 import (
 )
 
 log = logging.getLogger("onprem.control_plane.server")
+
+#: The health service name that reports whether the store answers (SERVING) or not (NOT_SERVING).
+STORE_SERVICE = "onprem.control_plane.Store"
+#: The store setting holding the fingerprint of the replicas' shared CA certificate.
+CA_FINGERPRINT = "ca_sha256"
 
 OPERATOR_SERVICES = [
     database_pb2.DESCRIPTOR.services_by_name["DatabaseService"].full_name,
@@ -77,6 +90,11 @@ class ServerConfig:
     #: host:port for Prometheus metrics; None to serve none.
     metrics_listen: str | None = None
     settings: Settings = field(default_factory=Settings)
+    #: This replica's id; None: the one kept in the state folder (made on first start).
+    replica_id: str | None = None
+    #: What agents and operators dial to reach this replica (host:port); "" behind a load balancer.
+    advertise_agent_address: str = ""
+    advertise_operator_address: str = ""
 
     @property
     def store_url(self) -> str:
@@ -84,17 +102,47 @@ class ServerConfig:
 
 
 def open_store(state_dir: Path, database_url: str | None) -> Store:
-    """The store of a state folder, the folder made private first (see `private_state`)."""
+    """The store of a state folder, the folder made private first (see `private_state`).
+
+    The embedded SQLite store upgrades its schema itself; a store given by URL (PostgreSQL, shared by
+    replicas) must be at this version's schema already (`onprem-control-plane migrate`), or new.
+    """
     prepare_state_dir(state_dir, sqlite_file=None if database_url else state_dir / DEFAULT_DB_FILENAME)
     store = Store(database_url or f"sqlite:///{state_dir / DEFAULT_DB_FILENAME}")
-    store.create_schema()
+    for attempt in range(3):
+        try:
+            store.create_schema(upgrade=database_url is None, version=__version__)
+            break
+        except DBAPIError:
+            # Replicas starting together on a new database: the loser's create_all collides; again.
+            if attempt == 2:
+                raise
     return store
+
+
+def check_shared_ca(store: Store, ca: CertificateAuthority) -> None:
+    """Refuse a replica whose CA is not the one its store's other replicas use (agents would not trust it).
+
+    The first replica records its CA certificate's fingerprint in the store; only the fingerprint:
+    the key never goes into the database.
+    """
+    mine = hashlib.sha256(ca.cert_pem).hexdigest()
+    theirs = store.claim_setting(CA_FINGERPRINT, mine)
+    if theirs != mine:
+        raise StoreError(
+            f"this replica's CA (sha256 {mine[:16]}…) is not the one the other replicas of this store use (sha256 "
+            f"{theirs[:16]}…): copy ca/ca.pem and ca/ca.key from an existing replica's state folder into this "
+            f"one's (docs/ha.md), then start it again")
 
 
 def open_control_plane(config: ServerConfig) -> ControlPlane:
     store = open_store(config.state_dir, config.database_url)
     ca = CertificateAuthority.load_or_create(config.state_dir / "ca")
-    return ControlPlane(store, ca, config.settings)
+    check_shared_ca(store, ca)
+    identity = ReplicaIdentity(load_replica_id(config.state_dir, config.replica_id),
+                               agent_address=config.advertise_agent_address,
+                               operator_address=config.advertise_operator_address)
+    return ControlPlane(store, ca, config.settings, identity)
 
 
 class ControlPlaneServer:
@@ -106,6 +154,7 @@ class ControlPlaneServer:
         self._servers: list[grpc.aio.Server] = []
         self._audit_task: asyncio.Task[None] | None = None
         self._background: asyncio.Task[None] | None = None
+        self._store_health: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         key, chain = self.cp.ca.server_identity(self.config.state_dir / "ca", list(self.config.hostnames))
@@ -140,6 +189,8 @@ class ControlPlaneServer:
                 raise OSError(f"cannot listen on {address} for the {name} listener (in use?)")
             self.ports[name] = port
             self._servers.append(server)
+        # Recorded before serving: the first agent's welcome names this replica among the live ones.
+        await self.cp.membership.join()
         for server in self._servers:
             await server.start()
         loop = asyncio.get_running_loop()
@@ -149,8 +200,21 @@ class ControlPlaneServer:
             metrics.serve(self.config.metrics_listen, self._agent_states)
         for service in [*OPERATOR_SERVICES, ""]:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._store_health = loop.create_task(self._watch_store(), name="store-health")
         log.info("listening: operator %s, agents %s, enrollment %s",
                  self.config.operator_listen, self.config.agent_listen, self.config.enroll_listen)
+
+    async def _watch_store(self) -> None:
+        """Health of `STORE_SERVICE` follows the store: requests whose routing is known keep being served
+        while it is down, but a probe sees the outage (and the replica's own health stays SERVING)."""
+        serving = None
+        while True:
+            ok = self.cp.membership.store_reachable
+            if ok != serving:
+                serving = ok
+                status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+                await self.health.set(STORE_SERVICE, status)
+            await asyncio.sleep(self.cp.membership.heartbeat / 2)
 
     def _agent_states(self) -> list[tuple[str, str]]:
         """(group, state) of every enrolled agent; called from the metrics thread."""
@@ -170,6 +234,13 @@ class ControlPlaneServer:
     async def stop(self, grace: float | None = None) -> None:
         grace = self.config.grace_period if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        if self._store_health is not None:
+            self._store_health.cancel()
+        # Off the replica set first: agents are told to hold no stream here, the other replicas hear of it.
+        try:
+            await self.cp.membership.drain()
+        except Exception:
+            log.exception("could not mark this replica draining in the store")
         for session in self.cp.registry.all():
             session.drain("the control plane is shutting down", dt.timedelta(seconds=grace))
         # Operators first, so in-flight requests finish while agent streams stay up.
@@ -179,6 +250,7 @@ class ControlPlaneServer:
         for session in self.cp.registry.all():
             session.close("the control plane is shutting down")
         await agent.stop(1)
+        await self.cp.membership.leave()
         # The watcher first: it flushes last-used times and refusal summaries, which the audit writer then writes.
         for task in (self._background, self._audit_task):
             if task is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -13,9 +14,10 @@ from onprem.control_plane import observe
 from onprem.control_plane import store as store_mod
 from onprem.control_plane.api import errors
 from onprem.control_plane.auth import Principal
+from onprem.control_plane.changes import AGENT_DRAIN, AGENT_REVOKED
 from onprem.control_plane.core import ControlPlane
 from onprem.control_plane.sessions import AgentSession
-from onprem.control_plane.store import AgentRow
+from onprem.control_plane.store import DRAINING, SERVING, AgentRow, AgentStreamRow
 from onprem.tunnel import kinds
 from onprem.tunnel.errors import FailedPrecondition, InvalidArgument, NotFound
 from onprem.v1 import agents_pb2, agents_pb2_grpc, profiles_pb2, tunnel_pb2
@@ -44,13 +46,17 @@ def duration(message: Message, name: str, default: dt.timedelta, *, maximum: dt.
     return result
 
 
-def agent_message(row: AgentRow, session: AgentSession | None) -> agents_pb2.Agent:
+def agent_message(row: AgentRow, session: AgentSession | None,
+                  streams: Sequence[AgentStreamRow] = ()) -> agents_pb2.Agent:
+    """One agent as operators see it: its row, this replica's stream of it if any, and the streams
+    the other replicas hold (`streams`, from the store)."""
     agent = agents_pb2.Agent(
         agent_id=row.agent_id,
         name=row.name,
         group=row.group_name,
         hostname=row.hostname,
         version=row.version,
+        replica_ids=sorted({s.replica_id for s in streams}),
     )
     agent.enrolled_at.FromDatetime(row.enrolled_at)
     agent.certificate_expires_at.FromDatetime(row.cert_expires_at)
@@ -71,6 +77,10 @@ def agent_message(row: AgentRow, session: AgentSession | None) -> agents_pb2.Age
         agent.session_id = session.session_id
         agent.certificate_expires_at.FromDatetime(session.cert_expires_at or row.cert_expires_at)
         return agent
+    elif streams:
+        # Connected to other replicas only: what they recorded of its streams.
+        draining = all(s.draining for s in streams)
+        agent.state = agents_pb2.AGENT_STATE_DRAINING if draining else agents_pb2.AGENT_STATE_ACTIVE
     else:
         agent.state = agents_pb2.AGENT_STATE_INACTIVE
     if row.last_seen_at is not None:
@@ -97,17 +107,27 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
         principal = await self._cp.authenticate(context)
         if request.group:
             self._cp.require_group(principal, request.group)
-        rows = await self._cp.blocking(self._cp.store.list_agents, request.group or None)
+        rows = [row for row in await self._cp.blocking(self._cp.store.list_agents, request.group or None)
+                if principal.may_use_group(row.group_name)]
+        streams = await self._streams([row.agent_id for row in rows])
         return agents_pb2.ListAgentsResponse(agents=[
-            agent_message(row, self._cp.registry.get(row.agent_id))
-            for row in rows if principal.may_use_group(row.group_name)
+            agent_message(row, self._cp.registry.get(row.agent_id), streams.get(row.agent_id, ()))
+            for row in rows
         ])
+
+    async def _streams(self, agent_ids: list[str]) -> dict[str, list[AgentStreamRow]]:
+        """The agents' streams on live replicas, as the store has them."""
+        if not agent_ids:
+            return {}
+        return await self._cp.blocking(self._cp.store.streams_of, agent_ids, self._cp.membership.max_age)
 
     @errors.unary
     async def GetAgent(self, request: agents_pb2.GetAgentRequest, context: Context) -> agents_pb2.GetAgentResponse:
         principal = await self._cp.authenticate(context)
         row = await self._agent(principal, request.agent_id)
-        return agents_pb2.GetAgentResponse(agent=agent_message(row, self._cp.registry.get(row.agent_id)))
+        streams = await self._streams([row.agent_id])
+        return agents_pb2.GetAgentResponse(
+            agent=agent_message(row, self._cp.registry.get(row.agent_id), streams.get(row.agent_id, ())))
 
     @errors.unary
     async def ListGroups(self, request: agents_pb2.ListGroupsRequest, context: Context) -> agents_pb2.ListGroupsResponse:
@@ -169,17 +189,26 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
         self._cp.require_admin(principal)
         row = await self._agent(principal, request.agent_id)
         session = self._cp.registry.get(row.agent_id)
-        if session is None or not session.is_open:
+        if session is not None and not session.is_open:
+            session = None
+        streams = (await self._streams([row.agent_id])).get(row.agent_id, [])
+        if session is None and not streams:
             raise FailedPrecondition(f"agent '{row.agent_id}' is not connected, so there is nothing to drain",
                                      reason="AGENT_NOT_CONNECTED")
         grace = duration(request, "grace_period", DEFAULT_DRAIN_GRACE, maximum=MAX_DRAIN_GRACE, reason="INVALID_GRACE")
         if not dt.timedelta(0) <= grace <= MAX_DRAIN_GRACE:
             raise InvalidArgument(f"'grace_period' must be between 0 and {MAX_DRAIN_GRACE}", reason="INVALID_GRACE",
                                   field="grace_period")
-        session.drain(request.reason or f"drained by {principal.name}", grace, exit_after=True)
+        # In the store first, for every replica holding a stream of the agent; then here at once.
+        drain = await self._cp.blocking(functools.partial(
+            self._cp.store.request_drain, row.agent_id, reason=request.reason or f"drained by {principal.name}",
+            grace=grace, exit_after=True, by=principal.label))
+        if session is not None:
+            self._cp.apply_drain(session, drain)
+        await self._cp.changes.publish(AGENT_DRAIN, agent_id=row.agent_id)
         observe.record(group=row.group_name, agent_id=row.agent_id,
                        detail=request.reason[:200])
-        return agents_pb2.DrainAgentResponse(agent=agent_message(row, session))
+        return agents_pb2.DrainAgentResponse(agent=agent_message(row, session, streams))
 
     @errors.unary
     async def RevokeAgent(self, request: agents_pb2.RevokeAgentRequest, context: Context) -> agents_pb2.RevokeAgentResponse:
@@ -190,9 +219,26 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
         session = self._cp.registry.get(row.agent_id)
         if session is not None:
             session.close(f"revoked: {row.revoked_reason}")
+        await self._cp.changes.publish(AGENT_REVOKED, agent_id=row.agent_id)
         observe.record(group=row.group_name, agent_id=row.agent_id,
                        detail=request.reason[:200])
         return agents_pb2.RevokeAgentResponse(agent=agent_message(row, None))
 
+    @errors.unary
+    async def ListReplicas(
+        self, request: agents_pb2.ListReplicasRequest, context: Context
+    ) -> agents_pb2.ListReplicasResponse:
+        await self._cp.authenticate(context)
+        membership = self._cp.membership
+        rows = await self._cp.blocking(self._cp.store.live_replicas, membership.max_age)
+        response = agents_pb2.ListReplicasResponse(answered_by=membership.identity.replica_id)
+        for row in rows:
+            replica = response.replicas.add(
+                replica_id=row.replica_id, agent_address=row.agent_address, operator_address=row.operator_address,
+                version=row.version, state=_REPLICA_STATES.get(row.state, agents_pb2.REPLICA_STATE_UNSPECIFIED))
+            replica.started_at.FromDatetime(row.started_at)
+            replica.heartbeat_at.FromDatetime(row.heartbeat_at)
+        return response
 
 
+_REPLICA_STATES = {SERVING: agents_pb2.REPLICA_STATE_SERVING, DRAINING: agents_pb2.REPLICA_STATE_DRAINING}

@@ -25,6 +25,7 @@ from onprem.control_plane import store as store_mod
 from onprem.control_plane.api import errors
 from onprem.control_plane.api.agents import duration
 from onprem.control_plane.auth import Principal
+from onprem.control_plane.changes import TOKENS
 from onprem.control_plane.core import ControlPlane
 from onprem.control_plane.credentials import current_call
 from onprem.control_plane.store import (
@@ -238,6 +239,7 @@ class TokenService(tokens_pb2_grpc.TokenServiceServicer):
         row = await self._cp.blocking(functools.partial(
             self._cp.store.revoke_api_token, token_id, by=principal.label, reason=reason))
         ended = self._cp.tokens.revoked(row, sparing=current_call.get())
+        await self._cp.changes.publish(TOKENS, token_id=row.token_id)  # the other replicas end theirs now
         what = "was already revoked" if already else f"revoked; {ended} open calls ended"
         observe.record(f"token {row.label} {what}" + (f": {reason}" if reason else ""))
         return tokens_pb2.RevokeTokenResponse(token=token_message(row, dt.datetime.now(dt.UTC)))

@@ -13,16 +13,23 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, Self
 
-from sqlalchemy import Connection, Insert, Table, create_engine, event, insert, inspect, select
+from sqlalchemy import Connection, Insert, Table, create_engine, event, insert, inspect, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 
 from onprem.control_plane.store.errors import StoreError
-from onprem.control_plane.store.schema import API_TOKENS_COUNTER, change_counters_table, metadata
+from onprem.control_plane.store.schema import (
+    API_TOKENS_COUNTER,
+    change_counters_table,
+    metadata,
+    settings_table,
+)
 from onprem.control_plane.store.values import utc, utcnow
 
 DEFAULT_DB_FILENAME: Final = "control-plane.db"
+#: The setting that names the release that last wrote the schema (for the refusal of a newer one).
+SCHEMA_WRITER: Final = "schema_written_by"
 
 # SQLite serialises writers; a writer that finds the file locked waits this long
 # before giving up, which covers audit bursts from many concurrent requests.
@@ -102,28 +109,72 @@ class StoreBase:
             return None
         return url.database
 
-    def create_schema(self) -> None:
-        """Create the tables that do not exist yet, and refuse a store made by an older release.
+    def create_schema(self, *, upgrade: bool = True, version: str = "") -> str:
+        """Bring the database to the schema this version works with (the newest revision), or refuse it.
 
-        There are no migrations yet (they come with Alembic); until then a store whose tables
-        lack columns this version needs is refused with a message saying so, rather than
-        failing later on the first query that touches them.
+        - An empty database is made at the newest revision.
+        - One made before the store had migrations (its tables, no revision) is recognised as the
+          revision it is, and treated as such.
+        - An older revision is upgraded when `upgrade` (the embedded SQLite store; a PostgreSQL store
+          shared by replicas is upgraded by `onprem-control-plane migrate`), and refused otherwise,
+          with the command to run.
+        - A revision this version does not know (a newer release wrote it) is refused, naming it and
+          the release that wrote it.
+
+        `version` (this release) is recorded as the one that last wrote the schema. Returns the
+        revision the database is at. Raises StoreError for a refusal.
         """
-        metadata.create_all(self._engine)
-        missing = []
-        inspector = inspect(self._engine)
-        for table in metadata.sorted_tables:
-            present = {c["name"] for c in inspector.get_columns(table.name)}
-            missing += [f"{table.name}.{c.name}" for c in table.columns if c.name not in present]
-        if missing:
-            raise StoreError(
-                f"the store {self!r} was made by an older release of onprem and lacks the columns "
-                f"{', '.join(missing)}; this version cannot upgrade it in place yet (schema migrations are "
-                "planned): keep the older release for it, or start from a new state folder"
-            )
+        from onprem.control_plane.store import migrations
+
+        known = migrations.known_revisions()
+        head = known[-1]
         with self._write() as conn:
+            current = migrations.revision_on(conn)
+            tables = set(inspect(conn).get_table_names())
+            if current is None and not tables - {"alembic_version"}:
+                # Several processes may make the schema at once: SQLite serialises writers; on
+                # PostgreSQL the loser fails on a duplicate table and retries below.
+                metadata.create_all(conn)
+                migrations.stamp_on(conn, head)
+                current = head
+            elif current is None:
+                current = "0002" if "change_counters" in tables else "0001"
+                migrations.stamp_on(conn, current)
+            if current not in known:
+                written_by = self._setting(conn, SCHEMA_WRITER) or "a newer release of onprem"
+                raise StoreError(
+                    f"the store {self!r} is at schema revision {current}, which this version of onprem does not "
+                    f"know (it knows up to {head}); it was written by {written_by}: run that version or a newer one")
+            if current != head:
+                if not upgrade:
+                    raise StoreError(
+                        f"the store {self!r} is at schema revision {current}, older than this version's {head}: "
+                        f"run `onprem-control-plane migrate --database-url …` once (with the new version) before "
+                        f"starting its replicas")
+                migrations.upgrade_on(conn, head)
+            if version:
+                self._set_setting(conn, SCHEMA_WRITER, f"onprem {version} (revision {head})")
             # Several processes may create the schema at once; the loser must not fail.
             self._insert_ignoring_duplicates(conn, change_counters_table, {"name": API_TOKENS_COUNTER, "value": 0})
+        return head
+
+    def claim_setting(self, name: str, value: str) -> str:
+        """The setting `name`, set to `value` if nobody set it before (the first replica's wins)."""
+        with self._write() as conn:
+            self._insert_ignoring_duplicates(conn, settings_table,
+                                             {"name": name, "value": value, "updated_at": self._now()})
+            return self._setting(conn, name) or value
+
+    def _setting(self, conn: Connection, name: str) -> str | None:
+        row = conn.execute(select(settings_table.c.value).where(settings_table.c.name == name)).first()
+        return None if row is None else str(row.value)
+
+    def _set_setting(self, conn: Connection, name: str, value: str) -> None:
+        if self._setting(conn, name) is None:
+            self._insert_ignoring_duplicates(conn, settings_table, {"name": name, "value": value, "updated_at": self._now()})
+        else:
+            conn.execute(update(settings_table).where(settings_table.c.name == name)
+                         .values(value=value, updated_at=self._now()))
 
     def close(self) -> None:
         self._engine.dispose()

@@ -7,14 +7,16 @@ released:
     0002  the credential lifecycle (issue 12): operator tokens' expiry, last use, creator and
           revocation; enrollment tokens' revocation and creator; the audit's token id and peer;
           the `change_counters` table (seeded with `api_tokens` = 0) and the `settings` table
+    0003  control-plane replicas (issue 14): `replicas`, `agent_streams`, `agent_drains`
 
 A new revision copies the latest file, names the latest as its `down_revision`, and writes
 `upgrade` and `downgrade` with `alembic.op` and literal types and widths, never the `schema`
 module (which moves on while a revision must not). The tests check that migrating an empty
 database to the head makes exactly the tables `schema.metadata` makes.
 
-Not run at start-up yet: `Store.create_schema` still makes a new database from
-`schema.metadata` and refuses one made by an older release.
+`Store.create_schema` runs them at start-up (`database`): the embedded SQLite store upgrades
+itself; a PostgreSQL store shared by replicas is upgraded by `onprem-control-plane migrate`, run
+once before the replicas of a new version start.
 """
 
 from __future__ import annotations
@@ -88,3 +90,34 @@ def current_revision(url: str) -> str | None:
             return MigrationContext.configure(conn).get_current_revision()
     finally:
         engine.dispose()
+
+
+# --- on a connection the store holds (its own transaction) ----------------------------------------------------
+
+
+def known_revisions() -> list[str]:
+    """Every revision this version knows, oldest first."""
+    from alembic.script import ScriptDirectory
+
+    return [script.revision for script in reversed(list(ScriptDirectory.from_config(_config()).walk_revisions()))]
+
+
+def revision_on(connection: Connection) -> str | None:
+    """The revision of the database behind `connection`; None when no migration has touched it."""
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def upgrade_on(connection: Connection, revision: str = "head") -> None:
+    """Migrate the database behind `connection` up to `revision`, in the connection's transaction."""
+    from alembic import command
+
+    command.upgrade(_config(connection), revision)
+
+
+def stamp_on(connection: Connection, revision: str) -> None:
+    """Record that the database behind `connection` is at `revision`, changing no table."""
+    from alembic import command
+
+    command.stamp(_config(connection), revision)

@@ -19,14 +19,23 @@ class AgentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AGENT_STATE_INACTIVE: _ClassVar[AgentState]
     AGENT_STATE_DRAINING: _ClassVar[AgentState]
     AGENT_STATE_REVOKED: _ClassVar[AgentState]
+
+class ReplicaState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REPLICA_STATE_UNSPECIFIED: _ClassVar[ReplicaState]
+    REPLICA_STATE_SERVING: _ClassVar[ReplicaState]
+    REPLICA_STATE_DRAINING: _ClassVar[ReplicaState]
 AGENT_STATE_UNSPECIFIED: AgentState
 AGENT_STATE_ACTIVE: AgentState
 AGENT_STATE_INACTIVE: AgentState
 AGENT_STATE_DRAINING: AgentState
 AGENT_STATE_REVOKED: AgentState
+REPLICA_STATE_UNSPECIFIED: ReplicaState
+REPLICA_STATE_SERVING: ReplicaState
+REPLICA_STATE_DRAINING: ReplicaState
 
 class Agent(_message.Message):
-    __slots__ = ("agent_id", "name", "group", "state", "hostname", "version", "enrolled_at", "last_seen_at", "uptime", "in_flight", "max_in_flight", "certificate_expires_at", "profiles", "profile_health", "session_id")
+    __slots__ = ("agent_id", "name", "group", "state", "hostname", "version", "enrolled_at", "last_seen_at", "uptime", "in_flight", "max_in_flight", "certificate_expires_at", "profiles", "profile_health", "session_id", "replica_ids")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +51,7 @@ class Agent(_message.Message):
     PROFILES_FIELD_NUMBER: _ClassVar[int]
     PROFILE_HEALTH_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_IDS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     name: str
     group: str
@@ -57,7 +67,8 @@ class Agent(_message.Message):
     profiles: _containers.RepeatedCompositeFieldContainer[_profiles_pb2.Profile]
     profile_health: _containers.RepeatedCompositeFieldContainer[_profiles_pb2.ProfileHealth]
     session_id: str
-    def __init__(self, agent_id: _Optional[str] = ..., name: _Optional[str] = ..., group: _Optional[str] = ..., state: _Optional[_Union[AgentState, str]] = ..., hostname: _Optional[str] = ..., version: _Optional[str] = ..., enrolled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uptime: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., in_flight: _Optional[int] = ..., max_in_flight: _Optional[int] = ..., certificate_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., profiles: _Optional[_Iterable[_Union[_profiles_pb2.Profile, _Mapping]]] = ..., profile_health: _Optional[_Iterable[_Union[_profiles_pb2.ProfileHealth, _Mapping]]] = ..., session_id: _Optional[str] = ...) -> None: ...
+    replica_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, agent_id: _Optional[str] = ..., name: _Optional[str] = ..., group: _Optional[str] = ..., state: _Optional[_Union[AgentState, str]] = ..., hostname: _Optional[str] = ..., version: _Optional[str] = ..., enrolled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uptime: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., in_flight: _Optional[int] = ..., max_in_flight: _Optional[int] = ..., certificate_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., profiles: _Optional[_Iterable[_Union[_profiles_pb2.Profile, _Mapping]]] = ..., profile_health: _Optional[_Iterable[_Union[_profiles_pb2.ProfileHealth, _Mapping]]] = ..., session_id: _Optional[str] = ..., replica_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListAgentsRequest(_message.Message):
     __slots__ = ("group",)
@@ -154,3 +165,33 @@ class RevokeAgentResponse(_message.Message):
     AGENT_FIELD_NUMBER: _ClassVar[int]
     agent: Agent
     def __init__(self, agent: _Optional[_Union[Agent, _Mapping]] = ...) -> None: ...
+
+class ListReplicasRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListReplicasResponse(_message.Message):
+    __slots__ = ("replicas", "answered_by")
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_BY_FIELD_NUMBER: _ClassVar[int]
+    replicas: _containers.RepeatedCompositeFieldContainer[ControlPlaneReplica]
+    answered_by: str
+    def __init__(self, replicas: _Optional[_Iterable[_Union[ControlPlaneReplica, _Mapping]]] = ..., answered_by: _Optional[str] = ...) -> None: ...
+
+class ControlPlaneReplica(_message.Message):
+    __slots__ = ("replica_id", "agent_address", "operator_address", "version", "started_at", "heartbeat_at", "state")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_AT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    agent_address: str
+    operator_address: str
+    version: str
+    started_at: _timestamp_pb2.Timestamp
+    heartbeat_at: _timestamp_pb2.Timestamp
+    state: ReplicaState
+    def __init__(self, replica_id: _Optional[str] = ..., agent_address: _Optional[str] = ..., operator_address: _Optional[str] = ..., version: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[ReplicaState, str]] = ...) -> None: ...

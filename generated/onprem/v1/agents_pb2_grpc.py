@@ -71,6 +71,11 @@ class AgentServiceStub:
                 request_serializer=onprem_dot_v1_dot_agents__pb2.DrainAgentRequest.SerializeToString,
                 response_deserializer=onprem_dot_v1_dot_agents__pb2.DrainAgentResponse.FromString,
                 _registered_method=True)
+        self.ListReplicas = channel.unary_unary(
+                '/onprem.v1.AgentService/ListReplicas',
+                request_serializer=onprem_dot_v1_dot_agents__pb2.ListReplicasRequest.SerializeToString,
+                response_deserializer=onprem_dot_v1_dot_agents__pb2.ListReplicasResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -130,6 +135,14 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListReplicas(self, request, context):
+        """Lists the control plane's live replicas: the processes that share its
+        store, each of which serves every group. Any token may call it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -167,6 +180,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.DrainAgent,
                     request_deserializer=onprem_dot_v1_dot_agents__pb2.DrainAgentRequest.FromString,
                     response_serializer=onprem_dot_v1_dot_agents__pb2.DrainAgentResponse.SerializeToString,
+            ),
+            'ListReplicas': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReplicas,
+                    request_deserializer=onprem_dot_v1_dot_agents__pb2.ListReplicasRequest.FromString,
+                    response_serializer=onprem_dot_v1_dot_agents__pb2.ListReplicasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -359,6 +377,33 @@ class AgentService:
             '/onprem.v1.AgentService/DrainAgent',
             onprem_dot_v1_dot_agents__pb2.DrainAgentRequest.SerializeToString,
             onprem_dot_v1_dot_agents__pb2.DrainAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReplicas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onprem.v1.AgentService/ListReplicas',
+            onprem_dot_v1_dot_agents__pb2.ListReplicasRequest.SerializeToString,
+            onprem_dot_v1_dot_agents__pb2.ListReplicasResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,10 @@ class AgentServiceStub:
     """Drains an agent (admin only): it takes no new requests, finishes those
     in flight within the grace period, then stops (exit 0).
     """
+    ListReplicas: _grpc.UnaryUnaryMultiCallable[_agents_pb2.ListReplicasRequest, _agents_pb2.ListReplicasResponse]
+    """Lists the control plane's live replicas: the processes that share its
+    store, each of which serves every group. Any token may call it.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -83,6 +87,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     DrainAgent: _aio.UnaryUnaryMultiCallable[_agents_pb2.DrainAgentRequest, _agents_pb2.DrainAgentResponse]  # type: ignore[assignment]
     """Drains an agent (admin only): it takes no new requests, finishes those
     in flight within the grace period, then stops (exit 0).
+    """
+    ListReplicas: _aio.UnaryUnaryMultiCallable[_agents_pb2.ListReplicasRequest, _agents_pb2.ListReplicasResponse]  # type: ignore[assignment]
+    """Lists the control plane's live replicas: the processes that share its
+    store, each of which serves every group. Any token may call it.
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -150,6 +158,16 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_agents_pb2.DrainAgentResponse, _abc.Awaitable[_agents_pb2.DrainAgentResponse]]:
         """Drains an agent (admin only): it takes no new requests, finishes those
         in flight within the grace period, then stops (exit 0).
+        """
+
+    @_abc_1.abstractmethod
+    def ListReplicas(
+        self,
+        request: _agents_pb2.ListReplicasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agents_pb2.ListReplicasResponse, _abc.Awaitable[_agents_pb2.ListReplicasResponse]]:
+        """Lists the control plane's live replicas: the processes that share its
+        store, each of which serves every group. Any token may call it.
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -5,13 +5,11 @@ Connections, the schema made twice, and a store from the previous release refuse
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
-import pytest
 from sqlalchemy import make_url
 
-from onprem.control_plane.store import Store, StoreError, default_url
+from onprem.control_plane.store import Store, default_url
 from tests.control_plane.store.helpers import Clock
 
 # --- schema and connection ----------------------------------------------------------------------------------
@@ -52,21 +50,4 @@ def test_default_url_is_a_sqlite_file_in_the_state_directory(tmp_path: Path) -> 
     assert (tmp_path / "control-plane.db").is_file()
 
 
-# --- the schema of the previous release ----------------------------------------------------------------------------
-
-# The api_tokens table as release b333362 made it.
-_OLD_API_TOKENS = """CREATE TABLE api_tokens (
-    token_id VARCHAR(32) NOT NULL PRIMARY KEY, name VARCHAR(200) NOT NULL, secret_hash VARCHAR(64) NOT NULL,
-    role VARCHAR(16) NOT NULL, groups TEXT NOT NULL, created_at DATETIME NOT NULL, revoked_at DATETIME)"""
-
-
-def test_a_store_made_by_the_previous_release_is_refused_naming_what_it_lacks(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
-    with sqlite3.connect(path) as db:
-        db.execute(_OLD_API_TOKENS)
-    with Store(f"sqlite:///{path}") as store, pytest.raises(StoreError) as info:
-        store.create_schema()
-    message = str(info.value)
-    assert "was made by an older release of onprem and lacks the columns api_tokens.expires_at, " in message
-    assert message.endswith("this version cannot upgrade it in place yet (schema migrations are planned): keep the "
-                            "older release for it, or start from a new state folder")
+# --- the schema of the previous release: see test_schema_versions.py -----------------------------------------------

@@ -93,9 +93,10 @@ def test_an_empty_database_migrated_to_the_head_has_exactly_the_schema_the_store
     migrated = new_url("migrated")
     assert current_revision(migrated) is None
     upgrade(migrated)
-    assert current_revision(migrated) == head_revision() == "0002"
+    assert current_revision(migrated) == head_revision() == "0003"
     expected = created_schema(new_url("created"))
     assert set(expected) == {"groups", "agents", "api_tokens", "enrollment_tokens", "audit", "change_counters",
+                             "replicas", "agent_streams", "agent_drains",
                              "settings"}
     assert schema_of(migrated) == expected
     with Store(migrated) as store:
@@ -164,7 +165,7 @@ def test_a_database_of_revision_0001_keeps_its_rows_when_upgraded(new_url: NewUr
     assert current_revision(url) == "0001"
     write_release_b333362_rows(url)
     upgrade(url)
-    assert current_revision(url) == "0002"
+    assert current_revision(url) == head_revision()
     with Store(url, clock=lambda: AT + timedelta(days=1)) as store:
         store.create_schema()
         assert [(g.name, g.created_at) for g in store.list_groups()] == [("plant", AT)]
