@@ -51,6 +51,8 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings(
         agent_cert_validity=dt.timedelta(days=args.agent_cert_days),
         limits=Limits(heartbeat_interval=dt.timedelta(seconds=args.heartbeat_interval)),
+        replica_heartbeat=args.replica_heartbeat,
+        change_check_interval=args.change_check_interval,
     )
     config = ServerConfig(
         state_dir=args.state_dir,
@@ -125,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "their configured address, e.g. a load balancer, until they hold every replica)")
     serve.add_argument("--advertise-operator-address", default=os.environ.get("ONPREM_ADVERTISE_OPERATOR_ADDRESS"),
                        help="host:port operators dial to reach this replica (shown in the registry)")
+
+    serve.add_argument("--replica-heartbeat", type=float, default=2.0,
+                       help="seconds between this replica's heartbeats in the store; 3 missed and it is gone")
+    serve.add_argument("--change-check-interval", type=float, default=2.0,
+                       help="seconds between checks of this replica's agents against the store, for revocations "
+                            "and drains whose notification was missed")
 
     migrate = sub.add_parser("migrate", help="upgrade the store's schema to this version's (PostgreSQL: once, "
                                              "before starting the new version's replicas)")

@@ -38,5 +38,7 @@ def configure(level: str, fmt: str) -> None:
     root.setLevel(level.upper())
     # httpx logs every request at INFO, with its URL; the agent logs what matters itself.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
+    # Alembic narrates each step of a migration at INFO; the store logs the line that matters.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))
     # grpc's Cython layer logs a line per call at DEBUG: noise that costs a request's worth of time.
     logging.getLogger("grpc._cython").setLevel(max(logging.INFO, root.level))

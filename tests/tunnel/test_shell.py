@@ -108,6 +108,13 @@ class FakeSession:
     def has_capacity(self) -> bool:
         return self.in_flight < self.max_in_flight
 
+    #: The agent's requests over all replicas, as it reported them.
+    agent_in_flight: int = 0
+
+    @property
+    def load(self) -> float:
+        return max(self.in_flight, self.agent_in_flight) / self.max_in_flight
+
     def start(self, start: tunnel_pb2.RequestStart) -> str:
         self.in_flight += 1
         self.opened.append(start)
@@ -133,6 +140,13 @@ def router_with(*sessions: FakeSession, facts: GroupFacts | None = None, wait: f
 async def pick(router: Router, profile: str) -> object:
     """The fake session's id that the router opened the request on."""
     return await router.route("g", DB, profile, tunnel_pb2.RequestStart())
+
+
+async def test_the_router_counts_the_load_an_agent_reports_from_other_replicas() -> None:
+    # b runs nothing here but 2 of its 4 on other replicas; a runs 1 of 4 here and nowhere else.
+    a = FakeSession("a", "g", {(DB, "erp")}, in_flight=1, max_in_flight=4)
+    b = FakeSession("b", "g", {(DB, "erp")}, in_flight=0, max_in_flight=4, agent_in_flight=2)
+    assert await router_with(a, b).route("g", DB, "erp", tunnel_pb2.RequestStart()) == "a"
 
 
 async def test_the_router_picks_the_least_loaded_agent_offering_the_profile() -> None:

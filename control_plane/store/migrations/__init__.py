@@ -21,6 +21,7 @@ once before the replicas of a new version start.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 _SCRIPTS = Path(__file__).resolve().parent
+log = logging.getLogger("onprem.control_plane.store")
 
 # Alembic is imported when a migration function runs, not with the store: it adds a tenth of a
 # second to every start of the control plane and its CLI, which do not migrate (yet).
@@ -39,6 +41,9 @@ _SCRIPTS = Path(__file__).resolve().parent
 
 def _config(connection: Connection | None = None) -> Config:
     from alembic.config import Config
+
+    # Alembic narrates every step at INFO; the store logs the one line that matters (what it upgraded).
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
     config = Config()
     config.set_main_option("script_location", str(_SCRIPTS))
@@ -113,6 +118,7 @@ def upgrade_on(connection: Connection, revision: str = "head") -> None:
     """Migrate the database behind `connection` up to `revision`, in the connection's transaction."""
     from alembic import command
 
+    log.info("upgrading the store's schema from revision %s to %s", revision_on(connection), revision)
     command.upgrade(_config(connection), revision)
 
 
