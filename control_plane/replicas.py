@@ -88,6 +88,7 @@ class Membership:
         self.on_change: Callable[[list[tunnel_pb2.Replica]], None] = lambda _replicas: None
         #: Whether the last heartbeat reached the store (health reports the outage otherwise).
         self.store_reachable = True
+        self._left = False
 
     @property
     def me(self) -> tunnel_pb2.Replica:
@@ -129,7 +130,8 @@ class Membership:
         await self._cp.changes.publish(REPLICAS_TOPIC)
 
     async def leave(self) -> None:
-        """The last step of a clean stop: the row and its agent streams go."""
+        """The last step of a clean stop: the row and its agent streams go (and no heartbeat brings them back)."""
+        self._left = True
         try:
             await self._cp.blocking(self._cp.store.leave_replica, self.identity.replica_id)
             await self._cp.changes.publish(REPLICAS_TOPIC)
@@ -137,6 +139,8 @@ class Membership:
             log.exception("could not remove replica %s from the registry; it will age out", self.identity.replica_id)
 
     async def _beat(self) -> None:
+        if self._left:
+            return
         identity = self.identity
         try:
             self.rows = await self._cp.blocking(functools.partial(

@@ -146,7 +146,7 @@ async def test_the_router_counts_the_load_an_agent_reports_from_other_replicas()
     # b runs nothing here but 2 of its 4 on other replicas; a runs 1 of 4 here and nowhere else.
     a = FakeSession("a", "g", {(DB, "erp")}, in_flight=1, max_in_flight=4)
     b = FakeSession("b", "g", {(DB, "erp")}, in_flight=0, max_in_flight=4, agent_in_flight=2)
-    assert await router_with(a, b).route("g", DB, "erp", tunnel_pb2.RequestStart()) == "a"
+    assert await pick(router_with(a, b), "erp") == "a"
 
 
 async def test_the_router_picks_the_least_loaded_agent_offering_the_profile() -> None:
