@@ -10,6 +10,8 @@ Starts, under var/demo/:
 It writes the CA to var/demo/ca.pem and an admin token to var/demo/admin.token,
 prints grpcurl commands that work when pasted, and stops everything on Ctrl-C.
 Running it again reuses the state (the same CA, token and agent).
+
+`--replicas 3` runs PostgreSQL and three control-plane replicas instead (`tools.demo.replicas`).
 """
 
 from __future__ import annotations
@@ -149,7 +151,18 @@ def main() -> None:
     parser.add_argument("--base-port", type=int, default=8443,
                         help="operator API port; the agent and enrollment listeners take the next two")
     parser.add_argument("--app-port", type=int, default=APP_PORT, help="port of the demo HTTP app")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="run PostgreSQL and this many control-plane replicas (2 to 5) with one agent holding a "
+                             "stream to each, instead of the embedded demo (state in var/demo-ha)")
     args = parser.parse_args()
+    if args.replicas > 1:
+        if args.replicas > 5:
+            parser.error("--replicas: at most 5")
+        from tools.demo import replicas
+
+        directory = args.dir if args.dir != DEMO else ROOT / "var" / "demo-ha"
+        replicas.run(directory.resolve(), args.base_port, args.replicas)
+        return
     configure(args.dir, args.base_port, args.app_port)
     DEMO.mkdir(parents=True, exist_ok=True)
     cp_state, agent_home = DEMO / "control-plane", DEMO / "agent"
