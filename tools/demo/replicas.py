@@ -89,7 +89,7 @@ def run(directory: Path, base_port: int, count: int) -> None:
             url = pg.url()
             ports = [(base_port + 10 * i, base_port + 10 * i + 1, base_port + 10 * i + 2) for i in range(count)]
             states = [directory / f"replica-{i + 1}" for i in range(count)]
-            for i, (state, (operator, agent, enroll)) in enumerate(zip(states, ports, strict=True)):
+            for i, (state, (operator, agent_port, enroll)) in enumerate(zip(states, ports, strict=True)):
                 if i > 0 and not (state / "ca" / "ca.pem").exists():
                     # One CA for all, provisioned as files (docs/ha.md): the key never goes into the database.
                     (state / "ca").mkdir(parents=True, exist_ok=True)
@@ -97,9 +97,9 @@ def run(directory: Path, base_port: int, count: int) -> None:
                         shutil.copy2(states[0] / "ca" / name, state / "ca" / name)
                 proc = start([str(BIN / "onprem-control-plane"), "serve", "--state-dir", str(state),
                               "--database-url", url, "--replica-id", f"r{i + 1}",
-                              "--operator-listen", f"127.0.0.1:{operator}", "--agent-listen", f"127.0.0.1:{agent}",
+                              "--operator-listen", f"127.0.0.1:{operator}", "--agent-listen", f"127.0.0.1:{agent_port}",
                               "--enroll-listen", f"127.0.0.1:{enroll}",
-                              "--advertise-agent-address", f"127.0.0.1:{agent}",
+                              "--advertise-agent-address", f"127.0.0.1:{agent_port}",
                               "--advertise-operator-address", f"127.0.0.1:{operator}", "--grace-period", "5"],
                              f"replica-{i + 1}.log")
                 _wait_for_port(f"127.0.0.1:{operator}", proc, f"replica r{i + 1}")
