@@ -26,7 +26,7 @@ import grpc
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 
-from onprem.operator_cli import listing, transfer
+from onprem.operator_cli import listing, service_config, transfer
 from onprem.operator_cli import rows as rowsmod
 from onprem.operator_cli import tokens as tokensmod
 from onprem.operator_cli.errors import (
@@ -67,7 +67,10 @@ class Connection:
             except OSError as e:
                 raise LocalFileError(f"cannot read the CA certificate {cacert}: {e.strerror}") from None
         self.metadata: Metadata = (("authorization", f"Bearer {self._token(args)}"),)
-        self.channel = grpc.secure_channel(self.address, grpc.ssl_channel_credentials(root_certificates=root))
+        # Behind several replicas (a DNS name with an address each), calls spread over them and reads that
+        # fail UNAVAILABLE go to another (docs/ha.md).
+        self.channel = grpc.secure_channel(self.address, grpc.ssl_channel_credentials(root_certificates=root),
+                                           options=service_config.channel_options())
 
     @staticmethod
     def _token(args: argparse.Namespace) -> str:

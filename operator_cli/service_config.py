@@ -1,0 +1,39 @@
+"""The gRPC service config operators' clients use to reach control-plane replicas (docs/ha.md).
+
+Behind one DNS name with an address per replica (`dns:///cp.example.com:8443`), `round_robin` spreads
+calls over the replicas and the retry policy sends a read that failed UNAVAILABLE (its replica
+stopping or gone) to another. Only reads are retried: a write that failed UNAVAILABLE may have run
+(the control plane says so in the message), and retrying it is the caller's decision. The same
+JSON is in docs/service-config.json for other clients; a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+#: Methods that change nothing, and so may be sent again to another replica.
+READS: Final = {
+    "onprem.v1.AgentService": ["ListAgents", "GetAgent", "ListGroups", "ListReplicas", "CheckProfile"],
+    "onprem.v1.FileService": ["List", "Stat", "Read", "Poll"],
+    "onprem.v1.TokenService": ["ListTokens", "ListEnrollmentTokens"],
+}
+
+SERVICE_CONFIG: Final[dict[str, Any]] = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{
+        "name": [{"service": service, "method": method} for service, methods in READS.items() for method in methods],
+        "retryPolicy": {
+            "maxAttempts": 4,
+            "initialBackoff": "0.1s",
+            "maxBackoff": "1s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        },
+    }],
+}
+
+
+def channel_options() -> list[tuple[str, Any]]:
+    """grpc channel options that apply the service config (retries are off by default in some versions)."""
+    return [("grpc.service_config", json.dumps(SERVICE_CONFIG)), ("grpc.enable_retries", 1)]
