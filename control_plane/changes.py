@@ -89,6 +89,7 @@ class ChangeFeed:
                 tasks.create_task(self._listen_forever(), name="change-listener")
 
     async def _check_forever(self) -> None:
+        failing = False
         while True:
             try:
                 async with asyncio.timeout(self.check_interval):
@@ -100,7 +101,14 @@ class ChangeFeed:
                 try:
                     await self._check()
                 except Exception as exc:
-                    log.warning("the periodic check of agents against the store failed: %s", exc)
+                    # Once per outage, not every interval: health says the store is down meanwhile.
+                    if not failing:
+                        log.warning("the periodic check of agents against the store failed (%s); retrying", exc)
+                    failing = True
+                else:
+                    if failing:
+                        log.info("the periodic check of agents against the store works again")
+                    failing = False
 
     async def _listen_forever(self) -> None:
         import psycopg  # only replicas on PostgreSQL listen

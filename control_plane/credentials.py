@@ -409,6 +409,7 @@ class TokenAuthority:
         """Watch for revocations and write last-used times, until cancelled (then flush)."""
         loop = asyncio.get_running_loop()
         next_flush = loop.time() + self._used_flush_interval
+        failing = False
         try:
             while True:
                 with contextlib.suppress(TimeoutError):
@@ -420,8 +421,15 @@ class TokenAuthority:
                     if loop.time() >= next_flush:
                         next_flush = loop.time() + self._used_flush_interval
                         await self.flush_used()
-                except Exception:
-                    log.exception("checking open calls for revoked tokens failed; retrying")
+                except Exception as exc:
+                    # Once per outage of the store, not every second.
+                    if not failing:
+                        log.error("checking open calls for revoked tokens failed (%s); retrying", exc)
+                    failing = True
+                else:
+                    if failing:
+                        log.info("checking open calls for revoked tokens works again")
+                    failing = False
         finally:
             try:
                 self._store.touch_api_tokens(self._used)

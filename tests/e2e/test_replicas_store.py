@@ -6,17 +6,21 @@ Real processes: a PostgreSQL server, three control-plane replicas on one databas
 from __future__ import annotations
 
 import asyncio
+import shlex
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import create_engine, text
 
+from onprem.control_plane.server import STORE_SERVICE
 from onprem.control_plane.store import upgrade
 from onprem.v1 import agents_pb2, database_pb2, tokens_pb2, tokens_pb2_grpc
-from tests.support.postgres import PostgresServer
+from tests.faults.support import pg_ctl, pg_data_directory
+from tests.support.postgres import PostgresServer, running_postgres
 from tests.support.replicas import Replicas, new_database, replica, share_ca
 from tools.cluster import (
     AgentProcess,
@@ -253,3 +257,67 @@ def test_share_ca_copies_only_the_ca(tmp_path: Path) -> None:
         (source.state_dir / "ca" / name).write_text(name)
     share_ca(source, target)
     assert sorted(p.name for p in (target.state_dir / "ca").iterdir()) == ["ca.key", "ca.pem"]
+
+
+# --- PostgreSQL restarted under the replicas ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the test's own, to stop and start (the session's serves other tests)."""
+    with running_postgres() as server:
+        yield server
+
+
+async def store_health(cp: ControlPlaneProcess) -> int:
+    async with operator_channel(cp) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        response = await stub.Check(health_pb2.HealthCheckRequest(service=STORE_SERVICE))
+        return int(response.status)
+
+
+async def until_store_health(cp: ControlPlaneProcess, status: int) -> None:
+    for _ in range(200):
+        if await store_health(cp) == status:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the store's health never became {status}")
+
+
+async def test_postgres_down_keeps_known_routes_serving_reports_it_on_health_and_recovers(
+    tmp_path: Path, own_postgres: PostgresServer,
+) -> None:
+    cluster = Replicas(tmp_path, new_database(own_postgres), count=2)
+    cluster.start()
+    r1 = cluster[0]
+    token, unseen = r1.admin_token(), r1.token("unseen", "operator", "*")
+    agent = sqlite_agent(tmp_path, r1)
+    agent.enroll("plant", token=r1.enrollment_token("plant"))
+    agent.start()
+    data = pg_data_directory(own_postgres)
+    query = database_pb2.QueryRequest(group="plant", profile="lite", sql="SELECT 42 AS answer")
+    try:
+        async with operator_channel(r1) as channel:
+            await wait_for_agent_state(channel, token, agent.agent_id, ACTIVE)
+        assert await store_health(r1) == health_pb2.HealthCheckResponse.SERVING
+        # Started again as it ran: its port and socket folder come from the options it was started with.
+        options = shlex.split((data / "postmaster.opts").read_text())[3:]
+        await asyncio.to_thread(pg_ctl, data, "-m", "fast", "-w", "stop")
+        await until_store_health(r1, health_pb2.HealthCheckResponse.NOT_SERVING)
+        async with operator_channel(r1) as channel:
+            rows = [chunk async for chunk in database_stub(channel).Query(query, metadata=bearer(token))]
+            assert rows and rows[-1].rows, rows
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await agents_stub(channel).ListGroups(agents_pb2.ListGroupsRequest(), metadata=bearer(unseen))
+        assert (info.value.code(), info.value.details()) == (
+            S.UNAVAILABLE, "the control plane cannot reach its store to check this token; retry shortly")
+        await asyncio.to_thread(pg_ctl, data, "-w", "-o", shlex.join(options), "start")
+        await until_store_health(r1, health_pb2.HealthCheckResponse.SERVING)
+        async with operator_channel(r1) as channel:
+            await agents_stub(channel).ListGroups(agents_pb2.ListGroupsRequest(), metadata=bearer(unseen))
+            rows = [chunk async for chunk in database_stub(channel).Query(query, metadata=bearer(token))]
+            assert rows
+        assert r1.proc is not None and r1.proc.poll() is None
+    finally:
+        agent.stop()
+        cluster.stop()
