@@ -170,11 +170,12 @@ class StreamPlan:
         if self.replicas is None:
             return Dial(slot, self.address, None)
         held = {s.replica_id for s in self._slots.values() if s.state is not _State.SEEKING}
+        serving = any(s.state is _State.HOLDING for s in self._slots.values())
         claimed = {s.claimed for n, s in self._slots.items() if n != slot and s.claimed is not None}
         targets = [r for r in self._wanted(prefer=()) if r not in held and r not in claimed]
         if not targets:
-            if not held:
-                # Nothing held and nothing left to seek: learn the replicas again where we first did.
+            if not serving:
+                # No stream serves and nothing is left to seek: learn the replicas again where we first did.
                 state.claimed = None
                 return Dial(slot, self.address, None)
             del self._slots[slot]
@@ -182,7 +183,7 @@ class StreamPlan:
         target = state.replica_id if state.replica_id in targets else targets[0]
         state.replica_id = state.claimed = target
         address = self.replicas[target] or self.address
-        if not held and state.attempt % 2 == 0:
+        if not serving and state.attempt % 2 == 0:
             # Nothing is held: the set we remember may be stale, so every other dial goes where we learned it.
             # (`attempt` has already counted this dial's wait, hence the even count.)
             address = self.address
