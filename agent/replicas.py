@@ -101,10 +101,10 @@ class _Slot:
     #: The backoff attempt of its next wait.
     attempt: int
     state: _State = _State.SEEKING
-    #: Holding or closing: the replica held (None in single mode). Seeking: the one it last held
-    #: or dialed, which it dials again first.
+    #: Holding or closing: the replica held (None in single mode).
     replica_id: str | None = None
-    #: The replica of the dial in progress, so that two slots do not seek the same one.
+    #: Seeking: the replica it is after (the one it held last, or dialed last), so that two slots
+    #: never seek the same one.
     claimed: str | None = None
 
 
@@ -171,7 +171,8 @@ class StreamPlan:
             return Dial(slot, self.address, None)
         held = {s.replica_id for s in self._slots.values() if s.state is not _State.SEEKING}
         serving = any(s.state is _State.HOLDING for s in self._slots.values())
-        claimed = {s.claimed for n, s in self._slots.items() if n != slot and s.claimed is not None}
+        claimed = {s.claimed for n, s in self._slots.items()
+                   if n != slot and s.state is _State.SEEKING and s.claimed is not None}
         targets = [r for r in self._wanted(prefer=()) if r not in held and r not in claimed]
         if not targets:
             if not serving:
@@ -180,8 +181,8 @@ class StreamPlan:
                 return Dial(slot, self.address, None)
             del self._slots[slot]
             return None
-        target = state.replica_id if state.replica_id in targets else targets[0]
-        state.replica_id = state.claimed = target
+        target = state.claimed if state.claimed in targets else targets[0]
+        state.claimed = target
         address = self.replicas[target] or self.address
         if not serving and state.attempt % 2 == 0:
             # Nothing is held: the set we remember may be stale, so every other dial goes where we learned it.
@@ -236,7 +237,9 @@ class StreamPlan:
         if state.state is _State.CLOSING:
             del self._slots[slot]
         else:
-            state.state, state.claimed = _State.SEEKING, None
+            if state.state is _State.HOLDING:
+                # Dial the same replica again (it is probably restarting); a failed dial seeks on what it sought.
+                state.state, state.claimed = _State.SEEKING, state.replica_id
             if lasted >= self.stable_after:
                 state.attempt = 0
         return self._reconcile(now)
@@ -297,7 +300,7 @@ class StreamPlan:
         seeking = [n for n, s in self._slots.items() if s.state is _State.SEEKING]
         if len(seeking) > need:
             # Drop first the slots that seek nothing wanted, then the newest.
-            seeking.sort(key=lambda n: (self._slots[n].replica_id in wanted, -n))
+            seeking.sort(key=lambda n: (self._slots[n].claimed in wanted, -n))
             for n in seeking[:len(seeking) - need]:
                 del self._slots[n]
                 actions.append(Close(n))

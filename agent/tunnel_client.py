@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import random
 import socket
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
-from onprem.agent import __version__, metrics
+from onprem.agent import __version__, metrics, systemd
 from onprem.agent.config import AgentConfig
 from onprem.agent.dispatcher import Dispatcher
 from onprem.agent.handlers.base import Handler
@@ -174,6 +175,10 @@ class TunnelClient:
         streams = [stream.describe() for _, stream in sorted(self.streams.items())]
         return f"{len(streams)} stream{'' if len(streams) == 1 else 's'}" + (f": {', '.join(streams)}" if streams else "")
 
+    def status_line(self) -> str:
+        """What `systemctl status` shows: "serving 3 profiles; 2 streams: replica r1 at ..., ..."."""
+        return f"serving {len(self._dispatcher.profiles())} profiles; {self.describe_streams()}"
+
     def _hello(self) -> tunnel_pb2.Hello:
         hello = tunnel_pb2.Hello(
             agent_version=__version__,
@@ -292,19 +297,22 @@ class TunnelClient:
                     if self._stopping:
                         self.plan.forget(slot)
                         continue
-                    self._tasks[slot] = loop.create_task(self._slot(slot, wait=wait), name=f"tunnel-stream-{slot}")
+                    task = loop.create_task(self._slot(slot, wait=wait), name=f"tunnel-stream-{slot}")
+                    self._tasks[slot] = task
+                    # A callback, not a `finally`: a task cancelled before it ran never enters its body.
+                    task.add_done_callback(functools.partial(self._slot_done, slot))
                 case Close(slot):
                     stream = self.streams.get(slot)
                     if stream is not None:
                         if not stream.close.is_set():
                             log.info("closing the stream to %s, which the control plane no longer names, once its "
                                      "%d requests finish", stream.describe(), stream.session.in_flight)
-                        stream.grace = self._config.drain_grace_seconds
-                        stream.close.set()
+                            stream.grace = self._config.drain_grace_seconds
+                            stream.close.set()
                     else:
-                        task = self._tasks.get(slot)
-                        if task is not None and task is not asyncio.current_task():
-                            task.cancel()
+                        seeking = self._tasks.get(slot)
+                        if seeking is not None and seeking is not asyncio.current_task():
+                            seeking.cancel()
 
     def _replicas_changed(self, replicas: Sequence[tunnel_pb2.Replica]) -> None:
         log.debug("the control plane names %d replicas: %s", len(replicas),
@@ -328,43 +336,43 @@ class TunnelClient:
     # -- one slot: one stream at a time, each with its own backoff --
     async def _slot(self, slot: int, *, wait: bool) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            while not self._stopping:
-                if wait:
-                    delay = self._backoff.delay(self.plan.attempt(slot))
-                    log.info("reconnecting in %.1f s" if slot in self._ever_held else "dialing another stream in %.1f s",
-                             delay)
-                    await asyncio.sleep(delay)
-                wait = True
-                dial = self.plan.dial(slot)
-                if dial is None or self._stopping:
-                    return
-                began = loop.time()
-                try:
-                    await self._stream(dial)
-                except DrainedToExit as exc:
-                    log.info("stopping: %s", exc)
-                    self._halt.set()
-                    return
-                except grpc.aio.AioRpcError as exc:
-                    log.warning("control plane %s: %s: %s", dial.address, exc.code().name, exc.details())
-                except (StreamEnded, RemoteProtocolError) as exc:
-                    log.warning("session ended: %s", exc)
-                except Exception:
-                    log.exception("session failed")
-                if self._stopping:
-                    return
-                expired = self._identity.not_after
-                if dt.datetime.now(dt.UTC) >= expired:
-                    log.error("the agent's certificate expired on %s, so the control plane refuses it: enroll the "
-                              "agent again (onprem-agent enroll) with a new token", expired.isoformat())
-                self._apply(self.plan.ended(slot, loop.time() - began, loop.time()))
-                if slot not in self.plan.slots:
-                    return
-        finally:
-            self._tasks.pop(slot, None)
+        while not self._stopping:
+            if wait:
+                delay = self._backoff.delay(self.plan.attempt(slot))
+                log.info("reconnecting in %.1f s" if slot in self._ever_held else "dialing another stream in %.1f s",
+                         delay)
+                await asyncio.sleep(delay)
+            wait = True
+            dial = self.plan.dial(slot)
+            if dial is None or self._stopping:
+                return
+            began = loop.time()
+            try:
+                await self._stream(dial)
+            except DrainedToExit as exc:
+                log.info("stopping: %s", exc)
+                self._halt.set()
+                return
+            except grpc.aio.AioRpcError as exc:
+                log.warning("control plane %s: %s: %s", dial.address, exc.code().name, exc.details())
+            except (StreamEnded, RemoteProtocolError) as exc:
+                log.warning("session ended: %s", exc)
+            except Exception:
+                log.exception("session failed")
             if self._stopping:
-                self.plan.forget(slot)
+                return
+            expired = self._identity.not_after
+            if dt.datetime.now(dt.UTC) >= expired:
+                log.error("the agent's certificate expired on %s, so the control plane refuses it: enroll the "
+                          "agent again (onprem-agent enroll) with a new token", expired.isoformat())
+            self._apply(self.plan.ended(slot, loop.time() - began, loop.time()))
+            if slot not in self.plan.slots:
+                return
+    def _slot_done(self, slot: int, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(slot) is task:
+            del self._tasks[slot]
+        if self._stopping:
+            self.plan.forget(slot)
 
     async def _stream(self, dial: Dial) -> None:
         """Dial, handshake, and serve one stream of `dial.slot` until it ends; raises why it ended."""
@@ -432,6 +440,8 @@ class TunnelClient:
     def _streams_changed(self) -> None:
         metrics.STREAMS.set(len(self.streams))
         metrics.CONNECTED.set(1 if self.streams else 0)
+        if not self._stopping:
+            systemd.notify(f"STATUS={self.status_line()}")
 
     async def _serve(self, stream: Stream) -> None:
         """Run the stream's session until it ends (raising why), or until asked to close it gracefully."""

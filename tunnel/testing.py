@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = ["MemoryCall", "MemoryReplica", "MemoryReplicas", "Pipe", "TunnelFor"]
 
 M = TypeVar("M")
+_FAILED = object()
 
 
 @dataclass
@@ -62,6 +63,8 @@ class Pipe(Generic[M]):
     written: int = 0
     #: Set once the writer half-closed; a write after that fails as it does in grpc.aio.
     half_closed: bool = False
+    #: Set when the call failed (`fail`): every read raises it.
+    error: BaseException | None = None
 
     def __post_init__(self) -> None:
         self._queue = asyncio.Queue(self.capacity)
@@ -75,7 +78,20 @@ class Pipe(Generic[M]):
 
     async def read(self) -> object:
         await self.reading.wait()
-        return await self._queue.get()
+        if self.error is not None:
+            raise self.error
+        message = await self._queue.get()
+        if message is _FAILED:
+            assert self.error is not None
+            raise self.error
+        return message
+
+    def fail(self, error: BaseException) -> None:
+        """The call failed: what was not read yet is lost, and the reader gets `error`."""
+        self.error = error
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(_FAILED)
 
     async def done_writing(self) -> None:
         self.half_closed = True
@@ -181,8 +197,8 @@ class MemoryCall:
         return True
 
 
-def _unavailable(details: str) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details, None)
+def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, None)
 
 
 @dataclass
@@ -305,6 +321,9 @@ class MemoryReplica:
                 how = f"budget: {session.budget_error.budget}"
         except asyncio.CancelledError:
             how = "cancelled"
+            # The handler was cancelled (the agent cancelled its call, or the replica closed the session): the
+            # call ends with CANCELLED for the agent.
+            to_agent.fail(_rpc_error(grpc.StatusCode.CANCELLED, "the replica's handler was cancelled"))
             raise
         finally:
             call.finished = True
@@ -366,7 +385,7 @@ class MemoryReplicas:
         self.dials.append(address)
         replica = self._reach(address)
         if replica is None or not replica.accepting:
-            raise _unavailable(f"failed to connect to all addresses; last error: {address}: Connection refused")
+            raise _rpc_error(grpc.StatusCode.UNAVAILABLE, f"failed to connect to all addresses; last error: {address}: Connection refused")
         call = replica.accept(self.welcome_names)
         try:
             yield call, None
