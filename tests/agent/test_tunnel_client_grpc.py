@@ -44,6 +44,10 @@ class FakeReplica(tunnel_pb2_grpc.AgentTunnelServicer):
         #: Each ended session and why, as the session recorded it.
         self.ended: list[tuple[AgentSession, str | None]] = []
 
+    async def Renew(self, request: tunnel_pb2.RenewRequest, context: Any) -> tunnel_pb2.RenewResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this fake replica renews nothing")
+        raise AssertionError("abort raises")
+
     async def Connect(self, request_iterator: Any, context: Any) -> None:  # type: ignore[override]
         conn = ControlPlaneConnection()
         first = await context.read()
