@@ -77,7 +77,7 @@ async def run(config_path: Path, config: AgentConfig, identity: Identity) -> Non
             log.error("reload refused, keeping the running config: %s", exc)
         else:
             client.reload(fresh, build_handlers(fresh.profiles))
-        systemd.notify("READY=1", f"STATUS=serving {len(dispatcher.profiles())} profiles")
+        systemd.notify("READY=1", f"STATUS={client.status_line()}")
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop)

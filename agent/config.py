@@ -1,7 +1,7 @@
 """The agent's YAML config: where the control plane is, where the identity
 lives, and the profiles the site allows.
 
-    control_plane: {address: cp.example.com:8444, ca_file: /etc/onprem-agent/ca.pem}
+    control_plane: {address: cp.example.com:8444, ca_file: /etc/onprem-agent/ca.pem, max_streams: 3}
     identity_dir: /var/lib/onprem-agent
     max_in_flight: 64
     profiles: {databases: {...}, folders: {...}, apps: {...}}
@@ -21,6 +21,9 @@ import yaml
 from onprem.agent.profiles import ConfigError, Profiles, parse_profiles
 
 DEFAULT_ENROLL_PORT = 8445
+#: Streams the agent holds at most, one per control-plane replica, by default and at most.
+DEFAULT_MAX_STREAMS = 3
+MAX_STREAMS = 16
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class ControlPlaneConfig:
     proxy: str | None = None
     proxy_username: str | None = None
     proxy_password_env: str | None = None
+    #: The most streams the agent holds at once, one per control-plane replica the control plane names.
+    max_streams: int = DEFAULT_MAX_STREAMS
 
     def proxy_url(self) -> str | None:
         """The proxy URL with its credentials, for gRPC's `grpc.http_proxy`; never log it."""
@@ -106,6 +111,10 @@ def parse_config(raw: Any, *, base_dir: Path) -> AgentConfig:
             raise ConfigError("control_plane.proxy: expected http://host:port (credentials go in "
                               "proxy_username and proxy_password_env, never in the URL)")
         _split_host_port(proxy.removeprefix("http://").rstrip("/"), "control_plane.proxy")
+    max_streams = cp.get("max_streams", DEFAULT_MAX_STREAMS)
+    if isinstance(max_streams, bool) or not isinstance(max_streams, int) or not 1 <= max_streams <= MAX_STREAMS:
+        raise ConfigError(f"control_plane.max_streams: an integer from 1 to {MAX_STREAMS} (the most streams the "
+                          f"agent holds, one per control-plane replica), got {max_streams!r}")
     if cp.get("proxy_password_env") and not cp.get("proxy_username"):
         raise ConfigError("control_plane.proxy_password_env: set proxy_username too")
     metrics_listen = str(raw["metrics_listen"]) if raw.get("metrics_listen") else None
@@ -123,6 +132,7 @@ def parse_config(raw: Any, *, base_dir: Path) -> AgentConfig:
             proxy=proxy.rstrip("/") if proxy else None,
             proxy_username=str(cp["proxy_username"]) if cp.get("proxy_username") else None,
             proxy_password_env=str(cp["proxy_password_env"]) if cp.get("proxy_password_env") else None,
+            max_streams=max_streams,
         ),
         identity_dir=(base_dir / str(identity)).resolve(),
         profiles=parse_profiles(raw.get("profiles") or {}),

@@ -18,8 +18,10 @@ LATENCY = Histogram("onprem_agent_request_duration_seconds", "Time the agent spe
 RESPONSE_BYTES = Counter("onprem_agent_response_bytes", "Result bytes sent to the control plane.", ["kind"],
                          registry=REGISTRY)
 IN_FLIGHT = Gauge("onprem_agent_requests_in_flight", "Requests the agent is running now.", registry=REGISTRY)
-CONNECTED = Gauge("onprem_agent_connected", "1 while the agent's stream to the control plane is up.",
+CONNECTED = Gauge("onprem_agent_connected", "1 while at least one stream to the control plane is up.",
                   registry=REGISTRY)
+STREAMS = Gauge("onprem_agent_streams", "Streams held to the control plane, one per replica (at most max_streams).",
+                registry=REGISTRY)
 RECONNECTS = Counter("onprem_agent_reconnects", "Streams to the control plane that ended and were re-dialled.",
                      registry=REGISTRY)
 PROFILE_UP = Gauge("onprem_agent_profile_up", "1 when the profile's latest health check passed.",
