@@ -187,6 +187,8 @@ class TunnelClient:
             max_in_flight=self._config.max_in_flight,
         )
         hello.started_at.FromDatetime(self._started_at)
+        # A dial that lands on one of these (behind a load balancer) is refused, not taken as a reconnect.
+        hello.held_replica_ids.extend(sorted({s.replica_id for s in self.streams.values() if s.replica_id}))
         return hello
 
     def reload(self, config: AgentConfig, dispatcher_handlers: dict[str, Handler[Any]]) -> None:
@@ -354,7 +356,11 @@ class TunnelClient:
                 self._halt.set()
                 return
             except grpc.aio.AioRpcError as exc:
-                log.warning("control plane %s: %s: %s", dial.address, exc.code().name, exc.details())
+                if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+                    # Landed on a replica this agent holds already: another dial, after the slot's backoff.
+                    log.info("a stream to %s landed on a replica held already: %s", dial.address, exc.details())
+                else:
+                    log.warning("control plane %s: %s: %s", dial.address, exc.code().name, exc.details())
             except (StreamEnded, RemoteProtocolError) as exc:
                 log.warning("session ended: %s", exc)
             except Exception:

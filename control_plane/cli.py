@@ -72,11 +72,12 @@ def _serve(args: argparse.Namespace) -> int:
     async def run() -> None:
         cp = open_control_plane(config)
         server = ControlPlaneServer(config, cp)
+        stop = server.stop_on_signals()
         try:
             await server.start()
             print(f"onprem control plane: operator {config.operator_listen}, agents {config.agent_listen}, "
                   f"enrollment {config.enroll_listen}; CA {config.state_dir / 'ca' / 'ca.pem'}", flush=True)
-            await server.serve_until_signal()
+            await server.serve_until_signal(stop)
         finally:
             cp.close()
 

@@ -89,6 +89,8 @@ class Membership:
         #: Whether the last heartbeat reached the store (health reports the outage otherwise).
         self.store_reachable = True
         self._left = False
+        # A heartbeat and the leave never interleave: a beat in flight would bring the deleted row back.
+        self._beating = asyncio.Lock()
 
     @property
     def me(self) -> tunnel_pb2.Replica:
@@ -131,7 +133,8 @@ class Membership:
 
     async def leave(self) -> None:
         """The last step of a clean stop: the row and its agent streams go (and no heartbeat brings them back)."""
-        self._left = True
+        async with self._beating:
+            self._left = True
         try:
             await self._cp.blocking(self._cp.store.leave_replica, self.identity.replica_id)
             await self._cp.changes.publish(REPLICAS_TOPIC)
@@ -139,8 +142,11 @@ class Membership:
             log.exception("could not remove replica %s from the registry; it will age out", self.identity.replica_id)
 
     async def _beat(self) -> None:
-        if self._left:
-            return
+        async with self._beating:
+            if not self._left:
+                await self._beat_once()
+
+    async def _beat_once(self) -> None:
         identity = self.identity
         try:
             self.rows = await self._cp.blocking(functools.partial(

@@ -257,11 +257,17 @@ class ControlPlaneServer:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
-    async def serve_until_signal(self) -> None:
+    def stop_on_signals(self) -> asyncio.Event:
+        """An event set by SIGTERM or SIGINT; installed before `start`, so that a signal that comes
+        the moment the listeners open still stops the replica gracefully."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        return stop
+
+    async def serve_until_signal(self, stop: asyncio.Event | None = None) -> None:
+        stop = stop or self.stop_on_signals()
         await stop.wait()
         log.info("shutting down: draining agents, %.0f s grace for in-flight requests", self.config.grace_period)
         await self.stop()

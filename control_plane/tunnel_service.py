@@ -28,6 +28,7 @@ from onprem.tunnel import kinds
 from onprem.tunnel.aio import EOF
 from onprem.tunnel.budget import TokenBucket
 from onprem.tunnel.errors import (
+    AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -167,6 +168,10 @@ class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
             raise FailedPrecondition(f"tunnel protocol: {exc}", reason="TUNNEL_PROTOCOL") from None
         hello = conn.hello
         assert hello is not None
+        if conn.replicas and self._cp.replica_id in hello.held_replica_ids:
+            # A dial behind a load balancer that landed here again: the stream the agent holds stays.
+            raise AlreadyExists(f"agent '{row.agent_id}' holds a stream to replica {self._cp.replica_id} already; "
+                                "this one is not needed", reason="REPLICA_ALREADY_HELD")
         session = AgentSession(
             conn, context.write, context.read,
             agent_id=row.agent_id, name=row.name, group=row.group_name,

@@ -396,6 +396,10 @@ class Connection(Generic[OutFrame]):
             raise RemoteProtocolError(
                 f"hello asks to run {hello.max_in_flight} requests at once; the limit is {MAX_IN_FLIGHT}")
         check_profiles(hello.profiles, "hello")
+        if len(hello.held_replica_ids) > MAX_REPLICAS or any(
+                not r or len(r) > MAX_REPLICA_FIELD for r in hello.held_replica_ids):
+            raise RemoteProtocolError(f"hello names {len(hello.held_replica_ids)} held replicas; at most "
+                                      f"{MAX_REPLICAS}, with ids of 1 to {MAX_REPLICA_FIELD} characters")
         self.hello = hello
         self.request_window_bytes = window
         self.batching = FRAME_BATCH in hello.capabilities

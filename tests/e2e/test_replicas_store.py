@@ -46,15 +46,35 @@ def replicas(tmp_path: Path, postgres: PostgresServer) -> Iterator[Replicas]:
     cluster.stop()
 
 
-def sqlite_agent(tmp_path: Path, cp: ControlPlaneProcess, name: str = "a1") -> AgentProcess:
+def sqlite_agent(tmp_path: Path, cp: ControlPlaneProcess, name: str = "a1", *,
+                 max_streams: int | None = None) -> AgentProcess:
     db = tmp_path / f"{name}.db"
     db.touch()
-    return AgentProcess(tmp_path / name, cp, {"databases": {"lite": {"url": f"sqlite:///{db}"}}}, name=name)
+    agent = AgentProcess(tmp_path / name, cp, {"databases": {"lite": {"url": f"sqlite:///{db}"}}}, name=name)
+    if max_streams is not None:
+        agent.extra_config = {"control_plane": {
+            "address": f"127.0.0.1:{cp.agent_port}", "enroll_address": f"127.0.0.1:{cp.enroll_port}",
+            "ca_file": str(cp.ca_file), "max_streams": max_streams}}
+    return agent
 
 
 async def list_replicas(cp: ControlPlaneProcess, token: str) -> agents_pb2.ListReplicasResponse:
     async with operator_channel(cp) as channel:
         return await agents_stub(channel).ListReplicas(agents_pb2.ListReplicasRequest(), metadata=bearer(token))
+
+
+async def wait_for_streams(cp: ControlPlaneProcess, token: str, agent_id: str, replica_ids: list[str],
+                           within: float = 60) -> agents_pb2.Agent:
+    """The agent, once `cp` lists it ACTIVE with a stream to exactly `replica_ids`."""
+    agent = None
+    async with operator_channel(cp) as channel:
+        for _ in range(int(within * 10)):
+            agent = (await agents_stub(channel).GetAgent(agents_pb2.GetAgentRequest(agent_id=agent_id),
+                                                         metadata=bearer(token))).agent
+            if agent.state == ACTIVE and list(agent.replica_ids) == replica_ids:
+                return agent
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"agent {agent_id} never held streams to {replica_ids}: {agent}")
 
 
 def start_fails(cp: ControlPlaneProcess) -> str:
@@ -194,13 +214,11 @@ async def test_a_drain_asked_of_a_replica_the_agent_is_not_connected_to_reaches_
 ) -> None:
     r1, _, r3 = replicas.members
     token = r1.admin_token()
-    agent = sqlite_agent(tmp_path, r1)
+    agent = sqlite_agent(tmp_path, r1, max_streams=1)  # one stream: to r1, its configured address
     agent.enroll("plant", token=r1.enrollment_token("plant"))
     agent.start()
-    async with operator_channel(r1) as channel:
-        await wait_for_agent_state(channel, token, agent.agent_id, ACTIVE)
+    await wait_for_streams(r3, token, agent.agent_id, ["r1"])  # r3 sees r1's stream in the store
     async with operator_channel(r3) as channel:
-        await wait_for_agent_state(channel, token, agent.agent_id, ACTIVE)  # r3 sees r1's stream in the store
         await agents_stub(channel).DrainAgent(agents_pb2.DrainAgentRequest(agent_id=agent.agent_id, reason="patch"),
                                               metadata=bearer(token))
     # DrainAgent ends with the agent's exit: r1 carried out what r3 was asked.
@@ -236,8 +254,7 @@ async def test_replicas_answer_the_same_agent_listing(replicas: Replicas, tmp_pa
     agent.enroll("plant", token=r1.enrollment_token("plant"))
     agent.start()
     try:
-        async with operator_channel(r1) as channel:
-            await wait_for_agent_state(channel, token, agent.agent_id, ACTIVE)
+        await wait_for_streams(r1, token, agent.agent_id, ["r1", "r2", "r3"])
         listings = []
         for cp in replicas.members:
             async with operator_channel(cp) as channel:
@@ -245,7 +262,7 @@ async def test_replicas_answer_the_same_agent_listing(replicas: Replicas, tmp_pa
                                                                 metadata=bearer(token))).agents
             listings.append([(a.agent_id, a.name, a.group, a.state, list(a.replica_ids)) for a in agents])
         assert listings[0] == listings[1] == listings[2]
-        assert [len(listing) for listing in listings] == [1, 1, 1]
+        assert listings[0] == [(agent.agent_id, "a1", "plant", ACTIVE, ["r1", "r2", "r3"])]
     finally:
         agent.stop()
 

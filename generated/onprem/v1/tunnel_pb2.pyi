@@ -89,7 +89,7 @@ class ControlFrameBatch(_message.Message):
     def __init__(self, frames: _Optional[_Iterable[_Union[ConnectResponse, _Mapping]]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_revisions", "agent_version", "hostname", "profiles", "max_in_flight", "request_window_bytes", "started_at", "capabilities")
+    __slots__ = ("protocol_revisions", "agent_version", "hostname", "profiles", "max_in_flight", "request_window_bytes", "started_at", "capabilities", "held_replica_ids")
     PROTOCOL_REVISIONS_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,7 @@ class Hello(_message.Message):
     REQUEST_WINDOW_BYTES_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    HELD_REPLICA_IDS_FIELD_NUMBER: _ClassVar[int]
     protocol_revisions: _containers.RepeatedScalarFieldContainer[int]
     agent_version: str
     hostname: str
@@ -106,7 +107,8 @@ class Hello(_message.Message):
     request_window_bytes: int
     started_at: _timestamp_pb2.Timestamp
     capabilities: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, protocol_revisions: _Optional[_Iterable[int]] = ..., agent_version: _Optional[str] = ..., hostname: _Optional[str] = ..., profiles: _Optional[_Iterable[_Union[_profiles_pb2.Profile, _Mapping]]] = ..., max_in_flight: _Optional[int] = ..., request_window_bytes: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., capabilities: _Optional[_Iterable[str]] = ...) -> None: ...
+    held_replica_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, protocol_revisions: _Optional[_Iterable[int]] = ..., agent_version: _Optional[str] = ..., hostname: _Optional[str] = ..., profiles: _Optional[_Iterable[_Union[_profiles_pb2.Profile, _Mapping]]] = ..., max_in_flight: _Optional[int] = ..., request_window_bytes: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., capabilities: _Optional[_Iterable[str]] = ..., held_replica_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("protocol_revision", "agent_id", "group", "session_id", "heartbeat_interval", "response_window_bytes", "max_chunk_bytes", "capabilities", "replica", "replicas")
