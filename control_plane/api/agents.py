@@ -75,7 +75,9 @@ def agent_message(row: AgentRow, session: AgentSession | None,
         agent.profiles.extend(session.hello.profiles)
         agent.profile_health.extend(session.profile_health.values())
         agent.session_id = session.session_id
-        agent.certificate_expires_at.FromDatetime(session.cert_expires_at or row.cert_expires_at)
+        # A renewal through another replica is in the store, not in this replica's session.
+        expires = max(session.cert_expires_at or row.cert_expires_at, row.cert_expires_at)
+        agent.certificate_expires_at.FromDatetime(expires)
         return agent
     elif streams:
         # Connected to other replicas only: what they recorded of its streams.
