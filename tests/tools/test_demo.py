@@ -67,3 +67,36 @@ def test_the_demo_prints_commands_that_work_and_stops_cleanly(tmp_path: Path) ->
         assert demo.wait(30) == 0
     for port in range(base, base + 4):
         assert not _listening(port), f"port {port} still listening after Ctrl-C"
+
+
+def test_the_replicas_demo_serves_through_every_replica_and_stops_cleanly(tmp_path: Path) -> None:
+    base = _free_block(31)
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "tools.demo", "--replicas", "3", "--dir", str(tmp_path / "ha"), "--base-port",
+         str(base)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    assert demo.stdout is not None
+    printed: list[str] = []
+    try:
+        for line in demo.stdout:
+            printed.append(line)
+            if "Press Ctrl-C" in line:
+                break
+        else:
+            raise AssertionError("the replicas demo ended early:\n" + "".join(printed))
+        assert "holding streams to r1, r2, r3" in "".join(printed)
+        commands = [line.strip() for line in printed if "grpcurl -cacert" in line]
+        assert len(commands) == 4
+        results = [subprocess.run(["bash", "-c", c], cwd=ROOT, capture_output=True, text=True, timeout=60)
+                   for c in commands]
+        assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+        replicas = json.loads(results[0].stdout)["replicas"]
+        assert [r["replicaId"] for r in replicas] == ["r1", "r2", "r3"]
+        # The same rows from each replica.
+        assert len({r.stdout for r in results[1:]}) == 1 and '"Acme"' in results[1].stdout
+    finally:
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(60) == 0
+    for port in (base, base + 10, base + 20, base + 30):
+        assert not _listening(port), f"port {port} still listening after Ctrl-C"
