@@ -82,6 +82,9 @@ def running_postgres(root: Path | None = None, port: int | None = None,
         for p in (root, data, sock):
             os.chown(p, pw.pw_uid, pw.pw_gid)
         prefix = ["runuser", "-u", "postgres", "--"]
+        if subprocess.run([*prefix, "test", "-x", str(root)], capture_output=True).returncode != 0:
+            raise RuntimeError(f"the postgres user cannot reach {root}: a folder above it is private (chmod o+x "
+                               "the folders on the way, or choose another folder)")
     pwfile = root / "pw"
     pwfile.write_text(PASSWORD)
     if as_root:

@@ -36,6 +36,7 @@ CANONICAL_PORTS = {"operator": 8443, "agent": 8444, "enroll": 8445, "app": 8480}
 VOLATILE_KEYS = {
     "agent_id", "session_id", "hostname", "version", "token", "enrolled_at", "last_seen_at", "uptime",
     "certificate_expires_at", "expires_at", "created_at", "modified_at", "changed_at", "checked_at", "marker",
+    "replica_ids",
 }
 _FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 _VOLATILE_TEXT = [

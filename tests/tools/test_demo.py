@@ -70,6 +70,9 @@ def test_the_demo_prints_commands_that_work_and_stops_cleanly(tmp_path: Path) ->
 
 
 def test_the_replicas_demo_serves_through_every_replica_and_stops_cleanly(tmp_path: Path) -> None:
+    # PostgreSQL runs as its own user, which must reach the demo's folder: pytest's are private.
+    for folder in (tmp_path, tmp_path.parent, tmp_path.parent.parent):
+        folder.chmod(0o711)
     base = _free_block(31)
     demo = subprocess.Popen(
         [sys.executable, "-m", "tools.demo", "--replicas", "3", "--dir", str(tmp_path / "ha"), "--base-port",
@@ -92,7 +95,7 @@ def test_the_replicas_demo_serves_through_every_replica_and_stops_cleanly(tmp_pa
                    for c in commands]
         assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
         replicas = json.loads(results[0].stdout)["replicas"]
-        assert [r["replicaId"] for r in replicas] == ["r1", "r2", "r3"]
+        assert [r["replica_id"] for r in replicas] == ["r1", "r2", "r3"]
         # The same rows from each replica.
         assert len({r.stdout for r in results[1:]}) == 1 and '"Acme"' in results[1].stdout
     finally:
