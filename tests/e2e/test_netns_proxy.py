@@ -149,12 +149,14 @@ async def refused_and_inactive(site: ProxySite, agent: NamespacedAgent, code: in
     connects_before, upstream_before = tunnel_connects(site), upstream_connections(site)
     agent.start()
     deadline = time.monotonic() + 15  # the agent's backoff is jittered, at most 0.5 s then 1 s
-    while tunnel_connects(site) < connects_before + 2:
+    refused = rf"ipv4:{re.escape(site.proxy.listen)}:{site.proxy.port}: HTTP proxy returned response code (\d+)"
+    # Both counted: the proxy's CONNECTs, and the agent's log line for each refused dial (written once the
+    # dial has failed, a moment after the proxy answered it).
+    while tunnel_connects(site) < connects_before + 2 or len(re.findall(refused, agent.log())) < 2:
         assert agent.proc is not None and agent.proc.poll() is None, agent.log()
         assert time.monotonic() < deadline, f"the agent did not retry through the proxy:\n{agent.log()}"
         await asyncio.sleep(0.05)
-    refusals = re.findall(rf"ipv4:{re.escape(site.proxy.listen)}:{site.proxy.port}: "
-                          r"HTTP proxy returned response code (\d+)", agent.log())
+    refusals = re.findall(refused, agent.log())
     assert refusals and set(refusals) == {str(code)}, agent.log()
     async with operator_channel(site.cp) as channel:
         got = (await agents_stub(channel).GetAgent(agents_pb2.GetAgentRequest(agent_id=agent.agent_id),
