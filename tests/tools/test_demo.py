@@ -28,6 +28,17 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _until_ready(demo: subprocess.Popen[str]) -> list[str]:
+    """What the demo printed up to its "Press Ctrl-C" line; fails if it ended before."""
+    assert demo.stdout is not None
+    printed: list[str] = []
+    for line in demo.stdout:
+        printed.append(line)
+        if "Press Ctrl-C" in line:
+            return printed
+    raise AssertionError("the demo ended early:\n" + "".join(printed))
+
+
 def test_the_demo_prints_commands_that_work_and_stops_cleanly(tmp_path: Path) -> None:
     base = _free_block(4)
     demo = subprocess.Popen(
@@ -35,15 +46,8 @@ def test_the_demo_prints_commands_that_work_and_stops_cleanly(tmp_path: Path) ->
          "--app-port", str(base + 3)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    assert demo.stdout is not None
-    printed: list[str] = []
     try:
-        for line in demo.stdout:
-            printed.append(line)
-            if "Press Ctrl-C" in line:
-                break
-        else:
-            raise AssertionError("the demo ended early:\n" + "".join(printed))
+        printed = _until_ready(demo)
         commands = [line.strip() for line in printed if "grpcurl -cacert" in line]
         assert len(commands) == 9
         outputs = {}
@@ -79,15 +83,8 @@ def test_the_replicas_demo_serves_through_every_replica_and_stops_cleanly(tmp_pa
          str(base)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    assert demo.stdout is not None
-    printed: list[str] = []
     try:
-        for line in demo.stdout:
-            printed.append(line)
-            if "Press Ctrl-C" in line:
-                break
-        else:
-            raise AssertionError("the replicas demo ended early:\n" + "".join(printed))
+        printed = _until_ready(demo)
         assert "holding streams to r1, r2, r3" in "".join(printed)
         commands = [line.strip() for line in printed if "grpcurl -cacert" in line]
         assert len(commands) == 4

@@ -31,6 +31,7 @@ import grpc
 import yaml
 
 from onprem.v1 import agents_pb2, agents_pb2_grpc
+from tools.demo.processes import wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -82,21 +83,6 @@ def make_sample_folder(path: Path) -> None:
     (path / "reports" / "2026-10.csv").write_text(
         "customer,orders,total\nAcme GmbH,2,1314.99\nGlobex Ltd,1,87.50\nInitech,1,410.20\nUmbrella SA,1,2200.00\n"
     )
-
-
-def wait_for_port(address: str, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
-    import socket
-
-    host, port = address.rsplit(":", 1)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"demo: the {what} exited with code {proc.returncode}; see {DEMO}/*.log")
-        with socket.socket() as s:
-            if s.connect_ex((host, int(port))) == 0:
-                return
-        time.sleep(0.1)
-    sys.exit(f"demo: the {what} did not listen on {address} within {timeout:.0f} s (port in use?)")
 
 
 def wait_for_agent(token: str, ca: bytes, timeout: float = 30) -> agents_pb2.Agent:
@@ -193,11 +179,11 @@ def main() -> None:
     signal.signal(signal.SIGTERM, interrupt)
     try:
         app = start([sys.executable, "-m", "tools.demo.http_app", "--port", str(APP_PORT)], "http-app.log")
-        wait_for_port(f"127.0.0.1:{APP_PORT}", app, "demo HTTP app")
+        wait_for_port(f"127.0.0.1:{APP_PORT}", app, "demo HTTP app", DEMO)
         cp = start([str(BIN / "onprem-control-plane"), "serve", "--state-dir", str(cp_state),
                     "--operator-listen", OPERATOR, "--agent-listen", AGENT, "--enroll-listen", ENROLL,
                     "--grace-period", "5"], "control-plane.log")
-        wait_for_port(OPERATOR, cp, "control plane")
+        wait_for_port(OPERATOR, cp, "control plane", DEMO)
         shutil.copyfile(cp_state / "ca" / "ca.pem", DEMO / "ca.pem")
         token_file = DEMO / "admin.token"
         if not token_file.exists():

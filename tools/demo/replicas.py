@@ -24,6 +24,7 @@ import grpc
 import yaml
 
 from onprem.v1 import agents_pb2, agents_pb2_grpc
+from tools.demo.processes import wait_for_port
 from tools.postgres import running_postgres
 
 BIN = Path(sys.executable).parent
@@ -33,21 +34,6 @@ def _cli(state: Path, url: str, *args: str) -> str:
     out = subprocess.run([str(BIN / "onprem-control-plane"), args[0], "--state-dir", str(state), "--database-url",
                           url, *args[1:]], check=True, capture_output=True, text=True)
     return out.stdout.strip()
-
-
-def _wait_for_port(address: str, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
-    import socket
-
-    host, port = address.rsplit(":", 1)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"demo: {what} exited with {proc.returncode}; see its log")
-        with socket.socket() as s:
-            if s.connect_ex((host, int(port))) == 0:
-                return
-        time.sleep(0.1)
-    sys.exit(f"demo: {what} did not listen on {address} within {timeout:.0f} s")
 
 
 def _wait_for_streams(operator: str, ca: bytes, token: str, count: int, timeout: float = 60) -> agents_pb2.Agent:
@@ -102,7 +88,7 @@ def run(directory: Path, base_port: int, count: int) -> None:
                               "--advertise-agent-address", f"127.0.0.1:{agent_port}",
                               "--advertise-operator-address", f"127.0.0.1:{operator}", "--grace-period", "5"],
                              f"replica-{i + 1}.log")
-                _wait_for_port(f"127.0.0.1:{operator}", proc, f"replica r{i + 1}")
+                wait_for_port(f"127.0.0.1:{operator}", proc, f"replica r{i + 1}", directory)
             ca = directory / "ca.pem"
             shutil.copyfile(states[0] / "ca" / "ca.pem", ca)
             token_file = directory / "admin.token"
