@@ -274,6 +274,8 @@ def run_small(workdir: Path, *, agents: int = AGENTS, per_process: int = PER_PRO
     biggest = max(range(3), key=lambda i: rss_all[i])
     back_values = list(back.values()) or [WITHIN]
     back_max = max(back_values) if len(back) == failover_agents else WITHIN
+    print(f"   failover: agents back on r2 after {', '.join(f'{v:.1f}' for v in sorted(back.values()))} s",
+          flush=True)
     reads = rolling.reads
     if reads.examples:
         print("   rolling restart, failed reads (the first 10):", flush=True)
