@@ -67,11 +67,11 @@ def test_replicas_failover_rolling_restart_and_scale(tmp_path: Path, postgres: P
     figures = run_small(tmp_path, agents=3, per_process=2, failover_agents=2, requests=10, warmup=2,
                         postgres=postgres)
     _well_formed(figures)
-    names = [f.name for f in figures]
-    assert names[0].startswith("3 replicas x 3 agents: RSS") and figures[0].unit == "MiB"
-    latency = figures[2]
-    assert latency.unit == "ms" and latency.baseline is not None and latency.baseline > 0
-    failover = figures[4]
-    assert failover.unit == "s" and "(2 of 2 back)" in failover.name
-    reads = figures[8]
-    assert reads.unit == "reads" and reads.value > 0
+    by_unit = {f.unit: [g for g in figures if g.unit == f.unit] for f in figures}
+    assert figures[0].name.startswith("3 replicas x 3 agents: RSS") and figures[0].met is not None
+    latency = by_unit["ms"][0]
+    assert latency.baseline is not None and latency.baseline > 0 and latency.met is not None
+    failover = next(f for f in figures if f.name.startswith("failover, 3 replicas x 2 agents"))
+    assert failover.unit == "s" and failover.met is not None
+    reads = by_unit["reads"]
+    assert len(reads) == 2 and reads[1].value > 0

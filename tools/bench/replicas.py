@@ -13,9 +13,14 @@ measured in one run, in this order:
    so per-stream memory = (RSS with 300 - RSS with 1) / 300, and the latency
    of `SELECT 1` to agent 0's group through r1, one request at a time. Then r2
    and r3 stop (SIGTERM) and, once every agent holds r1 only, the same latency
-   is measured again through r1 alone: the baseline, same process, same agents.
-2. **Failover.** r2 and r3 start again and 20 agents (a process of their own,
-   with a folder profile) connect to all three. r2 is SIGKILLed and started
+   is measured through r1 alone: the baseline, same process, same agents. Then
+   r2 and r3 start again, the agents come back to them, and the three-replica
+   latency is measured again: half the requests of each before, half after
+   the baseline (A B B A), so that a drift of the shared machine's load
+   weighs on both alike. Agents not back on all three within 60 s of that
+   restart are counted (a figure), and printed with what r1 lists of them.
+2. **Failover.** The 300 agents leave, and 20 agents (a process of their own,
+   with a folder profile) connect to all three replicas. r2 is SIGKILLed and started
    again at once; for each agent, the time from the SIGKILL until r2 itself
    lists it connected (`ListAgents` through r2: its own session, and streams
    to all three replicas).
@@ -24,7 +29,9 @@ measured in one run, in this order:
    one channel over the three replicas' addresses with the documented service
    config (`round_robin`, reads retried on UNAVAILABLE), each replica in turn
    is stopped with SIGTERM and started again, the next one only once every
-   agent holds a stream to it again. Every failed read is counted.
+   agent holds a stream to it again (or 60 s passed: those agents are
+   counted). Every failed read is counted; the first few are printed, with
+   what the restart was doing then.
 
 The sessions in 2 and 3 are younger than the agent's `stable_after` (60 s),
 so their reconnects start one step further up the backoff than after a long
@@ -49,6 +56,7 @@ from onprem.operator_cli.service_config import channel_options
 from onprem.v1 import agents_pb2, files_pb2, files_pb2_grpc
 from tools.bench.common import Figure, rss_mib
 from tools.bench.fleet import Identity, batched, enroll, latency, simulators
+from tools.bench.small_requests import Load
 from tools.cluster import ControlPlaneProcess, agents_stub, bearer, operator_channel
 from tools.postgres import PostgresServer, running_postgres
 from tools.replicas import Replicas, new_database
@@ -58,12 +66,14 @@ PER_PROCESS = 100
 FAILOVER_AGENTS = 20
 REQUESTS = 500
 WARMUP = 50
-#: How long agents may take to come back on a replica before the benchmark gives up on them.
-WITHIN = 120.0
+#: How long agents may take to connect, or to come back to a replica, before the benchmark gives up on them.
+WITHIN = 60.0
 #: The agent's reconnect backoff is capped at 30 s (`agent.tunnel_client.Backoff`): once the replica listens
 #: again, no agent should wait more than one capped backoff, plus the replica's restart.
 FAILOVER_TARGET_S = 35.0
 LATENCY_RATIO = 1.25
+#: Quiet time after agents came or left, before latency is measured.
+SETTLE_S = 2.0
 RSS_LIMIT_MIB = 200.0
 ALL = ["r1", "r2", "r3"]
 ACTIVE = agents_pb2.AGENT_STATE_ACTIVE
@@ -111,10 +121,34 @@ def _ids(identities: list[Identity]) -> set[str]:
 
 
 def _all_held(cp: ControlPlaneProcess, token: str, identities: list[Identity], replica_ids: list[str]) -> None:
-    held = asyncio.run(_held(cp, token, _ids(identities), replica_ids))
-    if len(held) < len(identities):
-        raise RuntimeError(f"{len(identities) - len(held)} of {len(identities)} agents never held streams to "
-                           f"{replica_ids} (seen through {cp.state_dir.name})")
+    """Until every agent holds streams to `replica_ids`: the setup, which must succeed."""
+    missing = _missing(cp, token, identities, replica_ids, "setup")
+    if missing:
+        raise RuntimeError(f"{missing} of {len(identities)} agents never held streams to {replica_ids}")
+
+
+def _missing(cp: ControlPlaneProcess, token: str, identities: list[Identity], replica_ids: list[str],
+             when: str) -> int:
+    """How many agents do not hold streams to exactly `replica_ids` within `WITHIN` (what `cp` lists); those
+    are printed, with what `cp` lists of them."""
+    ids = _ids(identities)
+    held = asyncio.run(_held(cp, token, ids, replica_ids))
+    missing = ids - held.keys()
+    if missing:
+        asyncio.run(_print_stuck(cp, token, missing, replica_ids, when))
+    return len(missing)
+
+
+async def _print_stuck(cp: ControlPlaneProcess, token: str, agent_ids: set[str], replica_ids: list[str],
+                       when: str) -> None:
+    print(f"   {when}: {len(agent_ids)} agents hold no streams to {replica_ids} after {WITHIN:.0f} s; "
+          f"{cp.state_dir.name} lists:", flush=True)
+    async with operator_channel(cp) as channel:
+        listed = await agents_stub(channel).ListAgents(agents_pb2.ListAgentsRequest(), metadata=bearer(token))
+    for agent in listed.agents:
+        if agent.agent_id in agent_ids:
+            print(f"     {agent.name} ({agent.agent_id}): {agents_pb2.AgentState.Name(agent.state)}, streams to "
+                  f"{list(agent.replica_ids)}", flush=True)
 
 
 @dataclass
@@ -172,6 +206,8 @@ class Rolling:
     back_s: list[float]
     #: Per replica: its exit code on SIGTERM.
     exits: list[int]
+    #: Agents that did not come back to a restarted replica within `WITHIN`, summed over the restarts.
+    missing: int
 
 
 async def _rolling_restart(replicas: Replicas, token: str, fleet: list[Identity]) -> Rolling:
@@ -179,6 +215,7 @@ async def _rolling_restart(replicas: Replicas, token: str, fleet: list[Identity]
     groups = [i["group"] for i in fleet]
     back_s: list[float] = []
     exits: list[int] = []
+    missing = 0
     stop = asyncio.Event()
     async with _all_replicas_channel(replicas) as channel:
         readers = [asyncio.ensure_future(_reader(channel, token, method, groups, reads, stop))
@@ -196,14 +233,26 @@ async def _rolling_restart(replicas: Replicas, token: str, fleet: list[Identity]
                 back = await _held(cp, token, _ids(fleet), ALL, since=t0)
                 reads.phase = f"{name}: agents back"
                 if len(back) < len(fleet):
-                    raise RuntimeError(f"rolling restart: {len(fleet) - len(back)} agents never came back to "
-                                       f"{cp.state_dir.name}")
-                back_s.append(max(back.values()))
+                    await _print_stuck(cp, token, _ids(fleet) - back.keys(), ALL, f"rolling restart of {name}")
+                    missing += len(fleet) - len(back)
+                back_s.append(max(back.values(), default=WITHIN))
             await asyncio.sleep(1.0)
         finally:
             stop.set()
             await asyncio.gather(*readers)
-    return Rolling(reads, back_s, exits)
+    return Rolling(reads, back_s, exits, missing)
+
+
+def _latency(cp: ControlPlaneProcess, token: str, requests: int, warmup: int) -> Load:
+    """`SELECT 1` to agent 0's group through `cp`."""
+    return asyncio.run(latency(cp, token, "site-0", requests, warmup))
+
+
+def _pooled_ms(loads: list[Load]) -> tuple[float, float]:
+    """p50 and p99, in ms, of the requests of all `loads` together."""
+    pooled = Load(sum(x.requests for x in loads), sum(x.seconds for x in loads),
+                  [t for x in loads for t in x.latencies])
+    return pooled.p50_ms, pooled.p99_ms
 
 
 @contextlib.contextmanager
@@ -234,23 +283,29 @@ def run_small(workdir: Path, *, agents: int = AGENTS, per_process: int = PER_PRO
             asyncio.run(_live_replicas(r1, token, 3))
             identities = asyncio.run(enroll(r1, token, agents))
 
-            # 1. Scale: 1 agent, then all; through three replicas, then through r1 alone.
+            # 1. Scale: 1 agent, then all; latency through three replicas, r1 alone, r1 alone, three (ABBA).
             with simulators(workdir, r1, [identities[:1]], "first"):
                 _all_held(r1, token, identities[:1], ALL)
                 rss_one = [rss_mib(_pid(cp)) for cp in replicas.members]
                 crowd = batched(identities[1:], per_process)
                 with simulators(workdir, r1, crowd, "crowd"):
                     _all_held(r1, token, identities, ALL)
-                    three = asyncio.run(latency(r1, token, "site-0", requests, warmup))
+                    time.sleep(SETTLE_S)
+                    three = [_latency(r1, token, requests // 2, warmup)]
                     rss_all = [rss_mib(_pid(cp)) for cp in replicas.members]
                     r2.stop()
                     r3.stop()
                     _all_held(r1, token, identities, ["r1"])
-                    alone = asyncio.run(latency(r1, token, "site-0", requests, warmup))
+                    time.sleep(SETTLE_S)
+                    alone = [_latency(r1, token, requests // 2, warmup), _latency(r1, token, requests // 2, 0)]
+                    r2.start()
+                    r3.start()
+                    not_back = _missing(r1, token, identities, ALL, "after r2 and r3 restarted")
+                    time.sleep(SETTLE_S)
+                    three.append(_latency(r1, token, requests // 2, warmup))
+            three_ms, alone_ms = _pooled_ms(three), _pooled_ms(alone)
 
             # 2. Failover: SIGKILL r2, start it again at once.
-            r2.start()
-            r3.start()
             asyncio.run(_live_replicas(r1, token, 3))
             folder = workdir / "files"
             folder.mkdir()
@@ -263,7 +318,8 @@ def run_small(workdir: Path, *, agents: int = AGENTS, per_process: int = PER_PRO
                 r2.start()
                 restart_s = time.monotonic() - killed
                 back = asyncio.run(_held(r2, token, _ids(fleet), ALL, since=killed))
-                _all_held(r1, token, fleet, ALL)
+                if len(back) < failover_agents:
+                    asyncio.run(_print_stuck(r2, token, _ids(fleet) - back.keys(), ALL, "failover"))
 
                 # 3. Rolling restart under reads.
                 rolling = asyncio.run(_rolling_restart(replicas, token, fleet))
@@ -293,10 +349,12 @@ def run_small(workdir: Path, *, agents: int = AGENTS, per_process: int = PER_PRO
                f"the largest of the 3 (the others {', '.join(f'{v:.0f}' for v in sorted(per_stream_kib)[:-1])})",
                max(per_stream_kib), "KiB", target="— (docs/ha.md: about 100 KiB)", met=None),
         Figure(f"{scale}: routing latency p50 through r1 (SELECT 1 to a group of one agent, 1 in flight)",
-               three.p50_ms, "ms", target=f"<= {LATENCY_RATIO:.0%} of baseline",
-               met=three.p50_ms <= LATENCY_RATIO * alone.p50_ms, baseline_name=lone, baseline=alone.p50_ms),
-        Figure(f"{scale}: routing latency p99 through r1", three.p99_ms, "ms", target="—", met=None,
-               baseline_name=lone, baseline=alone.p99_ms),
+               three_ms[0], "ms", target=f"<= {LATENCY_RATIO:.0%} of baseline",
+               met=three_ms[0] <= LATENCY_RATIO * alone_ms[0], baseline_name=lone, baseline=alone_ms[0]),
+        Figure(f"{scale}: routing latency p99 through r1", three_ms[1], "ms", target="—", met=None,
+               baseline_name=lone, baseline=alone_ms[1]),
+        Figure(f"{scale}: agents that did not come back to all 3 replicas within {WITHIN:.0f} s of r2 and r3's "
+               "restart (SIGTERM, then started)", not_back, "agents", target="0", met=not_back == 0),
         Figure(f"failover, 3 replicas x {failover_agents} agents: SIGKILL of r2 and its restart at once, until "
                f"every agent holds a stream to it again: max over agents ({len(back)} of {failover_agents} back)",
                back_max, "s", target=f"< {FAILOVER_TARGET_S:.0f} s (reconnect backoff cap 30 s + the restart)",
@@ -311,6 +369,8 @@ def run_small(workdir: Path, *, agents: int = AGENTS, per_process: int = PER_PRO
         Figure("rolling restart: the longest time from a replica's SIGTERM until every agent held a stream to it "
                f"again (exit codes {', '.join(map(str, rolling.exits))})", max(rolling.back_s), "s",
                target="—", met=None),
+        Figure(f"rolling restart: agents that did not come back to the restarted replica within {WITHIN:.0f} s, "
+               "summed over the 3 restarts", rolling.missing, "agents", target="0", met=rolling.missing == 0),
     ]
 
 
