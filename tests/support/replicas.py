@@ -1,66 +1,7 @@
-"""Control-plane replicas sharing one real PostgreSQL database, as processes, for the replica tests.
-
-The first replica makes the CA; the others get a copy of its `ca.pem` and `ca.key` before they start,
-as docs/ha.md tells operators to do. Each advertises its own agent address, so that agents dial every
-replica directly.
-"""
+"""The tests' replicas: `tools.replicas`, which the replicas benchmark uses too."""
 
 from __future__ import annotations
 
-import shutil
-import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
+from tools.replicas import FAST, Replicas, new_database, replica, share_ca
 
-from tests.support.postgres import PostgresServer
-from tools.cluster import ControlPlaneProcess
-
-#: Quick heartbeats and checks, so that a replica that left is noticed in about a second.
-FAST = ["--replica-heartbeat", "0.3", "--change-check-interval", "0.5"]
-
-
-def new_database(postgres: PostgresServer) -> str:
-    name = f"replicas_{uuid.uuid4().hex[:12]}"
-    postgres.create_database(name)
-    return postgres.url(name)
-
-
-def share_ca(source: ControlPlaneProcess, target: ControlPlaneProcess) -> None:
-    """Provision `target` with `source`'s CA, as files (the key never goes into the database)."""
-    (target.state_dir / "ca").mkdir(parents=True, exist_ok=True)
-    for name in ("ca.pem", "ca.key"):
-        shutil.copy2(source.state_dir / "ca" / name, target.state_dir / "ca" / name)
-
-
-def replica(root: Path, name: str, url: str, *extra: str) -> ControlPlaneProcess:
-    cp = ControlPlaneProcess(root / name, database_url=url)
-    cp.extra_args = ["--replica-id", name, "--advertise-agent-address", f"127.0.0.1:{cp.agent_port}",
-                     "--advertise-operator-address", cp.operator_address, *FAST, *extra]
-    return cp
-
-
-@dataclass
-class Replicas:
-    """Replicas r1, r2, r3… on one database; `start()` starts them, the CA shared."""
-
-    root: Path
-    url: str
-    count: int = 3
-    members: list[ControlPlaneProcess] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.members = [replica(self.root, f"r{i + 1}", self.url) for i in range(self.count)]
-
-    def start(self) -> None:
-        first, *rest = self.members
-        first.start()
-        for cp in rest:
-            share_ca(first, cp)
-            cp.start()
-
-    def stop(self) -> None:
-        for cp in self.members:
-            cp.stop()
-
-    def __getitem__(self, index: int) -> ControlPlaneProcess:
-        return self.members[index]
+__all__ = ["FAST", "Replicas", "new_database", "replica", "share_ca"]

@@ -1,4 +1,4 @@
-"""The benchmarks must not rot: import each, and run the tiniest version of the two with their own programs.
+"""The benchmarks must not rot: import each, and run the tiniest version of those with their own programs.
 
 `make bench` runs the real sizes; these only prove that the bare relay, the
 agent simulator and the measuring code still work against the current
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.postgres import PostgresServer
 from tools.bench.__main__ import SUBJECTS
 from tools.bench.common import Figure
 
@@ -57,3 +58,20 @@ def test_list_agents_under_a_hostile_agents_attack(tmp_path: Path) -> None:
     _well_formed(figures)
     assert [f.unit for f in figures] == ["ms", "ms", "MiB"]
     assert figures[0].baseline is not None and figures[0].baseline > 0
+
+
+@pytest.mark.postgres
+def test_replicas_failover_rolling_restart_and_scale(tmp_path: Path, postgres: PostgresServer) -> None:
+    from tools.bench.replicas import run_small
+
+    figures = run_small(tmp_path, agents=3, per_process=2, failover_agents=2, requests=10, warmup=2,
+                        postgres=postgres)
+    _well_formed(figures)
+    by_unit = {f.unit: [g for g in figures if g.unit == f.unit] for f in figures}
+    assert figures[0].name.startswith("3 replicas x 3 agents: RSS") and figures[0].met is not None
+    latency = by_unit["ms"][0]
+    assert latency.baseline is not None and latency.baseline > 0 and latency.met is not None
+    failover = next(f for f in figures if f.name.startswith("failover, 3 replicas x 2 agents"))
+    assert failover.unit == "s" and failover.met is not None
+    reads = by_unit["reads"]
+    assert len(reads) == 2 and reads[1].value > 0

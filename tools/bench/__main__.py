@@ -16,7 +16,7 @@ from tools.bench.common import Figure, machine
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Benchmark modules under tools/bench, in the order they run.
-SUBJECTS = ["small_requests", "database", "files", "head_of_line", "in_flight", "many_agents", "hostile",
+SUBJECTS = ["small_requests", "database", "files", "head_of_line", "in_flight", "many_agents", "replicas", "hostile",
             "footprint"]
 
 

@@ -1,13 +1,14 @@
-"""Many real agents in one process, for the many-agents benchmark.
+"""Many real agents in one process, for the many-agents and replicas benchmarks.
 
     python -m tools.bench.sim_agents --identities agents.json --address 127.0.0.1:PORT \
-        --ca ca.pem --sqlite lite.db --home DIR
+        --ca ca.pem --sqlite lite.db --home DIR [--folder DIR]
 
 `agents.json` is a list of enrolled identities ({agent_id, group, key_pem,
 cert_pem}). Each becomes a real agent: the agent's own `TunnelClient` with its
 own channel (so its own TCP connection, TLS session and client certificate)
-and one tunnel stream, a `Dispatcher` of the real handlers, and a tiny SQLite
-profile `lite`, all in one event loop. Prints `ready N` once every agent has
+and its tunnel streams (one, or one to each replica), a `Dispatcher` of the
+real handlers, a tiny SQLite profile `lite` and, with `--folder`, a folder
+profile `files`, all in one event loop. Prints `ready N` once every agent has
 been welcomed by the control plane; SIGTERM stops them all.
 """
 
@@ -36,7 +37,8 @@ def _client(raw: dict[str, str], args: argparse.Namespace) -> tuple[TunnelClient
         "identity_dir": str(Path(args.home) / identity.agent_id),
         "name": identity.agent_id,
         "drain_grace_seconds": 1,
-        "profiles": {"databases": {"lite": {"url": f"sqlite:///{args.sqlite}", "pool_size": 1}}},
+        "profiles": {"databases": {"lite": {"url": f"sqlite:///{args.sqlite}", "pool_size": 1}},
+                     **({"folders": {"files": {"root": args.folder}}} if args.folder else {})},
     }, base_dir=Path(args.home))
     dispatcher = Dispatcher(build_handlers(config.profiles))
     return TunnelClient(config, identity, dispatcher), dispatcher
@@ -62,6 +64,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.bench.sim_agents")
     for name in ("--identities", "--address", "--ca", "--sqlite", "--home"):
         parser.add_argument(name, required=True)
+    parser.add_argument("--folder", help="also a folder profile 'files' with this root")
     args = parser.parse_args(argv)
     Path(args.home).mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING, filename=str(Path(args.home) / "sim.log"),
