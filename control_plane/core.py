@@ -73,6 +73,9 @@ class Settings:
     #: Seconds between a replica's heartbeats in the registry; one that missed this many is gone.
     replica_heartbeat: float = 2.0
     replica_missed_heartbeats: int = 3
+    #: Seconds after a replica starts during which a request for a group whose agents are on other
+    #: replicas waits for them to reach this one, rather than failing UNAVAILABLE.
+    replica_warmup: float = 10.0
     #: Seconds between checks of this replica's agents against the store (revocations and drains
     #: another replica made, should their notification be missed).
     change_check_interval: float = 2.0
@@ -87,7 +90,8 @@ class ControlPlane:
         # Store calls block; SQLite serialises writers anyway, so a few threads suffice.
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store")
         self.registry = Registry()
-        self.router = Router(self.registry, self._group_facts, queue_wait=self.settings.queue_wait)
+        self.router = Router(self.registry, self._group_facts, queue_wait=self.settings.queue_wait,
+                             elsewhere=self._held_elsewhere)
         self.audit = AuditLog(store.add_audits, self.blocking)
         self.changes = ChangeFeed(self, check_interval=self.settings.change_check_interval)
         counter: NotifiedCounter | None = None
@@ -140,6 +144,21 @@ class ControlPlane:
             group.create_task(self.changes.run(), name="change-feed")
 
     # -- replicas --
+    def start_warmup(self) -> None:
+        """This replica starts serving: for a while, requests wait for agents held by other replicas."""
+        self.router.warm_until = asyncio.get_running_loop().time() + self.settings.replica_warmup
+
+    async def _held_elsewhere(self, group: str) -> bool:
+        """Whether an agent of `group` holds a stream to another live replica (so it will reach this one)."""
+        try:
+            agents = await self.blocking(self.store.list_agents, group)
+            ids = [a.agent_id for a in agents if not a.revoked]
+            streams = await self.blocking(self.store.streams_of, ids, self.membership.max_age) if ids else {}
+        except Exception:
+            return False  # the store is down: explain with what is known
+        me = self.replica_id
+        return any(s.replica_id != me for rows in streams.values() for s in rows)
+
     def _tell_agents(self, replicas: list[tunnel_pb2.Replica]) -> None:
         for session in self.registry.all():
             session.send_replicas(replicas)

@@ -86,10 +86,15 @@ class Router:
         group_facts: Callable[[str], Awaitable[GroupFacts]],
         *,
         queue_wait: float = 2.0,
+        elsewhere: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self._registry = registry
         self._group_facts = group_facts
         self._queue_wait = queue_wait
+        #: Whether agents of a group hold streams to other replicas (they will reach this one soon).
+        self._elsewhere = elsewhere
+        #: Until when (loop time) this replica is warming up: just started, its agents still arriving.
+        self.warm_until = 0.0
 
     def _eligible(self, group: str, kind: int, profile: str, excluded: frozenset[str]) -> list[AgentSession]:
         return [s for s in self._registry.in_group(group)
@@ -109,6 +114,13 @@ class Router:
         while True:
             eligible = self._eligible(group, kind, profile, excluded)
             if not eligible:
+                # A replica that just started has not got its agents back yet: a request for a group whose
+                # agents are on the other replicas waits for them (they reconnect within seconds) instead
+                # of failing UNAVAILABLE at a client that was sent here by round robin.
+                warming = self.warm_until - loop.time()
+                if warming > 0 and not excluded and self._elsewhere is not None and await self._elsewhere(group):
+                    await self._registry.wait_for_change(min(warming, 0.5))
+                    continue
                 raise await self._explain(group, kind, profile)
             free = [s for s in eligible if s.has_capacity()]
             if free:

@@ -191,6 +191,7 @@ class ControlPlaneServer:
             self._servers.append(server)
         # Recorded before serving: the first agent's welcome names this replica among the live ones.
         await self.cp.membership.join()
+        self.cp.start_warmup()
         for server in self._servers:
             await server.start()
         loop = asyncio.get_running_loop()

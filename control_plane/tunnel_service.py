@@ -180,8 +180,12 @@ class AgentTunnelService(tunnel_pb2_grpc.AgentTunnelServicer):
         await self._record_hello(row.agent_id, hello, list(hello.profiles))
         membership = self._cp.membership
         await self._cp.blocking(self._cp.store.record_stream, row.agent_id, self._cp.replica_id, session.session_id)
-        await context.write(session.welcome_frame(membership.me, membership.serving))
+        told = membership.serving
+        await context.write(session.welcome_frame(membership.me, told))
         self._cp.registry.add(session)
+        if membership.serving != told:
+            # The set changed while the welcome was being written, before the session could be told.
+            session.send_replicas(membership.serving)
         metrics.SESSIONS_OPENED.inc()
         log.info("agent %s (%s) of group %s connected from %s, session %s, %d profiles",
                  row.name, row.agent_id, row.group_name, peer, session.session_id, len(hello.profiles))

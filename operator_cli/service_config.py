@@ -2,7 +2,8 @@
 
 Behind one DNS name with an address per replica (`dns:///cp.example.com:8443`), `round_robin` spreads
 calls over the replicas and the retry policy sends a read that failed UNAVAILABLE (its replica
-stopping or gone) to another. Only reads are retried: a write that failed UNAVAILABLE may have run
+stopping or gone) to another; a replica that just started waits briefly for its agents before it
+says a group has none (`router`), so a retry that lands there is served. Only reads are retried: a write that failed UNAVAILABLE may have run
 (the control plane says so in the message), and retrying it is the caller's decision. The same
 JSON is in docs/service-config.json for other clients; a test keeps the two equal.
 """
@@ -24,11 +25,13 @@ SERVICE_CONFIG: Final[dict[str, Any]] = {
     "methodConfig": [{
         "name": [{"service": service, "method": method} for service, methods in READS.items() for method in methods],
         "retryPolicy": {
-            "maxAttempts": 4,
+            "maxAttempts": 5,
             "initialBackoff": "0.1s",
             "maxBackoff": "1s",
             "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"],
+            # CANCELLED too: grpcio (1.85) answers it for calls a stopping server had not picked up yet
+            # (grpc/grpc#41785); a read is safe to send again, and a caller's own cancel is never retried.
+            "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
         },
     }],
 }

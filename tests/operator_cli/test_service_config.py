@@ -36,4 +36,4 @@ def test_no_write_is_retried_and_calls_spread_round_robin() -> None:
     assert "Query" not in retried and "ExecuteBatch" not in retried and "Call" not in retried
     assert SERVICE_CONFIG["loadBalancingConfig"] == [{"round_robin": {}}]
     [policy] = [c["retryPolicy"] for c in SERVICE_CONFIG["methodConfig"]]
-    assert policy["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert policy["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED"]

@@ -227,3 +227,34 @@ async def test_frames_that_queue_up_during_a_write_go_out_combined() -> None:
     assert written == ["first", ("a", "b", "c")]
     writer.close(StreamClosed("done"))
     await task
+
+
+async def test_a_replica_warming_up_waits_for_an_agent_that_other_replicas_hold() -> None:
+    registry = Registry()
+
+    async def group_facts(group: str) -> GroupFacts:
+        return GroupFacts(exists=True, known_profiles=frozenset({(DB, "erp")}))
+
+    async def elsewhere(group: str) -> bool:
+        return True  # the store says the group's agent holds a stream to another replica
+
+    router = Router(registry, group_facts, queue_wait=0.05, elsewhere=elsewhere)
+    router.warm_until = asyncio.get_running_loop().time() + 5
+    routed = asyncio.ensure_future(pick(router, "erp"))
+    await asyncio.sleep(0.1)
+    assert not routed.done()
+    registry.add(FakeSession("late", "g", {(DB, "erp")}))  # type: ignore[arg-type]
+    assert await routed == "late"
+
+
+async def test_a_replica_past_its_warm_up_says_at_once_that_no_agent_is_connected() -> None:
+    async def group_facts(group: str) -> GroupFacts:
+        return GroupFacts(exists=True, known_profiles=frozenset({(DB, "erp")}))
+
+    async def elsewhere(group: str) -> bool:
+        return True
+
+    router = Router(Registry(), group_facts, queue_wait=0.05, elsewhere=elsewhere)
+    with pytest.raises(Unavailable) as info:
+        await router.route("g", DB, "erp", tunnel_pb2.RequestStart())
+    assert info.value.reason == "NO_ACTIVE_AGENT"
