@@ -166,8 +166,6 @@ class ControlPlane:
     async def check_agents(self) -> None:
         """Act on what other replicas changed for this replica's agents: revocations and drains."""
         sessions = {s.agent_id: s for s in self.registry.all() if s.is_open}
-        await self.blocking(functools.partial(
-            self.store.forget_gone_replicas, self.membership.max_age, keep=dt.timedelta(hours=1)))
         if not sessions:
             return
         for agent_id in await self.blocking(self.store.revoked_among, list(sessions)):

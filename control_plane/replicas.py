@@ -33,6 +33,9 @@ log = logging.getLogger("onprem.control_plane.replicas")
 
 #: The file in the state folder that keeps a replica's id across its restarts.
 REPLICA_ID_FILE = "replica-id"
+#: Every this many heartbeats, a replica deletes what gone replicas left (their streams; their rows
+#: after an hour): a cleanup, not worth a write transaction every check.
+CLEANUP_EVERY = 15
 #: The topic of the notification a replica sends when it joins or leaves.
 REPLICAS_TOPIC = "replicas"
 
@@ -89,6 +92,7 @@ class Membership:
         #: Whether the last heartbeat reached the store (health reports the outage otherwise).
         self.store_reachable = True
         self._left = False
+        self._beats = 0
         # A heartbeat and the leave never interleave: a beat in flight would bring the deleted row back.
         self._beating = asyncio.Lock()
 
@@ -145,6 +149,13 @@ class Membership:
         async with self._beating:
             if not self._left:
                 await self._beat_once()
+                self._beats += 1
+                if self._beats % CLEANUP_EVERY == 0 and self.store_reachable:
+                    try:
+                        await self._cp.blocking(functools.partial(
+                            self._cp.store.forget_gone_replicas, self.max_age, keep=dt.timedelta(hours=1)))
+                    except Exception as exc:
+                        log.warning("could not delete what gone replicas left: %s", exc)
 
     async def _beat_once(self) -> None:
         identity = self.identity

@@ -252,11 +252,10 @@ class MemoryReplica:
             await self._changed.wait_for(condition)
 
     def names(self, replicas: Sequence[tunnel_pb2.Replica]) -> None:
-        """Send a `replicas` frame naming `replicas` on every live stream."""
+        """Send a `replicas` frame naming `replicas` on every live stream (a stream the agent just broke, on
+        its budget for such frames, takes none: `AgentSession.send_replicas`)."""
         for session in self.live:
-            frame = session.conn.replicas_frame(replicas)
-            if frame is not None:
-                session.shell.send_nowait(frame)
+            session.send_replicas(list(replicas))
 
     async def _poke(self) -> None:
         async with self._changed:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import shlex
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,7 +106,7 @@ async def test_a_replica_that_stops_leaves_the_registry_at_once(replicas: Replic
 
 async def test_a_killed_replica_is_gone_after_its_missed_heartbeats(replicas: Replicas) -> None:
     token = replicas[0].admin_token()
-    replicas[1].stop(sig=__import__("signal").SIGKILL)
+    replicas[1].stop(sig=signal.SIGKILL)
     for _ in range(100):
         if [r.replica_id for r in (await list_replicas(replicas[0], token)).replicas] == ["r1", "r3"]:
             break

@@ -102,3 +102,19 @@ def test_an_agent_cannot_claim_more_load_than_an_agent_may_run() -> None:
     cp, agent, _ = greet()
     with pytest.raises(RemoteProtocolError, match="reports 10001 requests in flight"):
         cp.receive(agent.status(draining=False, in_flight=0, agent_in_flight=MAX_IN_FLIGHT + 1))
+
+
+def test_an_agent_cannot_claim_to_hold_more_replicas_than_a_control_plane_may_have() -> None:
+    cp, agent = ControlPlaneConnection(), AgentConnection()
+    hello = agent.hello_frame(tunnel_pb2.Hello(agent_version="t", max_in_flight=4))
+    hello.hello.held_replica_ids.extend(f"r{i}" for i in range(MAX_REPLICAS + 1))
+    with pytest.raises(RemoteProtocolError, match="hello names 65 held replicas"):
+        cp.receive(hello)
+
+
+def test_an_agent_cannot_name_a_held_replica_with_an_empty_id() -> None:
+    cp, agent = ControlPlaneConnection(), AgentConnection()
+    hello = agent.hello_frame(tunnel_pb2.Hello(agent_version="t", max_in_flight=4))
+    hello.hello.held_replica_ids.append("")
+    with pytest.raises(RemoteProtocolError, match="ids of 1 to 255 characters"):
+        cp.receive(hello)

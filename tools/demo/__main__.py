@@ -20,7 +20,6 @@ import argparse
 import os
 import secrets
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import grpc
 import yaml
 
 from onprem.v1 import agents_pb2, agents_pb2_grpc
-from tools.demo.processes import wait_for_port
+from tools.demo.processes import stop_all, stop_on_signals, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -171,12 +170,7 @@ def main() -> None:
                              check=True, capture_output=True, text=True)
         return out.stdout.strip()
 
-    def interrupt(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    # Explicit handlers: a shell that starts us in the background leaves SIGINT ignored.
-    signal.signal(signal.SIGINT, interrupt)
-    signal.signal(signal.SIGTERM, interrupt)
+    stop_on_signals()
     try:
         app = start([sys.executable, "-m", "tools.demo.http_app", "--port", str(APP_PORT)], "http-app.log")
         wait_for_port(f"127.0.0.1:{APP_PORT}", app, "demo HTTP app", DEMO)
@@ -220,14 +214,7 @@ def main() -> None:
     except KeyboardInterrupt:
         print("\nstopping…", flush=True)
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in reversed(procs):
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs)
 
 
 if __name__ == "__main__":

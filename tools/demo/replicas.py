@@ -13,7 +13,6 @@ stops everything on Ctrl-C.
 from __future__ import annotations
 
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import grpc
 import yaml
 
 from onprem.v1 import agents_pb2, agents_pb2_grpc
-from tools.demo.processes import wait_for_port
+from tools.demo.processes import stop_all, stop_on_signals, wait_for_port
 from tools.postgres import running_postgres
 
 BIN = Path(sys.executable).parent
@@ -60,11 +59,7 @@ def run(directory: Path, base_port: int, count: int) -> None:
         procs.append(proc)
         return proc
 
-    def interrupt(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, interrupt)
-    signal.signal(signal.SIGTERM, interrupt)
+    stop_on_signals()
     db = directory / "demo.db"
     if not db.exists():
         with sqlite3.connect(db) as conn:
@@ -131,11 +126,4 @@ def run(directory: Path, base_port: int, count: int) -> None:
     except KeyboardInterrupt:
         print("\nstopping…", flush=True)
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in reversed(procs):
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs)
