@@ -35,7 +35,7 @@ def _well_formed(figures: list[Figure]) -> None:
 def test_small_requests_against_the_bare_relay(tmp_path: Path) -> None:
     from tools.bench.small_requests import run_small
 
-    figures = run_small(tmp_path, requests=40, warmup=10, rounds=1, concurrency=8)
+    figures = run_small(tmp_path, requests=40, warmup=10, rounds=1, concurrency=8, serial_requests=10)
     _well_formed(figures)
     rate = figures[0]
     assert rate.unit == "req/s" and rate.baseline is not None and rate.baseline > 0

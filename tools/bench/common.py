@@ -83,3 +83,28 @@ def machine() -> str:
     except OSError:
         pass
     return f"{platform.machine()}, {cpus} CPUs{mem}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process has used so far, in seconds, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # After the command name: state is field 3, utime and stime fields 14 and 15 (man 5 proc).
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU time used by some processes between `start()` and `stop()`."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self._pids = pids
+        self._began: list[float] = []
+        #: Seconds of CPU per process over the last start/stop, in the order of `pids`.
+        self.used: list[float] = []
+
+    def start(self) -> None:
+        self._began = [cpu_seconds(pid) for pid in self._pids]
+
+    def stop(self) -> list[float]:
+        self.used = [cpu_seconds(pid) - began for pid, began in zip(self._pids, self._began, strict=True)]
+        return self.used

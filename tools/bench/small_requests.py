@@ -41,7 +41,7 @@ import grpc
 
 from onprem.v1 import agents_pb2, database_pb2
 from tools.bench.bare_relay import CALL, make_self_signed
-from tools.bench.common import Figure, ratio_figure
+from tools.bench.common import CpuMeter, Figure, ratio_figure
 from tools.cluster import (
     AgentProcess,
     ControlPlaneProcess,
@@ -59,7 +59,12 @@ CONCURRENCY = 64
 WARMUP = 500
 REQUESTS = 3000
 ROUNDS = 2
-MIN_RATIO = 0.6
+#: Requests of the one-at-a-time run (latency without queueing), per round.
+SERIAL_REQUESTS = 1000
+MIN_RATIO = 0.7
+#: Targets of issue 15: one request at a time, p50 within 1.25x the relay's; CPU per request within 1.4x.
+MAX_SERIAL_P50 = 1.25
+MAX_CPU_RATIO = 1.4
 
 
 @dataclass(frozen=True)
@@ -188,9 +193,19 @@ def query_once(channel: grpc.aio.Channel, token: str, *, group: str = GROUP, pro
 # --- the bare relay -----------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class BareRelay:
+    """A running bare relay: where to reach it, what to trust, and its two processes."""
+
+    port: int
+    cert: bytes
+    #: The relay's and the backend's process ids, whose CPU time is the baseline's cost.
+    pids: tuple[int, int]
+
+
 @contextlib.contextmanager
-def bare_relay(workdir: Path, db: Path, *, shaped: bool = False) -> Iterator[tuple[int, bytes]]:
-    """Start the relay and its backend; yield the relay's port and the certificate to trust."""
+def bare_relay(workdir: Path, db: Path, *, shaped: bool = False) -> Iterator[BareRelay]:
+    """Start the relay and its backend."""
     cert, key = make_self_signed(workdir, "relay-shaped" if shaped else "relay")
     tls = ["--cert", str(cert), "--key", str(key)]
     relay = subprocess.Popen([sys.executable, "-m", "tools.bench.bare_relay", "relay", *tls],
@@ -205,7 +220,7 @@ def bare_relay(workdir: Path, db: Path, *, shaped: bool = False) -> Iterator[tup
         backend = subprocess.Popen([sys.executable, "-m", "tools.bench.bare_relay", "backend", *tls,
                                     "--address", f"127.0.0.1:{port}", "--sqlite", str(db),
                                     *(["--shaped"] if shaped else [])], cwd=ROOT)
-        yield port, cert.read_bytes()
+        yield BareRelay(port, cert.read_bytes(), (relay.pid, backend.pid))
     finally:
         for proc in (backend, relay):
             if proc is not None:
@@ -214,8 +229,8 @@ def bare_relay(workdir: Path, db: Path, *, shaped: bool = False) -> Iterator[tup
 
 
 @contextlib.asynccontextmanager
-async def relay_channel(port: int, cert: bytes) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(cert)) as channel:
+async def relay_channel(relay: BareRelay) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.secure_channel(f"127.0.0.1:{relay.port}", grpc.ssl_channel_credentials(relay.cert)) as channel:
         yield channel
 
 
@@ -247,48 +262,94 @@ async def wait_relay_ready(one: Callable[[], Awaitable[None]], within: float = 3
 # --- the benchmark ------------------------------------------------------------
 
 
-async def _measure(cluster: Cluster, relays: list[tuple[int, bytes]], *, warmup: int, requests: int,
-                   rounds: int, concurrency: int) -> tuple[Load, Load, Load]:
-    """The best run of ours, of the bare relay and of the relay shaped like ours."""
+@dataclass(frozen=True)
+class Side:
+    """One way of answering the requests, and the processes that do the work."""
+
+    one: Callable[[], Awaitable[None]]
+    #: The two processes between the client and the database: control plane and agent, or relay and backend.
+    pids: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Measured:
+    """The best run of one side, at full concurrency and one at a time."""
+
+    loaded: Load
+    #: CPU seconds per request over the loaded run, of each of the side's two processes.
+    cpu_per_request: tuple[float, float]
+    serial: Load
+
+
+async def _drive_metered(side: Side, requests: int, concurrency: int) -> tuple[Load, tuple[float, float]]:
+    meter = CpuMeter(list(side.pids))
+    meter.start()
+    load = await drive(side.one, requests, concurrency)
+    first, second = meter.stop()
+    return load, (first / load.requests, second / load.requests)
+
+
+async def _measure(cluster: Cluster, relays: tuple[BareRelay, BareRelay], *, warmup: int, requests: int,
+                   rounds: int, concurrency: int, serial_requests: int) -> tuple[Measured, Measured, Measured]:
+    """The best runs of ours, of the bare relay and of the relay shaped like ours."""
     await wait_active(cluster)
-    (plain_port, plain_cert), (shaped_port, shaped_cert) = relays
-    async with (operator_channel(cluster.cp) as ours_ch, relay_channel(plain_port, plain_cert) as relay_ch,
-                relay_channel(shaped_port, shaped_cert) as shaped_ch):
-        sides = [query_once(ours_ch, cluster.token), relay_once(relay_ch), relay_once(shaped_ch, shaped=True)]
+    plain, shaped = relays
+    async with (operator_channel(cluster.cp) as ours_ch, relay_channel(plain) as relay_ch,
+                relay_channel(shaped) as shaped_ch):
+        sides = [Side(query_once(ours_ch, cluster.token), (cluster.cp_pid, cluster.agent_pid)),
+                 Side(relay_once(relay_ch), plain.pids), Side(relay_once(shaped_ch, shaped=True), shaped.pids)]
         for side in sides[1:]:
-            await wait_relay_ready(side)
+            await wait_relay_ready(side.one)
         for side in sides:
-            await drive(side, warmup, concurrency)
-        runs: list[list[Load]] = [[], [], []]
+            await drive(side.one, warmup, concurrency)
+        loaded: list[list[tuple[Load, tuple[float, float]]]] = [[], [], []]
+        serial: list[list[Load]] = [[], [], []]
         for _ in range(rounds):
             # Alternated, so that a burst of load elsewhere on the machine hits each alike.
-            for side, side_runs in zip(sides, runs, strict=True):
-                side_runs.append(await drive(side, requests, concurrency))
-    ours, relay, shaped = (max(side_runs, key=lambda load: load.rate) for side_runs in runs)
-    return ours, relay, shaped
+            for side, side_runs in zip(sides, loaded, strict=True):
+                side_runs.append(await _drive_metered(side, requests, concurrency))
+            for side, side_serial in zip(sides, serial, strict=True):
+                side_serial.append(await drive(side.one, serial_requests, 1))
+    best = []
+    for side_runs, side_serial in zip(loaded, serial, strict=True):
+        load, cpu = max(side_runs, key=lambda run: run[0].rate)
+        best.append(Measured(load, cpu, min(side_serial, key=lambda run: run.p50_ms)))
+    return best[0], best[1], best[2]
 
 
-def figures(ours: Load, relay: Load, shaped: Load) -> list[Figure]:
+def figures(ours: Measured, relay: Measured, shaped: Measured) -> list[Figure]:
     baseline = "bare grpc.aio relay, same layout"
+    ours_cpu, relay_cpu = (sum(m.cpu_per_request) * 1000 for m in (ours, relay))
+    (cp_cpu, agent_cpu), (relay_only, backend_only) = ((c * 1000 for c in m.cpu_per_request) for m in (ours, relay))
     return [
         ratio_figure(f"small requests (SELECT 1 on SQLite, {CONCURRENCY} in flight) through control plane "
-                     "and agent", ours.rate, "req/s", baseline, relay.rate, MIN_RATIO),
-        Figure("small requests: p50 latency", ours.p50_ms, "ms", target="—", met=None,
-               baseline_name=baseline, baseline=relay.p50_ms),
-        Figure("small requests: p99 latency", ours.p99_ms, "ms", target="—", met=None,
-               baseline_name=baseline, baseline=relay.p99_ms),
+                     "and agent", ours.loaded.rate, "req/s", baseline, relay.loaded.rate, MIN_RATIO),
+        Figure(f"small requests, {CONCURRENCY} in flight: p50 latency", ours.loaded.p50_ms, "ms", target="—",
+               met=None, baseline_name=baseline, baseline=relay.loaded.p50_ms),
+        Figure(f"small requests, {CONCURRENCY} in flight: p99 latency", ours.loaded.p99_ms, "ms", target="—",
+               met=None, baseline_name=baseline, baseline=relay.loaded.p99_ms),
+        Figure("small requests, one at a time: p50 latency", ours.serial.p50_ms, "ms",
+               target=f"<= {MAX_SERIAL_P50:.0%} of baseline", met=ours.serial.p50_ms <= MAX_SERIAL_P50 * relay.serial.p50_ms,
+               baseline_name=baseline, baseline=relay.serial.p50_ms),
+        Figure("small requests, one at a time: p99 latency", ours.serial.p99_ms, "ms", target="—", met=None,
+               baseline_name=baseline, baseline=relay.serial.p99_ms),
+        Figure(f"CPU per small request, control plane + agent ({cp_cpu:.2f} + {agent_cpu:.2f} ms; the relay's "
+               f"{relay_only:.2f} + {backend_only:.2f} ms)", ours_cpu, "ms",
+               target=f"<= {MAX_CPU_RATIO:.0%} of baseline", met=ours_cpu <= MAX_CPU_RATIO * relay_cpu,
+               baseline_name=f"{baseline}: relay + backend", baseline=relay_cpu),
         Figure("small requests, for diagnosis: the bare relay answering with 3 messages per request (header, "
-               "rows, summary, as Query streams them)", shaped.rate, "req/s", target="—",
-               met=None, baseline_name=baseline, baseline=relay.rate),
+               "rows, summary, as Query streams them)", shaped.loaded.rate, "req/s", target="—",
+               met=None, baseline_name=baseline, baseline=relay.loaded.rate),
     ]
 
 
 def run_small(workdir: Path, *, requests: int = REQUESTS, warmup: int = WARMUP, rounds: int = ROUNDS,
-              concurrency: int = CONCURRENCY) -> list[Figure]:
+              concurrency: int = CONCURRENCY, serial_requests: int = SERIAL_REQUESTS) -> list[Figure]:
     with (start_cluster(workdir) as cluster, bare_relay(workdir, workdir / "lite.db") as plain,
           bare_relay(workdir, workdir / "lite.db", shaped=True) as shaped):
-        ours, relay, shaped_relay = asyncio.run(_measure(cluster, [plain, shaped], warmup=warmup, requests=requests,
-                                                         rounds=rounds, concurrency=concurrency))
+        ours, relay, shaped_relay = asyncio.run(_measure(
+            cluster, (plain, shaped), warmup=warmup, requests=requests, rounds=rounds, concurrency=concurrency,
+            serial_requests=serial_requests))
     return figures(ours, relay, shaped_relay)
 
 

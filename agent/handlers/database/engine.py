@@ -42,7 +42,7 @@ from onprem.agent.handlers.database.guard import (
     reset_postgres,
 )
 from onprem.agent.profiles.database import DatabaseProfile
-from onprem.tunnel.errors import FailedPrecondition, Internal
+from onprem.tunnel.errors import Cancelled, FailedPrecondition, Internal
 
 __all__ = ["COMMAND_TAG", "ProfileRuntime", "RequestConnection"]
 
@@ -272,6 +272,10 @@ class RequestConnection:
         self.sqlite_guard: SqliteGuard | None = None
         #: Close the connection instead of pooling it.
         self._discard = False
+        #: Set by `interrupt`: no further statement of this request may start. A cancel that reaches
+        #: the server between two statements (while connecting, or between BEGIN and the query)
+        #: cancels nothing there, so the next statement must not be sent at all.
+        self.interrupted = False
 
     def connect(self) -> None:
         self.conn = self.runtime.engine().connect()
@@ -315,6 +319,8 @@ class RequestConnection:
         here, before any next statement runs. Costs no round trip: psycopg already holds the
         transaction status and the reported settings, and sqlite3 its `in_transaction`.
         """
+        if self.interrupted:
+            raise Cancelled("the request was cancelled before the statement started", reason="CANCELLED")
         tag: list[str | None] = [None]
         try:
             yield tag
@@ -340,7 +346,13 @@ class RequestConnection:
             self.dbapi.set_progress_handler(None, 0)
 
     def interrupt(self) -> None:
-        """Cancel the running statement on the server; called from another thread."""
+        """Cancel the running statement on the server, and any later one; called from another thread.
+
+        Called again until the step returns (`DatabaseHandler._interrupt`): the flag stops a statement
+        that had not started, and a cancel that came just before a statement reached the server is sent
+        once more for it.
+        """
+        self.interrupted = True
         dbapi = self.dbapi
         if isinstance(dbapi, psycopg.Connection):
             dbapi.cancel_safe(timeout=5)

@@ -35,6 +35,8 @@ T = TypeVar("T")
 
 #: How long a cancelled step may take to notice the server-side cancel.
 _CANCEL_GRACE_SECONDS = 10.0
+#: How often a cancel is sent again while the cancelled step has not returned.
+_CANCEL_RETRY_SECONDS = 0.25
 
 
 class _ConnectFailed(Exception):
@@ -162,12 +164,26 @@ class DatabaseHandler:
             raise map_error(exc, runtime.profile, runtime.secrets, False) from None
 
     async def _interrupt(self, work: RequestConnection, waiter: asyncio.Future[Any]) -> None:
-        try:
-            await asyncio.to_thread(work.interrupt)
-        except Exception as exc:
-            log.warning("database profile %r: could not cancel a statement: %s", work.profile.name,
-                        scrub(first_lines(str(exc)), work.runtime.secrets))
-        await asyncio.wait({waiter}, timeout=_CANCEL_GRACE_SECONDS)
+        """Cancel the step's statement on the server, again and again until the step returns.
+
+        Once is not enough: a cancel that reaches the server while the step is between statements
+        (connecting, beginning the transaction) cancels nothing, and the statement sent next would run
+        to its end. `RequestConnection.interrupt` also flags the request so that no statement starts.
+        """
+        deadline = asyncio.get_running_loop().time() + _CANCEL_GRACE_SECONDS
+        warned = False
+        while not waiter.done():
+            try:
+                await asyncio.to_thread(work.interrupt)
+            except Exception as exc:
+                if not warned:
+                    log.warning("database profile %r: could not cancel a statement: %s", work.profile.name,
+                                scrub(first_lines(str(exc)), work.runtime.secrets))
+                    warned = True
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            await asyncio.wait({waiter}, timeout=min(_CANCEL_RETRY_SECONDS, remaining))
         if waiter.done() and not waiter.cancelled():
             waiter.exception()  # retrieved: the cancelled statement's error is expected
 

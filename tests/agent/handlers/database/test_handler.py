@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
@@ -15,6 +16,7 @@ import pytest
 
 from onprem.agent.handlers.base import RequestContext
 from onprem.agent.handlers.database import DatabaseHandler
+from onprem.agent.handlers.database.engine import RequestConnection
 from onprem.agent.profiles import DatabaseProfile
 from onprem.tunnel.errors import (
     AlreadyExists,
@@ -525,6 +527,33 @@ async def test_pg_cancellation_stops_the_statement_on_the_server(
     else:
         pytest.fail("the cancelled pg_sleep(30) is still running on the server")
     # pool_size=1: the next query reuses the cancelled connection, which must be clean.
+    _, rows = decode(await asyncio.wait_for(collect(pg_handler, start("pg-ro", "SELECT 7")), 5))
+    assert rows == [[7]]
+
+
+async def test_pg_a_cancel_that_comes_before_the_statement_starts_stops_it_too(
+    pg_handler: DatabaseHandler, pg_db: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The cancel arrives while the step is still beginning the transaction (slow here on purpose, as on
+    # a loaded machine): a server-side cancel then hits nothing, and the query sent next must not run.
+    real_begin = RequestConnection.begin
+    beginning = threading.Event()
+
+    def slow_begin(self: RequestConnection) -> None:
+        beginning.set()
+        time.sleep(1.0)
+        real_begin(self)
+
+    monkeypatch.setattr(RequestConnection, "begin", slow_begin)
+    task = asyncio.create_task(collect(pg_handler, start("pg-ro", "SELECT pg_sleep(30)")))
+    assert await asyncio.to_thread(beginning.wait, 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # Long enough for the statement to have started had it been sent.
+    for _ in range(20):
+        assert await asyncio.to_thread(_sleeping_backends, pg_db) == 0
+        await asyncio.sleep(0.1)
     _, rows = decode(await asyncio.wait_for(collect(pg_handler, start("pg-ro", "SELECT 7")), 5))
     assert rows == [[7]]
 

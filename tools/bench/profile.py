@@ -1,0 +1,97 @@
+"""Flame graphs of the control plane and the agent under the small-requests load.
+
+    python -m tools.bench.profile before            # docs/perf/before-control-plane.svg, before-agent.svg
+    python -m tools.bench.profile after --seconds 30
+
+Starts the small-requests benchmark's cluster (a control plane and an agent with
+a SQLite profile), drives `SELECT 1` with 64 in flight, and meanwhile samples
+both processes with py-spy (`py-spy record`, every thread, 200 samples a
+second, native frames left out), one SVG each. The CPU time each process used
+per request over the same window is printed, and so is the request rate, so
+that a graph can be read against its numbers. docs/perf/README.md reads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from tools.bench.common import CpuMeter
+from tools.bench.small_requests import (
+    CONCURRENCY,
+    drive,
+    query_once,
+    start_cluster,
+    wait_active,
+)
+from tools.cluster import operator_channel
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = ROOT / "docs" / "perf"
+RATE = 200
+
+
+def _py_spy() -> str:
+    found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(found).exists():
+        raise SystemExit("py-spy is not installed: pip install py-spy (it is in the project's dev extras)")
+    return found
+
+
+async def _load_for(seconds: float, cp_pid: int, agent_pid: int,
+                    one: Callable[[], Awaitable[None]]) -> tuple[int, list[float]]:
+    """Drive requests for about `seconds`; the number done and CPU seconds of each process."""
+    meter = CpuMeter([cp_pid, agent_pid])
+    meter.start()
+    done = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        load = await drive(one, 2000, CONCURRENCY)
+        done += load.requests
+    return done, meter.stop()
+
+
+async def _profile(workdir: Path, label: str, seconds: float) -> None:
+    with start_cluster(workdir) as cluster:
+        await wait_active(cluster)
+        async with operator_channel(cluster.cp) as channel:
+            one = query_once(channel, cluster.token)
+            await drive(one, 1000, CONCURRENCY)  # warm-up: connections, pools, caches
+            OUT.mkdir(parents=True, exist_ok=True)
+            spies = []
+            for pid, name in ((cluster.cp_pid, "control-plane"), (cluster.agent_pid, "agent")):
+                target = OUT / f"{label}-{name}.svg"
+                spies.append(await asyncio.create_subprocess_exec(
+                    _py_spy(), "record", "--pid", str(pid), "--rate", str(RATE), "--duration", str(int(seconds)),
+                    "--format", "flamegraph", "--output", str(target), "--nonblocking",
+                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE))
+            began = time.monotonic()
+            done, (cp_cpu, agent_cpu) = await _load_for(seconds, cluster.cp_pid, cluster.agent_pid, one)
+            elapsed = time.monotonic() - began
+            for spy in spies:
+                _, err = await asyncio.wait_for(spy.communicate(), seconds + 60)
+                if spy.returncode != 0:
+                    raise SystemExit(f"py-spy failed: {err.decode(errors='replace')}")
+    print(f"{label}: {done} requests in {elapsed:.1f} s ({done / elapsed:,.0f} req/s), CPU per request: "
+          f"control plane {cp_cpu / done * 1000:.3f} ms, agent {agent_cpu / done * 1000:.3f} ms")
+    print(f"written: docs/perf/{label}-control-plane.svg, docs/perf/{label}-agent.svg")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.bench.profile")
+    parser.add_argument("label", help="the graphs' name prefix, e.g. before or after")
+    parser.add_argument("--seconds", type=float, default=20, help="how long to sample (default 20)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="onprem-profile-") as workdir:
+        asyncio.run(_profile(Path(workdir), args.label, args.seconds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
