@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import sys
 import tempfile
@@ -35,6 +36,10 @@ from tools.cluster import operator_channel
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "docs" / "perf"
 RATE = 200
+#: PROFILE_NATIVE=1 adds C frames (grpc's core, OpenSSL), which needs py-spy to pause the process.
+NATIVE: list[str] = ["--native"] if os.environ.get("PROFILE_NATIVE") else ["--nonblocking"]
+#: More py-spy options, e.g. PROFILE_ARGS="--gil --threads" (only samples holding the GIL, one stack per thread).
+EXTRA: list[str] = os.environ.get("PROFILE_ARGS", "").split()
 
 
 def _py_spy() -> str:
@@ -57,19 +62,19 @@ async def _load_for(seconds: float, cp_pid: int, agent_pid: int,
     return done, meter.stop()
 
 
-async def _profile(workdir: Path, label: str, seconds: float) -> None:
+async def _profile(workdir: Path, label: str, seconds: float, out: Path, fmt: str) -> None:
     with start_cluster(workdir) as cluster:
         await wait_active(cluster)
         async with operator_channel(cluster.cp) as channel:
             one = query_once(channel, cluster.token)
             await drive(one, 1000, CONCURRENCY)  # warm-up: connections, pools, caches
-            OUT.mkdir(parents=True, exist_ok=True)
+            out.mkdir(parents=True, exist_ok=True)
             spies = []
             for pid, name in ((cluster.cp_pid, "control-plane"), (cluster.agent_pid, "agent")):
-                target = OUT / f"{label}-{name}.svg"
+                target = out / f"{label}-{name}.{'svg' if fmt == 'flamegraph' else 'folded'}"
                 spies.append(await asyncio.create_subprocess_exec(
                     _py_spy(), "record", "--pid", str(pid), "--rate", str(RATE), "--duration", str(int(seconds)),
-                    "--format", "flamegraph", "--output", str(target), "--nonblocking",
+                    "--format", fmt, "--output", str(target), *NATIVE, *EXTRA,
                     stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE))
             began = time.monotonic()
             done, (cp_cpu, agent_cpu) = await _load_for(seconds, cluster.cp_pid, cluster.agent_pid, one)
@@ -80,16 +85,19 @@ async def _profile(workdir: Path, label: str, seconds: float) -> None:
                     raise SystemExit(f"py-spy failed: {err.decode(errors='replace')}")
     print(f"{label}: {done} requests in {elapsed:.1f} s ({done / elapsed:,.0f} req/s), CPU per request: "
           f"control plane {cp_cpu / done * 1000:.3f} ms, agent {agent_cpu / done * 1000:.3f} ms")
-    print(f"written: docs/perf/{label}-control-plane.svg, docs/perf/{label}-agent.svg")
+    print(f"written to {out}")
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.bench.profile")
     parser.add_argument("label", help="the graphs' name prefix, e.g. before or after")
     parser.add_argument("--seconds", type=float, default=20, help="how long to sample (default 20)")
+    parser.add_argument("--folded", metavar="DIR", type=Path,
+                        help="write the collapsed stacks (py-spy's raw format) to DIR instead of SVGs to docs/perf")
     args = parser.parse_args(argv)
+    out, fmt = (args.folded, "raw") if args.folded else (OUT, "flamegraph")
     with tempfile.TemporaryDirectory(prefix="onprem-profile-") as workdir:
-        asyncio.run(_profile(Path(workdir), args.label, args.seconds))
+        asyncio.run(_profile(Path(workdir), args.label, args.seconds, out, fmt))
     return 0
 
 
