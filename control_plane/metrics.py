@@ -8,7 +8,9 @@ never drift.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -28,6 +30,13 @@ SESSIONS_OPENED = Counter("onprem_agent_sessions_opened", "Agent streams accepte
 SESSIONS_LOST = Counter("onprem_agent_sessions_closed", "Agent streams that ended.", registry=REGISTRY)
 RETRIES = Counter("onprem_request_reroutes", "Requests re-routed to another agent of their group.", ["why"],
                   registry=REGISTRY)
+
+
+@functools.lru_cache(maxsize=1024)
+def child(metric: Any, *values: str) -> Any:
+    """`metric.labels(*values)`, looked up once: every request touches four, and `labels` validates
+    and locks each time. The label values here come from small fixed sets (kinds, methods, codes)."""
+    return metric.labels(*values)
 
 
 class AgentStates(Collector):

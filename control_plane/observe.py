@@ -100,7 +100,7 @@ class Observation:
         """From now on this call is a data request of `kind`: counted in flight, always audited."""
         self.kind, self.group, self.profile = kind, group, profile
         self.audited = self.data_request = True
-        metrics.IN_FLIGHT.labels(kind).inc()
+        metrics.child(metrics.IN_FLIGHT, kind).inc()
 
 
 class Observer:
@@ -176,10 +176,10 @@ class Observer:
     @staticmethod
     def _count(observation: Observation, code: Code) -> None:
         kind = observation.kind
-        metrics.IN_FLIGHT.labels(kind).dec()
-        metrics.REQUESTS.labels(kind, observation.method.rsplit("/", 1)[-1], code.name).inc()
-        metrics.LATENCY.labels(kind).observe(time.monotonic() - observation.began)
-        metrics.RESPONSE_BYTES.labels(kind).inc(observation.bytes_out)
+        metrics.child(metrics.IN_FLIGHT, kind).dec()
+        metrics.child(metrics.REQUESTS, kind, observation.method.rsplit("/", 1)[-1], code.name).inc()
+        metrics.child(metrics.LATENCY, kind).observe(time.monotonic() - observation.began)
+        metrics.child(metrics.RESPONSE_BYTES, kind).inc(observation.bytes_out)
 
     async def run_summaries(self, interval: float = 5.0) -> None:
         """Every `interval`, one row per address for the refusals left out of the audit; until cancelled."""

@@ -68,7 +68,6 @@ async def _profile(workdir: Path, label: str, seconds: float, out: Path, fmt: st
         async with operator_channel(cluster.cp) as channel:
             one = query_once(channel, cluster.token)
             await drive(one, 1000, CONCURRENCY)  # warm-up: connections, pools, caches
-            out.mkdir(parents=True, exist_ok=True)
             spies = []
             for pid, name in ((cluster.cp_pid, "control-plane"), (cluster.agent_pid, "agent")):
                 target = out / f"{label}-{name}.{'svg' if fmt == 'flamegraph' else 'folded'}"
@@ -96,6 +95,7 @@ def main(argv: list[str]) -> int:
                         help="write the collapsed stacks (py-spy's raw format) to DIR instead of SVGs to docs/perf")
     args = parser.parse_args(argv)
     out, fmt = (args.folded, "raw") if args.folded else (OUT, "flamegraph")
+    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="onprem-profile-") as workdir:
         asyncio.run(_profile(Path(workdir), args.label, args.seconds, out, fmt))
     return 0
