@@ -296,6 +296,24 @@ class TokenAuthority:
         self._counter.close()
 
     # -- per call --
+    def screen(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> Principal | None:
+        """A first look at a call whose principal `authenticate` binds later, when its handler starts.
+
+        The principal of a token this process already holds as valid (cached, not revoked, not
+        expired), without reading the change counter; None when the call must be authenticated in
+        full now. The look only decides whether grpc may read the request message: a token revoked
+        elsewhere since passes it, and is refused by `authenticate` before the call does any work.
+        """
+        token = parse_bearer(metadata)
+        if token is None or api_token_id(token) is None:
+            return None
+        cached = self._cache.get(hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest())
+        if cached is None or cached.row.revoked_at is not None:
+            return None
+        if cached.row.expires_at is not None and self._clock() >= cached.row.expires_at:
+            return None
+        return cached.principal
+
     async def authenticate(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> Principal:
         """The principal of the call's bearer token; raises Unauthenticated (TokenRefused: revoked, expired)."""
         token = parse_bearer(metadata)

@@ -121,6 +121,39 @@ async def test_a_revocation_of_another_token_costs_a_cached_token_one_read_and_n
     assert store.finds == 2
 
 
+async def test_the_screen_lets_through_only_a_token_already_held_as_valid(
+    authority: TokenAuthority, store: CountingStore
+) -> None:
+    token, _ = store.create_api_token("ci", "operator", ["plant"])
+    assert authority.screen(bearer(token)) is None  # never seen: authenticate in full
+    principal = await authority.authenticate(bearer(token))
+    assert authority.screen(bearer(token)) == principal
+    assert authority.screen(bearer(token[:-1] + ("A" if token[-1] != "A" else "B"))) is None
+    assert authority.screen([]) is None
+    assert authority.screen(bearer("not-a-token")) is None
+    assert store.finds == 1
+
+
+async def test_the_screen_refers_a_revoked_or_expired_token_to_authenticate(
+    authority: TokenAuthority, store: Store, other: Store, clock: Clock
+) -> None:
+    token, row = store.create_api_token("ci", "operator", ["plant"], timedelta(hours=1))
+    await authority.authenticate(bearer(token))
+    expires = row.expires_at
+    assert expires is not None
+    clock.now = expires
+    assert authority.screen(bearer(token)) is None
+    clock.now = expires - timedelta(seconds=1)
+    other.revoke_api_token(row.token_id)
+    # Revoked by another process: the screen cannot know, and authenticate, which binds the call, refuses.
+    assert authority.screen(bearer(token)) is not None
+    with pytest.raises(TokenRefused) as info:
+        await authority.authenticate(bearer(token))
+    assert info.value.reason == "TOKEN_REVOKED"
+    # Once seen revoked, the screen refers it too.
+    assert authority.screen(bearer(token)) is None
+
+
 async def test_the_right_id_with_a_wrong_secret_learns_nothing_about_the_token(
     authority: TokenAuthority, store: Store
 ) -> None:
