@@ -17,7 +17,7 @@ import grpc
 from onprem.tunnel.budget import BudgetExceeded, Budgets
 from onprem.tunnel.errors import RequestGone, StreamClosed
 
-__all__ = ["ALONE_BYTES", "EOF", "CreditWaiters", "FrameWriter", "RequestGone", "StreamClosed"]
+__all__ = ["EOF", "CreditWaiters", "FrameWriter", "RequestGone", "StreamClosed"]
 
 F = TypeVar("F")
 
@@ -31,9 +31,6 @@ DEFAULT_MAX_QUEUED_FRAMES = Budgets().max_queued_frames
 #: Bounds of one combined message: well under the 8 MiB message limit.
 MAX_BATCH_FRAMES = 256
 MAX_BATCH_BYTES = 1024 * 1024
-#: A frame carrying at least this many payload bytes goes out alone: combining it would copy its
-#: bytes once more (into the batch message) to save a write whose cost is small beside theirs.
-ALONE_BYTES = 64 * 1024
 
 
 class FrameWriter(Generic[F]):
@@ -142,15 +139,13 @@ class FrameWriter(Generic[F]):
                     await self._nonempty.wait()
                     continue
                 frame, size = self._queue.popleft()
-                if self._combine is not None and self._queue and size < ALONE_BYTES:
+                if self._combine is not None and self._queue:
                     frames = [frame]
-                    while (self._queue and len(frames) < MAX_BATCH_FRAMES and size < MAX_BATCH_BYTES
-                           and self._queue[0][1] < ALONE_BYTES):
+                    while self._queue and len(frames) < MAX_BATCH_FRAMES and size < MAX_BATCH_BYTES:
                         more, more_size = self._queue.popleft()
                         frames.append(more)
                         size += more_size
-                    if len(frames) > 1:
-                        frame = self._combine(frames)
+                    frame = self._combine(frames)
                 self.writing_since = self._clock()
                 await self._write(frame)
                 self.writing_since = None

@@ -10,7 +10,7 @@ import pytest
 
 from onprem.agent.tunnel_client import Backoff
 from onprem.control_plane.router import GroupFacts, Registry, Router
-from onprem.tunnel.aio import ALONE_BYTES, FrameWriter, StreamClosed
+from onprem.tunnel.aio import FrameWriter, StreamClosed
 from onprem.tunnel.errors import NotFound, ResourceExhausted, Unavailable
 from onprem.v1 import profiles_pb2, tunnel_pb2
 
@@ -225,30 +225,6 @@ async def test_frames_that_queue_up_during_a_write_go_out_combined() -> None:
     release.set()
     await writer.flush()
     assert written == ["first", ("a", "b", "c")]
-    writer.close(StreamClosed("done"))
-    await task
-
-
-async def test_a_frame_with_a_large_payload_is_written_alone_not_copied_into_a_batch() -> None:
-    release = asyncio.Event()
-    written: list[object] = []
-
-    async def write(frame: object) -> None:
-        written.append(frame)
-        await release.wait()
-
-    writer: FrameWriter[object] = FrameWriter(write, combine=lambda frames: tuple(frames))
-    task = asyncio.create_task(writer.run())
-    writer.send_nowait("first")
-    await asyncio.sleep(0)
-    await writer.send("a", 10)
-    await writer.send("big", ALONE_BYTES)
-    await writer.send("b", 10)
-    await writer.send("c", 10)
-    writer.send_nowait("end")
-    release.set()
-    await writer.flush()
-    assert written == ["first", "a", "big", ("b", "c", "end")]
     writer.close(StreamClosed("done"))
     await task
 
