@@ -12,7 +12,7 @@ per-attempt `sessions.Exchange` behind it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from onprem.control_plane.credentials import OpenCall
@@ -95,6 +95,16 @@ class RelayedRequest:
                 raise self.outcome from None
             self._raise_if_call_ended()
             return chunk
+
+    def take_ready(self, fits: Callable[[tunnel_pb2.ResponseChunk], bool]) -> tunnel_pb2.ResponseChunk | None:
+        """The next chunk if it has already arrived and `fits`, taken without waiting; None otherwise.
+
+        For relaying several small chunks to the operator as one message (`FileService.Read`). Never
+        returns the request's end or error, nor anything once the call was ended: iterate for those.
+        """
+        if self._exchange is None or (self._call is not None and self._call.error is not None):
+            return None
+        return self._exchange.take_ready(fits)
 
     async def single(self) -> tunnel_pb2.ResponseChunk:
         """The one result chunk of a unary operation (the first, should an agent send more)."""

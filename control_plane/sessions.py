@@ -10,6 +10,7 @@ window of data and stalls no other request on the stream.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import logging
@@ -51,7 +52,10 @@ class Exchange:
     def __init__(self, session: AgentSession, rid: int) -> None:
         self.session = session
         self.request_id = rid
-        self._queue: asyncio.Queue[ChunkReceived | _End] = asyncio.Queue()
+        # A deque and an event rather than an asyncio.Queue: `take_ready` looks at the next item
+        # without taking it. The request's credit window bounds it.
+        self._items: collections.deque[ChunkReceived | _End] = collections.deque()
+        self._arrived = asyncio.Event()
         self._unacked = 0
         self.ended = False
         #: Whether any chunk reached the operator (a retry is unsafe then).
@@ -60,7 +64,8 @@ class Exchange:
 
     # -- fed by the session's reader --
     def _deliver(self, item: ChunkReceived | _End) -> None:
-        self._queue.put_nowait(item)
+        self._items.append(item)
+        self._arrived.set()
 
     # -- used by the operator API --
     def __aiter__(self) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
@@ -74,7 +79,10 @@ class Exchange:
             self._unacked = 0
         if self.ended:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        while not self._items:
+            self._arrived.clear()
+            await self._arrived.wait()
+        item = self._items.popleft()
         if isinstance(item, _End):
             self.ended = True
             if item.error is not None:
@@ -82,6 +90,21 @@ class Exchange:
             raise StopAsyncIteration
         self._unacked = item.size
         self.delivered = True
+        self.bytes_out += item.size
+        return item.chunk
+
+    def take_ready(self, fits: Callable[[tunnel_pb2.ResponseChunk], bool]) -> tunnel_pb2.ResponseChunk | None:
+        """The next result chunk if it has already arrived and `fits`; None (and nothing taken) otherwise.
+
+        Its credit goes back with the chunk before it, when the operator asks for the next.
+        """
+        if self.ended or not self._items:
+            return None
+        item = self._items[0]
+        if isinstance(item, _End) or not fits(item.chunk):
+            return None
+        self._items.popleft()
+        self._unacked += item.size
         self.bytes_out += item.size
         return item.chunk
 

@@ -11,6 +11,7 @@ from onprem.control_plane.api import errors
 from onprem.control_plane.api.relaying import Relaying
 from onprem.control_plane.api.uploads import result_while_uploading
 from onprem.control_plane.core import ControlPlane
+from onprem.control_plane.relay import RelayedRequest
 from onprem.tunnel.errors import InvalidArgument
 from onprem.v1 import files_pb2, files_pb2_grpc, profiles_pb2, tunnel_pb2
 
@@ -63,7 +64,10 @@ class FileService(files_pb2_grpc.FileServiceServicer):
         start = tunnel_pb2.RequestStart(file_op=files_pb2.FileOp(read=request))
         async with self._relay(context, request.group, request.profile, start) as relayed:
             async for chunk in relayed:
-                yield chunk.read
+                read = chunk.read
+                if read.WhichOneof("part") == "data":
+                    read = _coalesced(read, relayed)
+                yield read
 
     @errors.unary
     async def Write(
@@ -84,3 +88,30 @@ class FileService(files_pb2_grpc.FileServiceServicer):
         async with self._relay(context, header.group, header.profile, start) as relayed:
             chunk = await result_while_uploading(relayed, data())
             return chunk.write
+
+
+#: The most bytes of one `ReadResponse.data` (files.proto: "at most 1 MiB").
+MAX_READ_DATA = 1024 * 1024
+
+
+def _coalesced(first: files_pb2.ReadResponse, relayed: RelayedRequest) -> files_pb2.ReadResponse:
+    """`first` and the data chunks that arrived behind it, as one message of at most 1 MiB.
+
+    Under load the agent's chunks (256 KiB) queue up while the operator's stream sends; each
+    gRPC message costs the control plane and the client far more than copying its bytes, so what
+    is already here goes out together. Nothing waits for more: a lone chunk goes as it came.
+    """
+    size = len(first.data)
+
+    def fits(chunk: tunnel_pb2.ResponseChunk) -> bool:
+        return chunk.read.WhichOneof("part") == "data" and size + len(chunk.read.data) <= MAX_READ_DATA
+
+    parts: list[bytes] = []
+    while (more := relayed.take_ready(fits)) is not None:
+        parts.append(more.read.data)
+        size += len(more.read.data)
+    if not parts:
+        return first
+    merged = files_pb2.ReadResponse()
+    merged.data = b"".join([first.data, *parts])
+    return merged

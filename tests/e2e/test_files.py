@@ -203,3 +203,27 @@ async def test_a_2_gib_file_is_written_and_read_through_the_tunnel_with_flat_mem
         assert cp_peak < 200, f"control plane peak RSS {cp_peak:.0f} MiB"
     finally:
         (root / "big" / "2gib.bin").unlink(missing_ok=True)
+
+
+
+async def test_a_read_arrives_whole_in_messages_of_at_most_1_mib_when_its_chunks_are_merged(cluster: Cluster) -> None:
+    # The control plane merges chunks that arrived together (FileService.Read, `_coalesced`); whether
+    # any did depends on timing, so what is checked is what must hold either way.
+    cp, _, token, root = cluster
+    await active(cluster)
+    data = os.urandom(6 * 1024 * 1024 + 123)
+    (root / "merged.bin").write_bytes(data)
+    sizes: list[int] = []
+    received = bytearray()
+    digest = ""
+    async with operator_channel(cp) as channel:
+        async for part in files_stub(channel).Read(files_pb2.ReadRequest(group=GROUP, profile="ro", path="merged.bin"),
+                                                   metadata=bearer(token)):
+            if part.WhichOneof("part") == "data":
+                sizes.append(len(part.data))
+                received += part.data
+            elif part.WhichOneof("part") == "sha256":
+                digest = part.sha256
+    assert bytes(received) == data
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert 0 < max(sizes) <= 1024 * 1024
