@@ -340,6 +340,12 @@ def figures(ours: Measured, relay: Measured, shaped: Measured) -> list[Figure]:
         Figure("small requests, for diagnosis: the bare relay answering with 3 messages per request (header, "
                "rows, summary, as Query streams them)", shaped.loaded.rate, "req/s", target="—",
                met=None, baseline_name=baseline, baseline=relay.loaded.rate),
+        Figure("small requests, for diagnosis: ours against that relay of 3 messages (what the tunnel costs "
+               "beyond the proto's shape)", ours.loaded.rate, "req/s", target="—", met=None,
+               baseline_name="bare relay, 3 messages per request", baseline=shaped.loaded.rate),
+        Figure("small requests, for diagnosis: CPU per request of the relay of 3 messages, relay + backend",
+               sum(shaped.cpu_per_request) * 1000, "ms", target="—", met=None,
+               baseline_name=f"{baseline}: relay + backend", baseline=relay_cpu),
     ]
 
 
