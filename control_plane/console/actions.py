@@ -15,6 +15,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.web_request import FileField
 from multidict import MultiDictProxy
 
 from onprem.control_plane import fleet
@@ -23,15 +24,14 @@ from onprem.control_plane.console.pages import AGENT_ID
 from onprem.control_plane.observe import Observation
 from onprem.tunnel.errors import InvalidArgument, RequestError
 
-FORM = "console_form"
+FORM: web.RequestKey[MultiDictProxy[str | bytes | bytearray | FileField]] = web.RequestKey("console_form")
 ENROLL_METHOD = "/console/CreateEnrollmentToken"
 DRAIN_METHOD = "/console/DrainAgent"
 REVOKE_METHOD = "/console/RevokeAgent"
 
 
-def form(request: web.Request) -> MultiDictProxy[str]:
-    found: MultiDictProxy[str] = request[FORM]
-    return found
+def form(request: web.Request) -> MultiDictProxy[str | bytes | bytearray | FileField]:
+    return request[FORM]
 
 
 def _text(request: web.Request, name: str, limit: int) -> str:

@@ -132,9 +132,12 @@ class Sessions:
         session = self._sessions.get(key)
         if session is None:
             raise SessionEnded("your session ended (logged out, expired or the console restarted); log in again")
-        if self._clock() >= session.expires_at:
+        now = self._clock()
+        token_expired = session.principal.expires_at is not None and now >= session.principal.expires_at
+        if now >= session.expires_at and not token_expired:
             del self._sessions[key]
             raise SessionEnded("your session expired; log in again")
+        # (A session that ended with its token's expiry is refused below, in the token authority's words.)
         try:
             principal = await self._cp.tokens.authenticate([(AUTHORIZATION_KEY, f"Bearer {session.token}")])
         except RequestError as exc:

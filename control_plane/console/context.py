@@ -46,7 +46,7 @@ class ConsoleState:
 
 
 STATE = web.AppKey("console", ConsoleState)
-SESSION = "console_session"
+SESSION = web.RequestKey("console_session", ConsoleSession)
 
 #: HTTP statuses of the API's refusals.
 HTTP_STATUS = {
@@ -61,8 +61,7 @@ def state(request: web.Request) -> ConsoleState:
 
 
 def session(request: web.Request) -> ConsoleSession:
-    found: ConsoleSession = request[SESSION]
-    return found
+    return request[SESSION]
 
 
 def peer_of(request: web.Request) -> str:

@@ -114,4 +114,6 @@ async def static_asset(request: web.Request) -> web.Response:
         raise web.HTTPNotFound()
     content_type, body = found
     # Versioned URLs (?v=<version>): a browser may keep them for a day.
-    return web.Response(body=body, content_type=content_type, headers={"Cache-Control": "private, max-age=86400"})
+    charset = "utf-8" if content_type.startswith("text/") else None
+    return web.Response(body=body, content_type=content_type, charset=charset,
+                        headers={"Cache-Control": "private, max-age=86400"})
