@@ -221,7 +221,7 @@ class ControlPlaneServer:
         settings = dataclasses.replace(
             self.config.console,
             agent_address=self.config.advertise_agent_address or self.config.agent_listen,
-            enroll_address=self.config.enroll_listen, ca_pem=self.cp.ca.cert_pem)
+            enroll_address=self.config.enroll_listen)
         assert self.config.console_listen is not None
         self.console = Console(self.cp, ConsoleConfig(self.config.console_listen, settings))
         await self.console.start(key, chain)

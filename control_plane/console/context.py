@@ -28,7 +28,7 @@ class ConsoleSettings:
     #: is shown as the host the browser reached the console at.
     agent_address: str = "127.0.0.1:8444"
     enroll_address: str = "127.0.0.1:8445"
-    #: The control plane's CA certificate (public), offered for agents' configs.
+    #: The control plane's CA certificate (public), offered for agents' configs (set by `listener.Console`).
     ca_pem: bytes = b""
     #: Failed logins an address may make at once; then one every `login_refill_seconds`.
     login_failure_burst: int = 5

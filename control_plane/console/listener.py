@@ -7,6 +7,7 @@ agent sessions and token authority as the API, with no thread or process between
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import ssl
 import tempfile
@@ -58,7 +59,8 @@ class Console:
     def __init__(self, cp: ControlPlane, config: ConsoleConfig) -> None:
         self._cp = cp
         self.config = config
-        self.app = make_app(cp, config.settings)
+        # The CA that agents must trust is the control plane's own, whatever the settings say.
+        self.app = make_app(cp, dataclasses.replace(config.settings, ca_pem=cp.ca.cert_pem))
         self._runner: web.AppRunner | None = None
         #: The port it listens on, once started (the one asked for, or the one the system chose for 0).
         self.port: int | None = None
