@@ -12,7 +12,7 @@ VALIDITY = dt.timedelta(days=30)
 DB, FOLDER, APP = profiles_pb2.PROFILE_KIND_DATABASE, profiles_pb2.PROFILE_KIND_FOLDER, profiles_pb2.PROFILE_KIND_APP
 
 
-def agent(state: agents_pb2.AgentState.ValueType = agents_pb2.AGENT_STATE_ACTIVE, *, expires_in: dt.timedelta = dt.timedelta(days=20),
+def agent(state: agents_pb2.AgentState = agents_pb2.AGENT_STATE_ACTIVE, *, expires_in: dt.timedelta = dt.timedelta(days=20),
           health: list[profiles_pb2.ProfileHealth] | None = None, group: str = "plant") -> agents_pb2.Agent:
     message = agents_pb2.Agent(
         agent_id="agent-1", name="erp-host", group=group, state=state, hostname="erp.internal", version="0.1.0",
@@ -27,7 +27,7 @@ def agent(state: agents_pb2.AgentState.ValueType = agents_pb2.AGENT_STATE_ACTIVE
     return message
 
 
-def healthy(name: str, kind: profiles_pb2.ProfileKind.ValueType) -> profiles_pb2.ProfileHealth:
+def healthy(name: str, kind: profiles_pb2.ProfileKind) -> profiles_pb2.ProfileHealth:
     h = profiles_pb2.ProfileHealth(profile=name, kind=kind, ok=True,
                                    checks=[profiles_pb2.ProfileCheck(name="reachable", ok=True, message="ok")])
     h.checked_at.FromDatetime(NOW - dt.timedelta(seconds=30))
