@@ -33,8 +33,10 @@ from onprem.tunnel.errors import PermissionDenied, RequestError
 #: The largest request body: forms are small; anything larger is refused before it is read.
 MAX_BODY = 64 * 1024
 #: Requests that need no session.
-PUBLIC_PATHS = frozenset({"/login"})
+PUBLIC_PATHS = frozenset({"/login", "/favicon.ico"})
 STATIC_PREFIX = "/static/"
+#: The header console.js sends with its refreshes.
+REFRESH_HEADER = "X-Console-Refresh"
 _CONTENT_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml", ".png": "image/png"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -61,7 +63,8 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         session = await console.sessions.authenticate(cookie)
     except SessionEnded as exc:
         response = login.login_page(request, status=401, message=exc.message, next_path=request.path)
-        if cookie is not None:
+        # A page's refresh keeps the cookie, so that the reload it then makes is told why the session ended.
+        if cookie is not None and REFRESH_HEADER not in request.headers:
             login.clear_session_cookie(response)
         return response
     except RequestError as exc:
@@ -112,4 +115,5 @@ def make_app(cp: ControlPlane, settings: ConsoleSettings | None = None, sessions
     r.add_post("/agents/{agent_id}/revoke", actions.revoke_agent, name="RevokeAgent")
     r.add_get("/ca.pem", pages.ca_certificate, name="CaCertificate")
     r.add_get(STATIC_PREFIX + "{name}", pages.static_asset, name="Static")
+    r.add_get("/favicon.ico", pages.no_favicon, name="Favicon")
     return app

@@ -36,6 +36,9 @@ LOGIN_METHOD = "/console/Login"
 LOGOUT_METHOD = "/console/Logout"
 #: The longest token a login form may carry (real ones are about 70 characters).
 MAX_TOKEN_LENGTH = 512
+#: How long the console remembers why a session ended, for the browser's next request with its cookie
+#: (a page's refresh learns it ended; the reload that follows shows why).
+ENDED_KEPT = dt.timedelta(minutes=10)
 
 
 def _utcnow() -> dt.datetime:
@@ -85,6 +88,8 @@ class Sessions:
         self._max = max_sessions
         self._clock = clock
         self._sessions: OrderedDict[bytes, ConsoleSession] = OrderedDict()
+        #: Why recently ended sessions ended, and when (bounded like the sessions).
+        self._ended: OrderedDict[bytes, tuple[str, dt.datetime]] = OrderedDict()
         self._throttle = AttemptThrottle(KeyedBuckets(
             burst=login_failure_burst, refill_seconds=login_refill_seconds,
             max_keys=cp.settings.throttle_max_addresses), max_waiting=8)
@@ -130,12 +135,15 @@ class Sessions:
             raise SessionEnded("")
         key = _key(session_id)
         session = self._sessions.get(key)
-        if session is None:
-            raise SessionEnded("your session ended (logged out, expired or the console restarted); log in again")
         now = self._clock()
+        if session is None:
+            ended = self._ended.get(key)
+            if ended is not None and now - ended[1] < ENDED_KEPT:
+                raise SessionEnded(ended[0])
+            raise SessionEnded("your session ended (logged out, expired or the console restarted); log in again")
         token_expired = session.principal.expires_at is not None and now >= session.principal.expires_at
         if now >= session.expires_at and not token_expired:
-            del self._sessions[key]
+            self._end(key, "your session expired; log in again", now)
             raise SessionEnded("your session expired; log in again")
         # (A session that ended with its token's expiry is refused below, in the token authority's words.)
         try:
@@ -143,8 +151,9 @@ class Sessions:
         except RequestError as exc:
             if exc.reason == "STORE_UNAVAILABLE":
                 raise  # the token may be fine: keep the session, say the control plane cannot check it now
-            self._sessions.pop(key, None)
-            raise SessionEnded(f"your session ended: {exc.message}", exc) from None
+            message = f"your session ended: {exc.message}"
+            self._end(key, message, now)
+            raise SessionEnded(message, exc) from None
         session.principal = principal
         return session
 
@@ -152,7 +161,15 @@ class Sessions:
         """Log out: the session is gone, whatever its cookie says."""
         return self._sessions.pop(_key(session_id), None)
 
+    def _end(self, key: bytes, why: str, now: dt.datetime) -> None:
+        self._sessions.pop(key, None)
+        while len(self._ended) >= self._max:
+            self._ended.popitem(last=False)
+        self._ended[key] = (why, now)
+
     def _prune(self, now: dt.datetime) -> None:
+        for key in [k for k, (_why, at) in self._ended.items() if now - at >= ENDED_KEPT]:
+            del self._ended[key]
         for key in [k for k, s in self._sessions.items() if now >= s.expires_at]:
             del self._sessions[key]
 

@@ -14,6 +14,7 @@ forger's own token.
 from __future__ import annotations
 
 import hmac
+import re
 import secrets
 
 from aiohttp import web
@@ -23,6 +24,8 @@ FIELD = "csrf_token"
 #: The login form's double-submit cookie.
 LOGIN_COOKIE = "__Host-onprem-console-login"
 LOGIN_COOKIE_MAX_AGE = 600
+#: What a login token looks like (`new_login_token`); a cookie that does not is replaced.
+LOGIN_TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 class CsrfRefused(Exception):

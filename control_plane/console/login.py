@@ -26,8 +26,13 @@ def clear_session_cookie(response: web.StreamResponse) -> None:
 
 
 def login_page(request: web.Request, *, status: int = 200, message: str = "", next_path: str = "/") -> web.Response:
-    """The login form, with a fresh double-submit CSRF token in the form and its cookie."""
-    token = csrf.new_login_token()
+    """The login form, with a double-submit CSRF token in the form and its cookie.
+
+    A browser that has the cookie already keeps its value: a page and its favicon (or two tabs) loaded
+    together must not leave the form holding a token its cookie no longer has."""
+    token = request.cookies.get(csrf.LOGIN_COOKIE) or ""
+    if not csrf.LOGIN_TOKEN.fullmatch(token):
+        token = csrf.new_login_token()
     response = state(request).renderer.page(
         "login.html", status, csrf_token=token, message=message, next_path=safe_return(next_path),
         version=__version__)

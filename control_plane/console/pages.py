@@ -117,3 +117,8 @@ async def static_asset(request: web.Request) -> web.Response:
     charset = "utf-8" if content_type.startswith("text/") else None
     return web.Response(body=body, content_type=content_type, charset=charset,
                         headers={"Cache-Control": "private, max-age=86400"})
+
+
+async def no_favicon(_request: web.Request) -> web.Response:
+    """Pages name their icon (/static/favicon.svg); this old default path is not a page to log in to."""
+    raise web.HTTPNotFound()

@@ -45,7 +45,9 @@
     if (!fresh) {
       return;
     }
-    main.replaceChildren(...Array.from(fresh.childNodes, (node) => document.adoptNode(node)));
+    // A copy first: adopting a node takes it out of `fresh`, whose childNodes list is live.
+    const nodes = Array.from(fresh.childNodes);
+    main.replaceChildren(...nodes.map((node) => document.adoptNode(node)));
     say(`updated ${new Date().toLocaleTimeString()}`, "fresh");
   }
 

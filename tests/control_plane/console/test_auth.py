@@ -156,6 +156,20 @@ async def test_a_token_revoked_mid_session_is_refused_on_the_next_request(site: 
     assert "was revoked at" in page
 
 
+async def test_a_refresh_of_an_ended_session_keeps_the_cookie_so_that_the_reload_says_why(site: Site) -> None:
+    token = site.token("ops")
+    browser = await site.browser()
+    await browser.login(token)
+    site.store.revoke_api_token(token.split("_")[1], by="the test", reason="leaked")
+    status, _, response = await browser.get("/agents", headers={"X-Console-Refresh": "1"})
+    assert status == 401
+    assert not any(h.startswith(SESSION_COOKIE + "=") for h in response.headers.getall("Set-Cookie", []))
+    status, page, response = await browser.get("/agents")  # the reload console.js makes
+    assert status == 401
+    assert "your session ended: token &#39;ops&#39;" in page and "(leaked); ask an admin for a new one" in page
+    assert browser.session_cookie() is None
+
+
 async def test_a_token_that_expires_mid_session_ends_it(site: Site) -> None:
     token = site.token("brief", ttl=dt.timedelta(seconds=2))
     browser = await site.browser()

@@ -40,7 +40,7 @@ async def test_every_response_carries_the_security_headers(site: Site, path: str
     assert response.headers["Content-Security-Policy"] == EXPECTED_CSP
     assert response.headers["X-Frame-Options"] == "DENY"
     assert response.headers["X-Content-Type-Options"] == "nosniff"
-    assert response.headers["Referrer-Policy"] == "no-referrer"
+    assert response.headers["Referrer-Policy"] == "same-origin"
     assert {name: response.headers[name] for name in SECURITY_HEADERS} == SECURITY_HEADERS
 
 
