@@ -24,6 +24,7 @@ from pathlib import Path
 
 from onprem.control_plane import __version__, cli_tokens
 from onprem.control_plane.console.context import ConsoleSettings
+from onprem.control_plane.console.listener import split_address
 from onprem.control_plane.core import Settings
 from onprem.control_plane.private_state import prepare_state_dir
 from onprem.control_plane.server import ControlPlaneServer, ServerConfig, open_control_plane, open_store
@@ -41,6 +42,14 @@ def _positive(value: str) -> float:
     if not number > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0, got {value}")
     return number
+
+
+def _console_address(value: str) -> str:
+    try:
+        split_address(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -127,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a name or IP the server certificate must carry (repeatable)")
     serve.add_argument("--grace-period", type=float, default=30.0)
     serve.add_argument("--metrics-listen", help="host:port to serve Prometheus metrics on (default: none)")
-    serve.add_argument("--console-listen", default=os.environ.get("ONPREM_CONSOLE_LISTEN"),
+    serve.add_argument("--console-listen", type=_console_address, default=os.environ.get("ONPREM_CONSOLE_LISTEN"),
                        help="host:port to serve the web console on, over HTTPS with the control plane's certificate "
                             "(e.g. 127.0.0.1:8446; default: none). Operators log in with an operator token and see "
                             "the groups it may use (docs/console.md)")

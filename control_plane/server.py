@@ -199,6 +199,9 @@ class ControlPlaneServer:
                 raise OSError(f"cannot listen on {address} for the {name} listener (in use?)")
             self.ports[name] = port
             self._servers.append(server)
+        if self.config.console_listen:
+            # Before anything serves: a console that cannot listen stops the start as a busy port does.
+            await self._start_console(key, chain)
         # Recorded before serving: the first agent's welcome names this replica among the live ones.
         await self.cp.membership.join()
         self.cp.start_warmup()
@@ -212,8 +215,6 @@ class ControlPlaneServer:
         for service in [*OPERATOR_SERVICES, ""]:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._store_health = loop.create_task(self._watch_store(), name="store-health")
-        if self.config.console_listen:
-            await self._start_console(key, chain)
         log.info("listening: operator %s, agents %s, enrollment %s",
                  self.config.operator_listen, self.config.agent_listen, self.config.enroll_listen)
 

@@ -47,7 +47,7 @@ def _console_login(url: str, ca: Path, token: str) -> str:
     with opener.open(request, timeout=10) as response:  # follows the 303 to the fleet page
         page = response.read().decode()
     [principal] = re.findall(r'<span id="principal" title="[^"]+">([^<]+)</span>', page)
-    return principal
+    return str(principal)
 
 
 def _until_ready(demo: subprocess.Popen[str]) -> list[str]:

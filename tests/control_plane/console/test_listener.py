@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
+from pathlib import Path
 
 import aiohttp
 import pytest
 
+from onprem.control_plane.console import Console, ConsoleConfig
 from onprem.control_plane.console.listener import split_address
 from onprem.control_plane.console.render import SECURITY_HEADERS
 from tests.control_plane.console.conftest import Site
@@ -82,3 +85,15 @@ def test_the_tls_context_refuses_versions_before_1_2() -> None:
     assert ssl.TLSVersion.TLSv1_2 > ssl.TLSVersion.TLSv1_1  # the comparison below means "at least 1.2"
     with pytest.raises(ssl.SSLError):
         tls_context(b"not a key", b"not a certificate")
+
+
+async def test_a_busy_port_stops_the_console_from_starting_with_a_message_naming_it(site: Site, tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        console = Console(site.cp, ConsoleConfig(f"127.0.0.1:{port}"))
+        key, chain = site.cp.ca.server_identity(tmp_path / "ca", ["127.0.0.1"])
+        with pytest.raises(OSError, match=rf"cannot listen on 127\.0\.0\.1:{port} for the console"):
+            await console.start(key, chain)
+        await console.stop()  # nothing to stop: harmless
