@@ -10,6 +10,7 @@ polls the page (which refreshes itself) with a deadline, none sleeps and then as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -26,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import pytest
 import sqlalchemy
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -37,11 +39,19 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from onprem.control_plane.console.render import shown
 from onprem.control_plane.store import DEFAULT_DB_FILENAME
 from onprem.control_plane.store.schema import agents_table, groups_table
-from onprem.v1 import agents_pb2, profiles_pb2, tunnel_pb2
+from onprem.v1 import agents_pb2, database_pb2, profiles_pb2, tunnel_pb2
 from tests.support.browser import chromium, console_log, text_of, wait_for
 from tests.support.hostile_strings import CORPUS
 from tests.support.postgres import PASSWORD, PostgresServer
-from tools.cluster import BIN, AgentProcess, ControlPlaneProcess, operator_channel, wait_for_agent_state
+from tools.cluster import (
+    BIN,
+    AgentProcess,
+    ControlPlaneProcess,
+    bearer,
+    database_stub,
+    operator_channel,
+    wait_for_agent_state,
+)
 from tools.hostile_agent import AgentFrame, HostileAgent
 from tools.ports import free_port
 
@@ -271,6 +281,7 @@ def test_the_fleet_page_shows_every_group_and_what_needs_attention(site: Site, d
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     driver.set_window_size(1440, 900)
     assert driver.save_screenshot(str(SCREENSHOT))
+
     print(f"screenshot of the fleet page: {SCREENSHOT}")
 
 
@@ -291,6 +302,29 @@ def test_draining_an_agent_from_the_console_stops_it(site: Site, driver: WebDriv
     assert site.enrolled is not None
     assert site.enrolled.wait(30) == 0  # drained, it exits cleanly
     wait_for(driver, lambda d: agent_state(d, str(agent_id)) == "lost", 15)
+
+
+def test_the_activity_page_charts_a_groups_requests_and_errors_and_lists_their_rows(site: Site, driver: WebDriver) -> None:
+    async def queries() -> None:
+        async with operator_channel(site.cp) as channel:
+            stub = database_stub(channel)
+            for sql in ("SELECT 1", "SELECT 2", "SELECT 3", "SELECT * FROM no_such_table"):
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    async for _ in stub.Query(database_pb2.QueryRequest(group="demo", profile="demo-db", sql=sql),
+                                              metadata=bearer(site.admin_token)):
+                        pass
+
+    asyncio.run(queries())
+    log_in(driver, site, site.admin_token, "/activity?group=demo")
+    chart = 'figure.chart[data-group="demo"]'
+    # Audit rows are written in batches: the page (refreshing itself) shows them once they are in.
+    wait_for(driver, lambda d: text_of(d, f'{chart} [data-field="requests"]') == ["4"], 15,
+             "the demo group's chart does not count its 4 queries")
+    assert text_of(driver, f'{chart} [data-field="errors"]') == ["1"]
+    outcomes = text_of(driver, '#audit tbody tr [data-field="outcome"]')
+    assert outcomes[:4] == ["INVALID_ARGUMENT", "OK", "OK", "OK"]  # newest first; the missing table is the last
+    driver.get(site.url + "/activity?group=demo&outcome=OK")
+    assert set(text_of(driver, '#audit tbody tr [data-field="outcome"]')) == {"OK"}
 
 
 # --- who sees what, and sessions that end ----------------------------------------------------------------------
@@ -473,10 +507,15 @@ def test_hostile_names_host_names_versions_profiles_and_health_messages_render_a
             f"reachable: {t}" for t in expected)
         assert text_of(driver, f'{row} [data-field="hostname"]') == [shown(CORPUS[2])]
         assert text_of(driver, f'{row} [data-field="version"]') == [shown(CORPUS[5])]
+        driver.get(site.url + "/")
+        assert sorted(text_of(driver, 'tr[data-group="hostile"] [data-field="profile"]')) == sorted(
+            {shown(t[:255]) for t in CORPUS})
+        assert sorted(text_of(driver, 'tr[data-group="evil"] [data-field="profile"]')) == sorted(expected)
         # After the page refreshed itself (the fresh <main> swapped in by the script), still text only.
         wait_for(driver, lambda d: d.find_element(By.ID, "refreshed").get_attribute("data-state") == "fresh", 10)
         _assert_inert(driver)
-        assert text_of(driver, f'tr[data-agent-id="{raw_ids[0]}"] [data-field="name"]') == [shown(CORPUS[0])]
+        assert sorted(text_of(driver, '#attention [data-field="name"]')) == sorted(
+            [shown(t) for t in CORPUS] + ["edge-gateway", "erp-gateway", "evil", "my-agent"])
     finally:
         stream.stop()
         shutil.rmtree(site.root / "evil", ignore_errors=True)
