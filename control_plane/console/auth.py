@@ -97,6 +97,11 @@ class Sessions:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    @property
+    def logins_waiting(self) -> int:
+        """Logins held back by the throttle now."""
+        return self._throttle.waiting
+
     async def login(self, token: str, peer: str, old_session_id: str | None = None) -> tuple[str, ConsoleSession]:
         """Open a session for `token`; returns its new id. Raises Unauthenticated (the API's own refusal,
         audited) or ResourceExhausted (too many failures from this address)."""

@@ -214,10 +214,12 @@ async def test_failed_logins_from_one_address_are_throttled(site: Site) -> None:
         assert (await browser.login("onp_0123456789abcdef_" + "y" * 43))[0] == 401
     waiting = [asyncio.create_task(browser.login(site.admin_token)) for _ in range(8)]
     try:
-        await asyncio.sleep(0.5)  # let them reach the throttle (they are not answered for 30 s)
+        sessions = site.console.app[STATE].sessions
+        while sessions.logins_waiting < 8:  # they reach the throttle, where they wait (30 s) for a turn
+            await asyncio.sleep(0.01)
         status, page, _ = await (await site.browser()).login(site.admin_token)
         assert status == 429
-        # The wait is what is left of the refill (30 s less the moment that passed).
+        # The wait is what is left of the refill (30 s less the moments that passed).
         assert re.search(r"too many failed logins from 127\.0\.0\.1; wait (29|30) s and check the token", page)
         assert not any(task.done() for task in waiting)
     finally:
