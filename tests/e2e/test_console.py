@@ -202,6 +202,7 @@ def test_a_silent_agent_turns_lost_on_the_open_page_within_its_heartbeat_window(
     edge = site.edge.agent_id
     wait_for(driver, lambda d: agent_state(d, edge) == "active", 10)
     assert site.edge.proc is not None
+    driver.execute_script("window.consoleTestMark = 'same page'")  # gone if the page were loaded again
     stopped = time.monotonic()
     site.edge.proc.send_signal(signal.SIGSTOP)  # alive, holding its connection, but silent
     # Three missed heartbeats end its stream; the open page (never reloaded here) refreshes every REFRESH s.
@@ -209,6 +210,7 @@ def test_a_silent_agent_turns_lost_on_the_open_page_within_its_heartbeat_window(
     wait_for(driver, lambda d: agent_state(d, edge) == "lost", window + 6,
              f"the silent agent was not shown lost within {window + 6:.0f} s")
     print(f"shown lost {time.monotonic() - stopped:.1f} s after it went silent (window {window:.0f} s + refresh)")
+    assert driver.execute_script("return window.consoleTestMark") == "same page"  # the page refreshed itself
     site.edge.kill()  # it stays lost for the rest of the module
     driver.get(site.url + "/")
     assert text_of(driver, 'tr[data-group="edge"] [data-field="lost"]') == ["1"]
