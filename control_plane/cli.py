@@ -1,6 +1,6 @@
 """`onprem-control-plane`: serve, and manage tokens on the control plane's host.
 
-    onprem-control-plane serve [--state-dir DIR] [--operator-listen ADDR] ...
+    onprem-control-plane serve [--state-dir DIR] [--operator-listen ADDR] [--console-listen ADDR] ...
     onprem-control-plane migrate [--database-url URL]
     onprem-control-plane create-admin-token [--name NAME] [--ttl 90d | --no-expiry] [--output FILE]
     onprem-control-plane create-token --name NAME --role operator --groups a,b [--ttl 30d]
@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 
 from onprem.control_plane import __version__, cli_tokens
+from onprem.control_plane.console.context import ConsoleSettings
+from onprem.control_plane.console.listener import split_address
 from onprem.control_plane.core import Settings
 from onprem.control_plane.private_state import prepare_state_dir
 from onprem.control_plane.server import ControlPlaneServer, ServerConfig, open_control_plane, open_store
@@ -33,6 +35,21 @@ from onprem.tunnel.protocol import Limits
 
 def _state_dir(value: str) -> Path:
     return Path(value).expanduser().resolve()
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {value}")
+    return number
+
+
+def _console_address(value: str) -> str:
+    try:
+        split_address(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +84,9 @@ def _serve(args: argparse.Namespace) -> int:
         replica_id=args.replica_id,
         advertise_agent_address=args.advertise_agent_address or "",
         advertise_operator_address=args.advertise_operator_address or "",
+        console_listen=args.console_listen,
+        console=ConsoleSettings(session_ttl=dt.timedelta(hours=args.console_session_hours),
+                                refresh_seconds=args.console_refresh_seconds),
     )
 
     async def run() -> None:
@@ -75,8 +95,9 @@ def _serve(args: argparse.Namespace) -> int:
         stop = server.stop_on_signals()
         try:
             await server.start()
+            console = f", console https://{config.console_listen}/" if config.console_listen else ""
             print(f"onprem control plane: operator {config.operator_listen}, agents {config.agent_listen}, "
-                  f"enrollment {config.enroll_listen}; CA {config.state_dir / 'ca' / 'ca.pem'}", flush=True)
+                  f"enrollment {config.enroll_listen}{console}; CA {config.state_dir / 'ca' / 'ca.pem'}", flush=True)
             await server.serve_until_signal(stop)
         finally:
             cp.close()
@@ -115,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a name or IP the server certificate must carry (repeatable)")
     serve.add_argument("--grace-period", type=float, default=30.0)
     serve.add_argument("--metrics-listen", help="host:port to serve Prometheus metrics on (default: none)")
+    serve.add_argument("--console-listen", type=_console_address, default=os.environ.get("ONPREM_CONSOLE_LISTEN"),
+                       help="host:port to serve the web console on, over HTTPS with the control plane's certificate "
+                            "(e.g. 127.0.0.1:8446; default: none). Operators log in with an operator token and see "
+                            "the groups it may use (docs/console.md)")
+    serve.add_argument("--console-session-hours", type=_positive, default=8.0,
+                       help="how long a console login lasts, at most (never longer than its token)")
+    serve.add_argument("--console-refresh-seconds", type=_positive, default=5.0,
+                       help="seconds between refreshes of the console's pages in the browser")
     serve.add_argument("--agent-cert-days", type=float, default=30.0)
     serve.add_argument("--heartbeat-interval", type=float, default=10.0,
                        help="seconds between pings on a quiet agent stream; 3 missed end it")

@@ -5,7 +5,9 @@
   reflection is authenticated from its metadata before any message is read
   (`control_plane.api.guard`);
 - agent listener (mTLS): `AgentTunnel/Connect`;
-- enrollment listener (TLS, no client certificate): `Enrollment/Enroll`.
+- enrollment listener (TLS, no client certificate): `Enrollment/Enroll`;
+- the web console (HTTPS with the same certificate, `control_plane.console`), when asked for
+  (`console_listen`), on the same event loop.
 
 Several replicas may share one PostgreSQL store (`replicas`, `changes`): each
 records itself before it serves, and every agent holds a stream to each.
@@ -19,6 +21,7 @@ period, then the servers stop and the row goes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import hashlib
 import logging
@@ -39,6 +42,8 @@ from onprem.control_plane.api.files import FileService
 from onprem.control_plane.api.guard import AuthInterceptor
 from onprem.control_plane.api.tokens import TokenService
 from onprem.control_plane.ca import CertificateAuthority
+from onprem.control_plane.console import Console, ConsoleConfig
+from onprem.control_plane.console.context import ConsoleSettings
 from onprem.control_plane.core import ControlPlane, Settings
 from onprem.control_plane.enrollment import EnrollmentService
 from onprem.control_plane.private_state import prepare_state_dir
@@ -95,6 +100,10 @@ class ServerConfig:
     #: What agents and operators dial to reach this replica (host:port); "" behind a load balancer.
     advertise_agent_address: str = ""
     advertise_operator_address: str = ""
+    #: host:port for the web console; None to serve none.
+    console_listen: str | None = None
+    #: The console's sessions and refreshes (the addresses and CA it shows agents are filled in here).
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
 
     @property
     def store_url(self) -> str:
@@ -155,6 +164,7 @@ class ControlPlaneServer:
         self._audit_task: asyncio.Task[None] | None = None
         self._background: asyncio.Task[None] | None = None
         self._store_health: asyncio.Task[None] | None = None
+        self.console: Console | None = None
 
     async def start(self) -> None:
         key, chain = self.cp.ca.server_identity(self.config.state_dir / "ca", list(self.config.hostnames))
@@ -189,6 +199,9 @@ class ControlPlaneServer:
                 raise OSError(f"cannot listen on {address} for the {name} listener (in use?)")
             self.ports[name] = port
             self._servers.append(server)
+        if self.config.console_listen:
+            # Before anything serves: a console that cannot listen stops the start as a busy port does.
+            await self._start_console(key, chain)
         # Recorded before serving: the first agent's welcome names this replica among the live ones.
         await self.cp.membership.join()
         self.cp.start_warmup()
@@ -204,6 +217,17 @@ class ControlPlaneServer:
         self._store_health = loop.create_task(self._watch_store(), name="store-health")
         log.info("listening: operator %s, agents %s, enrollment %s",
                  self.config.operator_listen, self.config.agent_listen, self.config.enroll_listen)
+
+    async def _start_console(self, key: bytes, chain: bytes) -> None:
+        settings = dataclasses.replace(
+            self.config.console,
+            agent_address=self.config.advertise_agent_address or self.config.agent_listen,
+            enroll_address=self.config.enroll_listen)
+        assert self.config.console_listen is not None
+        self.console = Console(self.cp, ConsoleConfig(self.config.console_listen, settings))
+        await self.console.start(key, chain)
+        assert self.console.port is not None
+        self.ports["console"] = self.console.port
 
     async def _watch_store(self) -> None:
         """Health of `STORE_SERVICE` follows the store: requests whose routing is known keep being served
@@ -237,6 +261,8 @@ class ControlPlaneServer:
         await self.health.enter_graceful_shutdown()
         if self._store_health is not None:
             self._store_health.cancel()
+        if self.console is not None:
+            await self.console.stop()
         # Off the replica set first: agents are told to hold no stream here, the other replicas hear of it.
         try:
             await self.cp.membership.drain()

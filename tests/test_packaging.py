@@ -47,6 +47,17 @@ def test_the_wheel_holds_every_part_and_not_the_tools(wheel: Path) -> None:
     assert [n for n in names if n.startswith("onprem/control_plane/store/migrations/versions/r0001")]
 
 
+def test_the_wheel_holds_the_consoles_templates_and_assets(wheel: Path) -> None:
+    # Sites run offline: every page, script, style and icon of the console ships in the package.
+    names = set(zipfile.ZipFile(wheel).namelist())
+    console = "onprem/control_plane/console/"
+    assert {n[len(console):] for n in names if n.startswith(console + "static/")} == {
+        "static/console.css", "static/console.js", "static/favicon.svg"}
+    templates = {n[len(console) + len("templates/"):] for n in names if n.startswith(console + "templates/")}
+    assert templates == {p.name for p in (ROOT / "control_plane" / "console" / "templates").glob("*.html")}
+    assert {"base.html", "login.html", "fleet.html", "agents.html", "activity.html"} <= templates
+
+
 def test_the_console_scripts_point_into_onprem(wheel: Path) -> None:
     [entry_points] = [n for n in zipfile.ZipFile(wheel).namelist() if n.endswith("entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
@@ -59,6 +70,10 @@ def test_the_unpacked_wheel_imports_from_itself_outside_the_checkout(wheel: Path
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     probe = ("import importlib.util, onprem.agent.cli, onprem.control_plane.cli, onprem.operator_cli.main;"
+             "from onprem.control_plane.console.app import load_static;"
+             "from onprem.control_plane.console.render import Renderer;"
+             "assert sorted(load_static()) == ['console.css', 'console.js', 'favicon.svg'];"
+             "Renderer();"
              "print(onprem.agent.cli.__file__);"
              "print([n for n in ('agent', 'tools', 'tunnel', 'control_plane') if importlib.util.find_spec(n)])")
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(site)},

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the system packages the tests use (a real PostgreSQL server, unixODBC
-# with the psqlODBC and SQLite ODBC drivers, iptables and tinyproxy for the network tests), when they are missing. Needs root for
+# with the psqlODBC and SQLite ODBC drivers, iptables and tinyproxy for the network tests, Chromium for the console's), when they are missing. Needs root for
 # apt; without root it only reports what is missing.
 set -euo pipefail
 
@@ -25,6 +25,12 @@ dpkg -s golang-google-genproto-dev >/dev/null 2>&1 || need+=(golang-google-genpr
 dpkg -s golang-google-protobuf-dev >/dev/null 2>&1 || need+=(golang-google-protobuf-dev)
 # In the same apt-get as grpc: alone, apt would satisfy grpc with the older 1-3 API.
 dpkg -s golang-github-golang-protobuf-1-5-dev >/dev/null 2>&1 || need+=(golang-github-golang-protobuf-1-5-dev)
+
+# The web console's browser tests (tests/e2e/test_console.py): Debian's headless Chromium driven through its
+# chromedriver, and a font for its pages and screenshots.
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -169,3 +169,14 @@ class AuditEntry:
     token_id: str | None = None
     peer: str | None = None
     id: int | None = None
+
+
+@dataclass(frozen=True)
+class ActivityMinute:
+    """The audit rows of one group in one minute: how many, and how many of them failed."""
+
+    group_name: str
+    #: The minute's start, UTC.
+    minute: datetime
+    requests: int
+    errors: int

@@ -125,10 +125,10 @@ def _free_block(size: int) -> int:
 
 
 def start_demo(directory: Path) -> tuple[Demo, subprocess.Popen[str]]:
-    base = _free_block(4)
+    base = _free_block(5)  # the operator API, agents, enrollment, the console, and the demo's app
     proc = subprocess.Popen(
         [sys.executable, "-m", "tools.demo", "--dir", str(directory), "--base-port", str(base),
-         "--app-port", str(base + 3)],
+         "--app-port", str(base + 4)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     assert proc.stdout is not None
@@ -136,7 +136,7 @@ def start_demo(directory: Path) -> tuple[Demo, subprocess.Popen[str]]:
     for line in proc.stdout:
         printed.append(line)
         if "Press Ctrl-C" in line:
-            return Demo(directory.resolve(), base, base + 3), proc
+            return Demo(directory.resolve(), base, base + 4), proc
     raise RuntimeError("the demo ended early:\n" + "".join(printed))
 
 

@@ -1,13 +1,19 @@
-"""`make run`'s demo: it comes up, the commands it prints work when pasted, and Ctrl-C stops it all."""
+"""`make run`'s demo: it comes up, the commands it prints work when pasted, its console takes the demo's token,
+and Ctrl-C stops it all."""
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
 import random
+import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,6 +34,22 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _console_login(url: str, ca: Path, token: str) -> str:
+    """Log in to the console as its login form does; the principal line of the page it leads to."""
+    context = ssl.create_default_context(cafile=str(ca))
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context),
+                                         urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    with opener.open(url + "/login", timeout=10) as response:
+        form = response.read().decode()
+    [csrf] = re.findall(r'name="csrf_token" value="([^"]+)"', form)
+    data = urllib.parse.urlencode({"token": token, "csrf_token": csrf, "next": "/"}).encode()
+    request = urllib.request.Request(url + "/login", data=data, headers={"Origin": url})
+    with opener.open(request, timeout=10) as response:  # follows the 303 to the fleet page
+        page = response.read().decode()
+    [principal] = re.findall(r'<span id="principal" title="[^"]+">([^<]+)</span>', page)
+    return str(principal)
+
+
 def _until_ready(demo: subprocess.Popen[str]) -> list[str]:
     """What the demo printed up to its "Press Ctrl-C" line; fails if it ended before."""
     assert demo.stdout is not None
@@ -40,10 +62,10 @@ def _until_ready(demo: subprocess.Popen[str]) -> list[str]:
 
 
 def test_the_demo_prints_commands_that_work_and_stops_cleanly(tmp_path: Path) -> None:
-    base = _free_block(4)
+    base = _free_block(5)
     demo = subprocess.Popen(
         [sys.executable, "-m", "tools.demo", "--dir", str(tmp_path / "demo"), "--base-port", str(base),
-         "--app-port", str(base + 3)],
+         "--app-port", str(base + 4)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -66,10 +88,15 @@ def test_the_demo_prints_commands_that_work_and_stops_cleanly(tmp_path: Path) ->
         # The API key the agent injects never reaches the caller.
         key = (tmp_path / "demo" / "app.key").read_text().strip()
         assert all(key not in out for out in outputs.values())
+        # The console: its address is printed, and the demo's token logs in to it over TLS with the demo's CA.
+        assert f"The web console: https://127.0.0.1:{base + 3}/\n" in printed
+        token = (tmp_path / "demo" / "admin.token").read_text().strip()
+        assert _console_login(f"https://127.0.0.1:{base + 3}", tmp_path / "demo" / "ca.pem", token) == (
+            "demo-admin · admin · groups: *")
     finally:
         demo.send_signal(signal.SIGINT)
         assert demo.wait(30) == 0
-    for port in range(base, base + 4):
+    for port in range(base, base + 5):
         assert not _listening(port), f"port {port} still listening after Ctrl-C"
 
 

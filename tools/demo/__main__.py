@@ -2,13 +2,15 @@
 
 Starts, under var/demo/:
 - a control plane: operator API on 127.0.0.1:8443, agent listener on
-  127.0.0.1:8444, enrollment on 127.0.0.1:8445, state in var/demo/control-plane;
+  127.0.0.1:8444, enrollment on 127.0.0.1:8445, the web console on
+  https://127.0.0.1:8446/, state in var/demo/control-plane;
 - a small HTTP app on 127.0.0.1:8480 (the `demo-app` profile's target);
 - one agent in group `demo` with the profiles `demo-db` (SQLite with sample
   tables), `demo-files` (a sample folder) and `demo-app`.
 
 It writes the CA to var/demo/ca.pem and an admin token to var/demo/admin.token,
-prints grpcurl commands that work when pasted, and stops everything on Ctrl-C.
+prints grpcurl commands that work when pasted and how to log in to the console,
+and stops everything on Ctrl-C.
 Running it again reuses the state (the same CA, token and agent).
 
 `--replicas 3` runs PostgreSQL and three control-plane replicas instead (`tools.demo.replicas`).
@@ -36,13 +38,13 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 # Set from the command line in main(); the defaults are what the README promises.
 DEMO = ROOT / "var" / "demo"
-OPERATOR, AGENT, ENROLL, APP_PORT = "127.0.0.1:8443", "127.0.0.1:8444", "127.0.0.1:8445", 8480
+OPERATOR, AGENT, ENROLL, CONSOLE, APP_PORT = "127.0.0.1:8443", "127.0.0.1:8444", "127.0.0.1:8445", "127.0.0.1:8446", 8480
 
 
 def configure(directory: Path, base_port: int, app_port: int) -> None:
-    global DEMO, OPERATOR, AGENT, ENROLL, APP_PORT
+    global DEMO, OPERATOR, AGENT, ENROLL, CONSOLE, APP_PORT
     DEMO = directory.resolve()
-    OPERATOR, AGENT, ENROLL = (f"127.0.0.1:{base_port + i}" for i in range(3))
+    OPERATOR, AGENT, ENROLL, CONSOLE = (f"127.0.0.1:{base_port + i}" for i in range(4))
     APP_PORT = app_port
 
 
@@ -126,6 +128,10 @@ Try these (from {ROOT}):
   # an on-prem HTTP app; the agent adds the API key, the caller never sees it
   {g} -d '{{"head": {{"group": "demo", "profile": "demo-app", "method": "GET", "path": "orders"}}}}' {OPERATOR} onprem.v1.AppService/Call
 
+The web console: https://{CONSOLE}/
+  Log in with the admin token (paste the output of: cat {token}). The browser must trust the demo CA
+  ({ca}: import it as an authority, or accept the warning once); the token stays on the server.
+
 Press Ctrl-C to stop everything.
 """
 
@@ -134,7 +140,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tools.demo", description="Run the onprem demo.")
     parser.add_argument("--dir", type=Path, default=DEMO, help="where the demo keeps its state (var/demo)")
     parser.add_argument("--base-port", type=int, default=8443,
-                        help="operator API port; the agent and enrollment listeners take the next two")
+                        help="operator API port; the agent and enrollment listeners and the console take the next three")
     parser.add_argument("--app-port", type=int, default=APP_PORT, help="port of the demo HTTP app")
     parser.add_argument("--replicas", type=int, default=1,
                         help="run PostgreSQL and this many control-plane replicas (2 to 5) with one agent holding a "
@@ -176,8 +182,9 @@ def main() -> None:
         wait_for_port(f"127.0.0.1:{APP_PORT}", app, "demo HTTP app", DEMO)
         cp = start([str(BIN / "onprem-control-plane"), "serve", "--state-dir", str(cp_state),
                     "--operator-listen", OPERATOR, "--agent-listen", AGENT, "--enroll-listen", ENROLL,
-                    "--grace-period", "5"], "control-plane.log")
+                    "--console-listen", CONSOLE, "--grace-period", "5"], "control-plane.log")
         wait_for_port(OPERATOR, cp, "control plane", DEMO)
+        wait_for_port(CONSOLE, cp, "control plane's console", DEMO)
         shutil.copyfile(cp_state / "ca" / "ca.pem", DEMO / "ca.pem")
         token_file = DEMO / "admin.token"
         if not token_file.exists():
@@ -203,8 +210,8 @@ def main() -> None:
                            check=True, env=env)
         start([str(BIN / "onprem-agent"), "run", "--config", str(config_file)], "agent.log")
         agent = wait_for_agent(token_file.read_text().strip(), (DEMO / "ca.pem").read_bytes())
-        print(f"\nonprem demo is up: control plane on {OPERATOR}, agent {agent.name} ({agent.agent_id}) "
-              f"ACTIVE in group demo with profiles demo-db, demo-files, demo-app.\n"
+        print(f"\nonprem demo is up: control plane on {OPERATOR}, console on https://{CONSOLE}/, agent {agent.name} "
+              f"({agent.agent_id}) ACTIVE in group demo with profiles demo-db, demo-files, demo-app.\n"
               f"CA: {shown(DEMO / 'ca.pem')}   admin token: {shown(DEMO / 'admin.token')}   "
               f"logs: {shown(DEMO)}/*.log")
         print(commands(), flush=True)

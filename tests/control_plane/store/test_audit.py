@@ -77,3 +77,56 @@ def test_audit_detail_is_cut_short_rather_than_refused(store: Store, clock: Cloc
     store.add_audit(audit_entry(clock.now, detail="x" * 10_000))
     (row,) = store.list_audit()
     assert row.detail == "x" * 500
+
+
+# --- what the console reads: filtered rows, activity per minute ---------------------------------------------
+
+
+def test_audit_rows_are_filtered_by_groups_group_token_and_outcome(store: Store, clock: Clock) -> None:
+    ids = {
+        "plant-ok": store.add_audit(audit_entry(clock.now, group_name="plant", token_id="aaaa")),
+        "plant-denied": store.add_audit(audit_entry(clock.now, group_name="plant", token_id="bbbb", code=7,
+                                                    outcome="PERMISSION_DENIED")),
+        "office-ok": store.add_audit(audit_entry(clock.now, group_name="office", token_id="aaaa")),
+        "no-group": store.add_audit(audit_entry(clock.now, group_name=None, token_id=None, kind="auth", code=16,
+                                                outcome="UNAUTHENTICATED")),
+    }
+
+    def listed(**filters: Any) -> list[int | None]:
+        return [r.id for r in store.list_audit(**filters)]
+
+    everything = [ids["no-group"], ids["office-ok"], ids["plant-denied"], ids["plant-ok"]]
+    assert listed() == everything
+    assert listed(groups=None) == everything
+    assert listed(groups={"plant"}) == [ids["plant-denied"], ids["plant-ok"]]
+    assert listed(groups=set()) == []
+    assert listed(group="office") == [ids["office-ok"]]
+    assert listed(groups={"plant"}, group="office") == []
+    assert listed(token_id="aaaa") == [ids["office-ok"], ids["plant-ok"]]
+    assert listed(outcome="PERMISSION_DENIED") == [ids["plant-denied"]]
+    assert listed(group="plant", token_id="aaaa", outcome="OK") == [ids["plant-ok"]]
+    assert listed(limit=2) == everything[:2]
+
+
+def test_activity_counts_requests_and_errors_per_group_and_minute(store: Store, clock: Clock) -> None:
+    minute = clock.now.replace(second=0, microsecond=0)
+    since = minute - timedelta(minutes=1)
+    store.add_audits([
+        audit_entry(since - timedelta(seconds=1)),  # before the window
+        audit_entry(minute + timedelta(seconds=1)),
+        audit_entry(minute + timedelta(seconds=59, microseconds=999_999), code=14, outcome="UNAVAILABLE"),
+        audit_entry(minute + timedelta(seconds=30), code=1, outcome="CANCELLED"),  # the caller left: no error
+        audit_entry(minute + timedelta(minutes=2), kind="folder", code=5, outcome="NOT_FOUND"),
+        audit_entry(minute, group_name="office", kind="app"),
+        audit_entry(minute, kind="admin"),  # not a data request
+        audit_entry(minute, group_name=None, kind="database"),
+    ])
+    activity = store.audit_activity(since, {"database", "folder", "app"})
+    assert [(a.group_name, a.minute, a.requests, a.errors) for a in activity] == [
+        ("office", minute, 1, 0),
+        ("plant", minute, 3, 1),
+        ("plant", minute + timedelta(minutes=2), 1, 1),
+    ]
+    assert_utc(activity[0].minute)
+    assert [a.group_name for a in store.audit_activity(since, {"database", "app"}, groups={"office"})] == ["office"]
+    assert store.audit_activity(since, {"database"}, groups=set()) == []
