@@ -61,8 +61,15 @@ stubs: system-deps venv
 test-fast: venv
 	$(BIN)/pytest -q -x -m "not slow"
 
-run: setup
+# Python alone: a venv with the project, its runtime dependencies and grpcurl; nothing from apt, no stubs.
+run: $(VENV)/.run-installed
 	$(BIN)/python -m tools.demo
+
+$(VENV)/.run-installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[demo]'
+	@touch $@
 
 # Figures against baselines measured in the same run; writes docs/benchmarks.md.
 bench: setup
