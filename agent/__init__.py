@@ -1,3 +1,5 @@
 """The onprem agent: holds one outbound stream and runs what the site allows."""
 
-__version__ = "0.1.0"
+from onprem.tunnel.version import installed_version
+
+__version__ = installed_version()

@@ -37,6 +37,7 @@ from onprem.agent.profile_check import mark, run_test_profile
 from onprem.agent.profiles import ConfigError
 from onprem.agent.tunnel_client import TunnelClient, channel_credentials, channel_options
 from onprem.tunnel import kinds, logs
+from onprem.tunnel.version import version_line
 from onprem.v1 import enrollment_pb2, enrollment_pb2_grpc
 
 log = logging.getLogger("onprem.agent")
@@ -185,6 +186,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onprem-agent", description="The onprem agent.")
+    parser.add_argument("--version", action="version", version=version_line("onprem-agent"))
     parser.add_argument("--log-level", default=os.environ.get("ONPREM_LOG_LEVEL", "INFO"))
     parser.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("ONPREM_LOG_FORMAT", "text"),
                         help="one line per event, as text or as JSON")

@@ -1,7 +1,5 @@
+"""The onprem control plane: agents' streams in, operators' calls out, and the store behind both."""
 
-from importlib.metadata import PackageNotFoundError, version
+from onprem.tunnel.version import installed_version
 
-try:
-    __version__ = version("onprem")
-except PackageNotFoundError:  # run from a checkout that was never installed
-    __version__ = "0.0.0+unknown"
+__version__ = installed_version()

@@ -31,6 +31,7 @@ from onprem.control_plane.server import ControlPlaneServer, ServerConfig, open_c
 from onprem.control_plane.store import DEFAULT_DB_FILENAME, Store, StoreError, current_revision, default_url
 from onprem.tunnel import logs
 from onprem.tunnel.protocol import Limits
+from onprem.tunnel.version import version_line
 
 
 def _state_dir(value: str) -> Path:
@@ -122,6 +123,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onprem-control-plane", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=version_line("onprem-control-plane"))
     parser.add_argument("--log-level", default=os.environ.get("ONPREM_LOG_LEVEL", "INFO"))
     parser.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("ONPREM_LOG_FORMAT", "text"),
                         help="one line per event, as text or as JSON")

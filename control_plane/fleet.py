@@ -64,6 +64,7 @@ def agent_message(row: AgentRow, session: AgentSession | None,
         agent.profiles.extend(session.hello.profiles)
         agent.profile_health.extend(session.profile_health.values())
         agent.session_id = session.session_id
+        agent.protocol_revision = session.conn.protocol_revision
         # A renewal through another replica is in the store, not in this replica's session.
         expires = max(session.cert_expires_at or row.cert_expires_at, row.cert_expires_at)
         agent.certificate_expires_at.FromDatetime(expires)

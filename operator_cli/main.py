@@ -39,6 +39,7 @@ from onprem.operator_cli.errors import (
     UsageError,
     from_rpc_error,
 )
+from onprem.tunnel.version import version_line
 from onprem.v1 import (
     agents_pb2,
     agents_pb2_grpc,
@@ -246,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="onprem", description="Operate onprem agents through the control plane's gRPC API.",
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=version_line("onprem"))
     _connection_options(parser, None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

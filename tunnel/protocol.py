@@ -581,6 +581,8 @@ class ControlPlaneConnection(Connection[ControlFrame]):
 
     def __init__(self, limits: Limits | None = None) -> None:
         super().__init__(Role.CONTROL_PLANE, limits)
+        #: The revision this stream's welcome chose; 0 before it.
+        self.protocol_revision = 0
 
     def welcome_frame(self, *, agent_id: str, group: str, session_id: str,
                       replica: tunnel_pb2.Replica | None = None,
@@ -593,6 +595,7 @@ class ControlPlaneConnection(Connection[ControlFrame]):
         self._sending()
         if self.hello is None:
             raise self._fail(LocalProtocolError("welcome before hello"))
+        self.protocol_revision = PROTOCOL_REVISION
         welcome = tunnel_pb2.Welcome(
             protocol_revision=PROTOCOL_REVISION, agent_id=agent_id, group=group, session_id=session_id,
             response_window_bytes=self.limits.response_window_bytes, max_chunk_bytes=self.limits.max_chunk_bytes,

@@ -74,6 +74,8 @@ class AgentView:
     cert_near: bool
     profiles: tuple[ProfileView, ...]
     replica_ids: tuple[str, ...] = ()
+    #: The tunnel protocol revision of its stream here; 0 when not connected to this replica.
+    protocol_revision: int = 0
 
     @property
     def connected(self) -> bool:
@@ -163,6 +165,7 @@ def agent_view(agent: agents_pb2.Agent, cert_validity: dt.timedelta, now: dt.dat
         cert_near=expires - now < cert_validity * CERT_NEAR_FRACTION,
         profiles=profile_views(agent),
         replica_ids=tuple(agent.replica_ids),
+        protocol_revision=agent.protocol_revision,
     )
 
 

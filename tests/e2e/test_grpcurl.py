@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from onprem.tunnel.protocol import PROTOCOL_REVISION
+from onprem.tunnel.version import installed_version
 from onprem.v1 import agents_pb2
 from tools.cluster import AgentProcess, ControlPlaneProcess, operator_channel, wait_for_agent_state
 
@@ -151,3 +153,10 @@ def test_list_agents_shows_state_and_profiles(live: Live) -> None:
     (agent,) = json.loads(out.stdout)["agents"]
     assert agent["state"] == "AGENT_STATE_ACTIVE"
     assert agent["profiles"] == [{"name": "shop", "kind": "PROFILE_KIND_DATABASE", "dialect": "sqlite"}]
+
+
+def test_list_agents_shows_the_agents_version_and_its_streams_protocol_revision(live: Live) -> None:
+    out = live.grpcurl("onprem.v1.AgentService/ListAgents", data={"group": "shop"})
+    assert out.returncode == 0, out.stderr
+    (agent,) = json.loads(out.stdout)["agents"]
+    assert (agent["version"], agent["protocol_revision"]) == (installed_version(), PROTOCOL_REVISION)

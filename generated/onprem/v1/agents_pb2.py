@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from onprem.v1 import profiles_pb2 as onprem_dot_v1_dot_profiles__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16onprem/v1/agents.proto\x12\tonprem.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18onprem/v1/profiles.proto\"\xf4\x03\n\x05\x41gent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\t\x12$\n\x05state\x18\x04 \x01(\x0e\x32\x15.onprem.v1.AgentState\x12\x10\n\x08hostname\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\x12/\n\x0b\x65nrolled_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_seen_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06uptime\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tin_flight\x18\n \x01(\r\x12\x15\n\rmax_in_flight\x18\x0b \x01(\r\x12:\n\x16\x63\x65rtificate_expires_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x08profiles\x18\r \x03(\x0b\x32\x12.onprem.v1.Profile\x12\x30\n\x0eprofile_health\x18\x0e \x03(\x0b\x32\x18.onprem.v1.ProfileHealth\x12\x12\n\nsession_id\x18\x0f \x01(\t\x12\x13\n\x0breplica_ids\x18\x10 \x03(\t\"\"\n\x11ListAgentsRequest\x12\r\n\x05group\x18\x01 \x01(\t\"6\n\x12ListAgentsResponse\x12 \n\x06\x61gents\x18\x01 \x03(\x0b\x32\x10.onprem.v1.Agent\"#\n\x0fGetAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"3\n\x10GetAgentResponse\x12\x1f\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x10.onprem.v1.Agent\"v\n\x05Group\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x61gent_count\x18\x02 \x01(\r\x12\x1a\n\x12\x61\x63tive_agent_count\x18\x03 \x01(\r\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x13\n\x11ListGroupsRequest\"6\n\x12ListGroupsResponse\x12 \n\x06groups\x18\x01 \x03(\x0b\x32\x10.onprem.v1.Group\"j\n\x1c\x43reateEnrollmentTokenRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"m\n\x1d\x43reateEnrollmentTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05group\x18\x03 \x01(\t\"f\n\x11\x44rainAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12/\n\x0cgrace_period\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x03 \x01(\t\"5\n\x12\x44rainAgentResponse\x12\x1f\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x10.onprem.v1.Agent\"6\n\x12RevokeAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x13RevokeAgentResponse\x12\x1f\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x10.onprem.v1.Agent\"\x15\n\x13ListReplicasRequest\"]\n\x14ListReplicasResponse\x12\x30\n\x08replicas\x18\x01 \x03(\x0b\x32\x1e.onprem.v1.ControlPlaneReplica\x12\x13\n\x0b\x61nswered_by\x18\x02 \x01(\t\"\xf5\x01\n\x13\x43ontrolPlaneReplica\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x15\n\ragent_address\x18\x02 \x01(\t\x12\x18\n\x10operator_address\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cheartbeat_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x05state\x18\x07 \x01(\x0e\x32\x17.onprem.v1.ReplicaState*\x8e\x01\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41GENT_STATE_ACTIVE\x10\x01\x12\x18\n\x14\x41GENT_STATE_INACTIVE\x10\x02\x12\x18\n\x14\x41GENT_STATE_DRAINING\x10\x03\x12\x17\n\x13\x41GENT_STATE_REVOKED\x10\x04*d\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REPLICA_STATE_SERVING\x10\x01\x12\x1a\n\x16REPLICA_STATE_DRAINING\x10\x02\x32\x90\x05\n\x0c\x41gentService\x12I\n\nListAgents\x12\x1c.onprem.v1.ListAgentsRequest\x1a\x1d.onprem.v1.ListAgentsResponse\x12\x43\n\x08GetAgent\x12\x1a.onprem.v1.GetAgentRequest\x1a\x1b.onprem.v1.GetAgentResponse\x12I\n\nListGroups\x12\x1c.onprem.v1.ListGroupsRequest\x1a\x1d.onprem.v1.ListGroupsResponse\x12j\n\x15\x43reateEnrollmentToken\x12\'.onprem.v1.CreateEnrollmentTokenRequest\x1a(.onprem.v1.CreateEnrollmentTokenResponse\x12L\n\x0bRevokeAgent\x12\x1d.onprem.v1.RevokeAgentRequest\x1a\x1e.onprem.v1.RevokeAgentResponse\x12O\n\x0c\x43heckProfile\x12\x1e.onprem.v1.CheckProfileRequest\x1a\x1f.onprem.v1.CheckProfileResponse\x12I\n\nDrainAgent\x12\x1c.onprem.v1.DrainAgentRequest\x1a\x1d.onprem.v1.DrainAgentResponse\x12O\n\x0cListReplicas\x12\x1e.onprem.v1.ListReplicasRequest\x1a\x1f.onprem.v1.ListReplicasResponseB^\n\rdev.onprem.v1B\x0b\x41gentsProtoP\x01Z2github.com/onprem/onprem/gen/go/onprem/v1;onpremv1\xaa\x02\tOnprem.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16onprem/v1/agents.proto\x12\tonprem.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18onprem/v1/profiles.proto\"\x8f\x04\n\x05\x41gent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\t\x12$\n\x05state\x18\x04 \x01(\x0e\x32\x15.onprem.v1.AgentState\x12\x10\n\x08hostname\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\x12/\n\x0b\x65nrolled_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_seen_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06uptime\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tin_flight\x18\n \x01(\r\x12\x15\n\rmax_in_flight\x18\x0b \x01(\r\x12:\n\x16\x63\x65rtificate_expires_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x08profiles\x18\r \x03(\x0b\x32\x12.onprem.v1.Profile\x12\x30\n\x0eprofile_health\x18\x0e \x03(\x0b\x32\x18.onprem.v1.ProfileHealth\x12\x12\n\nsession_id\x18\x0f \x01(\t\x12\x13\n\x0breplica_ids\x18\x10 \x03(\t\x12\x19\n\x11protocol_revision\x18\x11 \x01(\r\"\"\n\x11ListAgentsRequest\x12\r\n\x05group\x18\x01 \x01(\t\"6\n\x12ListAgentsResponse\x12 \n\x06\x61gents\x18\x01 \x03(\x0b\x32\x10.onprem.v1.Agent\"#\n\x0fGetAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"3\n\x10GetAgentResponse\x12\x1f\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x10.onprem.v1.Agent\"v\n\x05Group\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x61gent_count\x18\x02 \x01(\r\x12\x1a\n\x12\x61\x63tive_agent_count\x18\x03 \x01(\r\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x13\n\x11ListGroupsRequest\"6\n\x12ListGroupsResponse\x12 \n\x06groups\x18\x01 \x03(\x0b\x32\x10.onprem.v1.Group\"j\n\x1c\x43reateEnrollmentTokenRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"m\n\x1d\x43reateEnrollmentTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05group\x18\x03 \x01(\t\"f\n\x11\x44rainAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12/\n\x0cgrace_period\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x03 \x01(\t\"5\n\x12\x44rainAgentResponse\x12\x1f\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x10.onprem.v1.Agent\"6\n\x12RevokeAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x13RevokeAgentResponse\x12\x1f\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x10.onprem.v1.Agent\"\x15\n\x13ListReplicasRequest\"]\n\x14ListReplicasResponse\x12\x30\n\x08replicas\x18\x01 \x03(\x0b\x32\x1e.onprem.v1.ControlPlaneReplica\x12\x13\n\x0b\x61nswered_by\x18\x02 \x01(\t\"\xf5\x01\n\x13\x43ontrolPlaneReplica\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x15\n\ragent_address\x18\x02 \x01(\t\x12\x18\n\x10operator_address\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cheartbeat_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x05state\x18\x07 \x01(\x0e\x32\x17.onprem.v1.ReplicaState*\x8e\x01\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41GENT_STATE_ACTIVE\x10\x01\x12\x18\n\x14\x41GENT_STATE_INACTIVE\x10\x02\x12\x18\n\x14\x41GENT_STATE_DRAINING\x10\x03\x12\x17\n\x13\x41GENT_STATE_REVOKED\x10\x04*d\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REPLICA_STATE_SERVING\x10\x01\x12\x1a\n\x16REPLICA_STATE_DRAINING\x10\x02\x32\x90\x05\n\x0c\x41gentService\x12I\n\nListAgents\x12\x1c.onprem.v1.ListAgentsRequest\x1a\x1d.onprem.v1.ListAgentsResponse\x12\x43\n\x08GetAgent\x12\x1a.onprem.v1.GetAgentRequest\x1a\x1b.onprem.v1.GetAgentResponse\x12I\n\nListGroups\x12\x1c.onprem.v1.ListGroupsRequest\x1a\x1d.onprem.v1.ListGroupsResponse\x12j\n\x15\x43reateEnrollmentToken\x12\'.onprem.v1.CreateEnrollmentTokenRequest\x1a(.onprem.v1.CreateEnrollmentTokenResponse\x12L\n\x0bRevokeAgent\x12\x1d.onprem.v1.RevokeAgentRequest\x1a\x1e.onprem.v1.RevokeAgentResponse\x12O\n\x0c\x43heckProfile\x12\x1e.onprem.v1.CheckProfileRequest\x1a\x1f.onprem.v1.CheckProfileResponse\x12I\n\nDrainAgent\x12\x1c.onprem.v1.DrainAgentRequest\x1a\x1d.onprem.v1.DrainAgentResponse\x12O\n\x0cListReplicas\x12\x1e.onprem.v1.ListReplicasRequest\x1a\x1f.onprem.v1.ListReplicasResponseB^\n\rdev.onprem.v1B\x0b\x41gentsProtoP\x01Z2github.com/onprem/onprem/gen/go/onprem/v1;onpremv1\xaa\x02\tOnprem.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,44 +35,44 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'onprem.v1.agents_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rdev.onprem.v1B\013AgentsProtoP\001Z2github.com/onprem/onprem/gen/go/onprem/v1;onpremv1\252\002\tOnprem.V1'
-  _globals['_AGENTSTATE']._serialized_start=1867
-  _globals['_AGENTSTATE']._serialized_end=2009
-  _globals['_REPLICASTATE']._serialized_start=2011
-  _globals['_REPLICASTATE']._serialized_end=2111
+  _globals['_AGENTSTATE']._serialized_start=1894
+  _globals['_AGENTSTATE']._serialized_end=2036
+  _globals['_REPLICASTATE']._serialized_start=2038
+  _globals['_REPLICASTATE']._serialized_end=2138
   _globals['_AGENT']._serialized_start=129
-  _globals['_AGENT']._serialized_end=629
-  _globals['_LISTAGENTSREQUEST']._serialized_start=631
-  _globals['_LISTAGENTSREQUEST']._serialized_end=665
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=667
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=721
-  _globals['_GETAGENTREQUEST']._serialized_start=723
-  _globals['_GETAGENTREQUEST']._serialized_end=758
-  _globals['_GETAGENTRESPONSE']._serialized_start=760
-  _globals['_GETAGENTRESPONSE']._serialized_end=811
-  _globals['_GROUP']._serialized_start=813
-  _globals['_GROUP']._serialized_end=931
-  _globals['_LISTGROUPSREQUEST']._serialized_start=933
-  _globals['_LISTGROUPSREQUEST']._serialized_end=952
-  _globals['_LISTGROUPSRESPONSE']._serialized_start=954
-  _globals['_LISTGROUPSRESPONSE']._serialized_end=1008
-  _globals['_CREATEENROLLMENTTOKENREQUEST']._serialized_start=1010
-  _globals['_CREATEENROLLMENTTOKENREQUEST']._serialized_end=1116
-  _globals['_CREATEENROLLMENTTOKENRESPONSE']._serialized_start=1118
-  _globals['_CREATEENROLLMENTTOKENRESPONSE']._serialized_end=1227
-  _globals['_DRAINAGENTREQUEST']._serialized_start=1229
-  _globals['_DRAINAGENTREQUEST']._serialized_end=1331
-  _globals['_DRAINAGENTRESPONSE']._serialized_start=1333
-  _globals['_DRAINAGENTRESPONSE']._serialized_end=1386
-  _globals['_REVOKEAGENTREQUEST']._serialized_start=1388
-  _globals['_REVOKEAGENTREQUEST']._serialized_end=1442
-  _globals['_REVOKEAGENTRESPONSE']._serialized_start=1444
-  _globals['_REVOKEAGENTRESPONSE']._serialized_end=1498
-  _globals['_LISTREPLICASREQUEST']._serialized_start=1500
-  _globals['_LISTREPLICASREQUEST']._serialized_end=1521
-  _globals['_LISTREPLICASRESPONSE']._serialized_start=1523
-  _globals['_LISTREPLICASRESPONSE']._serialized_end=1616
-  _globals['_CONTROLPLANEREPLICA']._serialized_start=1619
-  _globals['_CONTROLPLANEREPLICA']._serialized_end=1864
-  _globals['_AGENTSERVICE']._serialized_start=2114
-  _globals['_AGENTSERVICE']._serialized_end=2770
+  _globals['_AGENT']._serialized_end=656
+  _globals['_LISTAGENTSREQUEST']._serialized_start=658
+  _globals['_LISTAGENTSREQUEST']._serialized_end=692
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=694
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=748
+  _globals['_GETAGENTREQUEST']._serialized_start=750
+  _globals['_GETAGENTREQUEST']._serialized_end=785
+  _globals['_GETAGENTRESPONSE']._serialized_start=787
+  _globals['_GETAGENTRESPONSE']._serialized_end=838
+  _globals['_GROUP']._serialized_start=840
+  _globals['_GROUP']._serialized_end=958
+  _globals['_LISTGROUPSREQUEST']._serialized_start=960
+  _globals['_LISTGROUPSREQUEST']._serialized_end=979
+  _globals['_LISTGROUPSRESPONSE']._serialized_start=981
+  _globals['_LISTGROUPSRESPONSE']._serialized_end=1035
+  _globals['_CREATEENROLLMENTTOKENREQUEST']._serialized_start=1037
+  _globals['_CREATEENROLLMENTTOKENREQUEST']._serialized_end=1143
+  _globals['_CREATEENROLLMENTTOKENRESPONSE']._serialized_start=1145
+  _globals['_CREATEENROLLMENTTOKENRESPONSE']._serialized_end=1254
+  _globals['_DRAINAGENTREQUEST']._serialized_start=1256
+  _globals['_DRAINAGENTREQUEST']._serialized_end=1358
+  _globals['_DRAINAGENTRESPONSE']._serialized_start=1360
+  _globals['_DRAINAGENTRESPONSE']._serialized_end=1413
+  _globals['_REVOKEAGENTREQUEST']._serialized_start=1415
+  _globals['_REVOKEAGENTREQUEST']._serialized_end=1469
+  _globals['_REVOKEAGENTRESPONSE']._serialized_start=1471
+  _globals['_REVOKEAGENTRESPONSE']._serialized_end=1525
+  _globals['_LISTREPLICASREQUEST']._serialized_start=1527
+  _globals['_LISTREPLICASREQUEST']._serialized_end=1548
+  _globals['_LISTREPLICASRESPONSE']._serialized_start=1550
+  _globals['_LISTREPLICASRESPONSE']._serialized_end=1643
+  _globals['_CONTROLPLANEREPLICA']._serialized_start=1646
+  _globals['_CONTROLPLANEREPLICA']._serialized_end=1891
+  _globals['_AGENTSERVICE']._serialized_start=2141
+  _globals['_AGENTSERVICE']._serialized_end=2797
 # @@protoc_insertion_point(module_scope)

@@ -35,7 +35,7 @@ REPLICA_STATE_SERVING: ReplicaState
 REPLICA_STATE_DRAINING: ReplicaState
 
 class Agent(_message.Message):
-    __slots__ = ("agent_id", "name", "group", "state", "hostname", "version", "enrolled_at", "last_seen_at", "uptime", "in_flight", "max_in_flight", "certificate_expires_at", "profiles", "profile_health", "session_id", "replica_ids")
+    __slots__ = ("agent_id", "name", "group", "state", "hostname", "version", "enrolled_at", "last_seen_at", "uptime", "in_flight", "max_in_flight", "certificate_expires_at", "profiles", "profile_health", "session_id", "replica_ids", "protocol_revision")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class Agent(_message.Message):
     PROFILE_HEALTH_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REPLICA_IDS_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_REVISION_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     name: str
     group: str
@@ -68,7 +69,8 @@ class Agent(_message.Message):
     profile_health: _containers.RepeatedCompositeFieldContainer[_profiles_pb2.ProfileHealth]
     session_id: str
     replica_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, agent_id: _Optional[str] = ..., name: _Optional[str] = ..., group: _Optional[str] = ..., state: _Optional[_Union[AgentState, str]] = ..., hostname: _Optional[str] = ..., version: _Optional[str] = ..., enrolled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uptime: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., in_flight: _Optional[int] = ..., max_in_flight: _Optional[int] = ..., certificate_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., profiles: _Optional[_Iterable[_Union[_profiles_pb2.Profile, _Mapping]]] = ..., profile_health: _Optional[_Iterable[_Union[_profiles_pb2.ProfileHealth, _Mapping]]] = ..., session_id: _Optional[str] = ..., replica_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    protocol_revision: int
+    def __init__(self, agent_id: _Optional[str] = ..., name: _Optional[str] = ..., group: _Optional[str] = ..., state: _Optional[_Union[AgentState, str]] = ..., hostname: _Optional[str] = ..., version: _Optional[str] = ..., enrolled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., uptime: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., in_flight: _Optional[int] = ..., max_in_flight: _Optional[int] = ..., certificate_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., profiles: _Optional[_Iterable[_Union[_profiles_pb2.Profile, _Mapping]]] = ..., profile_health: _Optional[_Iterable[_Union[_profiles_pb2.ProfileHealth, _Mapping]]] = ..., session_id: _Optional[str] = ..., replica_ids: _Optional[_Iterable[str]] = ..., protocol_revision: _Optional[int] = ...) -> None: ...
 
 class ListAgentsRequest(_message.Message):
     __slots__ = ("group",)
