@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages the tests use (a real PostgreSQL server, unixODBC
-# with the psqlODBC and SQLite ODBC drivers, iptables and tinyproxy for the network tests, Chromium for the console's), when they are missing. Needs root for
+# with the psqlODBC and SQLite ODBC drivers, iptables and tinyproxy for the network tests, Chromium for the
+# console's, OpenSSH's server and client for the benchmark's ssh -R baseline), when they are missing. Needs root for
 # apt; without root it only reports what is missing.
 set -euo pipefail
 
@@ -12,6 +13,9 @@ dpkg -s libsqliteodbc >/dev/null 2>&1 || need+=(libsqliteodbc)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)
 command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/bin/tinyproxy ] || [ -x /usr/sbin/tinyproxy ] || need+=(tinyproxy)
+# The database benchmark's ssh -R baseline (tools/ssh_tunnel.py starts its own sshd, by this absolute path).
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 
 # Generated clients for other languages (make stubs) and their interop tests.
 command -v node >/dev/null 2>&1 || need+=(nodejs)
@@ -45,6 +49,8 @@ apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 # Debian starts services on install; the tests start their own.
 if command -v systemctl >/dev/null 2>&1; then systemctl stop tinyproxy 2>/dev/null || true; fi
 pkill -x tinyproxy 2>/dev/null || true
+# The system sshd that Debian may start is left alone (stopping it could cut off the machine's own users);
+# the benchmark never uses it.
 if command -v pg_lsclusters >/dev/null 2>&1; then
   pg_lsclusters -h 2>/dev/null | while read -r ver name _; do pg_ctlcluster "$ver" "$name" stop 2>/dev/null || true; done
 fi

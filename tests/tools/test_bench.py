@@ -42,6 +42,19 @@ def test_small_requests_against_the_bare_relay(tmp_path: Path) -> None:
     assert rate.met is not None
 
 
+def test_database_against_sqlalchemy_directly_and_psycopg_through_ssh_reverse_tunnel(tmp_path: Path) -> None:
+    from tools.bench.database import run_small
+
+    figures = run_small(tmp_path, rows=2000, rounds=1)
+    _well_formed(figures)
+    direct, ssh = figures[0], figures[1]
+    assert direct.value == ssh.value  # ours, against each baseline
+    assert direct.baseline_name == "SQLAlchemy server-side cursor, direct"
+    assert ssh.baseline_name == "psycopg server-side cursor through OpenSSH ssh -R"
+    assert [f.target for f in figures] == [">= 90% of baseline", ">= 150% of baseline", "< 200 MiB", "< 200 MiB"]
+    assert direct.baseline is not None and direct.baseline > 0 and ssh.baseline is not None and ssh.baseline > 0
+
+
 def test_many_agents_with_simulated_agents(tmp_path: Path) -> None:
     from tools.bench.many_agents import run_small
 
