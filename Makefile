@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto' | sort)
+# Python code is generated for our protos; third-party ones (gRPC's reflection v1) go into the descriptor set only.
+PY_PROTOS := $(shell find protos/onprem -name '*.proto' | sort)
+# Every file with its comments (source info) and imports, which server reflection serves (control_plane/api/reflection.py).
+DESCRIPTOR_SET := onprem/v1/descriptors.binpb
 
 .PHONY: setup system-deps venv proto check-generated lint test test-faults test-fast stubs run bench clean
 
@@ -25,14 +29,18 @@ proto: venv
 	$(BIN)/python -m grpc_tools.protoc -Iprotos \
 		--python_out=generated --pyi_out=generated --grpc_python_out=generated \
 		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=generated \
-		$(PROTOS)
+		$(PY_PROTOS)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --include_imports --include_source_info \
+		--descriptor_set_out=generated/$(DESCRIPTOR_SET) $(PROTOS)
 	@touch generated/onprem/__init__.py generated/onprem/v1/__init__.py
 
 # Fails when generated/ does not match protos/.
 check-generated: venv
 	@tmp=$$(mktemp -d); \
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp \
-		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=$$tmp $(PROTOS) 2>&1 | grep -v "^Writing mypy" >&2; \
+		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=$$tmp $(PY_PROTOS) 2>&1 | grep -v "^Writing mypy" >&2; \
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --include_imports --include_source_info \
+		--descriptor_set_out=$$tmp/$(DESCRIPTOR_SET) $(PROTOS); \
 	if ! diff -r -x __init__.py -x __pycache__ $$tmp/onprem generated/onprem >/dev/null; then \
 		echo "generated/ is stale: run 'make proto' and commit the result"; \
 		diff -r -q -x __init__.py -x __pycache__ $$tmp/onprem generated/onprem; rm -rf $$tmp; exit 1; fi; \

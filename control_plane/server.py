@@ -1,7 +1,7 @@
 """Builds and runs the control plane's three listeners.
 
 - operator listener (TLS, bearer tokens): the operator services, server
-  reflection and `grpc.health.v1.Health`; every call but health and
+  reflection (v1 and v1alpha, `api.reflection`) and `grpc.health.v1.Health`; every call but health and
   reflection is authenticated from its metadata before any message is read
   (`control_plane.api.guard`);
 - agent listener (mTLS): `AgentTunnel/Connect`;
@@ -31,7 +31,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from sqlalchemy.exc import DBAPIError
 
 from onprem.control_plane import __version__, metrics
@@ -40,6 +39,7 @@ from onprem.control_plane.api.apps import AppService
 from onprem.control_plane.api.database import DatabaseService
 from onprem.control_plane.api.files import FileService
 from onprem.control_plane.api.guard import AuthInterceptor
+from onprem.control_plane.api.reflection import Reflection
 from onprem.control_plane.api.tokens import TokenService
 from onprem.control_plane.ca import CertificateAuthority
 from onprem.control_plane.console import Console, ConsoleConfig
@@ -179,11 +179,9 @@ class ControlPlaneServer:
         agents_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(self.cp), operator)
         tokens_pb2_grpc.add_TokenServiceServicer_to_server(TokenService(self.cp), operator)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, operator)
-        reflection.enable_server_reflection(
-            [*OPERATOR_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME],
-            operator,
-        )
+        # Reflection v1 and v1alpha, with the protos' comments (`api.reflection`).
+        Reflection([*OPERATOR_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
+                   modules=[health_pb2.DESCRIPTOR]).add_to(operator)
         agent = grpc.aio.server(options=TUNNEL_SERVER_OPTIONS)
         tunnel_pb2_grpc.add_AgentTunnelServicer_to_server(AgentTunnelService(self.cp), agent)
         enroll = grpc.aio.server(options=SERVER_OPTIONS)

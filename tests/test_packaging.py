@@ -45,6 +45,8 @@ def test_the_wheel_holds_every_part_and_not_the_tools(wheel: Path) -> None:
     assert not [n for n in names if n.startswith(("onprem/tools", "tools/", "tests/", "onprem/tests"))]
     # The store's schema revisions travel with the package: a replica upgrades its database from them.
     assert [n for n in names if n.startswith("onprem/control_plane/store/migrations/versions/r0001")]
+    # Server reflection serves the protos' comments from this descriptor set.
+    assert "onprem/v1/descriptors.binpb" in names
 
 
 def test_the_wheel_holds_the_consoles_templates_and_assets(wheel: Path) -> None:
@@ -74,6 +76,8 @@ def test_the_unpacked_wheel_imports_from_itself_outside_the_checkout(wheel: Path
              "from onprem.control_plane.console.render import Renderer;"
              "assert sorted(load_static()) == ['console.css', 'console.js', 'favicon.svg'];"
              "Renderer();"
+             "from onprem.control_plane.api.reflection import Descriptors;"
+             "assert 'onprem.v1.QueryRequest' in Descriptors.load().symbols;"
              "print(onprem.agent.cli.__file__);"
              "print([n for n in ('agent', 'tools', 'tunnel', 'control_plane') if importlib.util.find_spec(n)])")
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(site)},
