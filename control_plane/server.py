@@ -36,11 +36,13 @@ from sqlalchemy.exc import DBAPIError
 from onprem.control_plane import __version__, metrics
 from onprem.control_plane.api.agents import AgentService
 from onprem.control_plane.api.apps import AppService
+from onprem.control_plane.api.audit import AuditService
 from onprem.control_plane.api.database import DatabaseService
 from onprem.control_plane.api.files import FileService
 from onprem.control_plane.api.guard import AuthInterceptor
 from onprem.control_plane.api.reflection import Reflection
 from onprem.control_plane.api.tokens import TokenService
+from onprem.control_plane.audit_retention import DEFAULT_RETENTION_DAYS, AuditRetention
 from onprem.control_plane.ca import CertificateAuthority
 from onprem.control_plane.console import Console, ConsoleConfig
 from onprem.control_plane.console.context import ConsoleSettings
@@ -56,6 +58,8 @@ from onprem.v1 import (
     agents_pb2_grpc,
     apps_pb2,
     apps_pb2_grpc,
+    audit_pb2,
+    audit_pb2_grpc,
     database_pb2,
     database_pb2_grpc,
     enrollment_pb2_grpc,
@@ -79,6 +83,7 @@ OPERATOR_SERVICES = [
     apps_pb2.DESCRIPTOR.services_by_name["AppService"].full_name,
     agents_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
     tokens_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name,
+    audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
 ]
 
 
@@ -104,6 +109,8 @@ class ServerConfig:
     console_listen: str | None = None
     #: The console's sessions and refreshes (the addresses and CA it shows agents are filled in here).
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
+    #: Audit rows older than this are deleted in the background (`audit_retention`); None keeps them all.
+    audit_retention: dt.timedelta | None = dt.timedelta(days=DEFAULT_RETENTION_DAYS)
 
     @property
     def store_url(self) -> str:
@@ -164,6 +171,7 @@ class ControlPlaneServer:
         self._audit_task: asyncio.Task[None] | None = None
         self._background: asyncio.Task[None] | None = None
         self._store_health: asyncio.Task[None] | None = None
+        self._retention: asyncio.Task[None] | None = None
         self.console: Console | None = None
 
     async def start(self) -> None:
@@ -178,6 +186,7 @@ class ControlPlaneServer:
         apps_pb2_grpc.add_AppServiceServicer_to_server(AppService(self.cp), operator)
         agents_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(self.cp), operator)
         tokens_pb2_grpc.add_TokenServiceServicer_to_server(TokenService(self.cp), operator)
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditService(self.cp), operator)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, operator)
         # Reflection v1 and v1alpha, with the protos' comments (`api.reflection`).
         Reflection([*OPERATOR_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
@@ -208,6 +217,9 @@ class ControlPlaneServer:
         loop = asyncio.get_running_loop()
         self._audit_task = loop.create_task(self.cp.audit.run(), name="audit-writer")
         self._background = loop.create_task(self.cp.run_background(), name="token-watcher")
+        if self.config.audit_retention is not None:
+            retention = AuditRetention(self.cp.store.prune_audit, self.cp.blocking, self.config.audit_retention)
+            self._retention = loop.create_task(retention.run(), name="audit-retention")
         if self.config.metrics_listen:
             metrics.serve(self.config.metrics_listen, self._agent_states)
         for service in [*OPERATOR_SERVICES, ""]:
@@ -257,8 +269,10 @@ class ControlPlaneServer:
     async def stop(self, grace: float | None = None) -> None:
         grace = self.config.grace_period if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        if self._store_health is not None:
-            self._store_health.cancel()
+        for task in (self._store_health, self._retention):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.console is not None:
             await self.console.stop()
         # Off the replica set first: agents are told to hold no stream here, the other replicas hear of it.
