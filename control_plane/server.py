@@ -12,7 +12,12 @@
 Several replicas may share one PostgreSQL store (`replicas`, `changes`): each
 records itself before it serves, and every agent holds a stream to each.
 
-On SIGTERM or SIGINT: health turns NOT_SERVING, the replica's row says
+Health (`grpc.health.v1.Health`, public like reflection) answers for "" (the replica), for each operator
+service by its full name (`OPERATOR_SERVICES`: SERVING while the replica serves, NOT_SERVING from the
+moment it starts to drain, so that a load balancer checking one service stops sending it new calls) and for
+`STORE_SERVICE` (whether the store answers); any other name is NOT_FOUND (docs/operators.md, "Health").
+
+On SIGTERM or SIGINT: health turns NOT_SERVING (every service), the replica's row says
 "draining" (agents stop dialing it, the other replicas drop it at once), its
 agents are told to drain this stream only, in-flight requests get a grace
 period, then the servers stop and the row goes.
@@ -77,6 +82,8 @@ STORE_SERVICE = "onprem.control_plane.Store"
 #: The store setting holding the fingerprint of the replicas' shared CA certificate.
 CA_FINGERPRINT = "ca_sha256"
 
+#: The operator services, by full name: served on the operator listener, listed by reflection, and each its
+#: own name in health.
 OPERATOR_SERVICES = [
     database_pb2.DESCRIPTOR.services_by_name["DatabaseService"].full_name,
     files_pb2.DESCRIPTOR.services_by_name["FileService"].full_name,
@@ -212,6 +219,10 @@ class ControlPlaneServer:
         # Recorded before serving: the first agent's welcome names this replica among the live ones.
         await self.cp.membership.join()
         self.cp.start_warmup()
+        # Every service of this replica serves when the replica does (set before the listeners open, so that
+        # no probe finds a service unknown); a drain (`stop`) turns them all at once.
+        for service in [*OPERATOR_SERVICES, ""]:
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         for server in self._servers:
             await server.start()
         loop = asyncio.get_running_loop()
@@ -222,8 +233,6 @@ class ControlPlaneServer:
             self._retention = loop.create_task(retention.run(), name="audit-retention")
         if self.config.metrics_listen:
             metrics.serve(self.config.metrics_listen, self._agent_states)
-        for service in [*OPERATOR_SERVICES, ""]:
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._store_health = loop.create_task(self._watch_store(), name="store-health")
         log.info("listening: operator %s, agents %s, enrollment %s",
                  self.config.operator_listen, self.config.agent_listen, self.config.enroll_listen)
