@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from onprem.control_plane import __version__, cli_tokens
+from onprem.control_plane.audit_retention import DEFAULT_RETENTION_DAYS
 from onprem.control_plane.console.context import ConsoleSettings
 from onprem.control_plane.console.listener import split_address
 from onprem.control_plane.core import Settings
@@ -42,6 +43,13 @@ def _positive(value: str) -> float:
     number = float(value)
     if not number > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0, got {value}")
+    return number
+
+
+def _retention_days(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (keep every row) or more, got {value}")
     return number
 
 
@@ -88,6 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
         console_listen=args.console_listen,
         console=ConsoleSettings(session_ttl=dt.timedelta(hours=args.console_session_hours),
                                 refresh_seconds=args.console_refresh_seconds),
+        audit_retention=dt.timedelta(days=args.audit_retention_days) if args.audit_retention_days else None,
     )
 
     async def run() -> None:
@@ -146,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long a console login lasts, at most (never longer than its token)")
     serve.add_argument("--console-refresh-seconds", type=_positive, default=5.0,
                        help="seconds between refreshes of the console's pages in the browser")
+    serve.add_argument("--audit-retention-days", type=_retention_days,
+                       default=_retention_days(os.environ.get("ONPREM_AUDIT_RETENTION_DAYS", str(DEFAULT_RETENTION_DAYS))),
+                       help=f"delete audit rows older than this many days, in the background, hourly "
+                            f"(default {DEFAULT_RETENTION_DAYS}; 0 keeps every row; $ONPREM_AUDIT_RETENTION_DAYS)")
     serve.add_argument("--agent-cert-days", type=float, default=30.0)
     serve.add_argument("--heartbeat-interval", type=float, default=10.0,
                        help="seconds between pings on a quiet agent stream; 3 missed end it")

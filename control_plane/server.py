@@ -12,7 +12,12 @@
 Several replicas may share one PostgreSQL store (`replicas`, `changes`): each
 records itself before it serves, and every agent holds a stream to each.
 
-On SIGTERM or SIGINT: health turns NOT_SERVING, the replica's row says
+Health (`grpc.health.v1.Health`, public like reflection) answers for "" (the replica), for each operator
+service by its full name (`OPERATOR_SERVICES`: SERVING while the replica serves, NOT_SERVING from the
+moment it starts to drain, so that a load balancer checking one service stops sending it new calls) and for
+`STORE_SERVICE` (whether the store answers); any other name is NOT_FOUND (docs/operators.md, "Health").
+
+On SIGTERM or SIGINT: health turns NOT_SERVING (every service), the replica's row says
 "draining" (agents stop dialing it, the other replicas drop it at once), its
 agents are told to drain this stream only, in-flight requests get a grace
 period, then the servers stop and the row goes.
@@ -36,11 +41,13 @@ from sqlalchemy.exc import DBAPIError
 from onprem.control_plane import __version__, metrics
 from onprem.control_plane.api.agents import AgentService
 from onprem.control_plane.api.apps import AppService
+from onprem.control_plane.api.audit import AuditService
 from onprem.control_plane.api.database import DatabaseService
 from onprem.control_plane.api.files import FileService
 from onprem.control_plane.api.guard import AuthInterceptor
 from onprem.control_plane.api.reflection import Reflection
 from onprem.control_plane.api.tokens import TokenService
+from onprem.control_plane.audit_retention import DEFAULT_RETENTION_DAYS, AuditRetention
 from onprem.control_plane.ca import CertificateAuthority
 from onprem.control_plane.console import Console, ConsoleConfig
 from onprem.control_plane.console.context import ConsoleSettings
@@ -56,6 +63,8 @@ from onprem.v1 import (
     agents_pb2_grpc,
     apps_pb2,
     apps_pb2_grpc,
+    audit_pb2,
+    audit_pb2_grpc,
     database_pb2,
     database_pb2_grpc,
     enrollment_pb2_grpc,
@@ -73,12 +82,15 @@ STORE_SERVICE = "onprem.control_plane.Store"
 #: The store setting holding the fingerprint of the replicas' shared CA certificate.
 CA_FINGERPRINT = "ca_sha256"
 
+#: The operator services, by full name: served on the operator listener, listed by reflection, and each its
+#: own name in health.
 OPERATOR_SERVICES = [
     database_pb2.DESCRIPTOR.services_by_name["DatabaseService"].full_name,
     files_pb2.DESCRIPTOR.services_by_name["FileService"].full_name,
     apps_pb2.DESCRIPTOR.services_by_name["AppService"].full_name,
     agents_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
     tokens_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name,
+    audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
 ]
 
 
@@ -104,6 +116,8 @@ class ServerConfig:
     console_listen: str | None = None
     #: The console's sessions and refreshes (the addresses and CA it shows agents are filled in here).
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
+    #: Audit rows older than this are deleted in the background (`audit_retention`); None keeps them all.
+    audit_retention: dt.timedelta | None = dt.timedelta(days=DEFAULT_RETENTION_DAYS)
 
     @property
     def store_url(self) -> str:
@@ -164,6 +178,7 @@ class ControlPlaneServer:
         self._audit_task: asyncio.Task[None] | None = None
         self._background: asyncio.Task[None] | None = None
         self._store_health: asyncio.Task[None] | None = None
+        self._retention: asyncio.Task[None] | None = None
         self.console: Console | None = None
 
     async def start(self) -> None:
@@ -178,6 +193,7 @@ class ControlPlaneServer:
         apps_pb2_grpc.add_AppServiceServicer_to_server(AppService(self.cp), operator)
         agents_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(self.cp), operator)
         tokens_pb2_grpc.add_TokenServiceServicer_to_server(TokenService(self.cp), operator)
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditService(self.cp), operator)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, operator)
         # Reflection v1 and v1alpha, with the protos' comments (`api.reflection`).
         Reflection([*OPERATOR_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
@@ -203,15 +219,20 @@ class ControlPlaneServer:
         # Recorded before serving: the first agent's welcome names this replica among the live ones.
         await self.cp.membership.join()
         self.cp.start_warmup()
+        # Every service of this replica serves when the replica does (set before the listeners open, so that
+        # no probe finds a service unknown); a drain (`stop`) turns them all at once.
+        for service in [*OPERATOR_SERVICES, ""]:
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         for server in self._servers:
             await server.start()
         loop = asyncio.get_running_loop()
         self._audit_task = loop.create_task(self.cp.audit.run(), name="audit-writer")
         self._background = loop.create_task(self.cp.run_background(), name="token-watcher")
+        if self.config.audit_retention is not None:
+            retention = AuditRetention(self.cp.store.prune_audit, self.cp.blocking, self.config.audit_retention)
+            self._retention = loop.create_task(retention.run(), name="audit-retention")
         if self.config.metrics_listen:
             metrics.serve(self.config.metrics_listen, self._agent_states)
-        for service in [*OPERATOR_SERVICES, ""]:
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._store_health = loop.create_task(self._watch_store(), name="store-health")
         log.info("listening: operator %s, agents %s, enrollment %s",
                  self.config.operator_listen, self.config.agent_listen, self.config.enroll_listen)
@@ -257,8 +278,10 @@ class ControlPlaneServer:
     async def stop(self, grace: float | None = None) -> None:
         grace = self.config.grace_period if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        if self._store_health is not None:
-            self._store_health.cancel()
+        for task in (self._store_health, self._retention):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.console is not None:
             await self.console.stop()
         # Off the replica set first: agents are told to hold no stream here, the other replicas hear of it.

@@ -7,6 +7,7 @@
     onprem upload GROUP PROFILE LOCAL PATH [--overwrite|--keep-both] [--create-parents] [--progress]
     onprem files GROUP PROFILE [PATH] [--recursive] [--glob GLOB] [--format table|jsonl]
     onprem tokens | create-token | revoke-token | enrollment-tokens | revoke-enrollment-token   (see tokens.py)
+    onprem audit [--since 1h] [--group G] [--format table|jsonl|csv|json] [--output FILE] [--follow]   (audit.py)
 
 Connection options work as grpcurl's do: --address (or $ONPREM_ADDRESS, default 127.0.0.1:8443), --cacert
 (or $ONPREM_CACERT; system roots otherwise), --token or --token-file (or $ONPREM_TOKEN / $ONPREM_TOKEN_FILE).
@@ -26,7 +27,7 @@ import grpc
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 
-from onprem.operator_cli import listing, service_config, transfer
+from onprem.operator_cli import audit, listing, service_config, transfer
 from onprem.operator_cli import rows as rowsmod
 from onprem.operator_cli import tokens as tokensmod
 from onprem.operator_cli.errors import (
@@ -305,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "(UTC) and path", cmd_files)
     listing.add_arguments(p)
     tokensmod.add_commands(command)
+    audit.add_command(command)
     return parser
 
 

@@ -14,6 +14,7 @@ enforces (`store.values`). The modules, by concern:
     agents     agents, their certificates and advertised profiles
     tokens     operator and enrollment tokens, the change counter, token settings
     audit      the audit log
+    audit_events  the audit log as the audit API reads it (filters, scope, cursor) and its pruning
     replicas   the replicas sharing the store, their agents' streams, drains, notifications
     facade     `Store`, all of the above in one class
     migrations the schema's Alembic revisions: `upgrade(url)`, `current_revision(url)`
@@ -21,6 +22,7 @@ enforces (`store.values`). The modules, by concern:
 
 from __future__ import annotations
 
+from onprem.control_plane.store.audit_events import AuditCursor, AuditFilter, AuditScope
 from onprem.control_plane.store.database import DEFAULT_DB_FILENAME, default_url
 from onprem.control_plane.store.errors import (
     AgentAlreadyExists,
@@ -104,7 +106,10 @@ __all__ = [
     "AgentRow",
     "AgentStreamRow",
     "ApiTokenRow",
+    "AuditCursor",
     "AuditEntry",
+    "AuditFilter",
+    "AuditScope",
     "DrainRow",
     "EnrollmentTokenExpired",
     "EnrollmentTokenInvalid",

@@ -212,4 +212,6 @@ audit_table = Table(
     Column("token_id", String(32), nullable=True),
     Column("peer", String(PEER_MAX), nullable=True),
     Index("ix_audit_at", "at"),
+    # The audit API's pages of a group, or of a token limited to some groups, newest first (revision 0004).
+    Index("ix_audit_group_at", "group_name", "at"),
 )

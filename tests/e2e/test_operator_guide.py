@@ -36,7 +36,7 @@ CANONICAL_PORTS = {"operator": 8443, "agent": 8444, "enroll": 8445, "app": 8480}
 VOLATILE_KEYS = {
     "agent_id", "session_id", "hostname", "version", "token", "enrolled_at", "last_seen_at", "uptime",
     "certificate_expires_at", "expires_at", "created_at", "modified_at", "changed_at", "checked_at", "marker",
-    "replica_ids",
+    "replica_ids", "id", "time", "duration_ms", "peer", "next_page_token",
 }
 _FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 _VOLATILE_TEXT = [
@@ -248,6 +248,7 @@ def test_the_guide_calls_every_operator_rpc() -> None:
                          "CheckProfile", "DrainAgent"],
         "TokenService": ["CreateToken", "ListTokens", "RevokeToken", "ListEnrollmentTokens",
                          "RevokeEnrollmentToken"],
+        "AuditService": ["ListAuditEvents"],
     }
     missing = [f"{s}/{m}" for s, methods in services.items() for m in methods
                if not re.search(rf"onprem\.v1\.{s}/{m}\b", text)]

@@ -18,7 +18,8 @@ BIN = Path(sys.executable).parent
 GRPCURL = shutil.which("grpcurl", path=str(BIN)) or shutil.which("grpcurl")
 BUF = shutil.which("buf", path=str(BIN)) or shutil.which("buf")
 SERVICES = ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection",
-            "onprem.v1.AgentService", "onprem.v1.AppService", "onprem.v1.DatabaseService", "onprem.v1.FileService",
+            "onprem.v1.AgentService", "onprem.v1.AppService", "onprem.v1.AuditService", "onprem.v1.DatabaseService",
+            "onprem.v1.FileService",
             "onprem.v1.TokenService"]
 
 

@@ -8,6 +8,7 @@ released:
           revocation; enrollment tokens' revocation and creator; the audit's token id and peer;
           the `change_counters` table (seeded with `api_tokens` = 0) and the `settings` table
     0003  control-plane replicas (issue 14): `replicas`, `agent_streams`, `agent_drains`
+    0004  the audit API (issue 17): index `ix_audit_group_at` on audit (group_name, at)
 
 A new revision copies the latest file, names the latest as its `down_revision`, and writes
 `upgrade` and `downgrade` with `alembic.op` and literal types and widths, never the `schema`

@@ -93,7 +93,7 @@ def test_an_empty_database_migrated_to_the_head_has_exactly_the_schema_the_store
     migrated = new_url("migrated")
     assert current_revision(migrated) is None
     upgrade(migrated)
-    assert current_revision(migrated) == head_revision() == "0003"
+    assert current_revision(migrated) == head_revision() == "0004"
     expected = created_schema(new_url("created"))
     assert set(expected) == {"groups", "agents", "api_tokens", "enrollment_tokens", "audit", "change_counters",
                              "replicas", "agent_streams", "agent_drains",
@@ -199,3 +199,13 @@ def test_a_downgrade_to_0001_undoes_the_upgrade_and_the_upgrade_can_be_done_agai
     assert schema_of(url) == schema_of(at_0001)
     upgrade(url)
     assert schema_of(url) == created_schema(new_url("created"))
+
+
+def test_0004_adds_the_audit_apis_index_and_its_downgrade_removes_it(new_url: NewUrl) -> None:
+    url = new_url("audit_index")
+    upgrade(url, "0003")
+    assert "ix_audit_group_at" not in [i[0] for i in schema_of(url)["audit"]["indexes"]]
+    upgrade(url, "0004")
+    assert ("ix_audit_group_at", ("group_name", "at"), False) in schema_of(url)["audit"]["indexes"]
+    downgrade(url, "0003")
+    assert "ix_audit_group_at" not in [i[0] for i in schema_of(url)["audit"]["indexes"]]
