@@ -14,6 +14,9 @@ Peak RSS (VmHWM) of the agent and the control plane is read at the end.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -91,13 +94,24 @@ async def _through_tunnel(cp: ControlPlaneProcess, agent: AgentProcess, token: s
     return rows / elapsed[0]
 
 
-def run(workdir: Path) -> list[Figure]:
-    return run_small(workdir, ROWS)
+@dataclass(frozen=True)
+class RowsCluster:
+    """A PostgreSQL server, a control plane and an agent with a profile `pg` on it, the agent ACTIVE."""
+
+    server: PostgresServer
+    cp: ControlPlaneProcess
+    agent: AgentProcess
+    token: str
+
+    def pids(self) -> tuple[int, int]:
+        """The control plane's and the agent's."""
+        assert self.cp.proc is not None and self.agent.proc is not None
+        return self.cp.proc.pid, self.agent.proc.pid
 
 
-def run_small(workdir: Path, rows: int, rounds: int = 2) -> list[Figure]:
-    """The benchmark at `rows` rows; each side runs `rounds` times, interleaved, keeping its best."""
-    with running_postgres() as server, reverse_tunnel(workdir, server.port) as tunnel:
+@contextmanager
+def rows_cluster(workdir: Path) -> Iterator[RowsCluster]:
+    with running_postgres() as server:
         cp = ControlPlaneProcess(workdir / "cp")
         cp.start()
         agent = AgentProcess(
@@ -109,17 +123,33 @@ def run_small(workdir: Path, rows: int, rounds: int = 2) -> list[Figure]:
             token = cp.admin_token()
             agent.enroll(GROUP)
             agent.start()
-            direct = ssh = ours = 0.0
-            # The best of each: the first round pays for warm-up on every side; interleaved against drift.
-            for _ in range(rounds):
-                direct = max(direct, _direct(server, rows))
-                ssh = max(ssh, _through_ssh(server, tunnel.port, rows))
-                ours = max(ours, asyncio.run(_through_tunnel(cp, agent, token, rows)))
-            assert agent.proc is not None and cp.proc is not None
-            agent_rss, cp_rss = peak_rss_mib(agent.proc.pid), peak_rss_mib(cp.proc.pid)
+            yield RowsCluster(server, cp, agent, token)
         finally:
             agent.stop()
             cp.stop()
+
+
+def through_tunnel(cluster: RowsCluster, rows: int) -> float:
+    """Rows per second of one query through control plane and agent."""
+    return asyncio.run(_through_tunnel(cluster.cp, cluster.agent, cluster.token, rows))
+
+
+def run(workdir: Path) -> list[Figure]:
+    return run_small(workdir, ROWS)
+
+
+def run_small(workdir: Path, rows: int, rounds: int = 2) -> list[Figure]:
+    """The benchmark at `rows` rows; each side runs `rounds` times, interleaved, keeping its best."""
+    with rows_cluster(workdir) as cluster, reverse_tunnel(workdir, cluster.server.port) as tunnel:
+        server = cluster.server
+        direct = ssh = ours = 0.0
+        # The best of each: the first round pays for warm-up on every side; interleaved against drift.
+        for _ in range(rounds):
+            direct = max(direct, _direct(server, rows))
+            ssh = max(ssh, _through_ssh(server, tunnel.port, rows))
+            ours = max(ours, through_tunnel(cluster, rows))
+        cp_pid, agent_pid = cluster.pids()
+        agent_rss, cp_rss = peak_rss_mib(agent_pid), peak_rss_mib(cp_pid)
     many = "1M rows" if rows == ROWS else f"{rows:,} rows"
     what = f"{many} (int, text, double, timestamp) from PostgreSQL through the tunnel"
     return [

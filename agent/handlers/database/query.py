@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 import psycopg
@@ -21,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import CursorResult
 
 from onprem.agent.handlers.database.engine import ProfileRuntime, RequestConnection
+from onprem.agent.handlers.database.fetch_ahead import FetchAhead
 from onprem.agent.handlers.database.values import Misfit, bind_value, choose_types, column_type, fill
 from onprem.tunnel.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from onprem.v1 import database_pb2, tunnel_pb2, values_pb2
@@ -93,6 +95,8 @@ class Query(RequestConnection):
         self.result: CursorResult[Any] | None = None
         #: The DBAPI cursor the rows come from.
         self.cursor: Any = None
+        #: A PostgreSQL server-side cursor's FETCHes, each sent before the rows of the last are encoded.
+        self.ahead: FetchAhead | None = None
         self.types: list[int] = []
         self.description: list[Any] = []
         self.row_count = 0
@@ -164,6 +168,8 @@ class Query(RequestConnection):
             if (cursor.statusmessage or "").split(" ")[0] in _DML_TAGS:
                 self.rows_affected = cursor.rowcount
         self.cursor = cursor
+        if isinstance(cursor, psycopg.ServerCursor):
+            self.ahead = FetchAhead(cursor)
         self.description = list(cursor.description or ())
         tag: str | None = cursor.statusmessage
         if cursor.description is None:
@@ -205,29 +211,50 @@ class Query(RequestConnection):
             cache.update({(int(r[0]), int(r[1])): bool(r[2]) for r in rows})
         return [cache.get(o) if o[0] else None for o in origins]
 
+    def _next_want(self) -> int:
+        """The rows to fetch next: a batch within the cap, or 1 once the cap is reached (does it cut anything?)."""
+        if self.cap is None:
+            return self.fetch_rows
+        remaining = self.cap - self.row_count
+        return 1 if remaining <= 0 else min(self.fetch_rows, remaining)
+
     def fetch(self) -> list[Sequence[Any]]:
         """Fetch the next rows, respecting the row cap; marks the end of the result."""
         if self.done or self.cursor is None:
             return []
-        want = self.fetch_rows
-        if self.cap is not None:
-            remaining = self.cap - self.row_count
-            if remaining <= 0:
-                # One more row tells whether the cap cut anything off.
-                with self.guarded("the statement"):
-                    self.truncated = bool(self.cursor.fetchmany(1))
-                self.done = True
-                return []
-            want = min(want, remaining)
+        ahead = self.ahead
+        want = ahead.asked if ahead is not None else None
+        probe = self.cap is not None and self.cap - self.row_count <= 0
         # Fetching runs the statement further (functions in the select list included): checked as well.
         with self.guarded("the statement"):
-            rows: list[Sequence[Any]] = self.cursor.fetchmany(want)
+            if ahead is None:
+                want = self._next_want()
+                rows: list[Sequence[Any]] = self.cursor.fetchmany(want)
+            else:
+                if want is None:
+                    want = self._next_want()
+                    ahead.ask(want)
+                rows = ahead.take()
+        if probe:
+            # The one row after the cap tells whether the cap cut anything off.
+            self.truncated = bool(rows)
+            self.done = True
+            return []
         if len(rows) < want and (self.cap is None or self.row_count + len(rows) < self.cap):
             self.done = True
         self.row_count += len(rows)
         if rows:
             self.last_row = rows[-1]
         return rows
+
+    def ask_ahead(self) -> None:
+        """Send the next FETCH now, when there will be one: it runs on the server while this batch is encoded.
+
+        It is the FETCH that `fetch` would send next, only earlier; a cancelled request sends none (the
+        next `fetch` raises Cancelled), and one that ends early drains it (`close_result`).
+        """
+        if self.ahead is not None and self.ahead.asked is None and not self.done and not self.interrupted:
+            self.ahead.ask(self._next_want())
 
     def batches(self, rows: Sequence[Sequence[Any]]) -> list[Any]:
         """Encode rows as RowBatch chunks, halving until each fits in max_chunk_bytes."""
@@ -251,11 +278,12 @@ class Query(RequestConnection):
     def _encode(self, rows: Sequence[Sequence[Any]]) -> tunnel_pb2.ResponseChunk:
         chunk, batch = self.rows_chunk()
         batch.row_count = len(rows)
-        # One transpose in C instead of a list comprehension per column.
-        columns = list(zip(*rows, strict=True))
         for i, vt in enumerate(self.types):
             try:
-                fill(batch.columns.add(), vt, list(columns[i]))
+                # One C-level pass per column. Not zip(*rows): its one iterator per row is an object the
+                # cyclic GC tracks, and thousands of them alive at once get promoted to the oldest
+                # generation, which then triggers a full collection of the agent's heap every few batches.
+                fill(batch.columns.add(), vt, list(map(itemgetter(i), rows)))
             except Misfit:
                 name = self.description[i][0]
                 raise FailedPrecondition(
@@ -267,12 +295,20 @@ class Query(RequestConnection):
 
     def first(self) -> list[Any]:
         rows = self.fetch()
-        return [self.header(rows), *self.batches(rows)]
+        # The header's catalog query runs before the next FETCH is on its way: one statement at a time.
+        parts = [self.header(rows), *self.batches(rows)]
+        self.ask_ahead()
+        return parts
 
     def next(self) -> list[Any]:
-        return self.batches(self.fetch())
+        rows = self.fetch()
+        self.ask_ahead()
+        return self.batches(rows)
 
     def close_result(self) -> None:
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None:
+            ahead.drain()  # before the cursor's CLOSE: the connection runs one statement at a time
         cursor, self.cursor = self.cursor, None
         if cursor is not None and self.result is None:
             cursor.close()  # our own psycopg cursor; SQLAlchemy's result closes its own
