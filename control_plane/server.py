@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from sqlalchemy.exc import DBAPIError
 
@@ -196,8 +198,11 @@ class ControlPlaneServer:
         audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditService(self.cp), operator)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, operator)
         # Reflection v1 and v1alpha, with the protos' comments (`api.reflection`).
+        # The error details every refusal carries (google.rpc.ErrorInfo, BadRequest) are described too, so
+        # that grpcurl and other clients decode them instead of printing base64.
         Reflection([*OPERATOR_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
-                   modules=[health_pb2.DESCRIPTOR]).add_to(operator)
+                   modules=[health_pb2.DESCRIPTOR, any_pb2.DESCRIPTOR, status_pb2.DESCRIPTOR,
+                            error_details_pb2.DESCRIPTOR]).add_to(operator)
         agent = grpc.aio.server(options=TUNNEL_SERVER_OPTIONS)
         tunnel_pb2_grpc.add_AgentTunnelServicer_to_server(AgentTunnelService(self.cp), agent)
         enroll = grpc.aio.server(options=SERVER_OPTIONS)
