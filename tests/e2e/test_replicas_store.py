@@ -19,6 +19,7 @@ from sqlalchemy import create_engine, text
 
 from onprem.control_plane.server import STORE_SERVICE
 from onprem.control_plane.store import upgrade
+from onprem.control_plane.store.migrations import head_revision
 from onprem.v1 import agents_pb2, database_pb2, tokens_pb2, tokens_pb2_grpc
 from tests.faults.support import pg_ctl, pg_data_directory
 from tests.support.postgres import PostgresServer, running_postgres
@@ -33,6 +34,9 @@ from tools.cluster import (
     operator_channel,
     wait_for_agent_state,
 )
+
+#: The newest schema revision this version knows (the one `migrate` brings a store to).
+HEAD = head_revision()
 
 pytestmark = pytest.mark.postgres
 S = grpc.StatusCode
@@ -138,7 +142,7 @@ def test_a_replica_refuses_a_schema_newer_than_it_knows_naming_the_version(
                           "WHERE name = 'schema_written_by'"))
     engine.dispose()
     log = start_fails(replica(tmp_path, "r1b", url))
-    assert ("is at schema revision 0042, which this version of onprem does not know (it knows up to 0003); it "
+    assert (f"is at schema revision 0042, which this version of onprem does not know (it knows up to {HEAD}); it "
             "was written by onprem 9.0.0 (revision 0042): run that version or a newer one") in log
 
 
@@ -147,13 +151,13 @@ def test_an_older_schema_is_refused_until_migrate_upgrades_it(tmp_path: Path, po
     upgrade(url, "0002")
     cp = replica(tmp_path, "r1", url)
     log = start_fails(cp)
-    assert "is at schema revision 0002, older than this version's 0003: run `onprem-control-plane migrate" in log
+    assert f"is at schema revision 0002, older than this version's {HEAD}: run `onprem-control-plane migrate" in log
     out = subprocess.run([_bin("onprem-control-plane"), "migrate", "--state-dir", str(cp.state_dir),
                           "--database-url", url], capture_output=True, text=True, check=True, timeout=60)
-    assert out.stdout == "the store was at schema revision 0002; it is at 0003 now\n"
+    assert out.stdout == f"the store was at schema revision 0002; it is at {HEAD} now\n"
     again = subprocess.run([_bin("onprem-control-plane"), "migrate", "--state-dir", str(cp.state_dir),
                             "--database-url", url], capture_output=True, text=True, check=True, timeout=60)
-    assert again.stdout == "the store is at schema revision 0003 already: nothing to do\n"
+    assert again.stdout == f"the store is at schema revision {HEAD} already: nothing to do\n"
     cp.start()
     assert cp.stop() == 0
 
