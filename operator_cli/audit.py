@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
@@ -199,8 +201,9 @@ def _chronological(batch: list[audit_pb2.AuditEvent]) -> list[audit_pb2.AuditEve
 
 
 def follow(conn: Connection, request: audit_pb2.ListAuditEventsRequest, writer: Writer, limit: int,
-           interval: float, sleep: Callable[[float], None] = time.sleep) -> None:
-    """The latest `limit` events oldest first, then every new one, until interrupted."""
+           interval: float, sleep: Callable[[float], object] = time.sleep,
+           stopped: Callable[[], bool] = lambda: False) -> None:
+    """The latest `limit` events oldest first, then every new one, until `stopped()` (or interrupted)."""
     latest = [e for page in events(conn, request, limit) for e in page]
     printed: dict[int, datetime] = {}
 
@@ -211,8 +214,10 @@ def follow(conn: Connection, request: audit_pb2.ListAuditEventsRequest, writer: 
             printed[e.id] = e.time.ToDatetime(tzinfo=UTC)
 
     show(latest)
-    while True:
+    while not stopped():
         sleep(interval)
+        if stopped():
+            return
         poll = audit_pb2.ListAuditEventsRequest()
         poll.CopyFrom(request)
         if printed:
@@ -240,10 +245,14 @@ def cmd_audit(conn: Connection, args: argparse.Namespace) -> int:
                 raise LocalFileError(f"cannot open {args.output}: {e.strerror}") from None
         writer = WRITERS[args.format](out)
         if args.follow:
+            # Ctrl-C is how a follow ends, not an error. It only sets a flag: a KeyboardInterrupt raised
+            # inside a blocking gRPC call can leave the channel hanging instead of ending the process.
+            stop = threading.Event()
+            previous = signal.signal(signal.SIGINT, lambda _signum, _frame: stop.set())
             try:
-                follow(conn, request, writer, args.limit, args.interval)
-            except KeyboardInterrupt:
-                pass  # Ctrl-C is how a follow ends: not an error
+                follow(conn, request, writer, args.limit, args.interval, sleep=stop.wait, stopped=stop.is_set)
+            finally:
+                signal.signal(signal.SIGINT, previous)
         else:
             for page in events(conn, request, args.limit):
                 writer.write(page)
