@@ -384,7 +384,8 @@ class Connection(Generic[OutFrame]):
     # -- the control plane receives --
     def _on_hello(self, frame: AgentFrame) -> list[Event]:
         hello = frame.hello
-        if PROTOCOL_REVISION not in hello.protocol_revisions:
+        common = set(SUPPORTED_REVISIONS) & set(hello.protocol_revisions)
+        if not common:
             raise RemoteProtocolError(
                 f"no common protocol revision: agent speaks {list(hello.protocol_revisions)}, "
                 f"control plane speaks {list(SUPPORTED_REVISIONS)}")
@@ -595,9 +596,10 @@ class ControlPlaneConnection(Connection[ControlFrame]):
         self._sending()
         if self.hello is None:
             raise self._fail(LocalProtocolError("welcome before hello"))
-        self.protocol_revision = PROTOCOL_REVISION
+        # The highest revision both speak: an agent a release ahead or behind still meets us on one.
+        self.protocol_revision = max(set(SUPPORTED_REVISIONS) & set(self.hello.protocol_revisions))
         welcome = tunnel_pb2.Welcome(
-            protocol_revision=PROTOCOL_REVISION, agent_id=agent_id, group=group, session_id=session_id,
+            protocol_revision=self.protocol_revision, agent_id=agent_id, group=group, session_id=session_id,
             response_window_bytes=self.limits.response_window_bytes, max_chunk_bytes=self.limits.max_chunk_bytes,
             capabilities=[c for c in CAPABILITIES if c in self.hello.capabilities],
         )

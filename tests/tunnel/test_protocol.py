@@ -9,6 +9,7 @@ import pytest
 
 from onprem.tunnel.errors import Code, LocalProtocolError, RemoteProtocolError
 from onprem.tunnel.protocol import (
+    SUPPORTED_REVISIONS,
     AgentConnection,
     AgentFrame,
     CancelReceived,
@@ -90,6 +91,15 @@ def test_hello_without_a_common_revision_is_refused() -> None:
     cp = ControlPlaneConnection(SMALL)
     with pytest.raises(RemoteProtocolError, match="no common protocol revision"):
         cp.receive(AgentFrame(hello=tunnel_pb2.Hello(protocol_revisions=[99], request_window_bytes=4096)))
+
+
+def test_the_welcome_names_the_highest_revision_both_sides_speak() -> None:
+    # An agent a release ahead offers its new revision beside the ones this control plane speaks.
+    cp = ControlPlaneConnection(SMALL)
+    cp.receive(AgentFrame(hello=tunnel_pb2.Hello(protocol_revisions=[99, *SUPPORTED_REVISIONS],
+                                                 request_window_bytes=4096)))
+    welcome = cp.welcome_frame(agent_id="a", group="g", session_id="s").welcome
+    assert (welcome.protocol_revision, cp.protocol_revision) == (max(SUPPORTED_REVISIONS), max(SUPPORTED_REVISIONS))
 
 
 def test_the_first_control_frame_must_be_welcome() -> None:
