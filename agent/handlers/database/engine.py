@@ -41,6 +41,7 @@ from onprem.agent.handlers.database.guard import (
     pg_prepare_read_only,
     reset_postgres,
 )
+from onprem.agent.handlers.database.idempotency import IdempotencyTable
 from onprem.agent.profiles.database import DatabaseProfile
 from onprem.tunnel.errors import Cancelled, FailedPrecondition, Internal
 
@@ -91,6 +92,10 @@ class ProfileRuntime:
         self.slots = asyncio.Semaphore(profile.pool_size)
         #: (table OID, column number) -> nullable, from pg_attribute; column metadata rarely changes.
         self.pg_nullable: dict[tuple[int, int], bool] = {}
+        #: Where keyed writes are recorded; None when the profile names no idempotency table.
+        self.idempotency: IdempotencyTable | None = (
+            IdempotencyTable(profile.idempotency_table, profile.idempotency_ttl_seconds)
+            if profile.idempotency_table else None)
 
     def engine(self) -> Engine:
         with self._lock:
@@ -276,6 +281,8 @@ class RequestConnection:
         #: the server between two statements (while connecting, or between BEGIN and the query)
         #: cancels nothing there, so the next statement must not be sent at all.
         self.interrupted = False
+        #: A keyed write commits only once its record is written (`commit`), not at `end`.
+        self.commit_deferred = False
 
     def connect(self) -> None:
         self.conn = self.runtime.engine().connect()
@@ -337,9 +344,13 @@ class RequestConnection:
 
     def end(self, commit: bool) -> None:
         """Commit a read-write profile's work; anything else is rolled back by `close`, with the reset."""
-        if commit and not self.profile.read_only:
+        if commit and not self.profile.read_only and not self.commit_deferred:
             self.connection().commit()
         self._clear_deadline()
+
+    def commit(self) -> None:
+        """Commit a keyed write, whose `end` left the transaction open for its record."""
+        self.connection().commit()
 
     def _clear_deadline(self) -> None:
         if isinstance(self.dbapi, sqlite3.Connection) and self.profile.statement_timeout_seconds:
