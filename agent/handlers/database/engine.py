@@ -31,6 +31,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import QueuePool
 
+from onprem.agent import failpoints
 from onprem.agent.handlers.database import odbc
 from onprem.agent.handlers.database.errors import first_lines, scrub
 from onprem.agent.handlers.database.guard import (
@@ -345,12 +346,14 @@ class RequestConnection:
     def end(self, commit: bool) -> None:
         """Commit a read-write profile's work; anything else is rolled back by `close`, with the reset."""
         if commit and not self.profile.read_only and not self.commit_deferred:
-            self.connection().commit()
+            self.commit()
         self._clear_deadline()
 
     def commit(self) -> None:
-        """Commit a keyed write, whose `end` left the transaction open for its record."""
+        """Commit the request's work (a keyed write's `end` leaves that to its runner, after the record)."""
+        failpoints.hit("database.before_commit")
         self.connection().commit()
+        failpoints.hit("database.after_commit")
 
     def _clear_deadline(self) -> None:
         if isinstance(self.dbapi, sqlite3.Connection) and self.profile.statement_timeout_seconds:

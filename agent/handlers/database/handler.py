@@ -18,7 +18,6 @@ import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar
 
-from onprem.agent import failpoints
 from onprem.agent.handlers.base import RequestContext
 from onprem.agent.handlers.database.checks import run_checks
 from onprem.agent.handlers.database.engine import ProfileRuntime, RequestConnection
@@ -82,9 +81,7 @@ def _run_keyed(work: Query | Batch | Transaction, table: IdempotencyTable,
     work.commit_deferred = True
     chunks = work.run_all()
     table.record(conn, key.key, chunks)
-    failpoints.hit("database.before_commit")
     work.commit()
-    failpoints.hit("database.after_commit")
     work.close()
     return chunks
 
