@@ -8,6 +8,7 @@ idle) is armed with a failpoint that ends its process exactly after the commit, 
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -204,3 +205,54 @@ async def test_a_keyed_write_is_refused_rather_than_sent_to_an_agent_that_would_
             await asyncio.gather(unkeyed, return_exceptions=True)
     finally:
         cp.stop(timeout=10)
+
+
+@pytest.fixture
+def folder_site(tmp_path: Path) -> Iterator[tuple[ControlPlaneProcess, AgentProcess, AgentProcess, str, Path]]:
+    root = tmp_path / "shared"
+    root.mkdir()
+    cp = ControlPlaneProcess(tmp_path / "cp")
+    cp.start()
+    profiles = {"folders": {"drop": {"root": str(root)}}}
+    first = AgentProcess(tmp_path / "first", cp, name="first", profiles=profiles,
+                         env={"ONPREM_FAILPOINTS": "files.after_rename=exit"})
+    second = AgentProcess(tmp_path / "second", cp, name="second", profiles=profiles)
+    try:
+        token = cp.admin_token()
+        first.enroll(GROUP)
+        second.enroll(GROUP)
+        first.start()
+        asyncio.run(wait_state(cp, token, first.agent_id, ACTIVE))
+        second.start()
+        asyncio.run(wait_state(cp, token, second.agent_id, ACTIVE))
+        yield cp, first, second, token, root
+    finally:
+        first.stop(timeout=10)
+        second.stop(timeout=10)
+        cp.stop(timeout=10)
+
+
+def keyed_upload(cp: ControlPlaneProcess, token: str, path: str, content: bytes, key: str) -> Any:
+    from onprem.v1 import files_pb2, files_pb2_grpc
+
+    header = files_pb2.WriteHeader(group=GROUP, profile="drop", path=path, mode=files_pb2.WRITE_MODE_KEEP_BOTH)
+    requests = iter([files_pb2.WriteRequest(header=header), files_pb2.WriteRequest(data=content)])
+    channel = grpc.secure_channel(cp.operator_address, grpc.ssl_channel_credentials(cp.ca_file.read_bytes()))
+    try:
+        return files_pb2_grpc.FileServiceStub(channel).Write(
+            requests, metadata=(*bearer(token), ("idempotency-key", key)), timeout=60)
+    finally:
+        channel.close()
+
+
+async def test_an_upload_whose_agent_died_after_the_rename_is_answered_by_the_retry_and_written_once(
+        folder_site: tuple[ControlPlaneProcess, AgentProcess, AgentProcess, str, Path]) -> None:
+    cp, first, _, token, root = folder_site
+    response = await asyncio.to_thread(keyed_upload, cp, token, "report.csv", b"a,b\n1,2\n", "upload-77")
+    assert response.info.path == "report.csv"
+    assert died_at_failpoint(first)
+    # KEEP_BOTH: an upload run twice would have made "report (1).csv".
+    assert sorted(n for n in os.listdir(root) if not n.startswith(".")) == ["report.csv"]
+    again = await asyncio.to_thread(keyed_upload, cp, token, "report.csv", b"a,b\n1,2\n", "upload-77")
+    assert again == response
+    assert sorted(n for n in os.listdir(root) if not n.startswith(".")) == ["report.csv"]
