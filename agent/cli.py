@@ -5,6 +5,7 @@
     onprem-agent check-config --config agent.yaml
     onprem-agent doctor --config agent.yaml
     onprem-agent test-profile NAME --config agent.yaml
+    onprem-agent create-idempotency-table --profile NAME --config agent.yaml [--ddl]
     kill -HUP <pid>      reload the profiles without dropping the stream
 """
 
@@ -20,10 +21,14 @@ import sys
 from pathlib import Path
 
 import grpc
+import sqlalchemy.exc
 
-from onprem.agent import metrics, systemd
+from onprem.agent import failpoints, metrics, systemd
 from onprem.agent.config import AgentConfig, load_config
 from onprem.agent.dispatcher import Dispatcher
+from onprem.agent.handlers.database import idempotency
+from onprem.agent.handlers.database.engine import ProfileRuntime
+from onprem.agent.handlers.database.errors import first_lines, scrub
 from onprem.agent.handlers.table import build_handlers
 from onprem.agent.identity import (
     Identity,
@@ -162,6 +167,11 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        failpoints.load()
+    except ValueError as exc:
+        print(f"onprem-agent: {exc}", file=sys.stderr)
+        return 2
     config = _load(args.config)
     identity = load_identity(config.identity_dir)
     asyncio.run(run(Path(args.config), config, identity))
@@ -174,6 +184,42 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 def _cmd_test_profile(args: argparse.Namespace) -> int:
     return asyncio.run(run_test_profile(Path(args.config), args.name))
+
+
+def _cmd_create_idempotency_table(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    profile = config.profiles.databases.get(args.profile)
+    if profile is None:
+        print(f"onprem-agent: no database profile named {args.profile!r} in {args.config}", file=sys.stderr)
+        return 2
+    if profile.idempotency_table is None:
+        print(f"onprem-agent: database profile {args.profile!r} names no idempotency_table", file=sys.stderr)
+        return 2
+    if args.ddl:
+        if profile.dialect not in idempotency.DDL_DIALECTS:
+            print(f"onprem-agent: no DDL for dialect {profile.dialect!r}; see docs/operators.md", file=sys.stderr)
+            return 2
+        print(idempotency.ddl(profile.idempotency_table, profile.dialect), end="")
+        return 0
+    if profile.read_only:
+        print(f"onprem-agent: database profile {args.profile!r} is read_only, and keeps no idempotency records",
+              file=sys.stderr)
+        return 2
+    runtime = ProfileRuntime(profile)
+    try:
+        table = runtime.idempotency
+        assert table is not None
+        with runtime.engine().begin() as conn:
+            created = table.create(conn)
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        print(f"onprem-agent: creating {profile.idempotency_table!r} failed: "
+              f"{scrub(first_lines(str(exc)), runtime.secrets)}", file=sys.stderr)
+        return 1
+    finally:
+        runtime.close()
+    print(f"idempotency table {profile.idempotency_table} {'created' if created else 'exists already'} "
+          f"in database profile {profile.name}")
+    return 0
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -210,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     test_p.add_argument("name", help="the database profile's name")
     test_p.add_argument("--config", default=DEFAULT_CONFIG)
     test_p.set_defaults(func=_cmd_test_profile)
+    table_p = sub.add_parser("create-idempotency-table",
+                             help="create the table where a database profile records keyed writes")
+    table_p.add_argument("--profile", required=True, help="the database profile (it names idempotency_table)")
+    table_p.add_argument("--config", default=DEFAULT_CONFIG)
+    table_p.add_argument("--ddl", action="store_true", help="print the CREATE statements instead of running them")
+    table_p.set_defaults(func=_cmd_create_idempotency_table)
     return parser
 
 

@@ -43,6 +43,7 @@ from onprem.tunnel.events import (
     ReplicasChanged,
     RequestStarted,
 )
+from onprem.tunnel.idempotency import is_keyed
 from onprem.tunnel.protocol import AgentConnection, AgentFrame
 from onprem.tunnel.shell import Shell
 from onprem.v1 import profiles_pb2, tunnel_pb2
@@ -374,6 +375,7 @@ class ControlPlaneSession:
             request_id=rid,
             body=body.__aiter__() if body is not None else None,
             max_chunk_bytes=self._conn.max_chunk_bytes,
+            idempotency=start.idempotency if is_keyed(start) else None,
         )
         sent_bytes = metrics.child(metrics.RESPONSE_BYTES, kind)
         shell = self._shell

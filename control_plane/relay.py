@@ -20,7 +20,12 @@ from onprem.control_plane.failover import Attempts, explain
 from onprem.control_plane.router import Router
 from onprem.control_plane.sessions import AgentSession, Exchange
 from onprem.tunnel.errors import RequestError, Unavailable
+from onprem.tunnel.idempotency import is_keyed
 from onprem.v1 import tunnel_pb2
+
+#: The largest body of a keyed request kept to send again should its agent be lost; a larger one is not
+#: retried by the control plane (the caller retries with the same key).
+MAX_REPLAY_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,11 @@ class RelayedRequest:
         self._attempts = Attempts()
         self._excluded: set[str] = set()
         self._exchange: Exchange | None = None
+        #: A keyed request's body so far, to send again on a retry; None when it has none or outgrew the cap.
+        self._replay: list[bytes] | None = [] if start.has_body and is_keyed(start) else None
+        self._replay_bytes = 0
+        #: Whether the whole body reached the agent's stream (a body cut short cannot be sent again).
+        self._body_sent = False
         #: The error the request ended with; None while it runs or once it succeeded.
         self.outcome: RequestError | None = None
 
@@ -117,9 +127,21 @@ class RelayedRequest:
         return result
 
     async def send_body(self, data: bytes, *, end_of_data: bool = False) -> None:
-        """Send request data to the agent within the request's credit (requests with a body never re-route)."""
+        """Send request data to the agent within the request's credit.
+
+        A request with a body re-routes only when it carries an idempotency key and its whole body, at
+        most `MAX_REPLAY_BYTES`, was sent: that body is kept here to send to the next agent.
+        """
         assert self._exchange is not None, "begin() first"
+        if self._replay is not None:
+            self._replay_bytes += len(data)
+            if self._replay_bytes > MAX_REPLAY_BYTES:
+                self._replay = None
+            elif data:
+                self._replay.append(data)
         await self._exchange.send_body(data, end_of_data=end_of_data)
+        if end_of_data:
+            self._body_sent = True
 
     def fail(self, error: RequestError) -> None:
         """End the request with `error` for its reader, and cancel it on the agent."""
@@ -137,7 +159,9 @@ class RelayedRequest:
             raise self._call.error
 
     async def _rerouted(self, error: RequestError, exchange: Exchange) -> bool:
-        if not self._attempts.may_retry(error, self._start, exchange.session, delivered=exchange.delivered):
+        replayable = self._replay is not None and self._body_sent
+        if not self._attempts.may_retry(error, self._start, exchange.session, delivered=exchange.delivered,
+                                        body_replayable=replayable):
             return False
         self._excluded.add(exchange.session.agent_id)
         self._start.attempt += 1
@@ -145,4 +169,9 @@ class RelayedRequest:
             await self.begin()
         except RequestError:
             return False  # nobody else can take it: the original error explains best
+        if self._start.has_body and self._replay is not None and self._exchange is not None:
+            # The pump is done (the body was sent whole): nothing else sends on the new exchange.
+            for part in self._replay:
+                await self._exchange.send_body(part)
+            await self._exchange.send_body(b"", end_of_data=True)
         return True

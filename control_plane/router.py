@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from onprem.control_plane.sessions import AgentSession, Exchange
 from onprem.tunnel import kinds
-from onprem.tunnel.errors import NotFound, ResourceExhausted, Unavailable
+from onprem.tunnel.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable
+from onprem.tunnel.idempotency import METADATA_KEY, is_keyed
 from onprem.v1 import tunnel_pb2
 
 log = logging.getLogger("onprem.control_plane.router")
@@ -96,9 +97,13 @@ class Router:
         #: Until when (loop time) this replica is warming up: just started, its agents still arriving.
         self.warm_until = 0.0
 
-    def _eligible(self, group: str, kind: int, profile: str, excluded: frozenset[str]) -> list[AgentSession]:
+    def _eligible(self, group: str, kind: int, profile: str, excluded: frozenset[str],
+                  keyed: bool = False) -> list[AgentSession]:
+        # A keyed write goes only to agents that honour keys: an older agent would run it unrecorded,
+        # and the caller, trusting the key, might then run it twice.
         return [s for s in self._registry.in_group(group)
-                if not s.draining and s.offers(kind, profile) and s.agent_id not in excluded]
+                if not s.draining and s.offers(kind, profile) and s.agent_id not in excluded
+                and (not keyed or s.honours_keys)]
 
     async def route(
         self, group: str, kind: int, profile: str, start: tunnel_pb2.RequestStart,
@@ -111,9 +116,15 @@ class Router:
         """
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self._queue_wait
+        keyed = is_keyed(start)
         while True:
-            eligible = self._eligible(group, kind, profile, excluded)
+            eligible = self._eligible(group, kind, profile, excluded, keyed)
             if not eligible:
+                if keyed and self._eligible(group, kind, profile, excluded):
+                    raise FailedPrecondition(
+                        f"no connected agent of group '{group}' offering {kinds.name_of(kind)} profile '{profile}' "
+                        f"honours idempotency keys (they are older than this control plane); upgrade them, or "
+                        f"send the request without an {METADATA_KEY}", reason="IDEMPOTENCY_UNSUPPORTED")
                 # A replica that just started has not got its agents back yet: a request for a group whose
                 # agents are on the other replicas waits for them (they reconnect within seconds) instead
                 # of failing UNAVAILABLE at a client that was sent here by round robin.

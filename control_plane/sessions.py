@@ -30,7 +30,7 @@ from onprem.tunnel.errors import (
     Unavailable,
 )
 from onprem.tunnel.events import ChunkReceived, Event, RequestEnded, StatusReceived
-from onprem.tunnel.protocol import ControlFrame, ControlPlaneConnection
+from onprem.tunnel.protocol import IDEMPOTENCY, ControlFrame, ControlPlaneConnection
 from onprem.tunnel.shell import Shell
 from onprem.v1 import profiles_pb2, tunnel_pb2
 
@@ -205,6 +205,12 @@ class AgentSession:
     def profile_is_read_only(self, profile: str) -> bool:
         return any(p.name == profile and p.kind == profiles_pb2.PROFILE_KIND_DATABASE and p.read_only
                    for p in self.hello.profiles)
+
+    @property
+    def honours_keys(self) -> bool:
+        """Whether the agent offered the "idempotency" capability: it records keyed writes (an older one
+        would ignore the key, so it gets no keyed writes)."""
+        return IDEMPOTENCY in self.hello.capabilities
 
     def offers(self, kind: int, profile: str) -> bool:
         return (kind, profile) in self.profiles

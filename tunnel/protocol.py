@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Generic, TypeVar
 
-from onprem.tunnel import kinds
+from onprem.tunnel import idempotency, kinds
 from onprem.tunnel.errors import Code, LocalProtocolError, ProtocolError, RemoteProtocolError
 from onprem.tunnel.events import (
     CancelReceived,
@@ -53,6 +53,7 @@ __all__ = [
     "AGENT_CODES",
     "CAPABILITIES",
     "FRAME_BATCH",
+    "IDEMPOTENCY",
     "MAX_END_MESSAGE",
     "MAX_IN_FLIGHT",
     "MAX_PROFILES",
@@ -90,7 +91,10 @@ SUPPORTED_REVISIONS = (1,)
 FRAME_BATCH = "frame-batch"
 #: The control plane runs as replicas: the welcome names them, `replicas` frames follow changes.
 REPLICAS = "replicas"
-CAPABILITIES = (FRAME_BATCH, REPLICAS)
+#: The agent honours `RequestStart.idempotency` (`tunnel.idempotency`): keyed writes may go to it, and
+#: be retried on it. An agent without it would ignore the key, so the control plane sends it none.
+IDEMPOTENCY = idempotency.CAPABILITY
+CAPABILITIES = (FRAME_BATCH, REPLICAS, IDEMPOTENCY)
 
 AgentFrame = tunnel_pb2.ConnectRequest
 ControlFrame = tunnel_pb2.ConnectResponse

@@ -26,6 +26,8 @@ class RequestContext:
     body: AsyncIterator[bytes] | None
     #: The largest chunk payload to yield, in serialized bytes.
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
+    #: The caller's idempotency key and the request's fingerprint, for a keyed write; None otherwise.
+    idempotency: tunnel_pb2.Idempotency | None = None
 
 
 class Handler(Protocol[Payload]):

@@ -24,7 +24,10 @@ __all__ = ["DatabaseProfile"]
 _FIELDS = {
     "url", "dialect", "host", "port", "database", "username", "connection_string", "dsn", "options",
     "password_env", "password_file", "read_only", "pool_size", "statement_timeout_seconds", "max_rows",
+    "idempotency_table", "idempotency_ttl_seconds",
 }
+#: How long a keyed write's record answers retries, unless the profile says otherwise: a day.
+DEFAULT_IDEMPOTENCY_TTL_SECONDS = 86400.0
 # Dialects whose read-only mode the handler has the database enforce (see agent/handlers/database/engine.py).
 _READ_ONLY_DIALECTS = {"postgresql", "sqlite"}
 # `dialect:` -> the SQLAlchemy driver name used when the config names none.
@@ -50,6 +53,10 @@ class DatabaseProfile:
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     #: The ODBC connection string without a password (mssql and odbc profiles only).
     odbc_connect: str | None = None
+    #: The table that records keyed writes (`agent.handlers.database.idempotency`); None: keys refused.
+    idempotency_table: str | None = None
+    #: How long a keyed write's record answers retries with the same key.
+    idempotency_ttl_seconds: float = DEFAULT_IDEMPOTENCY_TTL_SECONDS
 
     @property
     def dialect(self) -> str:
@@ -91,6 +98,14 @@ class DatabaseProfile:
                 raise fields.error(refusal, "read_only")
         timeout = fields.optional_seconds("statement_timeout_seconds")
         max_rows = fields.optional_positive_int("max_rows")
+        idempotency_table = fields.optional_str("idempotency_table")
+        if idempotency_table is not None:
+            from onprem.agent.handlers.database.idempotency import check_table_name
+
+            try:
+                check_table_name(idempotency_table)
+            except ValueError as exc:
+                raise fields.error(str(exc), "idempotency_table") from None
         return cls(
             name=name,
             url=url.render_as_string(hide_password=False),
@@ -102,6 +117,8 @@ class DatabaseProfile:
             max_rows=max_rows,
             options=MappingProxyType({} if odbc_connect is not None else options),
             odbc_connect=odbc_connect,
+            idempotency_table=idempotency_table,
+            idempotency_ttl_seconds=fields.seconds("idempotency_ttl_seconds", DEFAULT_IDEMPOTENCY_TTL_SECONDS),
         )
 
 

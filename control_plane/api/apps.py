@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from onprem.control_plane.api import errors
-from onprem.control_plane.api.relaying import Relaying
+from onprem.control_plane.api.relaying import Relaying, attach_key
 from onprem.control_plane.api.uploads import pump_body, refuse_body
 from onprem.control_plane.core import ControlPlane
 from onprem.tunnel.errors import InvalidArgument
@@ -42,7 +42,8 @@ class AppService(apps_pb2_grpc.AppServiceServicer):
         # Bodiless methods travel without a body, so that they can be re-routed
         # to another agent if theirs is lost.
         bodiless = (head.method or "GET").upper() in BODILESS_METHODS
-        start = tunnel_pb2.RequestStart(app_call=apps_pb2.AppCall(head=head), has_body=not bodiless)
+        start = attach_key(context, "/onprem.v1.AppService/Call", head.profile, first,
+                           tunnel_pb2.RequestStart(app_call=apps_pb2.AppCall(head=head), has_body=not bodiless))
         async with self._relay(context, head.group, head.profile, start) as relayed:
             if bodiless:
                 refused = InvalidArgument(f"{head.method or 'GET'} requests take no body", reason="BODY_NOT_ALLOWED",

@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 
 from onprem.control_plane.api import errors
-from onprem.control_plane.api.relaying import Relaying
+from onprem.control_plane.api.relaying import Relaying, attach_key
 from onprem.control_plane.core import ControlPlane
 from onprem.tunnel.errors import InvalidArgument
 from onprem.v1 import database_pb2, database_pb2_grpc, profiles_pb2, tunnel_pb2
@@ -24,7 +24,8 @@ class DatabaseService(database_pb2_grpc.DatabaseServiceServicer):
     async def Query(self, request: database_pb2.QueryRequest, context: Context) -> AsyncIterator[database_pb2.QueryResponse]:
         if not request.sql.strip():
             raise InvalidArgument("'sql' is required: the statement to run", reason="MISSING_SQL", field="sql")
-        start = tunnel_pb2.RequestStart(database_query=database_pb2.DatabaseQuery(query=request))
+        start = attach_key(context, "/onprem.v1.DatabaseService/Query", request.profile, request,
+                           tunnel_pb2.RequestStart(database_query=database_pb2.DatabaseQuery(query=request)))
         async with self._relay(context, request.group, request.profile, start) as relayed:
             async for chunk in relayed:
                 yield chunk.query
@@ -36,7 +37,8 @@ class DatabaseService(database_pb2_grpc.DatabaseServiceServicer):
         if not request.sql.strip():
             raise InvalidArgument("'sql' is required: the statement to run for each set", reason="MISSING_SQL",
                                   field="sql")
-        start = tunnel_pb2.RequestStart(database_query=database_pb2.DatabaseQuery(batch=request))
+        start = attach_key(context, "/onprem.v1.DatabaseService/ExecuteBatch", request.profile, request,
+                           tunnel_pb2.RequestStart(database_query=database_pb2.DatabaseQuery(batch=request)))
         return (await self._relay.single(context, request.group, request.profile, start)).batch
 
     @errors.unary
@@ -46,7 +48,8 @@ class DatabaseService(database_pb2_grpc.DatabaseServiceServicer):
         if not request.statements:
             raise InvalidArgument("'statements' is required: the statements to run", reason="MISSING_SQL",
                                   field="statements")
-        start = tunnel_pb2.RequestStart(database_query=database_pb2.DatabaseQuery(transaction=request))
+        start = attach_key(context, "/onprem.v1.DatabaseService/ExecuteTransaction", request.profile, request,
+                           tunnel_pb2.RequestStart(database_query=database_pb2.DatabaseQuery(transaction=request)))
         return (await self._relay.single(context, request.group, request.profile, start)).transaction
 
     @errors.streaming

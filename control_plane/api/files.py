@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 
 from onprem.control_plane.api import errors
-from onprem.control_plane.api.relaying import Relaying
+from onprem.control_plane.api.relaying import Relaying, attach_key
 from onprem.control_plane.api.uploads import result_while_uploading
 from onprem.control_plane.core import ControlPlane
 from onprem.control_plane.relay import RelayedRequest
@@ -26,6 +26,11 @@ class FileService(files_pb2_grpc.FileServiceServicer):
     async def _unary(self, context: Context, group: str, profile: str, op: files_pb2.FileOp) -> tunnel_pb2.ResponseChunk:
         return await self._relay.single(context, group, profile, tunnel_pb2.RequestStart(file_op=op))
 
+    async def _keyed(self, context: Context, method: str, request: Any, op: files_pb2.FileOp) -> tunnel_pb2.ResponseChunk:
+        start = attach_key(context, f"/onprem.v1.FileService/{method}", request.profile, request,
+                           tunnel_pb2.RequestStart(file_op=op))
+        return await self._relay.single(context, request.group, request.profile, start)
+
     @errors.unary
     async def List(self, request: files_pb2.ListRequest, context: Context) -> files_pb2.ListResponse:
         chunk = await self._unary(context, request.group, request.profile, files_pb2.FileOp(list=request))
@@ -38,20 +43,19 @@ class FileService(files_pb2_grpc.FileServiceServicer):
 
     @errors.unary
     async def Delete(self, request: files_pb2.DeleteRequest, context: Context) -> files_pb2.DeleteResponse:
-        chunk = await self._unary(context, request.group, request.profile, files_pb2.FileOp(delete=request))
+        chunk = await self._keyed(context, "Delete", request, files_pb2.FileOp(delete=request))
         return chunk.delete
 
     @errors.unary
     async def Move(self, request: files_pb2.MoveRequest, context: Context) -> files_pb2.MoveResponse:
-        chunk = await self._unary(context, request.group, request.profile, files_pb2.FileOp(move=request))
+        chunk = await self._keyed(context, "Move", request, files_pb2.FileOp(move=request))
         return chunk.move
 
     @errors.unary
     async def MakeDirectory(
         self, request: files_pb2.MakeDirectoryRequest, context: Context
     ) -> files_pb2.MakeDirectoryResponse:
-        op = files_pb2.FileOp(make_directory=request)
-        chunk = await self._unary(context, request.group, request.profile, op)
+        chunk = await self._keyed(context, "MakeDirectory", request, files_pb2.FileOp(make_directory=request))
         return chunk.make_directory
 
     @errors.unary
@@ -84,7 +88,8 @@ class FileService(files_pb2_grpc.FileServiceServicer):
                     raise InvalidArgument("'header' may only come in the first message", reason="HEADER_REPEATED", field="header")
                 yield message.data
 
-        start = tunnel_pb2.RequestStart(file_op=files_pb2.FileOp(write=header), has_body=True)
+        start = attach_key(context, "/onprem.v1.FileService/Write", header.profile, first,
+                           tunnel_pb2.RequestStart(file_op=files_pb2.FileOp(write=header), has_body=True))
         async with self._relay(context, header.group, header.profile, start) as relayed:
             chunk = await result_while_uploading(relayed, data())
             return chunk.write

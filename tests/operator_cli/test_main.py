@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from onprem.agent import __version__ as agent_version
 from onprem.operator_cli import errors
 from onprem.operator_cli.rows import decode_batch, parse_parameter
 from onprem.operator_cli.transfer import CHUNK_SIZE, PART_SUFFIX, finish_download
@@ -84,11 +85,13 @@ def test_agents_prints_one_aligned_row_per_agent(site: Site) -> None:
     out = site.onprem("agents")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0] == ("NAME        ID                      GROUP  STATE   VERSION  IN-FLIGHT  LAST SEEN"
-                        "             CERT EXPIRES")
+    # The VERSION column is as wide as the longest version, so the expected lines follow the package's.
+    version = agent_version.ljust(len("VERSION"))
+    assert lines[0] == (f"NAME        ID                      GROUP  STATE   {'VERSION'.ljust(len(version))}"
+                        "  IN-FLIGHT  LAST SEEN             CERT EXPIRES")
     assert len(lines) == 2
-    assert re.fullmatch(rf"site-agent  {site.agent.agent_id}  site   ACTIVE  0\.1\.0         0/64  {TIME}  {TIME}",
-                        lines[1]), lines[1]
+    assert re.fullmatch(rf"site-agent  {site.agent.agent_id}  site   ACTIVE  {re.escape(version)}       0/64"
+                        rf"  {TIME}  {TIME}", lines[1]), lines[1]
 
 
 def test_agents_json_prints_the_list_agents_response(site: Site) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from onprem.tunnel.errors import Code, LocalProtocolError, RemoteProtocolError
 from onprem.tunnel.protocol import (
+    IDEMPOTENCY,
     SUPPORTED_REVISIONS,
     AgentConnection,
     AgentFrame,
@@ -302,7 +303,16 @@ def test_request_data_larger_than_a_chunk_breaks_the_stream(pair: TunnelPair) ->
 
 def test_frame_batches_are_agreed_in_the_handshake(pair: TunnelPair) -> None:
     assert pair.cp.batching and pair.agent.batching
-    assert list(pair.agent.welcome.capabilities) == ["frame-batch"]  # type: ignore[union-attr]
+    assert list(pair.agent.welcome.capabilities) == ["frame-batch", "idempotency"]  # type: ignore[union-attr]
+
+
+def test_an_agent_that_offers_no_idempotency_is_not_welcomed_with_it() -> None:
+    cp, agent = ControlPlaneConnection(), AgentConnection()
+    hello = agent.hello_frame(tunnel_pb2.Hello(max_in_flight=4))
+    hello.hello.capabilities.remove(IDEMPOTENCY)
+    cp.receive(hello)
+    welcome = cp.welcome_frame(agent_id="a", group="g", session_id="s")
+    assert IDEMPOTENCY not in welcome.welcome.capabilities
 
 
 def test_a_batch_delivers_its_frames_in_order_as_if_sent_one_by_one(pair: TunnelPair) -> None:

@@ -100,6 +100,7 @@ class FakeSession:
     draining: bool = False
     is_open: bool = True
     session_id: str = "s"
+    honours_keys: bool = True
     opened: list[tunnel_pb2.RequestStart] = field(default_factory=list)
 
     def offers(self, kind: int, profile: str) -> bool:

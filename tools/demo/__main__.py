@@ -75,6 +75,15 @@ def make_sample_database(path: Path) -> None:
         """)
 
 
+def make_idempotency_table(path: Path) -> None:
+    """The table where demo-db records keyed writes (also in a demo database made before it existed)."""
+    from onprem.agent.handlers.database.idempotency import ddl
+
+    script = ddl("onprem_idempotency", "sqlite").replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS")
+    with sqlite3.connect(path) as db:
+        db.executescript(script.replace("CREATE INDEX", "CREATE INDEX IF NOT EXISTS"))
+
+
 def make_sample_folder(path: Path) -> None:
     if path.exists():
         return
@@ -158,6 +167,7 @@ def main() -> None:
     DEMO.mkdir(parents=True, exist_ok=True)
     cp_state, agent_home = DEMO / "control-plane", DEMO / "agent"
     make_sample_database(DEMO / "demo.db")
+    make_idempotency_table(DEMO / "demo.db")
     make_sample_folder(DEMO / "files")
     key_file = DEMO / "app.key"
     if not key_file.exists():
@@ -195,7 +205,8 @@ def main() -> None:
             "identity_dir": str(agent_home / "identity"),
             "name": "demo-agent",
             "profiles": {
-                "databases": {"demo-db": {"url": f"sqlite:///{DEMO / 'demo.db'}", "read_only": False}},
+                "databases": {"demo-db": {"url": f"sqlite:///{DEMO / 'demo.db'}", "read_only": False,
+                                          "idempotency_table": "onprem_idempotency"}},
                 "folders": {"demo-files": {"root": str(DEMO / "files"), "read_only": False}},
                 "apps": {"demo-app": {"base_url": f"http://127.0.0.1:{APP_PORT}/api/",
                                       "headers_from_env": {"X-Api-Key": "DEMO_APP_KEY"}}},

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Mapping
 
 import httpx
 
+from onprem.agent import failpoints
 from onprem.agent.handlers.apps.auth import injected_headers, ssl_context
 from onprem.agent.handlers.apps.confine import (
     build_url,
@@ -43,6 +44,10 @@ log = logging.getLogger("onprem.agent.apps")
 #: Room for the protobuf framing around a body chunk, so a chunk never exceeds the negotiated maximum.
 _CHUNK_OVERHEAD = 64
 _NO_BODY_STATUSES = frozenset({204, 304})
+
+
+#: The header that carries a call's idempotency key to the app (draft-ietf-httpapi-idempotency-key-header).
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
 def _too_large(profile: AppProfile, size: str) -> ResourceExhausted:
@@ -130,6 +135,11 @@ class AppHandler:
         if head.query:
             url = url.copy_with(query=query_string(head.query))
         headers = caller_headers(profile, head.headers)
+        if context.idempotency is not None:
+            # The caller's key, under the IETF draft's name, for the app to deduplicate by: it is what makes
+            # the control plane's retry of a lost call safe, so it replaces any such header the caller set.
+            headers = [(n, v) for n, v in headers if n.lower() != IDEMPOTENCY_HEADER.lower()]
+            headers.append((IDEMPOTENCY_HEADER, context.idempotency.key))
         injected = await injected_headers(profile)
         client = await self._client(profile)
         length_given = any(name.lower() == "content-length" for name, _ in headers)
@@ -149,6 +159,7 @@ class AppHandler:
                     status_code=response.status_code,
                     headers=response_headers(response, injected.secrets),
                 )
+                failpoints.hit("apps.after_response")
                 progress.head_sent = True
                 yield tunnel_pb2.ResponseChunk(call=apps_pb2.CallResponse(head=response_head))
                 # Raw bytes: the body stays as the Content-Encoding header sent along says. Not

@@ -31,6 +31,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import QueuePool
 
+from onprem.agent import failpoints
 from onprem.agent.handlers.database import odbc
 from onprem.agent.handlers.database.errors import first_lines, scrub
 from onprem.agent.handlers.database.guard import (
@@ -41,6 +42,7 @@ from onprem.agent.handlers.database.guard import (
     pg_prepare_read_only,
     reset_postgres,
 )
+from onprem.agent.handlers.database.idempotency import IdempotencyTable
 from onprem.agent.profiles.database import DatabaseProfile
 from onprem.tunnel.errors import Cancelled, FailedPrecondition, Internal
 
@@ -91,6 +93,10 @@ class ProfileRuntime:
         self.slots = asyncio.Semaphore(profile.pool_size)
         #: (table OID, column number) -> nullable, from pg_attribute; column metadata rarely changes.
         self.pg_nullable: dict[tuple[int, int], bool] = {}
+        #: Where keyed writes are recorded; None when the profile names no idempotency table.
+        self.idempotency: IdempotencyTable | None = (
+            IdempotencyTable(profile.idempotency_table, profile.idempotency_ttl_seconds)
+            if profile.idempotency_table else None)
 
     def engine(self) -> Engine:
         with self._lock:
@@ -276,6 +282,8 @@ class RequestConnection:
         #: the server between two statements (while connecting, or between BEGIN and the query)
         #: cancels nothing there, so the next statement must not be sent at all.
         self.interrupted = False
+        #: A keyed write commits only once its record is written (`commit`), not at `end`.
+        self.commit_deferred = False
 
     def connect(self) -> None:
         self.conn = self.runtime.engine().connect()
@@ -337,9 +345,15 @@ class RequestConnection:
 
     def end(self, commit: bool) -> None:
         """Commit a read-write profile's work; anything else is rolled back by `close`, with the reset."""
-        if commit and not self.profile.read_only:
-            self.connection().commit()
+        if commit and not self.profile.read_only and not self.commit_deferred:
+            self.commit()
         self._clear_deadline()
+
+    def commit(self) -> None:
+        """Commit the request's work (a keyed write's `end` leaves that to its runner, after the record)."""
+        failpoints.hit("database.before_commit")
+        self.connection().commit()
+        failpoints.hit("database.after_commit")
 
     def _clear_deadline(self) -> None:
         if isinstance(self.dbapi, sqlite3.Connection) and self.profile.statement_timeout_seconds:

@@ -22,16 +22,19 @@ from onprem.agent.handlers.base import RequestContext
 from onprem.agent.handlers.database.checks import run_checks
 from onprem.agent.handlers.database.engine import ProfileRuntime, RequestConnection
 from onprem.agent.handlers.database.errors import first_lines, map_error, scrub
+from onprem.agent.handlers.database.idempotency import IdempotencyTable
 from onprem.agent.handlers.database.operations import Batch, Poll, Transaction
 from onprem.agent.handlers.database.query import Query
 from onprem.agent.profiles.database import DatabaseProfile
-from onprem.tunnel.errors import InvalidArgument, NotFound
+from onprem.tunnel.errors import FailedPrecondition, InvalidArgument, NotFound
 from onprem.v1 import database_pb2, profiles_pb2, tunnel_pb2
 
 __all__ = ["DatabaseHandler"]
 
 log = logging.getLogger("onprem.agent.handlers.database")
 T = TypeVar("T")
+#: The operations that may write, whose idempotency key is recorded in the profile's table.
+_KEYED_OPERATIONS = ("query", "batch", "transaction")
 
 #: How long a cancelled step may take to notice the server-side cancel.
 _CANCEL_GRACE_SECONDS = 10.0
@@ -62,6 +65,24 @@ def _begin_stream(query: Query) -> list[tunnel_pb2.ResponseChunk]:
     if query.done:
         chunks.append(query.finish())
         query.close()
+    return chunks
+
+
+def _run_keyed(work: Query | Batch | Transaction, table: IdempotencyTable,
+               key: tunnel_pb2.Idempotency) -> list[tunnel_pb2.ResponseChunk]:
+    """In a pool thread: answer from the key's record, or run the write and record it in its commit."""
+    _connect(work)
+    conn = work.connection()
+    work.begin()
+    recorded = table.claim(conn, key.key, key.fingerprint, work.begin)
+    if recorded is not None:
+        work.close()
+        return recorded.chunks
+    work.commit_deferred = True
+    chunks = work.run_all()
+    table.record(conn, key.key, chunks)
+    work.commit()
+    work.close()
     return chunks
 
 
@@ -100,6 +121,13 @@ class DatabaseHandler:
         self, payload: database_pb2.DatabaseQuery, context: RequestContext
     ) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
         operation = payload.WhichOneof("operation")
+        if context.idempotency is not None and operation in _KEYED_OPERATIONS:
+            runtime = self._runtime(getattr(payload, operation).profile)
+            if not runtime.profile.read_only:  # a read-only profile writes nothing: nothing to record
+                work = self._work(runtime, payload, context)
+                for chunk in await self._keyed(work, context.idempotency):
+                    yield chunk
+                return
         if operation == "query":
             runtime = self._runtime(payload.query.profile)
             query = Query.from_request(runtime, payload.query, context.max_chunk_bytes)
@@ -117,6 +145,34 @@ class DatabaseHandler:
             yield await self._once(Transaction(runtime, payload.transaction))
         else:
             raise InvalidArgument(f"unknown database operation {operation!r}", reason="INVALID_PAYLOAD")
+
+    @staticmethod
+    def _work(runtime: ProfileRuntime, payload: database_pb2.DatabaseQuery,
+              context: RequestContext) -> Query | Batch | Transaction:
+        operation = payload.WhichOneof("operation")
+        if operation == "query":
+            query = Query.from_request(runtime, payload.query, context.max_chunk_bytes)
+            # A plain cursor: a server-side one would make PostgreSQL run DML twice (see Query.execute), and
+            # the result of a keyed query is held whole anyway, to be recorded.
+            query.server_cursor = False
+            return query
+        if operation == "batch":
+            return Batch(runtime, payload.batch)
+        return Transaction(runtime, payload.transaction)
+
+    async def _keyed(self, work: Query | Batch | Transaction,
+                     key: tunnel_pb2.Idempotency) -> list[tunnel_pb2.ResponseChunk]:
+        table = work.runtime.idempotency
+        if table is None:
+            raise FailedPrecondition(
+                f"database profile '{work.profile.name}' records no idempotency keys: set its idempotency_table "
+                "(and create the table with 'onprem-agent create-idempotency-table'), or send the write without "
+                "an idempotency-key", reason="IDEMPOTENCY_NOT_CONFIGURED")
+        await work.runtime.slots.acquire()
+        try:
+            return await self._step(work, lambda: _run_keyed(work, table, key))
+        finally:
+            await self._close(work)
 
     async def _stream(self, query: Query) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
         await query.runtime.slots.acquire()

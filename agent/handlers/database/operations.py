@@ -84,6 +84,9 @@ class Batch(RequestConnection):
             batch=database_pb2.ExecuteBatchResponse(rows_affected=affected, sets_applied=len(self.sets))
         )
 
+    def run_all(self) -> list[tunnel_pb2.ResponseChunk]:
+        return [self.run()]
+
 
 class Transaction(RequestConnection):
     """Several statements that commit together, or roll back together at the first failure."""
@@ -113,6 +116,9 @@ class Transaction(RequestConnection):
         # A failure above leaves the transaction open; `close` rolls it back.
         self.end(commit=True)
         return tunnel_pb2.ResponseChunk(transaction=database_pb2.ExecuteTransactionResponse(results=results))
+
+    def run_all(self) -> list[tunnel_pb2.ResponseChunk]:
+        return [self.run()]
 
 
 class Poll(Query):

@@ -107,6 +107,8 @@ class Query(RequestConnection):
         self.last_row: Sequence[Any] | None = None
         #: (table OID, column number) per column, 0s when computed: PostgreSQL only.
         self._origins: list[tuple[int, int]] = []
+        #: PostgreSQL: stream rows from a server-side cursor (DML then runs again on a plain one).
+        self.server_cursor = True
 
     @classmethod
     def from_request(cls, runtime: ProfileRuntime, query: database_pb2.QueryRequest, max_chunk_bytes: int) -> Query:
@@ -151,14 +153,16 @@ class Query(RequestConnection):
         sql, params = str(compiled), compiled.construct_params(self.params)
         dbapi: psycopg.Connection[Any] = self.dbapi
         # A server-side cursor streams rows in bounded memory...
-        cursor: Any = dbapi.cursor(name="onprem_stream")
+        cursor: Any = dbapi.cursor(name="onprem_stream") if self.server_cursor else dbapi.cursor()
         _load_as_text(cursor)
         try:
             cursor.execute(sql, params)
+            if not self.server_cursor and (cursor.statusmessage or "").split(" ")[0] in _DML_TAGS:
+                self.rows_affected = cursor.rowcount
         except psycopg.Error as exc:
             # ...but PostgreSQL declares cursors only for SELECT/VALUES: DML, DDL, CALL and writable
             # CTEs fail to DECLARE without having run, so run them again with a plain cursor.
-            if exc.sqlstate not in ("42601", "0A000"):
+            if exc.sqlstate not in ("42601", "0A000") or not self.server_cursor:
                 raise
             conn.rollback()
             self.begin()
@@ -322,6 +326,15 @@ class Query(RequestConnection):
             row_count=self.row_count, rows_affected=self.rows_affected, truncated=self.truncated
         )
         return self.wrap(summary=summary)
+
+    def run_all(self) -> list[Any]:
+        """Execute and fetch the whole result (a keyed query's, which is recorded whole)."""
+        self.execute()
+        chunks = self.first()
+        while not self.done:
+            chunks.extend(self.next())
+        chunks.append(self.finish())
+        return chunks
 
     def release(self) -> None:
         self.close_result()

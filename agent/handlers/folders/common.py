@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from onprem.agent.handlers.folders.paths import Escape, Parts, open_root, outside
+from onprem.agent.handlers.folders.paths import LEDGER_NAME, Escape, Parts, open_root, outside
 from onprem.agent.profiles.folders import FolderProfile
 from onprem.tunnel.errors import (
     AlreadyExists,
@@ -163,7 +163,7 @@ def refuse_reserved(parts: Parts, field: str = "path") -> None:
 def listable(name: str) -> bool:
     """Whether a name found on disk can be shown: uploads in progress are not files yet, and a name that is
     not UTF-8 (Python's surrogate escapes) cannot travel in a protobuf string nor be asked for."""
-    if TEMP_NAME.match(name):
+    if TEMP_NAME.match(name) or name == LEDGER_NAME:
         return False
     try:
         name.encode("utf-8")

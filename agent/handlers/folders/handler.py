@@ -27,8 +27,9 @@ import errno
 import hashlib
 import os
 import stat
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
+from onprem.agent import failpoints
 from onprem.agent.handlers.base import RequestContext
 from onprem.agent.handlers.folders.common import (
     TEMP_PREFIX,
@@ -43,6 +44,7 @@ from onprem.agent.handlers.folders.common import (
     require_entry,
     require_name,
 )
+from onprem.agent.handlers.folders.ledger import Ledger
 from onprem.agent.handlers.folders.paths import (
     Parts,
     open_at,
@@ -97,6 +99,23 @@ def _check_folder(profile: FolderProfile) -> list[profiles_pb2.ProfileCheck]:
         os.close(fd)
 
 
+#: The operations whose idempotency key is recorded in the profile's ledger.
+_KEYED = frozenset({"write", "delete", "move", "make_directory"})
+
+
+def _run_keyed(profile: FolderProfile, key: tunnel_pb2.Idempotency,
+               run: Callable[[], tunnel_pb2.ResponseChunk]) -> tunnel_pb2.ResponseChunk:
+    """In a thread: the key's recorded outcome, or `run`'s, recorded before the reply."""
+    with open_profile_root(profile) as root, Ledger(root, profile.name, key).held() as ledger:
+        recorded = ledger.recorded()
+        if recorded is not None:
+            return recorded[0]
+        chunk = run()
+        ledger.record([chunk])
+        failpoints.hit("files.after_rename")
+        return chunk
+
+
 def _primary_path(op: files_pb2.FileOp) -> str:
     kind = op.WhichOneof("operation")
     return str(getattr(getattr(op, kind), "path", "")) if kind else ""
@@ -146,6 +165,8 @@ class FolderHandler:
             elif kind == "read":
                 async for chunk in self._read(op.read, context.max_chunk_bytes):
                     yield chunk
+            elif context.idempotency is not None and kind in _KEYED:
+                yield await self._keyed(op, context)
             elif kind == "write":
                 yield tunnel_pb2.ResponseChunk(write=await self._write(op.write, context.body))
             elif kind == "delete":
@@ -164,6 +185,21 @@ class FolderHandler:
             # The net under every operation: each maps its own OS errors with the path they concern, and
             # anything that slips past is still a status naming the request's path, never INTERNAL.
             raise os_error(_primary_path(op), exc) from None
+
+    async def _keyed(self, op: files_pb2.FileOp, context: RequestContext) -> tunnel_pb2.ResponseChunk:
+        """A write with an idempotency key: answered from the profile's ledger, or run and recorded there."""
+        key = context.idempotency
+        assert key is not None
+        kind = op.WhichOneof("operation")
+        if kind == "write":
+            profile = self._profile(op.write.profile, writes=True)
+            return tunnel_pb2.ResponseChunk(write=await write(profile, op.write, context.body, key))
+        request = getattr(op, kind or "")
+        profile = self._profile(request.profile, writes=True)
+        run = {"delete": lambda: tunnel_pb2.ResponseChunk(delete=self._delete(op.delete)),
+               "move": lambda: tunnel_pb2.ResponseChunk(move=self._move(op.move)),
+               "make_directory": lambda: tunnel_pb2.ResponseChunk(make_directory=self._mkdir(op.make_directory))}
+        return await asyncio.to_thread(_run_keyed, profile, key, run[kind or ""])
 
     # --- reads -----------------------------------------------------------------------------------
 

@@ -74,6 +74,10 @@ def _invalid(path: str, why: str, field: str) -> InvalidArgument:
     return InvalidArgument(f"path {path!r} {why}", reason="INVALID_PATH", field=field)
 
 
+#: The folder in a root where the agent records keyed writes (`ledger`); reserved at every depth.
+LEDGER_NAME = ".onprem-ledger"
+
+
 def outside(rel: str) -> PermissionDenied:
     return PermissionDenied(f"path {rel!r} leads outside the folder profile's root", reason="PATH_OUTSIDE_ROOT")
 
@@ -105,6 +109,10 @@ def split(path: str, field: str = "path") -> Parts:
             raise outside(shown)
         if len(part.encode("utf-8")) > MAX_COMPONENT_BYTES:
             raise _invalid(shown, f"has a name longer than {MAX_COMPONENT_BYTES} bytes", field)
+        if part == LEDGER_NAME:
+            # The agent's ledger of keyed writes (`ledger`): no operation may reach it, lists included.
+            raise PermissionDenied(f"path {shown!r}: the name {LEDGER_NAME} is reserved for the agent's records",
+                                   reason="RESERVED_NAME")
     return parts
 
 

@@ -16,6 +16,7 @@ import os
 import stat
 from collections.abc import AsyncIterator
 
+from onprem.agent import failpoints
 from onprem.agent.handlers.folders.common import (
     file_info,
     name_allowed,
@@ -27,9 +28,11 @@ from onprem.agent.handlers.folders.common import (
     require_entry,
     require_name,
 )
+from onprem.agent.handlers.folders.ledger import Ledger
 from onprem.agent.handlers.folders.paths import Parts, open_parent, rename_noreplace, split
 from onprem.agent.handlers.folders.temp import new_temp
 from onprem.agent.profiles.folders import FolderProfile
+from onprem.tunnel import idempotency
 from onprem.tunnel.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -38,14 +41,18 @@ from onprem.tunnel.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
-from onprem.v1 import files_pb2
+from onprem.v1 import files_pb2, tunnel_pb2
 
 __all__ = ["write"]
 
 
 async def write(profile: FolderProfile, header: files_pb2.WriteHeader,
-                body: AsyncIterator[bytes] | None) -> files_pb2.WriteResponse:
-    """Receive an upload into a temp file beside its target and give it its name once it has all held."""
+                body: AsyncIterator[bytes] | None, key: tunnel_pb2.Idempotency | None = None) -> files_pb2.WriteResponse:
+    """Receive an upload into a temp file beside its target and give it its name once it has all held.
+
+    With an idempotency `key`, the rename happens under the key's lock in the profile's ledger, and only
+    when the ledger holds no outcome for the key (which then answers, and the upload is dropped).
+    """
     parts = split(header.path)
     if not parts:
         raise InvalidArgument("a write needs a file path, not the root", reason="INVALID_PATH", field="path")
@@ -80,6 +87,11 @@ async def write(profile: FolderProfile, header: files_pb2.WriteHeader,
                 f"path {rel!r}: the upload's SHA-256 is {actual}, not the expected {expected}; nothing written",
                 reason="CHECKSUM_MISMATCH",
             )
+        if key is not None:
+            fingerprint = idempotency.with_body(key.fingerprint, bytes.fromhex(actual))
+            response, finished = await asyncio.to_thread(_publish_keyed, profile, key, fingerprint, dir_fd,
+                                                         made[0], parts, header.mode, st, actual)
+            return response
         final_rel = await asyncio.to_thread(_publish, dir_fd, made[0], parts, header.mode, profile)
         finished = True
         return files_pb2.WriteResponse(info=file_info(final_rel, st), sha256=actual)
@@ -159,6 +171,22 @@ def _publish(dir_fd: int, temp: str, parts: Parts, mode: int, profile: FolderPro
                 raise AlreadyExists(f"path {rel!r}: no free numbered name left", reason="PATH_EXISTS")
         os.fsync(dir_fd)  # make the rename itself durable
     return prefix + name
+
+
+def _publish_keyed(profile: FolderProfile, key: tunnel_pb2.Idempotency, fingerprint: bytes, dir_fd: int,
+                   temp: str, parts: Parts, mode: int, st: os.stat_result,
+                   actual: str) -> tuple[files_pb2.WriteResponse, bool]:
+    """Rename and record under the key's lock, or answer from the key's record; whether the temp was renamed
+    (if not, the caller drops it)."""
+    with open_profile_root(profile) as root, Ledger(root, profile.name, key).held() as ledger:
+        recorded = ledger.recorded(fingerprint)
+        if recorded is not None:
+            return recorded[0].write, False
+        final_rel = _publish(dir_fd, temp, parts, mode, profile)
+        response = files_pb2.WriteResponse(info=file_info(final_rel, st), sha256=actual)
+        ledger.record([tunnel_pb2.ResponseChunk(write=response)], fingerprint)
+        failpoints.hit("files.after_rename")
+        return response, True
 
 
 def _keep_both_name(name: str, n: int) -> str:

@@ -28,6 +28,12 @@ if _version_not_supported:
 class AppServiceStub:
     """Calls an HTTP application reachable from an agent, through an app profile.
     The agent adds the credentials its config names; the caller never sees them.
+
+    Idempotency: Call accepts an `idempotency-key` metadata entry (1 to 128
+    printable ASCII characters), which the agent forwards to the app as the
+    `Idempotency-Key` header. A keyed call whose agent was lost is retried once
+    on another agent of the group (with its body, when that was sent whole and
+    is at most 1 MiB), so the app should deduplicate by the header.
     """
 
     def __init__(self, channel):
@@ -46,6 +52,12 @@ class AppServiceStub:
 class AppServiceServicer:
     """Calls an HTTP application reachable from an agent, through an app profile.
     The agent adds the credentials its config names; the caller never sees them.
+
+    Idempotency: Call accepts an `idempotency-key` metadata entry (1 to 128
+    printable ASCII characters), which the agent forwards to the app as the
+    `Idempotency-Key` header. A keyed call whose agent was lost is retried once
+    on another agent of the group (with its body, when that was sent whole and
+    is at most 1 MiB), so the app should deduplicate by the header.
     """
 
     def Call(self, request_iterator, context):
@@ -102,6 +114,12 @@ def add_AppServiceServicer_to_server(servicer, server):
 class AppService:
     """Calls an HTTP application reachable from an agent, through an app profile.
     The agent adds the credentials its config names; the caller never sees them.
+
+    Idempotency: Call accepts an `idempotency-key` metadata entry (1 to 128
+    printable ASCII characters), which the agent forwards to the app as the
+    `Idempotency-Key` header. A keyed call whose agent was lost is retried once
+    on another agent of the group (with its body, when that was sent whole and
+    is at most 1 MiB), so the app should deduplicate by the header.
     """
 
     @staticmethod

@@ -29,6 +29,12 @@ GRPC_VERSION: str
 class AppServiceStub:
     """Calls an HTTP application reachable from an agent, through an app profile.
     The agent adds the credentials its config names; the caller never sees them.
+
+    Idempotency: Call accepts an `idempotency-key` metadata entry (1 to 128
+    printable ASCII characters), which the agent forwards to the app as the
+    `Idempotency-Key` header. A keyed call whose agent was lost is retried once
+    on another agent of the group (with its body, when that was sent whole and
+    is at most 1 MiB), so the app should deduplicate by the header.
     """
 
     @_typing.overload
@@ -71,6 +77,12 @@ class AppServiceStub:
 class AppServiceAsyncStub(AppServiceStub):
     """Calls an HTTP application reachable from an agent, through an app profile.
     The agent adds the credentials its config names; the caller never sees them.
+
+    Idempotency: Call accepts an `idempotency-key` metadata entry (1 to 128
+    printable ASCII characters), which the agent forwards to the app as the
+    `Idempotency-Key` header. A keyed call whose agent was lost is retried once
+    on another agent of the group (with its body, when that was sent whole and
+    is at most 1 MiB), so the app should deduplicate by the header.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -109,6 +121,12 @@ class AppServiceAsyncStub(AppServiceStub):
 class AppServiceServicer(metaclass=_abc_1.ABCMeta):
     """Calls an HTTP application reachable from an agent, through an app profile.
     The agent adds the credentials its config names; the caller never sees them.
+
+    Idempotency: Call accepts an `idempotency-key` metadata entry (1 to 128
+    printable ASCII characters), which the agent forwards to the app as the
+    `Idempotency-Key` header. A keyed call whose agent was lost is retried once
+    on another agent of the group (with its body, when that was sent whole and
+    is at most 1 MiB), so the app should deduplicate by the header.
     """
 
     @_abc_1.abstractmethod

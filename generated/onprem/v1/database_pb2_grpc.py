@@ -27,6 +27,15 @@ if _version_not_supported:
 
 class DatabaseServiceStub:
     """Runs SQL against a database profile of an agent in a group.
+
+    Idempotency: Query, ExecuteBatch and ExecuteTransaction accept an
+    `idempotency-key` metadata entry (1 to 128 printable ASCII characters). The
+    agent records the outcome under the key in the profile's idempotency table,
+    in the write's own transaction, and a request with the same key answers
+    from that record instead of running again; the same key with another
+    request is FAILED_PRECONDITION (reason IDEMPOTENCY_KEY_REUSED). A keyed
+    write whose agent was lost is retried once on another agent of the group.
+    See docs/operators.md, "Writes that happen once".
     """
 
     def __init__(self, channel):
@@ -59,6 +68,15 @@ class DatabaseServiceStub:
 
 class DatabaseServiceServicer:
     """Runs SQL against a database profile of an agent in a group.
+
+    Idempotency: Query, ExecuteBatch and ExecuteTransaction accept an
+    `idempotency-key` metadata entry (1 to 128 printable ASCII characters). The
+    agent records the outcome under the key in the profile's idempotency table,
+    in the write's own transaction, and a request with the same key answers
+    from that record instead of running again; the same key with another
+    request is FAILED_PRECONDITION (reason IDEMPOTENCY_KEY_REUSED). A keyed
+    write whose agent was lost is retried once on another agent of the group.
+    See docs/operators.md, "Writes that happen once".
     """
 
     def Query(self, request, context):
@@ -129,6 +147,15 @@ def add_DatabaseServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class DatabaseService:
     """Runs SQL against a database profile of an agent in a group.
+
+    Idempotency: Query, ExecuteBatch and ExecuteTransaction accept an
+    `idempotency-key` metadata entry (1 to 128 printable ASCII characters). The
+    agent records the outcome under the key in the profile's idempotency table,
+    in the write's own transaction, and a request with the same key answers
+    from that record instead of running again; the same key with another
+    request is FAILED_PRECONDITION (reason IDEMPOTENCY_KEY_REUSED). A keyed
+    write whose agent was lost is retried once on another agent of the group.
+    See docs/operators.md, "Writes that happen once".
     """
 
     @staticmethod

@@ -27,7 +27,17 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class DatabaseServiceStub:
-    """Runs SQL against a database profile of an agent in a group."""
+    """Runs SQL against a database profile of an agent in a group.
+
+    Idempotency: Query, ExecuteBatch and ExecuteTransaction accept an
+    `idempotency-key` metadata entry (1 to 128 printable ASCII characters). The
+    agent records the outcome under the key in the profile's idempotency table,
+    in the write's own transaction, and a request with the same key answers
+    from that record instead of running again; the same key with another
+    request is FAILED_PRECONDITION (reason IDEMPOTENCY_KEY_REUSED). A keyed
+    write whose agent was lost is retried once on another agent of the group.
+    See docs/operators.md, "Writes that happen once".
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -55,7 +65,17 @@ class DatabaseServiceStub:
 
 @_typing.type_check_only
 class DatabaseServiceAsyncStub(DatabaseServiceStub):
-    """Runs SQL against a database profile of an agent in a group."""
+    """Runs SQL against a database profile of an agent in a group.
+
+    Idempotency: Query, ExecuteBatch and ExecuteTransaction accept an
+    `idempotency-key` metadata entry (1 to 128 printable ASCII characters). The
+    agent records the outcome under the key in the profile's idempotency table,
+    in the write's own transaction, and a request with the same key answers
+    from that record instead of running again; the same key with another
+    request is FAILED_PRECONDITION (reason IDEMPOTENCY_KEY_REUSED). A keyed
+    write whose agent was lost is retried once on another agent of the group.
+    See docs/operators.md, "Writes that happen once".
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Query: _aio.UnaryStreamMultiCallable[_database_pb2.QueryRequest, _database_pb2.QueryResponse]  # type: ignore[assignment]
@@ -79,7 +99,17 @@ class DatabaseServiceAsyncStub(DatabaseServiceStub):
     """
 
 class DatabaseServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Runs SQL against a database profile of an agent in a group."""
+    """Runs SQL against a database profile of an agent in a group.
+
+    Idempotency: Query, ExecuteBatch and ExecuteTransaction accept an
+    `idempotency-key` metadata entry (1 to 128 printable ASCII characters). The
+    agent records the outcome under the key in the profile's idempotency table,
+    in the write's own transaction, and a request with the same key answers
+    from that record instead of running again; the same key with another
+    request is FAILED_PRECONDITION (reason IDEMPOTENCY_KEY_REUSED). A keyed
+    write whose agent was lost is retried once on another agent of the group.
+    See docs/operators.md, "Writes that happen once".
+    """
 
     @_abc_1.abstractmethod
     def Query(

@@ -34,6 +34,16 @@ class FileServiceStub:
     and never follows a symbolic link, so a path that is or passes through one
     is PERMISSION_DENIED (reason SYMLINK_NOT_FOLLOWED), even when the link
     stays inside the root.
+
+    Idempotency: Write, Delete, Move and MakeDirectory accept an
+    `idempotency-key` metadata entry (1 to 128 printable ASCII characters). The
+    agent records the outcome under the key in the profile's ledger
+    (`.onprem-ledger` in its root, which no path may name), and a request with
+    the same key answers from that record instead of running again; the same
+    key with another request is FAILED_PRECONDITION (reason
+    IDEMPOTENCY_KEY_REUSED). A keyed write whose agent was lost is retried once
+    on another agent of the group (a Write when its body was sent whole and is
+    at most 1 MiB). See docs/operators.md, "Writes that happen once".
     """
 
     @_typing.overload
@@ -81,6 +91,16 @@ class FileServiceAsyncStub(FileServiceStub):
     and never follows a symbolic link, so a path that is or passes through one
     is PERMISSION_DENIED (reason SYMLINK_NOT_FOLLOWED), even when the link
     stays inside the root.
+
+    Idempotency: Write, Delete, Move and MakeDirectory accept an
+    `idempotency-key` metadata entry (1 to 128 printable ASCII characters). The
+    agent records the outcome under the key in the profile's ledger
+    (`.onprem-ledger` in its root, which no path may name), and a request with
+    the same key answers from that record instead of running again; the same
+    key with another request is FAILED_PRECONDITION (reason
+    IDEMPOTENCY_KEY_REUSED). A keyed write whose agent was lost is retried once
+    on another agent of the group (a Write when its body was sent whole and is
+    at most 1 MiB). See docs/operators.md, "Writes that happen once".
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -124,6 +144,16 @@ class FileServiceServicer(metaclass=_abc_1.ABCMeta):
     and never follows a symbolic link, so a path that is or passes through one
     is PERMISSION_DENIED (reason SYMLINK_NOT_FOLLOWED), even when the link
     stays inside the root.
+
+    Idempotency: Write, Delete, Move and MakeDirectory accept an
+    `idempotency-key` metadata entry (1 to 128 printable ASCII characters). The
+    agent records the outcome under the key in the profile's ledger
+    (`.onprem-ledger` in its root, which no path may name), and a request with
+    the same key answers from that record instead of running again; the same
+    key with another request is FAILED_PRECONDITION (reason
+    IDEMPOTENCY_KEY_REUSED). A keyed write whose agent was lost is retried once
+    on another agent of the group (a Write when its body was sent whole and is
+    at most 1 MiB). See docs/operators.md, "Writes that happen once".
     """
 
     @_abc_1.abstractmethod

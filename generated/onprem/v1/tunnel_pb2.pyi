@@ -149,7 +149,7 @@ class ReplicaSet(_message.Message):
     def __init__(self, replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ...) -> None: ...
 
 class RequestStart(_message.Message):
-    __slots__ = ("timeout", "has_body", "attempt", "database_query", "file_op", "app_call", "profile_check")
+    __slots__ = ("timeout", "has_body", "attempt", "database_query", "file_op", "app_call", "profile_check", "idempotency")
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     HAS_BODY_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +157,7 @@ class RequestStart(_message.Message):
     FILE_OP_FIELD_NUMBER: _ClassVar[int]
     APP_CALL_FIELD_NUMBER: _ClassVar[int]
     PROFILE_CHECK_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_FIELD_NUMBER: _ClassVar[int]
     timeout: _duration_pb2.Duration
     has_body: bool
     attempt: int
@@ -164,7 +165,16 @@ class RequestStart(_message.Message):
     file_op: _files_pb2.FileOp
     app_call: _apps_pb2.AppCall
     profile_check: _profiles_pb2.CheckProfileRequest
-    def __init__(self, timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., has_body: _Optional[bool] = ..., attempt: _Optional[int] = ..., database_query: _Optional[_Union[_database_pb2.DatabaseQuery, _Mapping]] = ..., file_op: _Optional[_Union[_files_pb2.FileOp, _Mapping]] = ..., app_call: _Optional[_Union[_apps_pb2.AppCall, _Mapping]] = ..., profile_check: _Optional[_Union[_profiles_pb2.CheckProfileRequest, _Mapping]] = ...) -> None: ...
+    idempotency: Idempotency
+    def __init__(self, timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., has_body: _Optional[bool] = ..., attempt: _Optional[int] = ..., database_query: _Optional[_Union[_database_pb2.DatabaseQuery, _Mapping]] = ..., file_op: _Optional[_Union[_files_pb2.FileOp, _Mapping]] = ..., app_call: _Optional[_Union[_apps_pb2.AppCall, _Mapping]] = ..., profile_check: _Optional[_Union[_profiles_pb2.CheckProfileRequest, _Mapping]] = ..., idempotency: _Optional[_Union[Idempotency, _Mapping]] = ...) -> None: ...
+
+class Idempotency(_message.Message):
+    __slots__ = ("key", "fingerprint")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    fingerprint: bytes
+    def __init__(self, key: _Optional[str] = ..., fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class RequestData(_message.Message):
     __slots__ = ("data", "end_of_data")

@@ -648,3 +648,14 @@ async def test_check_of_an_unknown_profile_is_not_found(handler: AppHandler) -> 
 def test_profiles_are_advertised() -> None:
     handler = AppHandler({"a": AppProfile(name="a", base_url="https://a.internal/")})
     assert handler.profiles() == [profiles_pb2.Profile(name="a", kind=profiles_pb2.PROFILE_KIND_APP)]
+
+
+async def test_a_keyed_call_forwards_its_key_as_the_idempotency_key_header_replacing_the_callers(
+        handler: AppHandler, server: tuple[str, Seen]) -> None:
+    _, seen = server
+    start = call("orders", method="POST", headers={"Idempotency-Key": "set-by-the-caller"})
+    context = RequestContext(request_id=1, body=no_body(),
+                             idempotency=tunnel_pb2.Idempotency(key="order-77", fingerprint=b"f" * 32))
+    [_ async for _ in handler.handle(start.app_call, context)]
+    sent = {name.lower(): value for name, value in seen.requests[-1]["headers"].items()}
+    assert sent["idempotency-key"] == "order-77"

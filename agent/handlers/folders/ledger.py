@@ -1,0 +1,160 @@
+"""A folder profile's ledger of keyed writes: `.onprem-ledger/` in its root, which no caller can reach.
+
+Every path that names `.onprem-ledger` at any depth is refused (`paths.split`) and listings and polls
+never show it, so no operation (List, Stat, Read, Write, Delete, Move, MakeDirectory, Poll) reaches it;
+the agent opens it from the root's descriptor without following a symlink, so a link put in its place
+by a local user fails instead of being followed.
+
+One file per key, named by the SHA-256 of the key, holds the request's fingerprint, the expiry and the
+response (`tunnel.idempotency.encode_chunks`). A keyed Write, Delete, Move or MakeDirectory runs as:
+take the key's lock (`fcntl.flock` on `<hash>.lock`: a second attempt with the key waits for the
+first); answer from the key's record if there is one; else act, then write the record (a temp file,
+fsync, rename, fsync of the folder). A Write's record is written after its final rename and before the
+reply: the `files.after_rename` failpoint sits after both. An agent that died between the rename and the
+record (one fsync apart) leaves the upload done but unrecorded, and its retry writes it again.
+
+Records expire after `TTL_SECONDS`; expired ones are deleted at most once a minute, when a record is made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterator
+
+from onprem.agent.handlers.folders.paths import LEDGER_NAME
+from onprem.tunnel import idempotency
+from onprem.tunnel.errors import FailedPrecondition, Internal
+from onprem.v1 import tunnel_pb2
+
+__all__ = ["LEDGER_NAME", "TTL_SECONDS", "Ledger"]
+
+#: How long a record answers retries: a day.
+TTL_SECONDS = 86400
+_PRUNE_INTERVAL_SECONDS = 60.0
+_pruned_at: dict[str, float] = {}
+
+
+class Ledger:
+    """The ledger of one folder profile, for one keyed request."""
+
+    def __init__(self, root_fd: int, profile: str, key: tunnel_pb2.Idempotency,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._root_fd = root_fd
+        self._profile = profile
+        self.key = key.key
+        self.fingerprint = key.fingerprint
+        self._name = hashlib.sha256(key.key.encode()).hexdigest()
+        self._clock = clock
+        self._dir_fd: int | None = None
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[Ledger]:
+        """The key's lock, held for the block: one attempt with a key at a time."""
+        dir_fd = self._open_dir()
+        self._dir_fd = dir_fd
+        lock = os.open(f"{self._name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                       dir_fd=dir_fd)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield self
+        finally:
+            os.close(lock)  # drops the lock
+            os.close(dir_fd)
+            self._dir_fd = None
+
+    def recorded(self, fingerprint: bytes | None = None) -> list[tunnel_pb2.ResponseChunk] | None:
+        """The outcome recorded under the key, None when there is none (or it expired).
+
+        Raises FailedPrecondition (IDEMPOTENCY_KEY_REUSED) when it is another request's.
+        """
+        assert self._dir_fd is not None, "held() first"
+        try:
+            fd = os.open(self._name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            try:
+                entry = json.loads(f.read())
+                outcome = idempotency.decode_chunks(bytes.fromhex(entry["outcome"]))
+                expires_at, recorded_fp = int(entry["expires_at"]), bytes.fromhex(entry["fingerprint"])
+            except (ValueError, KeyError, TypeError):
+                raise Internal(f"idempotency key '{self.key}': its ledger record in folder profile "
+                               f"'{self._profile}' is damaged", reason="IDEMPOTENCY_RECORD") from None
+        if expires_at < self._clock():
+            return None
+        if recorded_fp != (fingerprint or self.fingerprint):
+            raise FailedPrecondition(
+                f"idempotency key '{self.key}' was already used for another request (another method, profile, "
+                "path or content); use a new key for a new request", reason=idempotency.REUSED)
+        return outcome
+
+    def record(self, chunks: list[tunnel_pb2.ResponseChunk], fingerprint: bytes | None = None) -> None:
+        """Record the outcome under the key, durably, replacing an expired record."""
+        dir_fd = self._dir_fd
+        assert dir_fd is not None, "held() first"
+        now = self._clock()
+        entry = {"fingerprint": (fingerprint or self.fingerprint).hex(), "expires_at": int(now) + TTL_SECONDS,
+                 "outcome": idempotency.encode_chunks(chunks).hex()}
+        temp = f"{self._name}.{secrets.token_hex(4)}.new"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(json.dumps(entry).encode())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, self._name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=dir_fd)
+            raise
+        os.fsync(dir_fd)
+        if now - _pruned_at.get(self._profile, 0.0) >= _PRUNE_INTERVAL_SECONDS:
+            _pruned_at[self._profile] = now
+            self.prune()
+
+    def prune(self) -> int:
+        """Delete the expired records (and their lock files); how many."""
+        dir_fd = self._dir_fd
+        assert dir_fd is not None, "held() first"
+        now = self._clock()
+        pruned = 0
+        for name in os.listdir(dir_fd):
+            if len(name) != 64 or name == self._name:
+                continue
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                with os.fdopen(fd, "rb") as f:
+                    expires_at = int(json.loads(f.read())["expires_at"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if expires_at < now:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=dir_fd)
+                    pruned += 1
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{name}.lock", dir_fd=dir_fd)
+        return pruned
+
+    def _open_dir(self) -> int:
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            try:
+                return os.open(LEDGER_NAME, flags, dir_fd=self._root_fd)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(LEDGER_NAME, 0o700, dir_fd=self._root_fd)
+            return os.open(LEDGER_NAME, flags, dir_fd=self._root_fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise FailedPrecondition(
+                    f"folder profile '{self._profile}': {LEDGER_NAME} in its root is not a folder (a symbolic "
+                    "link or a file put there); remove it so that keyed writes can be recorded",
+                    reason="IDEMPOTENCY_LEDGER") from None
+            raise

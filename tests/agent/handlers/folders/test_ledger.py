@@ -1,0 +1,122 @@
+"""Keyed file writes: the folder's ledger answers a retry as the first attempt was answered, and no caller reaches it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from onprem.agent.handlers.base import RequestContext
+from onprem.agent.handlers.folders import FolderHandler
+from onprem.agent.profiles import FolderProfile
+from onprem.tunnel import idempotency
+from onprem.tunnel.errors import FailedPrecondition, NotFound, PermissionDenied
+from onprem.v1 import files_pb2, tunnel_pb2
+
+LEDGER = ".onprem-ledger"
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    folder = tmp_path / "root"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def handler(root: Path) -> FolderHandler:
+    return FolderHandler({"f": FolderProfile(name="f", root=str(root))}, sweep=False)
+
+
+async def body_of(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+async def run(handler: FolderHandler, op: files_pb2.FileOp, key: str | None = None,
+              *body: bytes) -> list[tunnel_pb2.ResponseChunk]:
+    kind = op.WhichOneof("operation")
+    message = getattr(op, kind or "")
+    keyed = None
+    if key is not None:
+        fp = idempotency.fingerprint(f"/onprem.v1.FileService/{kind}", message.profile, message)
+        keyed = tunnel_pb2.Idempotency(key=key, fingerprint=fp)
+    context = RequestContext(request_id=1, body=body_of(*body) if kind == "write" else None, idempotency=keyed)
+    return [chunk async for chunk in handler.handle(op, context)]
+
+
+def write(path: str) -> files_pb2.FileOp:
+    return files_pb2.FileOp(write=files_pb2.WriteHeader(profile="f", path=path, mode=files_pb2.WRITE_MODE_KEEP_BOTH))
+
+
+async def test_a_keyed_upload_retried_answers_as_the_first_time_and_leaves_one_file(
+        handler: FolderHandler, root: Path) -> None:
+    first = await run(handler, write("report.csv"), "upload-1", b"a,b\n")
+    # KEEP_BOTH would make report (1).csv if the upload ran again.
+    again = await run(handler, write("report.csv"), "upload-1", b"a,b\n")
+    assert again == first
+    assert sorted(os.listdir(root)) == [LEDGER, "report.csv"]
+
+
+async def test_the_same_key_with_other_content_is_refused(handler: FolderHandler) -> None:
+    await run(handler, write("x.csv"), "upload-2", b"one")
+    with pytest.raises(FailedPrecondition, match="idempotency key 'upload-2' was already used") as info:
+        await run(handler, write("x.csv"), "upload-2", b"two")
+    assert info.value.reason == "IDEMPOTENCY_KEY_REUSED"
+
+
+async def test_a_keyed_delete_retried_answers_as_the_first_time_instead_of_not_found(
+        handler: FolderHandler, root: Path) -> None:
+    (root / "old.txt").write_text("x")
+    op = files_pb2.FileOp(delete=files_pb2.DeleteRequest(profile="f", path="old.txt"))
+    first = await run(handler, op, "delete-1")
+    assert await run(handler, op, "delete-1") == first
+    with pytest.raises(NotFound):
+        await run(handler, op)  # without the key: as today
+
+
+async def test_a_keyed_move_and_make_directory_answer_their_retries(handler: FolderHandler, root: Path) -> None:
+    (root / "a.txt").write_text("x")
+    move = files_pb2.FileOp(move=files_pb2.MoveRequest(profile="f", path="a.txt", destination_path="b.txt"))
+    assert await run(handler, move, "move-1") == await run(handler, move, "move-1")
+    mkdir = files_pb2.FileOp(make_directory=files_pb2.MakeDirectoryRequest(profile="f", path="new"))
+    assert await run(handler, mkdir, "mkdir-1") == await run(handler, mkdir, "mkdir-1")
+    assert sorted(os.listdir(root)) == [LEDGER, "b.txt", "new"]
+
+
+@pytest.mark.parametrize("op", [
+    files_pb2.FileOp(list=files_pb2.ListRequest(profile="f", path=LEDGER)),
+    files_pb2.FileOp(stat=files_pb2.StatRequest(profile="f", path=LEDGER)),
+    files_pb2.FileOp(read=files_pb2.ReadRequest(profile="f", path=f"{LEDGER}/anything")),
+    files_pb2.FileOp(delete=files_pb2.DeleteRequest(profile="f", path=LEDGER, recursive=True)),
+    files_pb2.FileOp(move=files_pb2.MoveRequest(profile="f", path=LEDGER, destination_path="stolen")),
+    files_pb2.FileOp(move=files_pb2.MoveRequest(profile="f", path="x", destination_path=f"{LEDGER}/x")),
+    files_pb2.FileOp(make_directory=files_pb2.MakeDirectoryRequest(profile="f", path=f"./{LEDGER}//y")),
+    files_pb2.FileOp(write=files_pb2.WriteHeader(profile="f", path=f"docs/../{LEDGER}/z")),
+], ids=["list", "stat", "read", "delete", "move-from", "move-into", "mkdir", "write"])
+async def test_every_operation_is_refused_the_ledger(handler: FolderHandler, root: Path,
+                                                      op: files_pb2.FileOp) -> None:
+    await run(handler, write("seed.txt"), "seed", b"s")  # the ledger exists now
+    with pytest.raises((PermissionDenied,)) as info:
+        await run(handler, op, None, b"")
+    assert info.value.reason in ("RESERVED_NAME", "PATH_OUTSIDE_ROOT")
+    assert len(list((root / LEDGER).iterdir())) == 2  # the seed's record and its lock, untouched
+
+
+async def test_a_listing_of_the_root_does_not_show_the_ledger(handler: FolderHandler) -> None:
+    await run(handler, write("seed.txt"), "seed", b"s")
+    [chunk] = await run(handler, files_pb2.FileOp(list=files_pb2.ListRequest(profile="f", path="")))
+    assert [entry.path for entry in chunk.list.entries] == ["seed.txt"]
+
+
+async def test_a_symlink_put_in_place_of_the_ledger_is_not_followed(handler: FolderHandler, root: Path,
+                                                                  tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, root / LEDGER)
+    with pytest.raises(FailedPrecondition) as info:
+        await run(handler, write("y.txt"), "via-link", b"y")
+    assert info.value.reason == "IDEMPOTENCY_LEDGER"
+    assert list(elsewhere.iterdir()) == []

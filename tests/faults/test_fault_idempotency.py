@@ -1,0 +1,258 @@
+"""Keyed writes across a lost agent: the outcome is recorded with the write, so a retry never runs it twice.
+
+Two agents of one group serve the same PostgreSQL profile, whose idempotency table `onprem-agent
+create-idempotency-table` made. The first agent (the one the router picks: it connected first, both
+idle) is armed with a failpoint that ends its process exactly after the commit, or exactly before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+
+from onprem.agent.failpoints import EXIT_STATUS
+from onprem.v1 import database_pb2, profiles_pb2, values_pb2
+from tests.faults.support import ACTIVE, error_of, wait_state
+from tests.support.postgres import PostgresServer
+from tools.cluster import BIN, AgentProcess, ControlPlaneProcess, bearer, database_stub, operator_channel
+from tools.hostile_agent import HostileAgent, hello
+
+GROUP = "once"
+TABLE = "onprem_idempotency"
+V = values_pb2.Value
+
+
+@dataclass
+class Site:
+    cp: ControlPlaneProcess
+    first: AgentProcess
+    second: AgentProcess
+    token: str
+    db: PostgresServer
+
+    def count(self, sql: str, *args: Any) -> int:
+        with psycopg.connect(self.db.dsn(), autocommit=True) as conn:
+            row = conn.execute(sql, args).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+@pytest.fixture(scope="module")
+def once_db(postgres: PostgresServer) -> PostgresServer:
+    postgres.create_database("onprem_fault_once")
+    server = PostgresServer(postgres.host, postgres.port, postgres.user, postgres.password, "onprem_fault_once")
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE orders (id text PRIMARY KEY, qty int NOT NULL)")
+    return server
+
+
+def make_site(tmp_path: Path, db: PostgresServer, failpoint: str | None) -> Iterator[Site]:
+    cp = ControlPlaneProcess(tmp_path / "cp")
+    cp.start()
+    profiles = {"databases": {"shop": {"url": db.url(), "idempotency_table": TABLE}}}
+    env = {"ONPREM_FAILPOINTS": failpoint} if failpoint else {}
+    first = AgentProcess(tmp_path / "first", cp, name="first", profiles=profiles, env=env)
+    second = AgentProcess(tmp_path / "second", cp, name="second", profiles=profiles)
+    try:
+        token = cp.admin_token()
+        first.enroll(GROUP)
+        second.enroll(GROUP)
+        made = subprocess.run([str(BIN / "onprem-agent"), "create-idempotency-table", "--profile", "shop",
+                               "--config", str(first.config_file)], capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0, made.stderr
+        first.start()
+        asyncio.run(wait_state(cp, token, first.agent_id, ACTIVE))
+        second.start()
+        asyncio.run(wait_state(cp, token, second.agent_id, ACTIVE))
+        yield Site(cp, first, second, token, db)
+    finally:
+        first.stop(timeout=10)
+        second.stop(timeout=10)
+        cp.stop(timeout=10)
+
+
+@pytest.fixture
+def after_commit(tmp_path: Path, once_db: PostgresServer) -> Iterator[Site]:
+    yield from make_site(tmp_path, once_db, "database.after_commit=exit")
+
+
+@pytest.fixture
+def before_commit(tmp_path: Path, once_db: PostgresServer) -> Iterator[Site]:
+    yield from make_site(tmp_path, once_db, "database.before_commit=exit")
+
+
+def order(order_id: str, qty: int = 1) -> database_pb2.ExecuteBatchRequest:
+    return database_pb2.ExecuteBatchRequest(
+        group=GROUP, profile="shop", sql="INSERT INTO orders VALUES (:id, :qty)",
+        parameter_sets=[database_pb2.ParameterSet(parameters={"id": V(string_value=order_id),
+                                                              "qty": V(int64_value=qty)})])
+
+
+async def execute(cp: ControlPlaneProcess, token: str, request: database_pb2.ExecuteBatchRequest,
+                  key: str | None) -> database_pb2.ExecuteBatchResponse:
+    metadata = bearer(token) + ((("idempotency-key", key),) if key else ())
+    async with operator_channel(cp) as channel:
+        response: database_pb2.ExecuteBatchResponse = await database_stub(channel).ExecuteBatch(
+            request, metadata=metadata, timeout=60)
+        return response
+
+
+def died_at_failpoint(agent: AgentProcess) -> bool:
+    assert agent.proc is not None
+    try:
+        return agent.proc.wait(30) == EXIT_STATUS
+    except subprocess.TimeoutExpired:
+        return False
+
+
+async def test_agent_lost_after_the_commit_the_control_planes_retry_answers_from_the_record(
+        after_commit: Site) -> None:
+    site = after_commit
+    order_id, key = f"o-{uuid.uuid4().hex[:8]}", f"key-{uuid.uuid4().hex}"
+    response = await execute(site.cp, site.token, order(order_id), key)
+    assert response == database_pb2.ExecuteBatchResponse(rows_affected=1, sets_applied=1)
+    assert died_at_failpoint(site.first)
+    assert site.count("SELECT count(*) FROM orders WHERE id = %s", order_id) == 1
+    # A manual retry with the same key: the recorded outcome, and still one row.
+    assert await execute(site.cp, site.token, order(order_id), key) == response
+    assert site.count("SELECT count(*) FROM orders WHERE id = %s", order_id) == 1
+    assert site.count(f"SELECT count(*) FROM {TABLE} WHERE idempotency_key = %s", key) == 1
+
+
+async def test_a_key_is_honoured_after_a_control_plane_restart(after_commit: Site) -> None:
+    site = after_commit
+    order_id, key = f"o-{uuid.uuid4().hex[:8]}", f"key-{uuid.uuid4().hex}"
+    response = await execute(site.cp, site.token, order(order_id), key)
+    assert died_at_failpoint(site.first)
+    site.cp.stop()
+    site.cp.start()
+    await wait_state(site.cp, site.token, site.second.agent_id, ACTIVE, within=60)
+    assert await execute(site.cp, site.token, order(order_id), key) == response
+    assert site.count("SELECT count(*) FROM orders WHERE id = %s", order_id) == 1
+
+
+async def test_the_same_key_with_another_request_is_refused_naming_the_key(after_commit: Site) -> None:
+    site = after_commit
+    order_id, key = f"o-{uuid.uuid4().hex[:8]}", f"key-{uuid.uuid4().hex}"
+    await execute(site.cp, site.token, order(order_id), key)
+    failure = await error_of(execute(site.cp, site.token, order(order_id, qty=2), key))
+    assert failure.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"idempotency key '{key}' was already used for another request" in failure.details
+
+
+async def test_without_a_key_a_write_whose_agent_was_lost_fails_unavailable_and_may_have_run(
+        after_commit: Site) -> None:
+    site = after_commit
+    order_id = f"o-{uuid.uuid4().hex[:8]}"
+    failure = await error_of(execute(site.cp, site.token, order(order_id), None))
+    assert failure.code == grpc.StatusCode.UNAVAILABLE
+    assert "it may have run in part or in full" in failure.details
+    assert died_at_failpoint(site.first)
+    assert site.count("SELECT count(*) FROM orders WHERE id = %s", order_id) == 1  # it ran, once: not retried
+
+
+async def test_agent_lost_before_the_commit_the_retry_runs_the_write_once(before_commit: Site) -> None:
+    site = before_commit
+    order_id, key = f"o-{uuid.uuid4().hex[:8]}", f"key-{uuid.uuid4().hex}"
+    response = await execute(site.cp, site.token, order(order_id), key)
+    assert response == database_pb2.ExecuteBatchResponse(rows_affected=1, sets_applied=1)
+    assert died_at_failpoint(site.first)
+    assert site.count("SELECT count(*) FROM orders WHERE id = %s", order_id) == 1
+    assert await execute(site.cp, site.token, order(order_id), key) == response
+    assert site.count("SELECT count(*) FROM orders WHERE id = %s", order_id) == 1
+
+
+async def test_a_key_longer_than_128_bytes_is_refused_naming_the_limit(after_commit: Site) -> None:
+    site = after_commit
+    failure = await error_of(execute(site.cp, site.token, order("never"), "k" * 129))
+    assert failure.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "1 to 128 printable ASCII characters" in failure.details
+    assert site.first.proc is not None and site.first.proc.poll() is None  # refused before any agent saw it
+
+
+async def test_a_keyed_write_is_refused_rather_than_sent_to_an_agent_that_would_ignore_the_key(
+        tmp_path: Path) -> None:
+    cp = ControlPlaneProcess(tmp_path / "cp")
+    cp.start()
+    try:
+        token = cp.admin_token()
+        old = AgentProcess(tmp_path / "old", cp, name="old", profiles={})
+        old.enroll(GROUP)  # only the identity: the old agent's frames are hand-made, without "idempotency"
+        agent = HostileAgent(old.home / "identity", cp.ca_file, f"127.0.0.1:{cp.agent_port}")
+        offered = profiles_pb2.Profile(name="shop", kind=profiles_pb2.PROFILE_KIND_DATABASE)
+        async with agent.channel() as channel, agent.stream(channel, hello(offered)) as stream:
+            assert "idempotency" not in stream.welcome.capabilities
+            await wait_state(cp, token, old.agent_id, ACTIVE)
+            failure = await error_of(execute(cp, token, order("never"), "key-for-an-old-agent"))
+            assert failure.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert "honours idempotency keys" in failure.details
+            # Without a key the old agent gets the write, as before.
+            unkeyed = asyncio.create_task(execute(cp, token, order("as-before"), None))
+            _, start = await asyncio.wait_for(stream.next_start(), 30)
+            assert start.database_query.batch.sql == "INSERT INTO orders VALUES (:id, :qty)"
+            assert not start.HasField("idempotency")
+            unkeyed.cancel()
+            await asyncio.gather(unkeyed, return_exceptions=True)
+    finally:
+        cp.stop(timeout=10)
+
+
+@pytest.fixture
+def folder_site(tmp_path: Path) -> Iterator[tuple[ControlPlaneProcess, AgentProcess, AgentProcess, str, Path]]:
+    root = tmp_path / "shared"
+    root.mkdir()
+    cp = ControlPlaneProcess(tmp_path / "cp")
+    cp.start()
+    profiles = {"folders": {"drop": {"root": str(root)}}}
+    first = AgentProcess(tmp_path / "first", cp, name="first", profiles=profiles,
+                         env={"ONPREM_FAILPOINTS": "files.after_rename=exit"})
+    second = AgentProcess(tmp_path / "second", cp, name="second", profiles=profiles)
+    try:
+        token = cp.admin_token()
+        first.enroll(GROUP)
+        second.enroll(GROUP)
+        first.start()
+        asyncio.run(wait_state(cp, token, first.agent_id, ACTIVE))
+        second.start()
+        asyncio.run(wait_state(cp, token, second.agent_id, ACTIVE))
+        yield cp, first, second, token, root
+    finally:
+        first.stop(timeout=10)
+        second.stop(timeout=10)
+        cp.stop(timeout=10)
+
+
+def keyed_upload(cp: ControlPlaneProcess, token: str, path: str, content: bytes, key: str) -> Any:
+    from onprem.v1 import files_pb2, files_pb2_grpc
+
+    header = files_pb2.WriteHeader(group=GROUP, profile="drop", path=path, mode=files_pb2.WRITE_MODE_KEEP_BOTH)
+    requests = iter([files_pb2.WriteRequest(header=header), files_pb2.WriteRequest(data=content)])
+    channel = grpc.secure_channel(cp.operator_address, grpc.ssl_channel_credentials(cp.ca_file.read_bytes()))
+    try:
+        return files_pb2_grpc.FileServiceStub(channel).Write(
+            requests, metadata=(*bearer(token), ("idempotency-key", key)), timeout=60)
+    finally:
+        channel.close()
+
+
+async def test_an_upload_whose_agent_died_after_the_rename_is_answered_by_the_retry_and_written_once(
+        folder_site: tuple[ControlPlaneProcess, AgentProcess, AgentProcess, str, Path]) -> None:
+    cp, first, _, token, root = folder_site
+    response = await asyncio.to_thread(keyed_upload, cp, token, "report.csv", b"a,b\n1,2\n", "upload-77")
+    assert response.info.path == "report.csv"
+    assert died_at_failpoint(first)
+    # KEEP_BOTH: an upload run twice would have made "report (1).csv".
+    assert sorted(n for n in os.listdir(root) if not n.startswith(".")) == ["report.csv"]
+    again = await asyncio.to_thread(keyed_upload, cp, token, "report.csv", b"a,b\n1,2\n", "upload-77")
+    assert again == response
+    assert sorted(n for n in os.listdir(root) if not n.startswith(".")) == ["report.csv"]
