@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 import sqlalchemy.exc
 
-from onprem.agent import failpoints, metrics, systemd
+from onprem.agent import failpoints, metrics
 from onprem.agent.config import AgentConfig, load_config
 from onprem.agent.dispatcher import Dispatcher
 from onprem.agent.handlers.database import idempotency
@@ -41,7 +41,7 @@ from onprem.agent.identity import (
 from onprem.agent.profile_check import mark, run_test_profile
 from onprem.agent.profiles import ConfigError
 from onprem.agent.tunnel_client import TunnelClient, channel_credentials, channel_options
-from onprem.tunnel import kinds, logs
+from onprem.tunnel import kinds, logs, systemd
 from onprem.tunnel.version import version_line
 from onprem.v1 import enrollment_pb2, enrollment_pb2_grpc
 

@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
-from onprem.agent import __version__, metrics, systemd
+from onprem.agent import __version__, metrics
 from onprem.agent.config import AgentConfig
 from onprem.agent.dispatcher import Dispatcher
 from onprem.agent.handlers.base import Handler
 from onprem.agent.identity import Identity, make_key_and_csr, save_identity
 from onprem.agent.replicas import Action, Close, Dial, Landing, Open, StreamPlan
 from onprem.agent.session import AgentLoad, ControlPlaneSession, TunnelCall
-from onprem.tunnel import kinds
+from onprem.tunnel import kinds, systemd
 from onprem.tunnel.aio import EOF
 from onprem.tunnel.channel_options import CLIENT_OPTIONS
 from onprem.tunnel.errors import DrainedToExit, PeerClosedStream, RemoteProtocolError, StreamEnded

@@ -30,7 +30,7 @@ from onprem.control_plane.core import Settings
 from onprem.control_plane.private_state import prepare_state_dir
 from onprem.control_plane.server import ControlPlaneServer, ServerConfig, open_control_plane, open_store
 from onprem.control_plane.store import DEFAULT_DB_FILENAME, Store, StoreError, current_revision, default_url
-from onprem.tunnel import logs
+from onprem.tunnel import logs, systemd
 from onprem.tunnel.protocol import Limits
 from onprem.tunnel.version import version_line
 
@@ -103,13 +103,26 @@ def _serve(args: argparse.Namespace) -> int:
         cp = open_control_plane(config)
         server = ControlPlaneServer(config, cp)
         stop = server.stop_on_signals()
+        watchdog: asyncio.Task[None] | None = None
         try:
             await server.start()
             console = f", console https://{config.console_listen}/" if config.console_listen else ""
             print(f"onprem control plane: operator {config.operator_listen}, agents {config.agent_listen}, "
                   f"enrollment {config.enroll_listen}{console}; CA {config.state_dir / 'ca' / 'ca.pem'}", flush=True)
+            # Under systemd (Type=notify) the unit is started only once every listener is open, and a loop
+            # that stops turning misses its watchdog pings and gets the service restarted.
+            interval = systemd.watchdog_interval()
+            if interval:
+                watchdog = asyncio.get_running_loop().create_task(systemd.keep_watchdog_fed(interval))
+            systemd.notify("READY=1", f"STATUS=serving: operator {config.operator_listen}, "
+                                      f"agents {config.agent_listen}, enrollment {config.enroll_listen}")
+            await stop.wait()
+            systemd.notify("STOPPING=1", "STATUS=draining agents and in-flight requests")
             await server.serve_until_signal(stop)
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
+                await asyncio.gather(watchdog, return_exceptions=True)
             cp.close()
 
     asyncio.run(run())

@@ -1,9 +1,10 @@
-"""The few lines of the systemd notify protocol the agent needs (Type=notify).
+"""The few lines of the systemd notify protocol both processes need (Type=notify).
 
-READY=1 once the agent runs, RELOADING=1 / READY=1 around a reload,
+READY=1 once the process serves, RELOADING=1 / READY=1 around an agent's reload,
 STOPPING=1 on shutdown, STATUS=... for `systemctl status`, and WATCHDOG=1
 from the event loop, so a wedged loop gets the service restarted. Each is
 one datagram to $NOTIFY_SOCKET; without it (not under systemd) they are no-ops.
+Shared by the agent and the control plane, so it lives with the other shared parts.
 """
 
 from __future__ import annotations
