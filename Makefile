@@ -9,7 +9,7 @@ PY_PROTOS := $(shell find protos/onprem -name '*.proto' | sort)
 # Every file with its comments (source info) and imports, which server reflection serves (control_plane/api/reflection.py).
 DESCRIPTOR_SET := onprem/v1/descriptors.binpb
 
-.PHONY: setup system-deps venv proto check-generated lint test test-faults test-fast stubs run bench clean
+.PHONY: setup system-deps venv proto check-generated lint test test-faults test-fast stubs run bench dist clean
 
 setup: system-deps venv stubs
 
@@ -83,5 +83,10 @@ $(VENV)/.run-installed: pyproject.toml
 bench: setup
 	$(BIN)/python -m tools.bench
 
+# The wheel, the sdist and the onprem-agent and onprem-control-plane .debs, into dist/ (docs/install.md).
+# DIST_VERSION=0.3.1 builds the same code as another version (e.g. to test an upgrade).
+dist: system-deps venv
+	$(BIN)/python -m tools.dist --out dist $(if $(DIST_VERSION),--version $(DIST_VERSION))
+
 clean:
-	rm -rf var/demo build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf var/demo build dist .pytest_cache .mypy_cache .ruff_cache

@@ -30,6 +30,15 @@ dpkg -s golang-google-protobuf-dev >/dev/null 2>&1 || need+=(golang-google-proto
 # In the same apt-get as grpc: alone, apt would satisfy grpc with the older 1-3 API.
 dpkg -s golang-github-golang-protobuf-1-5-dev >/dev/null 2>&1 || need+=(golang-github-golang-protobuf-1-5-dev)
 
+# The Debian packages (make dist, tests/packaging): dpkg-shlibdeps, strip, lintian, and what the packages'
+# scripts and dependencies use when the test installs them (adduser, the venv module of Debian's Python).
+command -v dpkg-shlibdeps >/dev/null 2>&1 || need+=(dpkg-dev)
+command -v strip >/dev/null 2>&1 || need+=(binutils)
+command -v lintian >/dev/null 2>&1 || need+=(lintian)
+command -v adduser >/dev/null 2>&1 || [ -x /usr/sbin/adduser ] || need+=(adduser)
+dpkg -s python3-venv >/dev/null 2>&1 || need+=(python3-venv)
+dpkg -s init-system-helpers >/dev/null 2>&1 || need+=(init-system-helpers)
+
 # The web console's browser tests (tests/e2e/test_console.py): Debian's headless Chromium driven through its
 # chromedriver, and a font for its pages and screenshots.
 command -v chromium >/dev/null 2>&1 || need+=(chromium)

@@ -43,6 +43,10 @@ def build_virtualenv(wheel: Path, wheelhouse: Path, into: Path) -> Path:
                     "--disable-pip-version-check", "--no-index", "--find-links", str(wheelhouse),
                     "--no-compile", "--no-warn-script-location", str(wheel)],
                    check=True, timeout=900, env=clean_env())
+    # No headers to compile against: venv's empty include/ would only be an empty folder in the package.
+    include = into / "include"
+    if include.is_dir() and not any(p.is_file() for p in include.rglob("*")):
+        shutil.rmtree(include)
     # The record of where the wheel was installed from names a file in the builder's /tmp.
     for direct_url in (into / "lib").glob("python3*/site-packages/onprem-*.dist-info/direct_url.json"):
         direct_url.unlink()
