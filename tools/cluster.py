@@ -67,6 +67,8 @@ class ControlPlaneProcess:
     enroll_port: int = field(default_factory=free_port)
     database_url: str | None = None
     extra_args: list[str] = field(default_factory=list)
+    #: More environment for `serve`, e.g. NOTIFY_SOCKET.
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -92,7 +94,7 @@ class ControlPlaneProcess:
              "--agent-listen", f"127.0.0.1:{self.agent_port}",
              "--enroll-listen", f"127.0.0.1:{self.enroll_port}",
              "--grace-period", "5", *self.extra_args],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
         )
         _STARTED.append(self.proc)
         for port in (self.operator_port, self.agent_port, self.enroll_port):

@@ -174,6 +174,33 @@ def test_the_agent_speaks_the_systemd_notify_protocol(cp: ControlPlaneProcess, t
         sock.close()
 
 
+def test_the_control_plane_speaks_the_systemd_notify_protocol(tmp_path: Path) -> None:
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(30)
+    cp = ControlPlaneProcess(tmp_path / "cp", env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"})
+    cp.start()
+    assert cp.proc is not None
+    try:
+        def receive_until(wanted: str) -> list[str]:
+            seen: list[str] = []
+            while True:
+                seen.extend(sock.recv(4096).decode().splitlines())
+                if wanted in seen:
+                    return seen
+
+        ready = receive_until("READY=1")
+        assert any(line.startswith("STATUS=serving: operator 127.0.0.1:") for line in ready)
+        assert "WATCHDOG=1" in receive_until("WATCHDOG=1")
+        cp.proc.send_signal(signal.SIGTERM)
+        assert "STOPPING=1" in receive_until("STOPPING=1")
+        assert cp.proc.wait(30) == 0
+    finally:
+        cp.stop()
+        sock.close()
+
+
 def test_json_logs_are_one_object_per_line(cp: ControlPlaneProcess, tmp_path: Path) -> None:
     agent = AgentProcess(tmp_path / "agent", cp, profiles={"databases": {"one": sqlite_profile(tmp_path / "1.db")}},
                          extra_args=["--log-format", "json"])
@@ -290,6 +317,23 @@ def test_the_systemd_unit_confines_the_agent() -> None:
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert "WatchdogSec" in service
     assert "run --config /etc/onprem-agent/agent.yaml" in service["ExecStart"]
+
+
+def test_the_systemd_unit_confines_the_control_plane() -> None:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(ROOT / "deploy" / "systemd" / "onprem-control-plane.service")
+    service = unit["Service"]
+    assert service["Type"] == "notify"
+    assert service["User"] == "onprem-control-plane"
+    assert service["NoNewPrivileges"] == "yes"
+    assert service["ProtectSystem"] == "strict"
+    assert service["StateDirectory"] == "onprem-control-plane"
+    assert service["StateDirectoryMode"] == "0700"
+    assert service["ReadWritePaths"] == "/var/lib/onprem-control-plane"
+    assert service["CapabilityBoundingSet"] == ""
+    assert "WatchdogSec" in service
+    assert service["ExecStart"].endswith("serve --state-dir /var/lib/onprem-control-plane $ONPREM_SERVE_ARGS")
 
 
 async def test_both_processes_serve_prometheus_metrics(tmp_path: Path) -> None:

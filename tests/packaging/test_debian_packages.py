@@ -255,7 +255,9 @@ def serving(installed: Machine) -> Machine:
     agent_user = pwd.getpwnam(AGENT.user)
     for path in (m.site, database):
         os.chown(path, agent_user.pw_uid, agent_user.pw_gid)
-    shutil.copy(CP_STATE / "ca" / "ca.pem", AGENT_CONFIG / "ca.pem")
+    # As docs/install.md says: `install -m 0644` (the CA's copy in the state folder is 0600, like all its files).
+    shutil.copyfile(CP_STATE / "ca" / "ca.pem", AGENT_CONFIG / "ca.pem")
+    os.chmod(AGENT_CONFIG / "ca.pem", 0o644)
     (AGENT_CONFIG / "agent.yaml").write_text(yaml.safe_dump({
         "control_plane": {"address": f"127.0.0.1:{m.agent_port}", "enroll_address": f"127.0.0.1:{m.enroll_port}",
                           "ca_file": str(AGENT_CONFIG / "ca.pem")},
@@ -397,7 +399,7 @@ def test_an_upgrade_keeps_the_agents_identity_and_both_configs_byte_for_byte(upg
 def test_after_an_upgrade_the_same_enrolled_agent_answers_on_the_new_version(upgraded: Upgrade) -> None:
     assert upgraded.rows_after == upgraded.rows_before == [{"id": 1, "name": "Ada"}, {"id": 2, "name": "Grace"}]
     agent_id = json.loads(upgraded.before.files[str(AGENT_STATE / "agent.json")])["agent_id"]
-    [agent] = [a for a in upgraded.agents if a.get("agentId") == agent_id and a.get("state") == "AGENT_STATE_ACTIVE"]
+    [agent] = [a for a in upgraded.agents if a.get("agent_id") == agent_id and a.get("state") == "AGENT_STATE_ACTIVE"]
     assert agent["version"] == upgraded.machine.newer.python.version
 
 
