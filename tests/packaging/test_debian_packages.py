@@ -373,6 +373,57 @@ def test_the_units_run_the_packaged_virtualenvs_as_their_users(installed: Machin
         assert out.split()[1] == version
 
 
+def under_systemd(tmp_path: Path, package: str, script: str, *args: str) -> list[str]:
+    """Run an installed maintainer script as if systemd were running, and return the systemd calls it made.
+
+    In a mount namespace of its own, where /run is a fresh tmpfs holding /run/systemd/system (what the scripts
+    test for), and with systemctl, deb-systemd-invoke and deb-systemd-helper replaced by recorders on PATH: the
+    machine's own /run and services are never touched.
+    """
+    fakes, calls = tmp_path / "fakes", tmp_path / "calls"
+    fakes.mkdir(exist_ok=True)
+    calls.write_text("")
+    for name in ("systemctl", "deb-systemd-invoke", "deb-systemd-helper"):
+        (fakes / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {calls}\n')
+        (fakes / name).chmod(0o755)
+    shell = ('mount -t tmpfs onprem-test /run && mkdir -p /run/systemd/system && '
+             f'PATH={fakes}:/usr/sbin:/usr/bin:/sbin:/bin exec "$@"')
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", shell, "sh",
+                             f"/var/lib/dpkg/info/{package}.{script}", *args],
+                            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    return calls.read_text().splitlines()
+
+
+@pytest.mark.parametrize("package", [spec.name for spec in PACKAGES])
+def test_postinst_of_an_upgrade_restarts_a_running_service_and_only_a_running_one(
+        installed: Machine, tmp_path: Path, package: str) -> None:
+    calls = under_systemd(tmp_path, package, "postinst", "configure", "0.0.1-1")
+    assert f"deb-systemd-invoke try-restart {package}.service" in calls
+    assert "systemctl --system daemon-reload" in calls
+    assert not [call for call in calls if " start " in f"{call} " or "enable" in call]
+
+
+@pytest.mark.parametrize("package", [spec.name for spec in PACKAGES])
+def test_postinst_of_a_fresh_install_neither_starts_nor_enables_the_service(
+        installed: Machine, tmp_path: Path, package: str) -> None:
+    calls = under_systemd(tmp_path, package, "postinst", "configure")
+    assert [call for call in calls if call.startswith("deb-systemd-invoke")] == []
+    assert [call for call in calls if call.startswith("deb-systemd-helper")] == [
+        f"deb-systemd-helper unmask {package}.service", f"deb-systemd-helper update-state {package}.service"]
+
+
+@pytest.mark.parametrize("package", [spec.name for spec in PACKAGES])
+def test_prerm_stops_the_service_on_remove_and_leaves_it_running_on_upgrade(
+        installed: Machine, tmp_path: Path, package: str) -> None:
+    try:
+        assert under_systemd(tmp_path, package, "prerm", "upgrade", "9.9.9-1") == []
+        assert under_systemd(tmp_path, package, "prerm", "remove") == [f"deb-systemd-invoke stop {package}.service"]
+    finally:
+        # prerm removed the byte-code, which the processes of the next tests would have to do without.
+        under_systemd(tmp_path, package, "postinst", "configure")
+
+
 def test_the_installed_control_plane_answers_a_query_through_the_installed_agent(serving: Machine) -> None:
     assert serving.query() == [{"id": 1, "name": "Ada"}, {"id": 2, "name": "Grace"}]
 
