@@ -13,9 +13,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tools.dist.debian import PACKAGES, BuiltPackage, build_deb, source_date, stage_package
+from tools.dist.debian import PACKAGES, BuiltPackage, build_deb, stage_package
 from tools.dist.python_dists import PythonDists, build_python_dists
-from tools.dist.versions import check_version, debian_version
+from tools.dist.versions import check_version, debian_version, source_date
 from tools.dist.virtualenv import build_virtualenv, download_wheels
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,10 +32,10 @@ def build_all(out: Path, version: str | None = None, root: Path = ROOT, wheelhou
     (the dependencies' wheels do not change with our version)."""
     with tempfile.TemporaryDirectory(prefix="onprem-dist-") as scratch:
         work = Path(scratch)
-        dists = build_python_dists(root, out, work / "python", version)
+        when = source_date(root)
+        dists = build_python_dists(root, out, work / "python", version, when)
         wheels = download_wheels(dists.wheel, wheelhouse or work / "wheels")
         venv = build_virtualenv(dists.wheel, wheels, work / "venv")
-        when = source_date(root)
         debs = tuple(BuiltPackage(spec, debian_version(dists.version),
                                   build_deb(stage_package(root, spec, dists.version, venv, work / "stage", when),
                                             out, when))

@@ -18,7 +18,6 @@ import re
 import shutil
 import stat
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -311,11 +310,3 @@ def build_deb(tree: Path, out: Path, when: float) -> Path:
                    check=True, capture_output=True, timeout=900,
                    env={**os.environ, "SOURCE_DATE_EPOCH": str(int(when))})
     return deb
-
-
-def source_date(root: Path) -> float:
-    """The time of the checkout's last commit (SOURCE_DATE_EPOCH if set), or now outside git."""
-    if "SOURCE_DATE_EPOCH" in os.environ:
-        return float(os.environ["SOURCE_DATE_EPOCH"])
-    result = subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%ct"], capture_output=True, text=True)
-    return float(result.stdout.strip()) if result.returncode == 0 and result.stdout.strip() else time.time()

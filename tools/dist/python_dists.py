@@ -8,6 +8,7 @@ environment (no isolation, no download: setuptools is a development dependency).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -52,13 +53,16 @@ def copy_source(root: Path, into: Path, version: str | None) -> Path:
     return source
 
 
-def build_python_dists(root: Path, out: Path, work: Path, version: str | None = None) -> PythonDists:
-    """Build the sdist and the wheel of the checkout at `root` into `out`; `work` holds the copy."""
+def build_python_dists(root: Path, out: Path, work: Path, version: str | None = None,
+                       when: float | None = None) -> PythonDists:
+    """Build the sdist and the wheel of the checkout at `root` into `out`; `work` holds the copy. `when` (the
+    commit's time) is the time stamp of every file in the wheel, so one commit builds one wheel."""
     source = copy_source(root, work, version)
     out.mkdir(parents=True, exist_ok=True)
     names = work / "built.txt"
     result = subprocess.run([sys.executable, "-c", _BUILD, str(out.resolve()), str(names.resolve())], cwd=source,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, **({"SOURCE_DATE_EPOCH": str(int(when))} if when else {})})
     if result.returncode != 0:
         raise RuntimeError(f"building the wheel and sdist failed:\n{result.stderr[-4000:]}")
     sdist_name, wheel_name = names.read_text().split()

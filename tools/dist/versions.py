@@ -2,14 +2,18 @@
 
 PEP 440 and Debian order pre-releases differently: `0.3.0.dev0` comes before `0.3.0` in both, but Debian
 needs a tilde to say so (`0.3.0~dev0` < `0.3.0`). The mapping keeps the order of the versions we publish:
-aN, bN, rcN and .devN become ~aN, ~bN, ~rcN and ~devN, .postN becomes +postN, a local label +x stays +x.
+aN, bN, rcN and .devN become ~aN, ~bN, ~rcN and ~devN, .postN becomes +postN, a local label +x stays +x
+(after its public version and before the next, but not ordered against a .postN of the same release).
 Every package gets the Debian revision 1: a new package is a new upstream version (the packaging lives in
 this repository and changes with it).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import time
 import tomllib
 from pathlib import Path
 
@@ -47,3 +51,11 @@ def debian_version(version: str) -> str:
     if match["local"]:
         upstream += "+" + match["local"]
     return f"{upstream}-{DEBIAN_REVISION}"
+
+
+def source_date(root: Path) -> float:
+    """The time of the checkout's last commit (SOURCE_DATE_EPOCH if set), or now outside git."""
+    if "SOURCE_DATE_EPOCH" in os.environ:
+        return float(os.environ["SOURCE_DATE_EPOCH"])
+    result = subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%ct"], capture_output=True, text=True)
+    return float(result.stdout.strip()) if result.returncode == 0 and result.stdout.strip() else time.time()

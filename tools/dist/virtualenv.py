@@ -11,6 +11,8 @@ tree in which the build folder's name is left anywhere else, so no installed fil
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import shutil
 import subprocess
@@ -50,6 +52,10 @@ def build_virtualenv(wheel: Path, wheelhouse: Path, into: Path) -> Path:
     # The record of where the wheel was installed from names a file in the builder's /tmp.
     for direct_url in (into / "lib").glob("python3*/site-packages/onprem-*.dist-info/direct_url.json"):
         direct_url.unlink()
+        record = direct_url.parent / "RECORD"
+        gone = f"{direct_url.parent.name}/{direct_url.name},"
+        record.write_text("".join(line for line in record.read_text().splitlines(keepends=True)
+                                  if not line.startswith(gone)))
     return into
 
 
@@ -58,7 +64,7 @@ def place(built: Path, staging_root: Path, prefix: str) -> Path:
     target = staging_root / prefix.lstrip("/")
     shutil.copytree(built, target, symlinks=True)
     old, new = os.fsencode(str(built)), os.fsencode(prefix)
-    leftovers = []
+    leftovers, rewritten = [], []
     for path in sorted(target.rglob("*")):
         if path.is_symlink() or not path.is_file():
             continue
@@ -67,8 +73,31 @@ def place(built: Path, staging_root: Path, prefix: str) -> Path:
             continue
         if path.parent.name == "bin" or path.name == "pyvenv.cfg":
             path.write_bytes(data.replace(old, new))
+            rewritten.append(path)
         else:
             leftovers.append(path)
     if leftovers:
         raise RuntimeError(f"the build folder {built} is named in files that cannot be rewritten: {leftovers[:5]}")
+    _update_records(target, rewritten)
     return target
+
+
+def _record_hash(path: Path) -> str:
+    digest = hashlib.sha256(path.read_bytes()).digest()
+    return "sha256=" + base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def _update_records(target: Path, rewritten: list[Path]) -> None:
+    """The hashes and sizes in the distributions' RECORD files of the scripts just rewritten: they held the
+    build folder's (random) name, so the package's RECORDs are right and the same from one build to the next."""
+    rewritten_set = {path.resolve() for path in rewritten}
+    for record in target.glob("lib/python3*/site-packages/*.dist-info/RECORD"):
+        site = record.parent.parent
+        lines = []
+        for line in record.read_text().splitlines():
+            name, _, _rest = line.partition(",")
+            path = (site / name).resolve()
+            if path in rewritten_set:
+                line = f"{name},{_record_hash(path)},{path.stat().st_size}"
+            lines.append(line)
+        record.write_text("\n".join(lines) + "\n")
