@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 
 import pytest
@@ -25,7 +26,7 @@ def test_each_pep440_version_has_its_debian_spelling(pep440: str, debian: str) -
 
 @pytest.mark.parametrize("versions", [ORDERED, LOCAL], ids=["releases", "local"])
 def test_dpkg_orders_the_debian_versions_as_pep440_orders_ours(versions: list[str]) -> None:
-    for older, newer in zip(versions, versions[1:], strict=False):
+    for older, newer in itertools.pairwise(versions):
         result = subprocess.run(["dpkg", "--compare-versions", debian_version(older), "lt", debian_version(newer)])
         assert result.returncode == 0, f"{debian_version(older)} is not older than {debian_version(newer)}"
 
