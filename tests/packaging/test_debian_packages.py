@@ -428,6 +428,21 @@ def test_the_installed_control_plane_answers_a_query_through_the_installed_agent
     assert serving.query() == [{"id": 1, "name": "Ada"}, {"id": 2, "name": "Grace"}]
 
 
+def test_the_installed_processes_run_as_their_units_users_not_root(serving: Machine) -> None:
+    assert serving.control_plane is not None and serving.agent is not None
+    assert serving.control_plane.pid in processes_of(CONTROL_PLANE.user)
+    assert serving.agent.pid in processes_of(AGENT.user)
+
+
+def test_the_keys_and_the_store_the_services_write_are_theirs_alone(serving: Machine) -> None:
+    written = [p for p in [*AGENT_STATE.rglob("*"), *CP_STATE.rglob("*")] if p.is_file()]
+    assert {p.name for p in written} >= {"agent.json", "ca.key", "ca.pem"}
+    for path in written:
+        mode, owner, _ = mode_and_owner(path)
+        assert (path, mode & 0o077, owner) == (path, 0, AGENT.user if AGENT_STATE in path.parents
+                                               else CONTROL_PLANE.user)
+
+
 def test_an_upgrade_installs_the_newer_version_over_the_running_one(upgraded: Upgrade) -> None:
     newer = upgraded.machine.newer.python.version
     assert newer == project_version(ROOT) + NEWER_LABEL
