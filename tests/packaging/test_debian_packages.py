@@ -435,12 +435,16 @@ def test_the_installed_processes_run_as_their_units_users_not_root(serving: Mach
 
 
 def test_the_keys_and_the_store_the_services_write_are_theirs_alone(serving: Machine) -> None:
-    written = [p for p in [*AGENT_STATE.rglob("*"), *CP_STATE.rglob("*")] if p.is_file()]
-    assert {p.name for p in written} >= {"agent.json", "ca.key", "ca.pem"}
-    for path in written:
-        mode, owner, _ = mode_and_owner(path)
-        assert (path, mode & 0o077, owner) == (path, 0, AGENT.user if AGENT_STATE in path.parents
-                                               else CONTROL_PLANE.user)
+    # Keys are 0600; certificates and the agent's id may be 0644, inside folders no one else can enter (0700).
+    for state, user in ((AGENT_STATE, AGENT.user), (CP_STATE, CONTROL_PLANE.user)):
+        folders = [state, *(p for p in state.rglob("*") if p.is_dir())]
+        assert [(p, *mode_and_owner(p)[:2]) for p in folders] == [(p, 0o700, user) for p in folders]
+        files = [p for p in state.rglob("*") if p.is_file()]
+        assert {mode_and_owner(p)[1] for p in files} == {user}
+        keys = [p for p in files if p.suffix == ".key"]
+        assert [(p, mode_and_owner(p)[0]) for p in keys] == [(p, 0o600) for p in keys]
+    assert {p.name for p in AGENT_STATE.iterdir()} >= {"agent.key", "agent.pem", "agent.json"}
+    assert {p.name for p in (CP_STATE / "ca").iterdir()} >= {"ca.key", "ca.pem"}
 
 
 def test_an_upgrade_installs_the_newer_version_over_the_running_one(upgraded: Upgrade) -> None:
