@@ -11,7 +11,8 @@ Each point is `name=action`; the one action is `exit`, which ends the process at
 - `database.after_commit`: the write and its record are committed, the reply not sent;
 - `files.after_rename`: an upload's final rename (or a delete, move or new folder) took effect and its
   ledger record is written, the reply not sent;
-- `apps.after_response`: the app answered a keyed call, the reply not sent.
+- `apps.before_request`: an app call is about to be sent to the app, which has seen nothing of it;
+- `apps.after_response`: the app answered a call, the reply not sent.
 
 With the variable unset, `hit` is one dictionary lookup on an empty dict.
 """
@@ -28,7 +29,8 @@ log = logging.getLogger("onprem.agent.failpoints")
 ENV = "ONPREM_FAILPOINTS"
 #: The exit status of a process stopped by a failpoint, for tests to tell it from a crash.
 EXIT_STATUS = 86
-POINTS = frozenset({"database.before_commit", "database.after_commit", "files.after_rename", "apps.after_response"})
+POINTS = frozenset({"database.before_commit", "database.after_commit", "files.after_rename", "apps.before_request",
+                    "apps.after_response"})
 _ACTIONS = frozenset({"exit"})
 
 _armed: dict[str, str] = {}

@@ -147,6 +147,7 @@ class AppHandler:
         chunk_size = max(1, context.max_chunk_bytes - _CHUNK_OVERHEAD)
         limit = profile.max_response_bytes
         progress = Progress()
+        failpoints.hit("apps.before_request")
         with http_errors(profile, progress):
             # On cancel (operator or deadline) leaving this block closes the response, and since its
             # body is unread, httpcore drops the connection instead of pooling it: the app sees it close.
