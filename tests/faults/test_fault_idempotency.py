@@ -212,15 +212,17 @@ async def test_a_keyed_write_is_refused_rather_than_sent_to_an_agent_that_would_
         cp.stop(timeout=10)
 
 
-@pytest.fixture
-def folder_site(tmp_path: Path) -> Iterator[tuple[ControlPlaneProcess, AgentProcess, AgentProcess, str, Path]]:
+FolderSite = tuple[ControlPlaneProcess, AgentProcess, AgentProcess, str, Path]
+
+
+def make_folder_site(tmp_path: Path, failpoint: str) -> Iterator[FolderSite]:
     root = tmp_path / "shared"
     root.mkdir()
     cp = ControlPlaneProcess(tmp_path / "cp")
     cp.start()
     profiles = {"folders": {"drop": {"root": str(root)}}}
     first = AgentProcess(tmp_path / "first", cp, name="first", profiles=profiles,
-                         env={"ONPREM_FAILPOINTS": "files.after_rename=exit"})
+                         env={"ONPREM_FAILPOINTS": failpoint})
     second = AgentProcess(tmp_path / "second", cp, name="second", profiles=profiles)
     try:
         token = cp.admin_token()
@@ -237,6 +239,21 @@ def folder_site(tmp_path: Path) -> Iterator[tuple[ControlPlaneProcess, AgentProc
         cp.stop(timeout=10)
 
 
+@pytest.fixture
+def folder_site(tmp_path: Path) -> Iterator[FolderSite]:
+    yield from make_folder_site(tmp_path, "files.after_rename=exit")
+
+
+@pytest.fixture
+def folder_before_rename(tmp_path: Path) -> Iterator[FolderSite]:
+    yield from make_folder_site(tmp_path, "files.before_rename=exit")
+
+
+def visible(root: Path) -> list[str]:
+    """The names a caller sees in the root (the ledger and temporary files start with a dot)."""
+    return sorted(n for n in os.listdir(root) if not n.startswith("."))
+
+
 def keyed_upload(cp: ControlPlaneProcess, token: str, path: str, content: bytes, key: str) -> Any:
     from onprem.v1 import files_pb2, files_pb2_grpc
 
@@ -251,16 +268,51 @@ def keyed_upload(cp: ControlPlaneProcess, token: str, path: str, content: bytes,
 
 
 async def test_an_upload_whose_agent_died_after_the_rename_is_answered_by_the_retry_and_written_once(
-        folder_site: tuple[ControlPlaneProcess, AgentProcess, AgentProcess, str, Path]) -> None:
+        folder_site: FolderSite) -> None:
     cp, first, _, token, root = folder_site
     response = await asyncio.to_thread(keyed_upload, cp, token, "report.csv", b"a,b\n1,2\n", "upload-77")
     assert response.info.path == "report.csv"
     assert died_at_failpoint(first)
     # KEEP_BOTH: an upload run twice would have made "report (1).csv".
-    assert sorted(n for n in os.listdir(root) if not n.startswith(".")) == ["report.csv"]
+    assert visible(root) == ["report.csv"]
     again = await asyncio.to_thread(keyed_upload, cp, token, "report.csv", b"a,b\n1,2\n", "upload-77")
     assert again == response
-    assert sorted(n for n in os.listdir(root) if not n.startswith(".")) == ["report.csv"]
+    assert visible(root) == ["report.csv"]
+
+
+async def test_an_upload_whose_agent_died_before_the_rename_is_written_once_by_the_retry(
+        folder_before_rename: FolderSite) -> None:
+    cp, first, _, token, root = folder_before_rename
+    response = await asyncio.to_thread(keyed_upload, cp, token, "report.csv", b"a,b\n3,4\n", "upload-78")
+    assert died_at_failpoint(first)
+    assert response.info.path == "report.csv"
+    assert visible(root) == ["report.csv"]
+    assert (root / "report.csv").read_bytes() == b"a,b\n3,4\n"
+    assert await asyncio.to_thread(keyed_upload, cp, token, "report.csv", b"a,b\n3,4\n", "upload-78") == response
+    assert visible(root) == ["report.csv"]
+
+
+def keyed_delete(cp: ControlPlaneProcess, token: str, path: str, key: str) -> Any:
+    from onprem.v1 import files_pb2, files_pb2_grpc
+
+    channel = grpc.secure_channel(cp.operator_address, grpc.ssl_channel_credentials(cp.ca_file.read_bytes()))
+    try:
+        return files_pb2_grpc.FileServiceStub(channel).Delete(
+            files_pb2.DeleteRequest(group=GROUP, profile="drop", path=path),
+            metadata=(*bearer(token), ("idempotency-key", key)), timeout=60)
+    finally:
+        channel.close()
+
+
+async def test_a_delete_whose_agent_died_after_it_took_effect_answers_the_retry_as_the_first_time(
+        folder_site: FolderSite) -> None:
+    cp, first, _, token, root = folder_site
+    (root / "old.csv").write_bytes(b"x")
+    response = await asyncio.to_thread(keyed_delete, cp, token, "old.csv", "delete-1")
+    assert died_at_failpoint(first)
+    assert visible(root) == []
+    # Run again, a delete of a missing file would be NOT_FOUND; the record answers as the first time.
+    assert await asyncio.to_thread(keyed_delete, cp, token, "old.csv", "delete-1") == response
 
 
 # --- app calls: the key travels as Idempotency-Key to an app that deduplicates by it -----------------

@@ -110,6 +110,7 @@ def _run_keyed(profile: FolderProfile, key: tunnel_pb2.Idempotency,
         recorded = ledger.recorded()
         if recorded is not None:
             return recorded[0]
+        failpoints.hit("files.before_rename")
         chunk = run()
         ledger.record([chunk])
         failpoints.hit("files.after_rename")

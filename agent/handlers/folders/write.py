@@ -182,6 +182,7 @@ def _publish_keyed(profile: FolderProfile, key: tunnel_pb2.Idempotency, fingerpr
         recorded = ledger.recorded(fingerprint)
         if recorded is not None:
             return recorded[0].write, False
+        failpoints.hit("files.before_rename")
         final_rel = _publish(dir_fd, temp, parts, mode, profile)
         response = files_pb2.WriteResponse(info=file_info(final_rel, st), sha256=actual)
         ledger.record([tunnel_pb2.ResponseChunk(write=response)], fingerprint)
