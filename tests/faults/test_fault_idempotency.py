@@ -249,6 +249,11 @@ def folder_before_rename(tmp_path: Path) -> Iterator[FolderSite]:
     yield from make_folder_site(tmp_path, "files.before_rename=exit")
 
 
+@pytest.fixture
+def folder_before_record(tmp_path: Path) -> Iterator[FolderSite]:
+    yield from make_folder_site(tmp_path, "files.before_record=exit")
+
+
 def visible(root: Path) -> list[str]:
     """The names a caller sees in the root (the ledger and temporary files start with a dot)."""
     return sorted(n for n in os.listdir(root) if not n.startswith("."))
@@ -289,7 +294,20 @@ async def test_an_upload_whose_agent_died_before_the_rename_is_written_once_by_t
     assert visible(root) == ["report.csv"]
     assert (root / "report.csv").read_bytes() == b"a,b\n3,4\n"
     assert await asyncio.to_thread(keyed_upload, cp, token, "report.csv", b"a,b\n3,4\n", "upload-78") == response
-    assert visible(root) == ["report.csv"]
+    assert sorted(os.listdir(root)) == [".onprem-ledger", "report.csv"]  # the dead attempt's temp file went too
+
+
+async def test_an_upload_whose_agent_died_between_the_rename_and_its_record_is_not_written_twice(
+        folder_before_record: FolderSite) -> None:
+    cp, first, _, token, root = folder_before_record
+    (root / "report.csv").write_bytes(b"yesterday's")
+    response = await asyncio.to_thread(keyed_upload, cp, token, "report.csv", b"a,b\n5,6\n", "upload-79")
+    assert died_at_failpoint(first)
+    # The first agent's KEEP_BOTH rename made "report (1).csv"; the retry found it by its intent.
+    assert response.info.path == "report (1).csv"
+    assert visible(root) == ["report (1).csv", "report.csv"]
+    assert await asyncio.to_thread(keyed_upload, cp, token, "report.csv", b"a,b\n5,6\n", "upload-79") == response
+    assert visible(root) == ["report (1).csv", "report.csv"]
 
 
 def keyed_delete(cp: ControlPlaneProcess, token: str, path: str, key: str) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,6 +11,8 @@ import pytest
 
 from onprem.agent.handlers.base import RequestContext
 from onprem.agent.handlers.folders import FolderHandler
+from onprem.agent.handlers.folders.common import TEMP_PREFIX
+from onprem.agent.handlers.folders.ledger import Ledger
 from onprem.agent.profiles import FolderProfile
 from onprem.tunnel import idempotency
 from onprem.tunnel.errors import FailedPrecondition, NotFound, PermissionDenied
@@ -120,3 +123,57 @@ async def test_a_symlink_put_in_place_of_the_ledger_is_not_followed(handler: Fol
         await run(handler, write("y.txt"), "via-link", b"y")
     assert info.value.reason == "IDEMPOTENCY_LEDGER"
     assert list(elsewhere.iterdir()) == []
+
+
+# --- an attempt that died between its intent and its outcome -----------------------------------------
+
+def dead_attempt(root: Path, path: str, content: bytes, key: str) -> Path:
+    """What an agent killed right after its intent leaves: a complete temp file and the intent naming it."""
+    temp = root / f"{TEMP_PREFIX}deadbeefdeadbeef"
+    temp.write_bytes(content)
+    op = write(path)
+    head = idempotency.fingerprint("/onprem.v1.FileService/write", "f", op.write)
+    fingerprint = idempotency.with_body(head, hashlib.sha256(content).digest())
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with Ledger(root_fd, "f", tunnel_pb2.Idempotency(key=key, fingerprint=head)).held() as ledger:
+            ledger.intend(fingerprint, temp.name, temp.stat())
+    finally:
+        os.close(root_fd)
+    return temp
+
+
+async def test_a_retry_after_the_dead_attempts_rename_answers_with_its_file_instead_of_writing_again(
+        handler: FolderHandler, root: Path) -> None:
+    temp = dead_attempt(root, "report.csv", b"a,b\n", "upload-9")
+    (root / "report.csv").write_bytes(b"older")
+    os.rename(temp, root / "report (1).csv")  # the dead attempt's KEEP_BOTH rename took effect
+    [chunk] = await run(handler, write("report.csv"), "upload-9", b"a,b\n")
+    assert (chunk.write.info.path, chunk.write.info.size) == ("report (1).csv", 4)
+    assert sorted(os.listdir(root)) == [LEDGER, "report (1).csv", "report.csv"]  # no "report (2).csv"
+    assert await run(handler, write("report.csv"), "upload-9", b"a,b\n") == [chunk]
+
+
+async def test_a_retry_after_a_dead_attempt_that_never_renamed_writes_once_and_drops_its_temp(
+        handler: FolderHandler, root: Path) -> None:
+    dead_attempt(root, "report.csv", b"a,b\n", "upload-10")
+    [chunk] = await run(handler, write("report.csv"), "upload-10", b"a,b\n")
+    assert chunk.write.info.path == "report.csv"
+    assert sorted(os.listdir(root)) == [LEDGER, "report.csv"]  # the dead attempt's temp file is gone
+    assert (root / "report.csv").read_bytes() == b"a,b\n"
+
+
+async def test_a_file_that_only_shares_the_name_is_not_taken_for_the_dead_attempts(
+        handler: FolderHandler, root: Path) -> None:
+    temp = dead_attempt(root, "report.csv", b"a,b\n", "upload-11")
+    temp.unlink()
+    (root / "report.csv").write_bytes(b"a,b\n")  # same name, same content, another inode: not the attempt's
+    [chunk] = await run(handler, write("report.csv"), "upload-11", b"a,b\n")
+    assert chunk.write.info.path == "report (1).csv"
+
+
+async def test_an_intent_left_by_another_request_refuses_the_key(handler: FolderHandler, root: Path) -> None:
+    dead_attempt(root, "report.csv", b"a,b\n", "upload-12")
+    with pytest.raises(FailedPrecondition) as info:
+        await run(handler, write("report.csv"), "upload-12", b"other content")
+    assert info.value.reason == "IDEMPOTENCY_KEY_REUSED"
