@@ -69,10 +69,13 @@ class Ledger:
         """The key's lock, held for the block: one attempt with a key at a time."""
         dir_fd = self._open_dir()
         self._dir_fd = dir_fd
-        lock = os.open(f"{self._name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                       dir_fd=dir_fd)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            lock = _lock(dir_fd, f"{self._name}.lock")
+        except BaseException:
+            os.close(dir_fd)
+            self._dir_fd = None
+            raise
+        try:
             yield self
         finally:
             os.close(lock)  # drops the lock
@@ -159,13 +162,31 @@ class Ledger:
                     expires_at = int(json.loads(f.read())["expires_at"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue
-            if expires_at < now:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(name, dir_fd=dir_fd)
-                    pruned += 1
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(f"{name}.lock", dir_fd=dir_fd)
+            if expires_at < now and self._prune_one(dir_fd, name):
+                pruned += 1
         return pruned
+
+    @staticmethod
+    def _prune_one(dir_fd: int, name: str) -> bool:
+        """Delete record `name` and its lock file, unless an attempt with that key holds the lock now."""
+        try:
+            lock = os.open(f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                           dir_fd=dir_fd)
+        except OSError:
+            return False
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # in use: its holder will replace the record
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dir_fd)
+            # Unlinked while held: an attempt that opened it meanwhile sees it unlinked and opens anew.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{name}.lock", dir_fd=dir_fd)
+            return True
+        finally:
+            os.close(lock)
 
     def _open_dir(self) -> int:
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -183,3 +204,21 @@ class Ledger:
                     "link or a file put there); remove it so that keyed writes can be recorded",
                     reason="IDEMPOTENCY_LEDGER") from None
             raise
+
+
+def _lock(dir_fd: int, name: str) -> int:
+    """Open and lock the lock file `name`, again if it was unlinked (pruned) while we waited for it."""
+    while True:
+        lock = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                linked = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_ino == os.fstat(lock).st_ino
+            except FileNotFoundError:
+                linked = False
+        except BaseException:
+            os.close(lock)
+            raise
+        if linked:
+            return lock
+        os.close(lock)
