@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from onprem.control_plane import __version__, cli_tokens
+from onprem.control_plane.api.whole_results import DEFAULT_BUDGET_BYTES
 from onprem.control_plane.audit_retention import DEFAULT_RETENTION_DAYS
 from onprem.control_plane.console.context import ConsoleSettings
 from onprem.control_plane.console.listener import split_address
@@ -79,6 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
         limits=Limits(heartbeat_interval=dt.timedelta(seconds=args.heartbeat_interval)),
         replica_heartbeat=args.replica_heartbeat,
         change_check_interval=args.change_check_interval,
+        whole_results_budget_bytes=int(args.whole_results_mib * 1024 * 1024),
     )
     config = ServerConfig(
         state_dir=args.state_dir,
@@ -159,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                        default=_retention_days(os.environ.get("ONPREM_AUDIT_RETENTION_DAYS", str(DEFAULT_RETENTION_DAYS))),
                        help=f"delete audit rows older than this many days, in the background, hourly "
                             f"(default {DEFAULT_RETENTION_DAYS}; 0 keeps every row; $ONPREM_AUDIT_RETENTION_DAYS)")
+    serve.add_argument("--whole-results-mib", type=_positive, default=DEFAULT_BUDGET_BYTES / (1024 * 1024),
+                       help="memory that ExecuteQuery calls may hold at once in whole results (each at most 4 MiB); "
+                            f"past it they are RESOURCE_EXHAUSTED (default {DEFAULT_BUDGET_BYTES // (1024 * 1024)})")
     serve.add_argument("--agent-cert-days", type=float, default=30.0)
     serve.add_argument("--heartbeat-interval", type=float, default=10.0,
                        help="seconds between pings on a quiet agent stream; 3 missed end it")

@@ -24,6 +24,7 @@ from typing import Any, TypeVar, cast
 import grpc
 
 from onprem.control_plane import __version__, observe
+from onprem.control_plane.api.whole_results import DEFAULT_BUDGET_BYTES
 from onprem.control_plane.audit import AuditLog
 from onprem.control_plane.auth import Principal
 from onprem.control_plane.ca import CertificateAuthority
@@ -53,6 +54,8 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     #: How long a request waits for a busy group before RESOURCE_EXHAUSTED.
     queue_wait: float = 2.0
+    #: Bytes that ExecuteQuery calls may hold at once in whole results (api.whole_results).
+    whole_results_budget_bytes: int = DEFAULT_BUDGET_BYTES
     #: What one agent's stream may make the control plane do (tunnel.budget).
     budgets: Budgets = field(default_factory=Budgets)
     #: How often open calls are checked against revocations made by other processes (the bound

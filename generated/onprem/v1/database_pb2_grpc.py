@@ -49,6 +49,11 @@ class DatabaseServiceStub:
                 request_serializer=onprem_dot_v1_dot_database__pb2.QueryRequest.SerializeToString,
                 response_deserializer=onprem_dot_v1_dot_database__pb2.QueryResponse.FromString,
                 _registered_method=True)
+        self.ExecuteQuery = channel.unary_unary(
+                '/onprem.v1.DatabaseService/ExecuteQuery',
+                request_serializer=onprem_dot_v1_dot_database__pb2.ExecuteQueryRequest.SerializeToString,
+                response_deserializer=onprem_dot_v1_dot_database__pb2.ExecuteQueryResponse.FromString,
+                _registered_method=True)
         self.ExecuteBatch = channel.unary_unary(
                 '/onprem.v1.DatabaseService/ExecuteBatch',
                 request_serializer=onprem_dot_v1_dot_database__pb2.ExecuteBatchRequest.SerializeToString,
@@ -89,6 +94,21 @@ class DatabaseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExecuteQuery(self, request, context):
+        """Runs one statement, as Query does, and returns its whole result in one
+        message: the header, the row batches and the summary together. For
+        results that fit one gRPC message: one larger than 4 MiB (the default
+        receive limit of gRPC clients) fails with RESOURCE_EXHAUSTED, reason
+        RESULT_TOO_LARGE, and the statement is cancelled; stream it with Query
+        or cut it with `max_rows`. One message instead of three costs the
+        caller and the control plane less, which is most of what a small query
+        costs. ExecuteQuery and Query run the same request: an idempotency key
+        sent with one is answered from its record by the other.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ExecuteBatch(self, request, context):
         """Runs one statement once per parameter set, all in one transaction: for
         bulk inserts and upserts. Either every set applies or none does.
@@ -121,6 +141,11 @@ def add_DatabaseServiceServicer_to_server(servicer, server):
                     servicer.Query,
                     request_deserializer=onprem_dot_v1_dot_database__pb2.QueryRequest.FromString,
                     response_serializer=onprem_dot_v1_dot_database__pb2.QueryResponse.SerializeToString,
+            ),
+            'ExecuteQuery': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExecuteQuery,
+                    request_deserializer=onprem_dot_v1_dot_database__pb2.ExecuteQueryRequest.FromString,
+                    response_serializer=onprem_dot_v1_dot_database__pb2.ExecuteQueryResponse.SerializeToString,
             ),
             'ExecuteBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.ExecuteBatch,
@@ -175,6 +200,33 @@ class DatabaseService:
             '/onprem.v1.DatabaseService/Query',
             onprem_dot_v1_dot_database__pb2.QueryRequest.SerializeToString,
             onprem_dot_v1_dot_database__pb2.QueryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteQuery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onprem.v1.DatabaseService/ExecuteQuery',
+            onprem_dot_v1_dot_database__pb2.ExecuteQueryRequest.SerializeToString,
+            onprem_dot_v1_dot_database__pb2.ExecuteQueryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,17 @@ class DatabaseServiceStub:
     A statement that returns no rows (DML, DDL) yields a header with no
     columns and a summary with the rows affected.
     """
+    ExecuteQuery: _grpc.UnaryUnaryMultiCallable[_database_pb2.ExecuteQueryRequest, _database_pb2.ExecuteQueryResponse]
+    """Runs one statement, as Query does, and returns its whole result in one
+    message: the header, the row batches and the summary together. For
+    results that fit one gRPC message: one larger than 4 MiB (the default
+    receive limit of gRPC clients) fails with RESOURCE_EXHAUSTED, reason
+    RESULT_TOO_LARGE, and the statement is cancelled; stream it with Query
+    or cut it with `max_rows`. One message instead of three costs the
+    caller and the control plane less, which is most of what a small query
+    costs. ExecuteQuery and Query run the same request: an idempotency key
+    sent with one is answered from its record by the other.
+    """
     ExecuteBatch: _grpc.UnaryUnaryMultiCallable[_database_pb2.ExecuteBatchRequest, _database_pb2.ExecuteBatchResponse]
     """Runs one statement once per parameter set, all in one transaction: for
     bulk inserts and upserts. Either every set applies or none does.
@@ -83,6 +94,17 @@ class DatabaseServiceAsyncStub(DatabaseServiceStub):
     first a header with the columns, then row batches, then a summary.
     A statement that returns no rows (DML, DDL) yields a header with no
     columns and a summary with the rows affected.
+    """
+    ExecuteQuery: _aio.UnaryUnaryMultiCallable[_database_pb2.ExecuteQueryRequest, _database_pb2.ExecuteQueryResponse]  # type: ignore[assignment]
+    """Runs one statement, as Query does, and returns its whole result in one
+    message: the header, the row batches and the summary together. For
+    results that fit one gRPC message: one larger than 4 MiB (the default
+    receive limit of gRPC clients) fails with RESOURCE_EXHAUSTED, reason
+    RESULT_TOO_LARGE, and the statement is cancelled; stream it with Query
+    or cut it with `max_rows`. One message instead of three costs the
+    caller and the control plane less, which is most of what a small query
+    costs. ExecuteQuery and Query run the same request: an idempotency key
+    sent with one is answered from its record by the other.
     """
     ExecuteBatch: _aio.UnaryUnaryMultiCallable[_database_pb2.ExecuteBatchRequest, _database_pb2.ExecuteBatchResponse]  # type: ignore[assignment]
     """Runs one statement once per parameter set, all in one transaction: for
@@ -121,6 +143,23 @@ class DatabaseServiceServicer(metaclass=_abc_1.ABCMeta):
         first a header with the columns, then row batches, then a summary.
         A statement that returns no rows (DML, DDL) yields a header with no
         columns and a summary with the rows affected.
+        """
+
+    @_abc_1.abstractmethod
+    def ExecuteQuery(
+        self,
+        request: _database_pb2.ExecuteQueryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_database_pb2.ExecuteQueryResponse, _abc.Awaitable[_database_pb2.ExecuteQueryResponse]]:
+        """Runs one statement, as Query does, and returns its whole result in one
+        message: the header, the row batches and the summary together. For
+        results that fit one gRPC message: one larger than 4 MiB (the default
+        receive limit of gRPC clients) fails with RESOURCE_EXHAUSTED, reason
+        RESULT_TOO_LARGE, and the statement is cancelled; stream it with Query
+        or cut it with `max_rows`. One message instead of three costs the
+        caller and the control plane less, which is most of what a small query
+        costs. ExecuteQuery and Query run the same request: an idempotency key
+        sent with one is answered from its record by the other.
         """
 
     @_abc_1.abstractmethod
