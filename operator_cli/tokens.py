@@ -142,7 +142,7 @@ def cmd_create_token(conn: Connection, args: argparse.Namespace) -> int:
     response = _stub(conn).CreateToken(request, metadata=conn.metadata, timeout=conn.timeout)
     token = response.token
     # The secret alone on stdout, so that `$(onprem create-token ...)` captures just it.
-    print(response.secret)
+    print(response.secret, flush=True)  # before the note on stderr, also when both go to one pipe
     print(f"created {args.role} token '{token.display_name}' (onp_{token.id}) for groups {','.join(token.groups)}, "
           f"expires {_time(token.expires_at, 'never')}; it is shown only now", file=sys.stderr)
     return EXIT_OK
@@ -175,7 +175,7 @@ def cmd_create_enrollment_token(conn: Connection, args: argparse.Namespace) -> i
     response = agents_pb2_grpc.AgentServiceStub(conn.channel).CreateEnrollmentToken(
         request, metadata=conn.metadata, timeout=conn.timeout)
     # The token alone on stdout, for `onprem-agent enroll --token "$(onprem enrollment-tokens create G)"`.
-    print(response.token)
+    print(response.token, flush=True)
     print(f"created an enrollment token for group {response.group}, single use, expires "
           f"{_time(response.expires_at)}; it is shown only now", file=sys.stderr)
     return EXIT_OK
