@@ -38,6 +38,7 @@ from onprem.operator_cli.tokens import parse_duration
 from onprem.v1 import audit_pb2, audit_pb2_grpc
 
 if TYPE_CHECKING:
+    from onprem.operator_cli.commands import CommandMaker
     from onprem.operator_cli.main import Connection
 
 #: The fields of an exported event, in this order (CSV's columns).
@@ -260,12 +261,12 @@ def cmd_audit(conn: Connection, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-CommandMaker = Callable[[str, str, Callable[["Connection", argparse.Namespace], int]], argparse.ArgumentParser]
-
-
 def add_command(command: CommandMaker) -> None:
     p = command("audit", "list audit events, newest first, as a table or for a SIEM (jsonl, csv, json); --follow "
-                "prints new ones as they are written", cmd_audit)
+                "prints new ones as they are written", cmd_audit,
+                ["onprem audit --since 24h --group demo",
+                 "onprem audit --since 2030-01-02T00:00:00Z --outcome PERMISSION_DENIED --format csv > denied.csv",
+                 "onprem audit --follow --limit 0 --format jsonl --output /var/log/onprem/audit.jsonl"])
     p.add_argument("--since", help="only events at or after this time: ISO 8601 (UTC unless it says) or a duration "
                    "ago, e.g. 1h or 7d")
     p.add_argument("--until", help="only events before this time (same forms as --since)")
