@@ -36,6 +36,7 @@ from onprem.control_plane.auth import Principal
 from onprem.control_plane.credentials import TokenRefused
 from onprem.control_plane.store import AuditEntry
 from onprem.control_plane.throttle import RowLimiter, peer_key
+from onprem.tunnel import tracing
 from onprem.tunnel.errors import Code, Internal, RequestError
 
 #: The principal of calls that came without a valid token.
@@ -85,6 +86,8 @@ class Observation:
     principal_name: str | None = None
     #: Whether the call relays a request to an agent (`begin_data_request`).
     data_request: bool = False
+    #: The W3C trace id of the call (`tunnel.tracing`), "" when it runs in none (enrollments).
+    trace_id: str = ""
 
     def record(self, detail: str = "", *, group: str | None = None, agent_id: str | None = None,
                kind: str | None = None, principal_name: str | None = None) -> None:
@@ -115,7 +118,7 @@ class Observer:
                 role: str = "") -> Iterator[Observation]:
         """Observe one call for as long as the block runs; its end (error, cancellation) is its outcome."""
         observation = Observation(method=method, peer=peer, kind=kind, began=time.monotonic(),
-                                  principal=principal, role=role)
+                                  principal=principal, role=role, trace_id=tracing.current_trace_id())
         token = _current.set(observation)
         cancelled = False
         try:
@@ -148,6 +151,8 @@ class Observer:
         code = error.code if error is not None else (Code.CANCELLED if cancelled else Code.OK)
         if observation.data_request:
             self._count(observation, code)
+        if code != Code.OK:
+            tracing.failed(tracing.current_span(), code.name, error.reason if error is not None else "")
         if error is None and not (observation.audited and (observation.data_request or not cancelled)):
             return
         principal = observation.principal
@@ -170,7 +175,7 @@ class Observer:
             method=observation.method, kind=observation.kind, code=int(code), outcome=code.name,
             group_name=observation.group, agent_id=observation.agent_id, profile=observation.profile,
             bytes_out=observation.bytes_out, duration_ms=int((time.monotonic() - observation.began) * 1000),
-            detail=detail, token_id=token_id, peer=observation.peer,
+            detail=detail, token_id=token_id, peer=observation.peer, trace_id=observation.trace_id or None,
         ))
 
     @staticmethod
