@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -38,7 +39,7 @@ def test_a_valid_traceparent_names_the_callers_trace_parent_and_sampled_flag() -
     f"00-{TRACE_ID}-{PARENT_ID}-0g",                       # not hex
     f"00_{TRACE_ID}_{PARENT_ID}_01",                       # wrong separators
     f"00-{TRACE_ID}-{PARENT_ID}-01\n",                     # a trailing newline ($ would match it)
-    "00-" + "ａ" * 32 + f"-{PARENT_ID}-01",                 # non-ASCII "hex"
+    "00-" + "\uff41" * 32 + f"-{PARENT_ID}-01",            # non-ASCII "hex" (fullwidth a)
     "x" * 100_000,                                         # huge
 ])
 def test_a_malformed_traceparent_is_refused(value: str) -> None:
@@ -115,7 +116,7 @@ def test_with_tracing_off_the_callers_trace_id_is_the_requests() -> None:
 
 
 @pytest.fixture
-def exported() -> InMemorySpanExporter:
+def exported() -> Iterator[InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
