@@ -367,6 +367,7 @@ class ControlPlaneSession:
             with tracing.enter(f"agent {kind}", parent, attributes={
                     "onprem.request_id": rid, "onprem.kind": kind, "onprem.attempt": start.attempt}):
                 code = await self._run_request_inner(rid, start, body, kind)
+                log.debug("request %d (%s, attempt %d) ended %s", rid, kind, start.attempt, code.name)
         finally:
             metrics.IN_FLIGHT.dec()
         metrics.child(metrics.LATENCY, kind).observe(self._clock() - began)

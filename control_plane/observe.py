@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import contextvars
 import datetime as dt
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +39,8 @@ from onprem.control_plane.store import AuditEntry
 from onprem.control_plane.throttle import RowLimiter, peer_key
 from onprem.tunnel import tracing
 from onprem.tunnel.errors import Code, Internal, RequestError
+
+log = logging.getLogger("onprem.control_plane.observe")
 
 #: The principal of calls that came without a valid token.
 ANONYMOUS = "anonymous"
@@ -151,6 +154,9 @@ class Observer:
         code = error.code if error is not None else (Code.CANCELLED if cancelled else Code.OK)
         if observation.data_request:
             self._count(observation, code)
+            # Logged in the call's task: the line carries its trace id (`tunnel.logs`).
+            log.debug("%s (%s %s/%s) by agent %s ended %s", observation.method, observation.kind, observation.group,
+                      observation.profile, observation.agent_id or "none", code.name)
         if code != Code.OK:
             tracing.failed(tracing.current_span(), code.name, error.reason if error is not None else "")
         if error is None and not (observation.audited and (observation.data_request or not cancelled)):

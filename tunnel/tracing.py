@@ -245,7 +245,9 @@ def enter(name: str, parent: SpanContext | None, *, kind: SpanKind = SpanKind.SE
     """
     state = _tracing
     if state.enabled:
-        parent_context = trace.set_span_in_context(NonRecordingSpan(parent)) if parent is not None else None
+        # No parent: an empty context, so that the span is a root whatever this task's context holds.
+        parent_context = trace.set_span_in_context(NonRecordingSpan(parent), otel_context.Context()) \
+            if parent is not None else otel_context.Context()
         current: Span = state.tracer.start_span(name, context=parent_context, kind=kind, attributes=attributes,
                                                 record_exception=False, set_status_on_exception=False)
     else:
