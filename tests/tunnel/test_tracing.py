@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -149,3 +151,29 @@ def test_log_lines_of_a_request_carry_its_trace_id(capsys: pytest.CaptureFixture
     assert f'"trace_id": "{TRACE_ID}"' in inside
     assert "trace_id" not in outside
 
+
+
+def test_with_no_endpoint_the_sdk_is_never_loaded_and_no_thread_starts() -> None:
+    # In a fresh interpreter: this test process has loaded the SDK for the tests above.
+    script = (
+        "import sys, threading\n"
+        "from onprem.tunnel import tracing\n"
+        "import onprem.control_plane.server, onprem.agent.cli\n"
+        "before = threading.active_count()\n"
+        "state = tracing.configure('onprem-test', environ={})\n"
+        "with tracing.enter('call', None) as root, tracing.span('child') as child:\n"
+        "    assert not root.is_recording() and not child.is_recording()\n"
+        "print(state.enabled, threading.active_count() - before,\n"
+        "      sorted(m for m in sys.modules if m.startswith(('opentelemetry.sdk', 'opentelemetry.exporter'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "False 0 []"
+
+
+def test_an_endpoint_in_the_standard_environment_turns_exporting_on() -> None:
+    state = tracing.configure("onprem-test", environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"})
+    try:
+        assert state.enabled and tracing.tracing() is state
+    finally:
+        state.shutdown()
+        tracing.install(None)
