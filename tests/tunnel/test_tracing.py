@@ -6,6 +6,7 @@ import logging
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -177,3 +178,23 @@ def test_an_endpoint_in_the_standard_environment_turns_exporting_on() -> None:
     finally:
         state.shutdown()
         tracing.install(None)
+
+
+def test_no_frame_an_agent_sends_can_carry_trace_context() -> None:
+    # What keeps an agent from adding to the control plane's trace: nothing it sends names a span.
+    from google.protobuf.descriptor import FieldDescriptor
+
+    def reachable(message: Any, seen: set[str]) -> set[str]:
+        """The full names of the messages a message of this descriptor can hold, itself included."""
+        if message.full_name in seen:
+            return seen
+        seen.add(message.full_name)
+        for field in message.fields:
+            if field.type == FieldDescriptor.TYPE_MESSAGE:
+                reachable(field.message_type, seen)
+        return seen
+
+    from_agent = reachable(tunnel_pb2.ConnectRequest.DESCRIPTOR, set())
+    assert "onprem.v1.ConnectResponse" not in from_agent  # the walk stays on the agent's side
+    assert tunnel_pb2.TraceContext.DESCRIPTOR.full_name not in from_agent
+    assert tunnel_pb2.TraceContext.DESCRIPTOR.full_name in reachable(tunnel_pb2.ConnectResponse.DESCRIPTOR, set())
