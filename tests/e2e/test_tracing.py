@@ -241,3 +241,32 @@ async def test_the_audit_api_refuses_a_trace_id_that_is_not_32_lower_case_hex_di
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "32 lower-case hex digits" in (info.value.details() or "")
 
+
+
+async def test_a_query_the_caller_cancels_midway_ends_its_spans_with_the_cancellation(traced: Site) -> None:
+    trace_id = secrets.token_hex(16)
+    metadata = (*bearer(traced.token), ("traceparent", f"00-{trace_id}-{secrets.token_hex(8)}-01"))
+    many = ("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5000000) "
+            "SELECT i, printf('%.200d', i) AS pad FROM n")
+    async with operator_channel(traced.cp) as channel:
+        call = database_pb2_grpc.DatabaseServiceStub(channel).Query(
+            database_pb2.QueryRequest(group=GROUP, profile="lite", sql=many), metadata=metadata, timeout=60)
+        async for response in call:
+            if response.HasField("rows"):
+                break
+        call.cancel()
+    assert traced.collector is not None
+    spans = await _trace(traced.collector, trace_id)
+    assert spans["onprem.v1.DatabaseService/Query"].status == "ERROR"
+    assert spans["onprem.v1.DatabaseService/Query"].attributes["rpc.grpc.status_code"] == "CANCELLED"
+    assert (await _audit_event(traced, trace_id=trace_id)).outcome == "CANCELLED"
+
+
+def test_neither_process_logged_a_tracing_failure(traced: Site) -> None:
+    # Runs after the others of the module: a span context restored in the wrong task, or an export that
+    # failed, is logged by OpenTelemetry itself.
+    for log in (traced.cp.log_file, traced.agent.home / "agent.log"):
+        text = log.read_text()
+        assert "Failed to detach context" not in text, log
+        assert "Failed to export" not in text, log
+        assert "Transient error" not in text, log
