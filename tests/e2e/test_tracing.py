@@ -249,6 +249,7 @@ async def test_a_query_the_caller_cancels_midway_ends_its_spans_with_the_cancell
     many = ("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5000000) "
             "SELECT i, printf('%.200d', i) AS pad FROM n")
     async with operator_channel(traced.cp) as channel:
+        await wait_for_agent_state(channel, traced.token, traced.agent.agent_id, agents_pb2.AGENT_STATE_ACTIVE)
         call = database_pb2_grpc.DatabaseServiceStub(channel).Query(
             database_pb2.QueryRequest(group=GROUP, profile="lite", sql=many), metadata=metadata, timeout=60)
         async for response in call:
