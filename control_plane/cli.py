@@ -31,7 +31,7 @@ from onprem.control_plane.core import Settings
 from onprem.control_plane.private_state import prepare_state_dir
 from onprem.control_plane.server import ControlPlaneServer, ServerConfig, open_control_plane, open_store
 from onprem.control_plane.store import DEFAULT_DB_FILENAME, Store, StoreError, current_revision, default_url
-from onprem.tunnel import logs
+from onprem.tunnel import logs, tracing
 from onprem.tunnel.protocol import Limits
 from onprem.tunnel.version import version_line
 
@@ -101,6 +101,9 @@ def _serve(args: argparse.Namespace) -> int:
         audit_retention=dt.timedelta(days=args.audit_retention_days) if args.audit_retention_days else None,
     )
 
+    # Before the server starts: spans of the very first calls are exported too.
+    traces = tracing.configure("onprem-control-plane", endpoint=args.otlp_endpoint)
+
     async def run() -> None:
         cp = open_control_plane(config)
         server = ControlPlaneServer(config, cp)
@@ -114,7 +117,10 @@ def _serve(args: argparse.Namespace) -> int:
         finally:
             cp.close()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        traces.shutdown()  # the spans still queued, of the last calls
     return 0
 
 
@@ -167,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--agent-cert-days", type=float, default=30.0)
     serve.add_argument("--heartbeat-interval", type=float, default=10.0,
                        help="seconds between pings on a quiet agent stream; 3 missed end it")
+    serve.add_argument("--otlp-endpoint", default=None,
+                       help="export OpenTelemetry spans over OTLP/gRPC to this collector, e.g. "
+                            "http://127.0.0.1:4317 (default: $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
+                            "$OTEL_EXPORTER_OTLP_ENDPOINT; unset: no spans are made); the service name is "
+                            "$OTEL_SERVICE_NAME or onprem-control-plane")
     serve.set_defaults(func=_serve)
 
     serve.add_argument("--replica-id", default=os.environ.get("ONPREM_REPLICA_ID"),

@@ -67,7 +67,13 @@ class ControlPlaneProcess:
     enroll_port: int = field(default_factory=free_port)
     database_url: str | None = None
     extra_args: list[str] = field(default_factory=list)
+    #: More environment for the serving process, e.g. OTEL_* or ONPREM_LOG_FORMAT.
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir.parent / f"{self.state_dir.name}.log"
 
     @property
     def operator_address(self) -> str:
@@ -84,7 +90,7 @@ class ControlPlaneProcess:
         return args
 
     def start(self) -> None:
-        log = open(self.state_dir.parent / f"{self.state_dir.name}.log", "ab")  # noqa: SIM115
+        log = open(self.log_file, "ab")  # noqa: SIM115
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [_bin("onprem-control-plane"), "--log-level", "DEBUG", "serve", *self._common(),
@@ -92,7 +98,7 @@ class ControlPlaneProcess:
              "--agent-listen", f"127.0.0.1:{self.agent_port}",
              "--enroll-listen", f"127.0.0.1:{self.enroll_port}",
              "--grace-period", "5", *self.extra_args],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
         )
         _STARTED.append(self.proc)
         for port in (self.operator_port, self.agent_port, self.enroll_port):
