@@ -28,8 +28,9 @@ if _version_not_supported:
 class DatabaseServiceStub:
     """Runs SQL against a database profile of an agent in a group.
 
-    Idempotency: Query, ExecuteBatch and ExecuteTransaction accept an
-    `idempotency-key` metadata entry (1 to 128 printable ASCII characters). The
+    Idempotency: Query, ExecuteQuery, ExecuteBatch and ExecuteTransaction
+    accept an `idempotency-key` metadata entry (1 to 128 printable ASCII
+    characters). The
     agent records the outcome under the key in the profile's idempotency table,
     in the write's own transaction, and a request with the same key answers
     from that record instead of running again; the same key with another
@@ -74,8 +75,9 @@ class DatabaseServiceStub:
 class DatabaseServiceServicer:
     """Runs SQL against a database profile of an agent in a group.
 
-    Idempotency: Query, ExecuteBatch and ExecuteTransaction accept an
-    `idempotency-key` metadata entry (1 to 128 printable ASCII characters). The
+    Idempotency: Query, ExecuteQuery, ExecuteBatch and ExecuteTransaction
+    accept an `idempotency-key` metadata entry (1 to 128 printable ASCII
+    characters). The
     agent records the outcome under the key in the profile's idempotency table,
     in the write's own transaction, and a request with the same key answers
     from that record instead of running again; the same key with another
@@ -173,8 +175,9 @@ def add_DatabaseServiceServicer_to_server(servicer, server):
 class DatabaseService:
     """Runs SQL against a database profile of an agent in a group.
 
-    Idempotency: Query, ExecuteBatch and ExecuteTransaction accept an
-    `idempotency-key` metadata entry (1 to 128 printable ASCII characters). The
+    Idempotency: Query, ExecuteQuery, ExecuteBatch and ExecuteTransaction
+    accept an `idempotency-key` metadata entry (1 to 128 printable ASCII
+    characters). The
     agent records the outcome under the key in the profile's idempotency table,
     in the write's own transaction, and a request with the same key answers
     from that record instead of running again; the same key with another

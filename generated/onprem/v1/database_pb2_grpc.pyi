@@ -29,8 +29,9 @@ GRPC_VERSION: str
 class DatabaseServiceStub:
     """Runs SQL against a database profile of an agent in a group.
 
-    Idempotency: Query, ExecuteBatch and ExecuteTransaction accept an
-    `idempotency-key` metadata entry (1 to 128 printable ASCII characters). The
+    Idempotency: Query, ExecuteQuery, ExecuteBatch and ExecuteTransaction
+    accept an `idempotency-key` metadata entry (1 to 128 printable ASCII
+    characters). The
     agent records the outcome under the key in the profile's idempotency table,
     in the write's own transaction, and a request with the same key answers
     from that record instead of running again; the same key with another
@@ -78,8 +79,9 @@ class DatabaseServiceStub:
 class DatabaseServiceAsyncStub(DatabaseServiceStub):
     """Runs SQL against a database profile of an agent in a group.
 
-    Idempotency: Query, ExecuteBatch and ExecuteTransaction accept an
-    `idempotency-key` metadata entry (1 to 128 printable ASCII characters). The
+    Idempotency: Query, ExecuteQuery, ExecuteBatch and ExecuteTransaction
+    accept an `idempotency-key` metadata entry (1 to 128 printable ASCII
+    characters). The
     agent records the outcome under the key in the profile's idempotency table,
     in the write's own transaction, and a request with the same key answers
     from that record instead of running again; the same key with another
@@ -123,8 +125,9 @@ class DatabaseServiceAsyncStub(DatabaseServiceStub):
 class DatabaseServiceServicer(metaclass=_abc_1.ABCMeta):
     """Runs SQL against a database profile of an agent in a group.
 
-    Idempotency: Query, ExecuteBatch and ExecuteTransaction accept an
-    `idempotency-key` metadata entry (1 to 128 printable ASCII characters). The
+    Idempotency: Query, ExecuteQuery, ExecuteBatch and ExecuteTransaction
+    accept an `idempotency-key` metadata entry (1 to 128 printable ASCII
+    characters). The
     agent records the outcome under the key in the profile's idempotency table,
     in the write's own transaction, and a request with the same key answers
     from that record instead of running again; the same key with another
