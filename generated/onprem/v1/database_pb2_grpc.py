@@ -30,13 +30,13 @@ class DatabaseServiceStub:
 
     Idempotency: Query, ExecuteQuery, ExecuteBatch and ExecuteTransaction
     accept an `idempotency-key` metadata entry (1 to 128 printable ASCII
-    characters). The
-    agent records the outcome under the key in the profile's idempotency table,
-    in the write's own transaction, and a request with the same key answers
-    from that record instead of running again; the same key with another
-    request is FAILED_PRECONDITION (reason IDEMPOTENCY_KEY_REUSED). A keyed
-    write whose agent was lost is retried once on another agent of the group.
-    See docs/operators.md, "Writes that happen once".
+    characters). The agent records the outcome under the key in the profile's
+    idempotency table, in the write's own transaction, and a request with the
+    same key answers from that record instead of running again; the same key
+    with another request is FAILED_PRECONDITION (reason
+    IDEMPOTENCY_KEY_REUSED). A keyed write whose agent was lost is retried
+    once on another agent of the group. See docs/operators.md, "Writes that
+    happen once".
     """
 
     def __init__(self, channel):
@@ -77,13 +77,13 @@ class DatabaseServiceServicer:
 
     Idempotency: Query, ExecuteQuery, ExecuteBatch and ExecuteTransaction
     accept an `idempotency-key` metadata entry (1 to 128 printable ASCII
-    characters). The
-    agent records the outcome under the key in the profile's idempotency table,
-    in the write's own transaction, and a request with the same key answers
-    from that record instead of running again; the same key with another
-    request is FAILED_PRECONDITION (reason IDEMPOTENCY_KEY_REUSED). A keyed
-    write whose agent was lost is retried once on another agent of the group.
-    See docs/operators.md, "Writes that happen once".
+    characters). The agent records the outcome under the key in the profile's
+    idempotency table, in the write's own transaction, and a request with the
+    same key answers from that record instead of running again; the same key
+    with another request is FAILED_PRECONDITION (reason
+    IDEMPOTENCY_KEY_REUSED). A keyed write whose agent was lost is retried
+    once on another agent of the group. See docs/operators.md, "Writes that
+    happen once".
     """
 
     def Query(self, request, context):
@@ -177,13 +177,13 @@ class DatabaseService:
 
     Idempotency: Query, ExecuteQuery, ExecuteBatch and ExecuteTransaction
     accept an `idempotency-key` metadata entry (1 to 128 printable ASCII
-    characters). The
-    agent records the outcome under the key in the profile's idempotency table,
-    in the write's own transaction, and a request with the same key answers
-    from that record instead of running again; the same key with another
-    request is FAILED_PRECONDITION (reason IDEMPOTENCY_KEY_REUSED). A keyed
-    write whose agent was lost is retried once on another agent of the group.
-    See docs/operators.md, "Writes that happen once".
+    characters). The agent records the outcome under the key in the profile's
+    idempotency table, in the write's own transaction, and a request with the
+    same key answers from that record instead of running again; the same key
+    with another request is FAILED_PRECONDITION (reason
+    IDEMPOTENCY_KEY_REUSED). A keyed write whose agent was lost is retried
+    once on another agent of the group. See docs/operators.md, "Writes that
+    happen once".
     """
 
     @staticmethod

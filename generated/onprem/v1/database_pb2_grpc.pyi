@@ -31,13 +31,13 @@ class DatabaseServiceStub:
 
     Idempotency: Query, ExecuteQuery, ExecuteBatch and ExecuteTransaction
     accept an `idempotency-key` metadata entry (1 to 128 printable ASCII
-    characters). The
-    agent records the outcome under the key in the profile's idempotency table,
-    in the write's own transaction, and a request with the same key answers
-    from that record instead of running again; the same key with another
-    request is FAILED_PRECONDITION (reason IDEMPOTENCY_KEY_REUSED). A keyed
-    write whose agent was lost is retried once on another agent of the group.
-    See docs/operators.md, "Writes that happen once".
+    characters). The agent records the outcome under the key in the profile's
+    idempotency table, in the write's own transaction, and a request with the
+    same key answers from that record instead of running again; the same key
+    with another request is FAILED_PRECONDITION (reason
+    IDEMPOTENCY_KEY_REUSED). A keyed write whose agent was lost is retried
+    once on another agent of the group. See docs/operators.md, "Writes that
+    happen once".
     """
 
     @_typing.overload
@@ -81,13 +81,13 @@ class DatabaseServiceAsyncStub(DatabaseServiceStub):
 
     Idempotency: Query, ExecuteQuery, ExecuteBatch and ExecuteTransaction
     accept an `idempotency-key` metadata entry (1 to 128 printable ASCII
-    characters). The
-    agent records the outcome under the key in the profile's idempotency table,
-    in the write's own transaction, and a request with the same key answers
-    from that record instead of running again; the same key with another
-    request is FAILED_PRECONDITION (reason IDEMPOTENCY_KEY_REUSED). A keyed
-    write whose agent was lost is retried once on another agent of the group.
-    See docs/operators.md, "Writes that happen once".
+    characters). The agent records the outcome under the key in the profile's
+    idempotency table, in the write's own transaction, and a request with the
+    same key answers from that record instead of running again; the same key
+    with another request is FAILED_PRECONDITION (reason
+    IDEMPOTENCY_KEY_REUSED). A keyed write whose agent was lost is retried
+    once on another agent of the group. See docs/operators.md, "Writes that
+    happen once".
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -127,13 +127,13 @@ class DatabaseServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Idempotency: Query, ExecuteQuery, ExecuteBatch and ExecuteTransaction
     accept an `idempotency-key` metadata entry (1 to 128 printable ASCII
-    characters). The
-    agent records the outcome under the key in the profile's idempotency table,
-    in the write's own transaction, and a request with the same key answers
-    from that record instead of running again; the same key with another
-    request is FAILED_PRECONDITION (reason IDEMPOTENCY_KEY_REUSED). A keyed
-    write whose agent was lost is retried once on another agent of the group.
-    See docs/operators.md, "Writes that happen once".
+    characters). The agent records the outcome under the key in the profile's
+    idempotency table, in the write's own transaction, and a request with the
+    same key answers from that record instead of running again; the same key
+    with another request is FAILED_PRECONDITION (reason
+    IDEMPOTENCY_KEY_REUSED). A keyed write whose agent was lost is retried
+    once on another agent of the group. See docs/operators.md, "Writes that
+    happen once".
     """
 
     @_abc_1.abstractmethod
