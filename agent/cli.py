@@ -41,7 +41,7 @@ from onprem.agent.identity import (
 from onprem.agent.profile_check import mark, run_test_profile
 from onprem.agent.profiles import ConfigError
 from onprem.agent.tunnel_client import TunnelClient, channel_credentials, channel_options
-from onprem.tunnel import kinds, logs, systemd
+from onprem.tunnel import kinds, logs, systemd, tracing
 from onprem.tunnel.version import version_line
 from onprem.v1 import enrollment_pb2, enrollment_pb2_grpc
 
@@ -174,7 +174,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     config = _load(args.config)
     identity = load_identity(config.identity_dir)
-    asyncio.run(run(Path(args.config), config, identity))
+    traces = tracing.configure(config.service_name or "onprem-agent", endpoint=config.otlp_endpoint,
+                               attributes={"service.instance.id": identity.agent_id, "onprem.group": identity.group})
+    try:
+        asyncio.run(run(Path(args.config), config, identity))
+    finally:
+        traces.shutdown()  # the spans still queued, of the last requests
     return 0
 
 

@@ -71,6 +71,11 @@ class AgentConfig:
     health_check_interval_seconds: float = 60.0
     #: host:port for Prometheus metrics (a listening port: opt-in, local by default).
     metrics_listen: str | None = None
+    #: Where to export spans over OTLP/gRPC, e.g. "http://127.0.0.1:4317"; None: the OTEL_EXPORTER_OTLP_*
+    #: environment decides, and with none of it no spans are made.
+    otlp_endpoint: str | None = None
+    #: The spans' service.name (OTEL_SERVICE_NAME wins over it); None: "onprem-agent".
+    service_name: str | None = None
 
 
 def _split_host_port(address: str, field: str) -> tuple[str, int]:
@@ -85,7 +90,7 @@ def parse_config(raw: Any, *, base_dir: Path) -> AgentConfig:
     if not isinstance(raw, dict):
         raise ConfigError("the config must be a YAML mapping")
     unknown = set(raw) - {"control_plane", "identity_dir", "profiles", "max_in_flight", "name", "drain_grace_seconds",
-                        "health_check_interval_seconds", "metrics_listen"}
+                        "health_check_interval_seconds", "metrics_listen", "tracing"}
     if unknown:
         raise ConfigError(f"unknown top-level keys: {', '.join(sorted(unknown))}")
     cp = raw.get("control_plane")
@@ -120,6 +125,7 @@ def parse_config(raw: Any, *, base_dir: Path) -> AgentConfig:
     metrics_listen = str(raw["metrics_listen"]) if raw.get("metrics_listen") else None
     if metrics_listen is not None:
         _split_host_port(metrics_listen, "metrics_listen")
+    otlp_endpoint, service_name = _tracing(raw.get("tracing"))
     health_interval = raw.get("health_check_interval_seconds", 60.0)
     if not isinstance(health_interval, int | float) or not 1 <= health_interval <= 86400:
         raise ConfigError("health_check_interval_seconds: a number of seconds from 1 to 86400")
@@ -141,7 +147,32 @@ def parse_config(raw: Any, *, base_dir: Path) -> AgentConfig:
         drain_grace_seconds=float(grace),
         health_check_interval_seconds=float(health_interval),
         metrics_listen=metrics_listen,
+        otlp_endpoint=otlp_endpoint,
+        service_name=service_name,
     )
+
+
+def _tracing(raw: Any) -> tuple[str | None, str | None]:
+    """`tracing: {otlp_endpoint: http://collector:4317, service_name: ...}`, checked."""
+    if raw is None:
+        return None, None
+    if not isinstance(raw, dict):
+        raise ConfigError("tracing: a mapping with otlp_endpoint (and optionally service_name)")
+    unknown = set(raw) - {"otlp_endpoint", "service_name"}
+    if unknown:
+        raise ConfigError(f"tracing: unknown keys: {', '.join(sorted(unknown))}")
+    endpoint = raw.get("otlp_endpoint")
+    if endpoint is not None:
+        endpoint = str(endpoint)
+        scheme, sep, rest = endpoint.partition("://")
+        if not sep or scheme not in ("http", "https"):
+            raise ConfigError(f"tracing.otlp_endpoint: expected http://host:port (plain) or https://host:port "
+                              f"(TLS), got {endpoint!r}")
+        _split_host_port(rest.rstrip("/"), "tracing.otlp_endpoint")
+    name = raw.get("service_name")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise ConfigError("tracing.service_name: a non-empty string")
+    return endpoint, name
 
 
 def load_config(path: Path) -> AgentConfig:

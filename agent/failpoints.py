@@ -9,9 +9,14 @@ Each point is `name=action`; the one action is `exit`, which ends the process at
 
 - `database.before_commit`: a keyed write ran and its record is written, but nothing is committed;
 - `database.after_commit`: the write and its record are committed, the reply not sent;
+- `files.before_rename`: a keyed upload is written to its temporary file (or a keyed delete, move or
+  new folder is about to run), and nothing took effect;
+- `files.before_record`: a keyed upload's final rename took effect, its outcome not yet recorded (only
+  its intent is);
 - `files.after_rename`: an upload's final rename (or a delete, move or new folder) took effect and its
   ledger record is written, the reply not sent;
-- `apps.after_response`: the app answered a keyed call, the reply not sent.
+- `apps.before_request`: an app call is about to be sent to the app, which has seen nothing of it;
+- `apps.after_response`: the app answered a call, the reply not sent.
 
 With the variable unset, `hit` is one dictionary lookup on an empty dict.
 """
@@ -28,7 +33,10 @@ log = logging.getLogger("onprem.agent.failpoints")
 ENV = "ONPREM_FAILPOINTS"
 #: The exit status of a process stopped by a failpoint, for tests to tell it from a crash.
 EXIT_STATUS = 86
-POINTS = frozenset({"database.before_commit", "database.after_commit", "files.after_rename", "apps.after_response"})
+POINTS = frozenset({"database.before_commit", "database.after_commit", "files.before_rename", "files.before_record",
+                    "files.after_rename",
+                    "apps.before_request",
+                    "apps.after_response"})
 _ACTIONS = frozenset({"exit"})
 
 _armed: dict[str, str] = {}

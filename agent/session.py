@@ -26,6 +26,7 @@ import grpc
 from onprem.agent import metrics
 from onprem.agent.dispatcher import Dispatcher
 from onprem.agent.handlers.base import RequestContext
+from onprem.tunnel import tracing
 from onprem.tunnel.budget import Budgets
 from onprem.tunnel.errors import (
     Code,
@@ -359,8 +360,14 @@ class ControlPlaneSession:
         kind = start.WhichOneof("payload") or "?"
         began = self._clock()
         metrics.IN_FLIGHT.inc()
+        # The request's task runs in its trace: under the control plane's relay span when it sent one
+        # (checked like any peer's input), else a new one; its log lines carry the trace id.
+        parent = tracing.from_proto(start.trace_context) if start.HasField("trace_context") else None
         try:
-            code = await self._run_request_inner(rid, start, body, kind)
+            with tracing.enter(f"agent {kind}", parent, attributes={
+                    "onprem.request_id": rid, "onprem.kind": kind, "onprem.attempt": start.attempt}):
+                code = await self._run_request_inner(rid, start, body, kind)
+                log.debug("request %d (%s, attempt %d) ended %s", rid, kind, start.attempt, code.name)
         finally:
             metrics.IN_FLIGHT.dec()
         metrics.child(metrics.LATENCY, kind).observe(self._clock() - began)
@@ -406,6 +413,8 @@ class ControlPlaneSession:
             code = Code.INTERNAL
             message = f"the agent failed to run request {rid}; its log has the details"
             reason = "AGENT_INTERNAL"
+        if code != Code.OK:
+            tracing.failed(tracing.current_span(), code.name, reason)
         self._send_end(rid, code, message, reason, field)
         return code
 

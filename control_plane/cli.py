@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from onprem.control_plane import __version__, cli_tokens
+from onprem.control_plane.api.whole_results import DEFAULT_BUDGET_BYTES
 from onprem.control_plane.audit_retention import DEFAULT_RETENTION_DAYS
 from onprem.control_plane.console.context import ConsoleSettings
 from onprem.control_plane.console.listener import split_address
@@ -30,7 +31,7 @@ from onprem.control_plane.core import Settings
 from onprem.control_plane.private_state import prepare_state_dir
 from onprem.control_plane.server import ControlPlaneServer, ServerConfig, open_control_plane, open_store
 from onprem.control_plane.store import DEFAULT_DB_FILENAME, Store, StoreError, current_revision, default_url
-from onprem.tunnel import logs, systemd
+from onprem.tunnel import logs, systemd, tracing
 from onprem.tunnel.protocol import Limits
 from onprem.tunnel.version import version_line
 
@@ -79,6 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
         limits=Limits(heartbeat_interval=dt.timedelta(seconds=args.heartbeat_interval)),
         replica_heartbeat=args.replica_heartbeat,
         change_check_interval=args.change_check_interval,
+        whole_results_budget_bytes=int(args.whole_results_mib * 1024 * 1024),
     )
     config = ServerConfig(
         state_dir=args.state_dir,
@@ -98,6 +100,9 @@ def _serve(args: argparse.Namespace) -> int:
                                 refresh_seconds=args.console_refresh_seconds),
         audit_retention=dt.timedelta(days=args.audit_retention_days) if args.audit_retention_days else None,
     )
+
+    # Before the server starts: spans of the very first calls are exported too.
+    traces = tracing.configure("onprem-control-plane", endpoint=args.otlp_endpoint)
 
     async def run() -> None:
         cp = open_control_plane(config)
@@ -125,7 +130,10 @@ def _serve(args: argparse.Namespace) -> int:
                 await asyncio.gather(watchdog, return_exceptions=True)
             cp.close()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        traces.shutdown()  # the spans still queued, of the last calls
     return 0
 
 
@@ -172,9 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
                        default=_retention_days(os.environ.get("ONPREM_AUDIT_RETENTION_DAYS", str(DEFAULT_RETENTION_DAYS))),
                        help=f"delete audit rows older than this many days, in the background, hourly "
                             f"(default {DEFAULT_RETENTION_DAYS}; 0 keeps every row; $ONPREM_AUDIT_RETENTION_DAYS)")
+    serve.add_argument("--whole-results-mib", type=_positive, default=DEFAULT_BUDGET_BYTES / (1024 * 1024),
+                       help="memory that ExecuteQuery calls may hold at once in whole results (each at most 4 MiB); "
+                            f"past it they are RESOURCE_EXHAUSTED (default {DEFAULT_BUDGET_BYTES // (1024 * 1024)})")
     serve.add_argument("--agent-cert-days", type=float, default=30.0)
     serve.add_argument("--heartbeat-interval", type=float, default=10.0,
                        help="seconds between pings on a quiet agent stream; 3 missed end it")
+    serve.add_argument("--otlp-endpoint", default=None,
+                       help="export OpenTelemetry spans over OTLP/gRPC to this collector, e.g. "
+                            "http://127.0.0.1:4317 (default: $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
+                            "$OTEL_EXPORTER_OTLP_ENDPOINT; unset: no spans are made); the service name is "
+                            "$OTEL_SERVICE_NAME or onprem-control-plane")
     serve.set_defaults(func=_serve)
 
     serve.add_argument("--replica-id", default=os.environ.get("ONPREM_REPLICA_ID"),

@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import grpc
+from opentelemetry.trace import SpanKind
 
 from onprem.control_plane import __version__, observe
+from onprem.control_plane.api.whole_results import DEFAULT_BUDGET_BYTES
 from onprem.control_plane.audit import AuditLog
 from onprem.control_plane.auth import Principal
 from onprem.control_plane.ca import CertificateAuthority
@@ -36,9 +38,9 @@ from onprem.control_plane.router import GroupFacts, Registry, Router
 from onprem.control_plane.sessions import AgentSession
 from onprem.control_plane.store import DrainRow, Store
 from onprem.control_plane.throttle import AttemptThrottle, KeyedBuckets, RowLimiter
-from onprem.tunnel import kinds
+from onprem.tunnel import kinds, tracing
 from onprem.tunnel.budget import Budgets
-from onprem.tunnel.errors import InvalidArgument, PermissionDenied
+from onprem.tunnel.errors import InvalidArgument, PermissionDenied, RequestError
 from onprem.tunnel.protocol import Limits
 from onprem.v1 import tunnel_pb2
 
@@ -53,6 +55,8 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     #: How long a request waits for a busy group before RESOURCE_EXHAUSTED.
     queue_wait: float = 2.0
+    #: Bytes that ExecuteQuery calls may hold at once in whole results (api.whole_results).
+    whole_results_budget_bytes: int = DEFAULT_BUDGET_BYTES
     #: What one agent's stream may make the control plane do (tunnel.budget).
     budgets: Budgets = field(default_factory=Budgets)
     #: How often open calls are checked against revocations made by other processes (the bound
@@ -257,16 +261,28 @@ class ControlPlane:
         call = current_call.get()
         request = RelayedRequest(self.router, Target(group, kind, profile), start, call)
         remove_stopper: Callable[[], None] | None = None
-        try:
-            await request.begin()
-            if call is not None:
-                # From now on an ended call fails its request instead of being cancelled.
-                remove_stopper = call.add_stopper(request.fail)
-            yield request
-        finally:
-            if remove_stopper is not None:
-                remove_stopper()
-            await request.aclose()
-            observation.agent_id = request.agent.agent_id if request.agent is not None else None
-            observation.bytes_out = request.bytes_out
+        with tracing.span("relay", kind=SpanKind.CLIENT, attributes={
+                "onprem.group": group, "onprem.profile": profile, "onprem.kind": kinds.name_of(kind)}) as relay_span:
+            # The agent's spans are children of this one (or, when this process records none, of the call's).
+            parent = relay_span if relay_span.is_recording() else tracing.current_span()
+            start.trace_context.CopyFrom(tracing.to_proto(parent.get_span_context()))
+            request.span = relay_span
+            try:
+                await request.begin()
+                if call is not None:
+                    # From now on an ended call fails its request instead of being cancelled.
+                    remove_stopper = call.add_stopper(request.fail)
+                yield request
+            except RequestError as exc:
+                tracing.failed(relay_span, exc.code.name, exc.reason)
+                raise
+            finally:
+                if remove_stopper is not None:
+                    remove_stopper()
+                await request.aclose()
+                observation.agent_id = request.agent.agent_id if request.agent is not None else None
+                observation.bytes_out = request.bytes_out
+                if relay_span.is_recording():
+                    relay_span.set_attributes({"onprem.agent_id": observation.agent_id or "",
+                                               "onprem.attempts": start.attempt, "onprem.bytes_out": request.bytes_out})
 

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import contextvars
 import datetime as dt
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,7 +37,10 @@ from onprem.control_plane.auth import Principal
 from onprem.control_plane.credentials import TokenRefused
 from onprem.control_plane.store import AuditEntry
 from onprem.control_plane.throttle import RowLimiter, peer_key
+from onprem.tunnel import tracing
 from onprem.tunnel.errors import Code, Internal, RequestError
+
+log = logging.getLogger("onprem.control_plane.observe")
 
 #: The principal of calls that came without a valid token.
 ANONYMOUS = "anonymous"
@@ -85,6 +89,8 @@ class Observation:
     principal_name: str | None = None
     #: Whether the call relays a request to an agent (`begin_data_request`).
     data_request: bool = False
+    #: The W3C trace id of the call (`tunnel.tracing`), "" when it runs in none (enrollments).
+    trace_id: str = ""
 
     def record(self, detail: str = "", *, group: str | None = None, agent_id: str | None = None,
                kind: str | None = None, principal_name: str | None = None) -> None:
@@ -115,7 +121,7 @@ class Observer:
                 role: str = "") -> Iterator[Observation]:
         """Observe one call for as long as the block runs; its end (error, cancellation) is its outcome."""
         observation = Observation(method=method, peer=peer, kind=kind, began=time.monotonic(),
-                                  principal=principal, role=role)
+                                  principal=principal, role=role, trace_id=tracing.current_trace_id())
         token = _current.set(observation)
         cancelled = False
         try:
@@ -148,6 +154,11 @@ class Observer:
         code = error.code if error is not None else (Code.CANCELLED if cancelled else Code.OK)
         if observation.data_request:
             self._count(observation, code)
+            # Logged in the call's task: the line carries its trace id (`tunnel.logs`).
+            log.debug("%s (%s %s/%s) by agent %s ended %s", observation.method, observation.kind, observation.group,
+                      observation.profile, observation.agent_id or "none", code.name)
+        if code != Code.OK:
+            tracing.failed(tracing.current_span(), code.name, error.reason if error is not None else "")
         if error is None and not (observation.audited and (observation.data_request or not cancelled)):
             return
         principal = observation.principal
@@ -170,7 +181,7 @@ class Observer:
             method=observation.method, kind=observation.kind, code=int(code), outcome=code.name,
             group_name=observation.group, agent_id=observation.agent_id, profile=observation.profile,
             bytes_out=observation.bytes_out, duration_ms=int((time.monotonic() - observation.began) * 1000),
-            detail=detail, token_id=token_id, peer=observation.peer,
+            detail=detail, token_id=token_id, peer=observation.peer, trace_id=observation.trace_id or None,
         ))
 
     @staticmethod

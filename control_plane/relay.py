@@ -15,10 +15,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from opentelemetry.trace import INVALID_SPAN, Span
+
 from onprem.control_plane.credentials import OpenCall
 from onprem.control_plane.failover import Attempts, explain
 from onprem.control_plane.router import Router
 from onprem.control_plane.sessions import AgentSession, Exchange
+from onprem.tunnel import tracing
 from onprem.tunnel.errors import RequestError, Unavailable
 from onprem.tunnel.idempotency import is_keyed
 from onprem.v1 import tunnel_pb2
@@ -61,6 +64,8 @@ class RelayedRequest:
         self._body_sent = False
         #: The error the request ended with; None while it runs or once it succeeded.
         self.outcome: RequestError | None = None
+        #: The span of relaying it (`ControlPlane.relay`'s), parent of each attempt's routing.
+        self.span: Span = INVALID_SPAN
 
     @property
     def agent(self) -> AgentSession | None:
@@ -83,8 +88,15 @@ class RelayedRequest:
         Raises what `Router.route` raises: NotFound, Unavailable, ResourceExhausted.
         """
         target = self.target
-        self._exchange = await self._router.route(
-            target.group, target.kind, target.profile, self._start, frozenset(self._excluded))
+        with tracing.span("route", parent=self.span, attributes={"onprem.attempt": self._start.attempt}) as route_span:
+            try:
+                self._exchange = await self._router.route(
+                    target.group, target.kind, target.profile, self._start, frozenset(self._excluded))
+            except RequestError as exc:
+                tracing.failed(route_span, exc.code.name, exc.reason)
+                raise
+            if route_span.is_recording():
+                route_span.set_attribute("onprem.agent_id", self._exchange.session.agent_id)
 
     def __aiter__(self) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
         return self

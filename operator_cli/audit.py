@@ -1,7 +1,7 @@
 """`onprem audit`: the audit log through `AuditService/ListAuditEvents`, for people and for SIEMs.
 
     onprem audit [--since 1h|TIME] [--until TIME] [--group G] [--token-id ID] [--agent ID] [--profile P]
-                 [--kind KIND] [--outcome CODE] [--limit N] [--format table|jsonl|csv|json] [--output FILE]
+                 [--kind KIND] [--outcome CODE] [--trace-id ID] [--limit N] [--format table|jsonl|csv|json] [--output FILE]
                  [--follow [--interval SECONDS]]
 
 Without --follow: the newest events first, up to --limit (0: every one), page after page, each written as it
@@ -38,11 +38,12 @@ from onprem.operator_cli.tokens import parse_duration
 from onprem.v1 import audit_pb2, audit_pb2_grpc
 
 if TYPE_CHECKING:
+    from onprem.operator_cli.commands import CommandMaker
     from onprem.operator_cli.main import Connection
 
 #: The fields of an exported event, in this order (CSV's columns).
 EXPORT_FIELDS = ("id", "time", "principal", "token_id", "role", "method", "group", "agent_id", "profile", "kind",
-                 "outcome", "code", "bytes_out", "duration_ms", "detail", "peer")
+                 "outcome", "code", "bytes_out", "duration_ms", "detail", "peer", "trace_id")
 #: Seconds a follow poll looks back before the newest event it printed.
 OVERLAP = 30.0
 DEFAULT_INTERVAL = 2.0
@@ -76,6 +77,7 @@ def export_record(event: audit_pb2.AuditEvent) -> dict[str, object]:
         "role": event.role, "method": event.method, "group": event.group, "agent_id": event.agent_id,
         "profile": event.profile, "kind": event.kind, "outcome": event.outcome, "code": event.code,
         "bytes_out": event.bytes_out, "duration_ms": event.duration_ms, "detail": event.detail, "peer": event.peer,
+        "trace_id": event.trace_id,
     }
 
 
@@ -171,7 +173,7 @@ WRITERS: dict[str, Callable[[IO[str]], Writer]] = {
 def request_of(args: argparse.Namespace, now: datetime) -> audit_pb2.ListAuditEventsRequest:
     request = audit_pb2.ListAuditEventsRequest(
         token_id=args.token_id or "", group=args.group or "", agent_id=args.agent or "", profile=args.profile or "",
-        kind=args.kind or "", outcome=(args.outcome or "").upper())
+        kind=args.kind or "", outcome=(args.outcome or "").upper(), trace_id=(args.trace_id or "").lower())
     if args.since:
         request.start_time.FromDatetime(parse_time(args.since, now))
     if args.until:
@@ -260,12 +262,12 @@ def cmd_audit(conn: Connection, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-CommandMaker = Callable[[str, str, Callable[["Connection", argparse.Namespace], int]], argparse.ArgumentParser]
-
-
 def add_command(command: CommandMaker) -> None:
     p = command("audit", "list audit events, newest first, as a table or for a SIEM (jsonl, csv, json); --follow "
-                "prints new ones as they are written", cmd_audit)
+                "prints new ones as they are written", cmd_audit,
+                ["onprem audit --since 24h --group demo",
+                 "onprem audit --since 2030-01-02T00:00:00Z --outcome PERMISSION_DENIED --format csv > denied.csv",
+                 "onprem audit --follow --limit 0 --format jsonl --output /var/log/onprem/audit.jsonl"])
     p.add_argument("--since", help="only events at or after this time: ISO 8601 (UTC unless it says) or a duration "
                    "ago, e.g. 1h or 7d")
     p.add_argument("--until", help="only events before this time (same forms as --since)")
@@ -274,6 +276,8 @@ def add_command(command: CommandMaker) -> None:
     p.add_argument("--agent", help="only the events of this agent id")
     p.add_argument("--profile", help="only the events of this profile")
     p.add_argument("--kind", choices=KINDS, help="only events of this kind")
+    p.add_argument("--trace-id", help="only the events of this trace (its W3C trace id: 32 hex digits, as the "
+                                      "jsonl, csv and json formats show it and the log lines of the request carry)")
     p.add_argument("--outcome", help="only events that ended with this gRPC status, e.g. OK or PERMISSION_DENIED")
     p.add_argument("--limit", type=int, default=DEFAULT_LIMIT,
                    help=f"at most this many events (default {DEFAULT_LIMIT}; 0: every one)")

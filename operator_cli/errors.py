@@ -16,6 +16,8 @@ EXIT_NOT_FOUND = 6  # NOT_FOUND: no such group, profile, agent, path
 EXIT_REFUSED = 7  # INVALID_ARGUMENT, FAILED_PRECONDITION, ALREADY_EXISTS, OUT_OF_RANGE, RESOURCE_EXHAUSTED
 EXIT_UNAVAILABLE = 8  # UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED: nothing reachable now; retrying may help
 EXIT_SERVER = 9  # INTERNAL, UNKNOWN, DATA_LOSS, UNIMPLEMENTED, ABORTED: the server failed
+EXIT_UNHEALTHY = 10  # `onprem agents check`: the agent ran the checks and one failed
+EXIT_HTTP = 11  # `onprem app call --fail`: the app answered with an HTTP status of 400 or more
 
 EXIT_CODES_HELP = f"""\
 exit codes:
@@ -32,9 +34,12 @@ exit codes:
   {EXIT_UNAVAILABLE}  UNAVAILABLE, DEADLINE_EXCEEDED or CANCELLED: the control plane or the group's agents
      cannot be reached now; retrying may help
   {EXIT_SERVER}  INTERNAL, UNKNOWN, DATA_LOSS, UNIMPLEMENTED or ABORTED: the server failed
+  {EXIT_UNHEALTHY}  `agents check`: a check of the profile failed (UNHEALTHY)
+  {EXIT_HTTP}  `app call --fail`: the app answered with HTTP 400 or more (HTTP_ERROR)
 
 Errors print one line on stderr: onprem: <CODE>: <message>, where CODE is the gRPC status
 (e.g. UNAUTHENTICATED) or, for local failures, LOCAL_FILE, CHECKSUM_MISMATCH or USAGE.
+Writes given --idempotency-key KEY may be sent again with the same KEY after an error: they happen once.
 """
 
 _BY_CODE: dict[grpc.StatusCode, int] = {

@@ -1,13 +1,18 @@
 """`onprem`: the operator CLI, a thin client of the control plane's public gRPC API.
 
-    onprem agents [--group G] [--json]
-    onprem groups [--json]
+    onprem agents [list|get|check|drain|revoke] ...  groups  replicas        (agents.py)
     onprem query GROUP PROFILE SQL [--param NAME=VALUE ...] [--format csv|jsonl|table] [--max-rows N]
+    onprem batch | transaction | changes GROUP PROFILE ...                     (database.py)
     onprem download GROUP PROFILE PATH [DEST] [--force] [--progress]
     onprem upload GROUP PROFILE LOCAL PATH [--overwrite|--keep-both] [--create-parents] [--progress]
-    onprem files GROUP PROFILE [PATH] [--recursive] [--glob GLOB] [--format table|jsonl]
-    onprem tokens | create-token | revoke-token | enrollment-tokens | revoke-enrollment-token   (see tokens.py)
+    onprem files list|stat|rm|mv|mkdir|poll GROUP PROFILE ...                  (files.py; listing.py)
+    onprem app call GROUP PROFILE METHOD PATH [--data @FILE|-] ...             (apps.py)
+    onprem tokens | create-token | revoke-token | enrollment-tokens [list|create|revoke]   (tokens.py)
     onprem audit [--since 1h] [--group G] [--format table|jsonl|csv|json] [--output FILE] [--follow]   (audit.py)
+    onprem completion bash|zsh|fish                                            (completion.py)
+
+Every operator RPC has a command (commands.RPC_COMMANDS, checked against the protos by a test); every command's
+--help has examples and the exit codes. Writes take --idempotency-key KEY, sent as `idempotency-key` metadata.
 
 Connection options work as grpcurl's do: --address (or $ONPREM_ADDRESS, default 127.0.0.1:8443), --cacert
 (or $ONPREM_CACERT; system roots otherwise), --token or --token-file (or $ONPREM_TOKEN / $ONPREM_TOKEN_FILE).
@@ -18,18 +23,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
-from datetime import UTC
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO
 
 import grpc
-from google.protobuf import json_format, timestamp_pb2
-from google.protobuf.message import Message
 
-from onprem.operator_cli import audit, listing, service_config, transfer
+from onprem.operator_cli import agents, apps, audit, completion, database, files, service_config, transfer
 from onprem.operator_cli import rows as rowsmod
 from onprem.operator_cli import tokens as tokensmod
+from onprem.operator_cli.commands import (
+    DEFAULT_ADDRESS,
+    CommandMaker,
+    add_idempotency_option,
+    connection_options,
+)
 from onprem.operator_cli.errors import (
     EXIT_CODES_HELP,
     EXIT_ERROR,
@@ -40,18 +48,12 @@ from onprem.operator_cli.errors import (
     UsageError,
     from_rpc_error,
 )
+from onprem.operator_cli.output import format_time, render_table, to_json
 from onprem.tunnel.version import version_line
-from onprem.v1 import (
-    agents_pb2,
-    agents_pb2_grpc,
-    database_pb2,
-    database_pb2_grpc,
-    files_pb2,
-    files_pb2_grpc,
-    values_pb2,
-)
+from onprem.v1 import database_pb2, database_pb2_grpc, files_pb2, files_pb2_grpc, values_pb2
 
-DEFAULT_ADDRESS = "127.0.0.1:8443"
+__all__ = ["DEFAULT_ADDRESS", "Connection", "build_parser", "format_time", "main", "render_table", "run", "to_json"]
+
 Metadata = tuple[tuple[str, str], ...]
 
 
@@ -90,68 +92,18 @@ class Connection:
             raise UsageError("no token: pass --token or --token-file, or set ONPREM_TOKEN")
         return token.strip()
 
+    def write_metadata(self, idempotency_key: str | None) -> Metadata:
+        """The metadata of a write: with its `idempotency-key` when the caller gave one (the control plane checks
+        it: 1 to 128 printable ASCII characters, else INVALID_ARGUMENT)."""
+        if idempotency_key is None:
+            return self.metadata
+        return (*self.metadata, ("idempotency-key", idempotency_key))
+
     def close(self) -> None:
         self.channel.close()
 
 
-# --- formatting ------------------------------------------------------------------------------------
-
-def format_time(ts: timestamp_pb2.Timestamp) -> str:
-    """A timestamp as UTC ISO 8601 to the second, "-" when unset."""
-    if not ts.seconds and not ts.nanos:
-        return "-"
-    return ts.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool] = ()) -> str:
-    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
-    align = list(right) or [False] * len(headers)
-
-    def line(cells: Sequence[str], aligned: bool) -> str:
-        parts = [c.rjust(w) if aligned and a else c.ljust(w) for c, w, a in zip(cells, widths, align, strict=True)]
-        return "  ".join(parts).rstrip() + "\n"
-
-    return line(headers, False) + "".join(line(r, True) for r in rows)
-
-
-def agents_table(agents: Sequence[agents_pb2.Agent]) -> str:
-    headers = ["NAME", "ID", "GROUP", "STATE", "VERSION", "IN-FLIGHT", "LAST SEEN", "CERT EXPIRES"]
-    rows = [
-        [a.name, a.agent_id, a.group, agents_pb2.AgentState.Name(a.state).removeprefix("AGENT_STATE_"),
-         a.version or "-", f"{a.in_flight}/{a.max_in_flight}", format_time(a.last_seen_at),
-         format_time(a.certificate_expires_at)]
-        for a in agents
-    ]
-    return render_table(headers, rows, [False] * 5 + [True] + [False] * 2)
-
-
-def groups_table(groups: Sequence[agents_pb2.Group]) -> str:
-    headers = ["NAME", "AGENTS", "ACTIVE", "CREATED"]
-    rows = [[g.name, str(g.agent_count), str(g.active_agent_count), format_time(g.created_at)] for g in groups]
-    return render_table(headers, rows, [False, True, True, False])
-
-
-def to_json(message: Message) -> str:
-    # The same JSON grpcurl prints: proto field names, enums by name.
-    return json_format.MessageToJson(message, preserving_proto_field_name=True, indent=2)
-
-
 # --- commands --------------------------------------------------------------------------------------
-
-def cmd_agents(conn: Connection, args: argparse.Namespace) -> int:
-    stub = agents_pb2_grpc.AgentServiceStub(conn.channel)
-    response = stub.ListAgents(agents_pb2.ListAgentsRequest(group=args.group or ""), metadata=conn.metadata,
-                               timeout=conn.timeout)
-    sys.stdout.write(to_json(response) + "\n" if args.json else agents_table(response.agents))
-    return EXIT_OK
-
-
-def cmd_groups(conn: Connection, args: argparse.Namespace) -> int:
-    stub = agents_pb2_grpc.AgentServiceStub(conn.channel)
-    response = stub.ListGroups(agents_pb2.ListGroupsRequest(), metadata=conn.metadata, timeout=conn.timeout)
-    sys.stdout.write(to_json(response) + "\n" if args.json else groups_table(response.groups))
-    return EXIT_OK
-
 
 def cmd_query(conn: Connection, args: argparse.Namespace) -> int:
     request = database_pb2.QueryRequest(group=args.group, profile=args.profile, sql=args.sql,
@@ -164,8 +116,18 @@ def cmd_query(conn: Connection, args: argparse.Namespace) -> int:
         request.parameters[name].CopyFrom(value)
     stub = database_pb2_grpc.DatabaseServiceStub(conn.channel)
     writer = rowsmod.make_writer(args.format, sys.stdout)
+    metadata = conn.write_metadata(args.idempotency_key)
+    if args.whole:
+        unary = database_pb2.ExecuteQueryRequest.FromString(request.SerializeToString())  # same field numbers
+        whole = stub.ExecuteQuery(unary, metadata=metadata, timeout=conn.timeout)
+        messages: Iterable[database_pb2.QueryResponse] = [
+            database_pb2.QueryResponse(header=whole.header),
+            *(database_pb2.QueryResponse(rows=batch) for batch in whole.batches),
+            database_pb2.QueryResponse(summary=whole.summary)]
+    else:
+        messages = stub.Query(request, metadata=metadata, timeout=conn.timeout)
     columns: list[values_pb2.Column] = []
-    for message in stub.Query(request, metadata=conn.metadata, timeout=conn.timeout):
+    for message in messages:
         kind = message.WhichOneof("result")
         if kind == "header":
             columns = list(message.header.columns)
@@ -216,8 +178,8 @@ def cmd_upload(conn: Connection, args: argparse.Namespace) -> int:
                                    create_parents=args.create_parents, expected_sha256=expected)
     progress = transfer.Progress(str(local), size, _progress_stream(args))
     stub = files_pb2_grpc.FileServiceStub(conn.channel)
-    response = stub.Write(transfer.upload_requests(header, local, progress), metadata=conn.metadata,
-                          timeout=conn.timeout)
+    response = stub.Write(transfer.upload_requests(header, local, progress),
+                          metadata=conn.write_metadata(args.idempotency_key), timeout=conn.timeout)
     if response.sha256.lower() != expected:
         raise ChecksumMismatch(f"the agent wrote bytes hashing to {response.sha256}, not {expected}")
     print(f"uploaded {local} to {args.group}/{args.profile}:{response.info.path} "
@@ -225,51 +187,14 @@ def cmd_upload(conn: Connection, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_files(conn: Connection, args: argparse.Namespace) -> int:
-    listing.run(conn.channel, conn.metadata, conn.timeout, args, sys.stdout)
-    return EXIT_OK
-
-
 # --- command line ----------------------------------------------------------------------------------
 
-def _connection_options(parser: argparse.ArgumentParser, default: object) -> None:
-    group = parser.add_argument_group("connection (as grpcurl's)")
-    group.add_argument("--address", default=default,
-                       help=f"the control plane's operator API, host:port ($ONPREM_ADDRESS, default {DEFAULT_ADDRESS})")
-    group.add_argument("--cacert", default=default,
-                       help="PEM file of the CA that signed the control plane's certificate ($ONPREM_CACERT)")
-    group.add_argument("--token", default=default, help="the bearer token ($ONPREM_TOKEN)")
-    group.add_argument("--token-file", default=default, help="a file holding the bearer token ($ONPREM_TOKEN_FILE)")
-    group.add_argument("--timeout", type=float, default=default, help="a deadline for the call, in seconds")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="onprem", description="Operate onprem agents through the control plane's gRPC API.",
-        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=version_line("onprem"))
-    _connection_options(parser, None)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, help_text: str, run: Callable[[Connection, argparse.Namespace], int]
-                ) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EXIT_CODES_HELP,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        # SUPPRESS: an option given before the command is not reset by the command's own default.
-        _connection_options(p, argparse.SUPPRESS)
-        p.set_defaults(run=run)
-        return p
-
-    p = command("agents", "list agents as a table: name, id, group, state, version, in-flight, last seen, "
-                "certificate expiry (times in UTC)", cmd_agents)
-    p.add_argument("--group", help="only the agents of this group")
-    p.add_argument("--json", action="store_true", help="print the ListAgents response as JSON instead")
-
-    p = command("groups", "list groups with their agent counts", cmd_groups)
-    p.add_argument("--json", action="store_true", help="print the ListGroups response as JSON instead")
-
-    p = command("query", "run one SQL statement on a database profile and stream its rows to stdout", cmd_query)
+def _add_transfer_commands(command: CommandMaker) -> None:
+    p = command("query", "run one SQL statement on a database profile and stream its rows to stdout", cmd_query,
+                ["onprem query demo demo-db 'SELECT id, total FROM orders WHERE total > :min' --param min=100",
+                 "onprem query demo demo-db 'SELECT * FROM orders' --format jsonl > orders.jsonl",
+                 "onprem query demo demo-db \"UPDATE orders SET status = 'shipped' WHERE id = :id\" --param id=2 "
+                 "--idempotency-key ship-2"])
     p.add_argument("group")
     p.add_argument("profile")
     p.add_argument("sql")
@@ -278,9 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="csv (default; NULL is empty), jsonl (one object per row) or table (widths from the "
                    "first batch)")
     p.add_argument("--max-rows", type=int, default=0, help="stop after this many rows")
+    p.add_argument("--whole", action="store_true",
+                   help="fetch the result in one message (ExecuteQuery): cheaper for small results, refused "
+                   "(RESOURCE_EXHAUSTED) for one over 4 MiB")
+    add_idempotency_option(p)
 
     p = command("download", "download a file, verifying its SHA-256; the file appears at DEST only when "
-                "verified", cmd_download)
+                "verified", cmd_download,
+                ["onprem download demo demo-files reports/2026-10.csv",
+                 "onprem download demo demo-files incoming/backup.tar ./copy.tar --force"])
     p.add_argument("group")
     p.add_argument("profile")
     p.add_argument("path", help="the file's path in the folder profile")
@@ -289,7 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="show progress on stderr even when it is not a terminal")
 
     p = command("upload", "upload a file; the agent refuses it unless the bytes it receives have the local "
-                "file's SHA-256", cmd_upload)
+                "file's SHA-256", cmd_upload,
+                ["onprem upload demo demo-files ./backup.tar incoming/backup.tar --create-parents",
+                 "onprem upload demo demo-files ./report.csv reports/report.csv --overwrite "
+                 "--idempotency-key report-2026-10"])
     p.add_argument("group")
     p.add_argument("profile")
     p.add_argument("local", help="the local file")
@@ -301,19 +235,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expected-sha256", help="the SHA-256 the file must have (e.g. from a published checksum); "
                    "default: the local file's")
     p.add_argument("--progress", action="store_true", help="show progress on stderr even when it is not a terminal")
+    add_idempotency_option(p)
 
-    p = command("files", "list a folder of a folder profile, every page of it: type, size, modification time "
-                "(UTC) and path", cmd_files)
-    listing.add_arguments(p)
-    tokensmod.add_commands(command)
-    audit.add_command(command)
-    return parser
+
+class _Parsers:
+    """The tree and the one parser `files.legacy_argv` needs to read."""
+
+    def __init__(self) -> None:
+        self.root = argparse.ArgumentParser(
+            prog="onprem", description="Operate onprem agents through the control plane's gRPC API.",
+            epilog="examples:\n  onprem agents\n  onprem query demo demo-db 'SELECT * FROM orders' --format table\n"
+                   "  onprem files list demo demo-files --recursive\n\n" + EXIT_CODES_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        self.root.add_argument("--version", action="version", version=version_line("onprem"))
+        connection_options(self.root, None)
+        command = CommandMaker(self.root.add_subparsers(dest="command", required=True, metavar="COMMAND"), "onprem")
+        agents.add_commands(command)
+        _add_transfer_commands(command)
+        database.add_commands(command)
+        self.files_list = files.add_commands(command)
+        apps.add_commands(command)
+        tokensmod.add_commands(command)
+        audit.add_command(command)
+        completion.add_command(command, self.root)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return _Parsers().root
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parsers = _Parsers()
+    args = parsers.root.parse_args(files.legacy_argv(sys.argv[1:] if argv is None else argv, parsers.root,
+                                                     parsers.files_list))
     conn: Connection | None = None
     try:
+        if args.run_local is not None:
+            local: int = args.run_local(args)
+            return local
         conn = Connection(args)
         code: int = args.run(conn, args)
         return code
@@ -332,6 +292,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     finally:
         if conn is not None:
             conn.close()
+    sys.stdout.flush()  # what the command printed comes before its error, even in one pipe
     print(error.line(), file=sys.stderr)
     return error.exit_code
 
@@ -344,4 +305,3 @@ def main() -> None:
     except Exception as e:  # a bug: say so briefly, with the exit code for it
         print(f"onprem: INTERNAL: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(EXIT_ERROR)
-

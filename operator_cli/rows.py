@@ -14,6 +14,8 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import IO, Protocol
 
+from google.protobuf import json_format
+
 from onprem.v1 import values_pb2
 
 Cell = bool | int | float | str | bytes | None
@@ -216,3 +218,35 @@ def parse_parameter(text: str) -> tuple[str, values_pb2.Value]:
     except ValueError as e:
         raise ValueError(f"--param {text!r}: {e}") from None
     return name, value
+
+
+def json_value(obj: object, where: str) -> values_pb2.Value:
+    """A JSON value as a bound parameter: numbers, true/false, null and text by their JSON type, or an object in
+    `Value`'s own JSON mapping to name the type, e.g. {"date_value": "2026-01-02"} or {"decimal_value": "12.50"}."""
+    value = values_pb2.Value()
+    if obj is None:
+        value.null_value = True
+    elif isinstance(obj, bool):
+        value.bool_value = obj
+    elif isinstance(obj, int):
+        value.int64_value = obj
+    elif isinstance(obj, float):
+        value.double_value = obj
+    elif isinstance(obj, str):
+        value.string_value = obj
+    elif isinstance(obj, dict):
+        try:
+            json_format.ParseDict(obj, value)
+        except json_format.ParseError as e:
+            raise ValueError(f"{where}: {e}") from None
+    else:
+        raise ValueError(f"{where}: a parameter is a number, text, true/false, null or a typed object such as "
+                         '{"date_value": "2026-01-02"}, not a list')
+    return value
+
+
+def json_parameters(obj: object, where: str) -> dict[str, values_pb2.Value]:
+    """A JSON object of parameters by name (without the colon) as `Value`s."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object of parameters by name, e.g. {{\"id\": 7}}")
+    return {str(name).removeprefix(":"): json_value(v, f"{where}: parameter {name!r}") for name, v in obj.items()}

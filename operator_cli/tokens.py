@@ -3,8 +3,9 @@
     onprem tokens [--json]
     onprem create-token NAME --groups a,b [--role operator|admin] [--ttl 30d]
     onprem revoke-token ID [--reason TEXT]
-    onprem enrollment-tokens [--group G] [--json]
-    onprem revoke-enrollment-token ID [--reason TEXT]
+    onprem enrollment-tokens [list] [--group G] [--json]
+    onprem enrollment-tokens create GROUP [--ttl 1h] [--description TEXT]   (AgentService/CreateEnrollmentToken)
+    onprem enrollment-tokens revoke ID [--reason TEXT]   (also spelled revoke-enrollment-token ID)
 
 All of them need an admin token. The tables are shared with `onprem-control-plane list-tokens`, which
 prints the same rows from the store on the control plane's host.
@@ -23,9 +24,10 @@ from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 
 from onprem.operator_cli.errors import EXIT_OK, UsageError
-from onprem.v1 import tokens_pb2, tokens_pb2_grpc
+from onprem.v1 import agents_pb2, agents_pb2_grpc, tokens_pb2, tokens_pb2_grpc
 
 if TYPE_CHECKING:
+    from onprem.operator_cli.commands import CommandMaker
     from onprem.operator_cli.main import Connection
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
@@ -140,7 +142,7 @@ def cmd_create_token(conn: Connection, args: argparse.Namespace) -> int:
     response = _stub(conn).CreateToken(request, metadata=conn.metadata, timeout=conn.timeout)
     token = response.token
     # The secret alone on stdout, so that `$(onprem create-token ...)` captures just it.
-    print(response.secret)
+    print(response.secret, flush=True)  # before the note on stderr, also when both go to one pipe
     print(f"created {args.role} token '{token.display_name}' (onp_{token.id}) for groups {','.join(token.groups)}, "
           f"expires {_time(token.expires_at, 'never')}; it is shown only now", file=sys.stderr)
     return EXIT_OK
@@ -163,31 +165,73 @@ def cmd_revoke_enrollment_token(conn: Connection, args: argparse.Namespace) -> i
     return EXIT_OK
 
 
-Command = Callable[[str, str, Callable[["Connection", argparse.Namespace], int]], argparse.ArgumentParser]
+def cmd_create_enrollment_token(conn: Connection, args: argparse.Namespace) -> int:
+    request = agents_pb2.CreateEnrollmentTokenRequest(group=args.group, description=args.description)
+    if args.ttl:
+        try:
+            request.ttl.FromTimedelta(parse_duration(args.ttl))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    response = agents_pb2_grpc.AgentServiceStub(conn.channel).CreateEnrollmentToken(
+        request, metadata=conn.metadata, timeout=conn.timeout)
+    # The token alone on stdout, for `onprem-agent enroll --token "$(onprem enrollment-tokens create G)"`.
+    print(response.token, flush=True)
+    print(f"created an enrollment token for group {response.group}, single use, expires "
+          f"{_time(response.expires_at)}; it is shown only now", file=sys.stderr)
+    return EXIT_OK
 
 
-def add_commands(command: Command) -> None:
-    """Register the token commands with `onprem`'s parser (`command` makes one subcommand)."""
+def add_commands(command: CommandMaker) -> None:
+    """Register the token commands with `onprem`'s parser."""
     p = command("tokens", "list operator tokens as a table: name, id, role, groups, state, created, expires, "
-                "last used (never their secrets; admin only)", cmd_tokens)
+                "last used (never their secrets; admin only)", cmd_tokens,
+                ["onprem tokens", "onprem tokens --json"])
     p.add_argument("--json", action="store_true", help="print the ListTokens response as JSON instead")
 
     p = command("create-token", "create an operator token and print it (once) on stdout; admin only",
-                cmd_create_token)
+                cmd_create_token,
+                ["onprem create-token ci-bot --groups demo --ttl 30d > ci-bot.token",
+                 "onprem create-token ops --groups '*' --role admin --ttl 12h"])
     p.add_argument("name", help='a name for people, e.g. "ci-bot"')
     p.add_argument("--groups", required=True, help='comma-separated groups the token may use, or "*" for all')
     p.add_argument("--role", choices=["operator", "admin"], default="operator")
     p.add_argument("--ttl", help="how long it stays valid, e.g. 30d or 12h (default: the control plane's, 90d)")
 
     p = command("revoke-token", "revoke an operator token: its next call is refused and its open calls end",
-                cmd_revoke_token)
+                cmd_revoke_token, ["onprem revoke-token onp_3f9a0b1c2d3e4f50 --reason 'leaked in a CI log'"])
     p.add_argument("id", help="the token's id as `onprem tokens` shows it (onp_<id>, or tokens/<id>)")
     p.add_argument("--reason", default="", help="why, for the audit log and the token's holder")
 
-    p = command("enrollment-tokens", "list agent enrollment tokens as a table (admin only)", cmd_enrollment_tokens)
+    p = command("enrollment-tokens", "list agent enrollment tokens as a table (admin only); its subcommands "
+                "create and revoke them", cmd_enrollment_tokens,
+                ["onprem enrollment-tokens --group staging",
+                 "onprem enrollment-tokens create staging --ttl 10m --description 'db01 in Frankfurt'",
+                 "onprem enrollment-tokens revoke onpe_6f03fa3719cdcdaa"])
     p.add_argument("--group", help="only the tokens of this group")
     p.add_argument("--json", action="store_true", help="print the ListEnrollmentTokens response as JSON instead")
+    family = command.family(p, required=False)
 
-    p = command("revoke-enrollment-token", "revoke an unused agent enrollment token", cmd_revoke_enrollment_token)
+    p = family("list", "list agent enrollment tokens (the same as `onprem enrollment-tokens`)",
+               cmd_enrollment_tokens, ["onprem enrollment-tokens list --group staging --json"])
+    p.add_argument("--group", default=argparse.SUPPRESS, help="only the tokens of this group")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="print the ListEnrollmentTokens response as JSON instead")
+
+    p = family("create", "create a single-use enrollment token for a group (created if new) and print it (once) on "
+               "stdout; admin only", cmd_create_enrollment_token,
+               ["onprem enrollment-tokens create staging",
+                "onprem-agent enroll --config agent.yaml --token \"$(onprem enrollment-tokens create staging "
+                "--ttl 10m)\""])
+    p.add_argument("group", help="the group the enrolled agent joins: letters, digits, - and _")
+    p.add_argument("--ttl", help="how long it stays valid, e.g. 10m (default 1h, at most 7d)")
+    p.add_argument("--description", default="", help='a note for the audit log, e.g. "db01 in Frankfurt"')
+
+    p = family("revoke", "revoke an unused agent enrollment token (the same as `onprem revoke-enrollment-token`)",
+               cmd_revoke_enrollment_token, ["onprem enrollment-tokens revoke onpe_6f03fa3719cdcdaa --reason typo"])
+    p.add_argument("id", help="the token's id as `onprem enrollment-tokens` shows it (onpe_<id>)")
+    p.add_argument("--reason", default="", help="why, for the audit log")
+
+    p = command("revoke-enrollment-token", "revoke an unused agent enrollment token", cmd_revoke_enrollment_token,
+                ["onprem revoke-enrollment-token onpe_6f03fa3719cdcdaa --reason 'not needed'"])
     p.add_argument("id", help="the token's id as `onprem enrollment-tokens` shows it (onpe_<id>)")
     p.add_argument("--reason", default="", help="why, for the audit log")

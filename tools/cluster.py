@@ -67,9 +67,13 @@ class ControlPlaneProcess:
     enroll_port: int = field(default_factory=free_port)
     database_url: str | None = None
     extra_args: list[str] = field(default_factory=list)
-    #: More environment for `serve`, e.g. NOTIFY_SOCKET.
+    #: More environment for the serving process, e.g. OTEL_*, ONPREM_LOG_FORMAT or NOTIFY_SOCKET.
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir.parent / f"{self.state_dir.name}.log"
 
     @property
     def operator_address(self) -> str:
@@ -86,7 +90,7 @@ class ControlPlaneProcess:
         return args
 
     def start(self) -> None:
-        log = open(self.state_dir.parent / f"{self.state_dir.name}.log", "ab")  # noqa: SIM115
+        log = open(self.log_file, "ab")  # noqa: SIM115
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [_bin("onprem-control-plane"), "--log-level", "DEBUG", "serve", *self._common(),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages the tests use (a real PostgreSQL server, unixODBC
 # with the psqlODBC and SQLite ODBC drivers, iptables and tinyproxy for the network tests, Chromium for the
-# console's, OpenSSH's server and client for the benchmark's ssh -R baseline), when they are missing. Needs root for
+# console's, OpenSSH's server and client for the benchmark's ssh -R baseline, zsh and fish for the CLI's completion scripts), when they are missing. Needs root for
 # apt; without root it only reports what is missing.
 set -euo pipefail
 
@@ -44,6 +44,10 @@ dpkg -s init-system-helpers >/dev/null 2>&1 || need+=(init-system-helpers)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
+
+# `onprem completion zsh|fish` is tested by loading its script in the real shells (tests/operator_cli/).
+command -v zsh >/dev/null 2>&1 || need+=(zsh)
+command -v fish >/dev/null 2>&1 || need+=(fish)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

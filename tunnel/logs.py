@@ -1,7 +1,10 @@
 """Logging for both processes: one line per event, as text or as JSON (`--log-format json`).
 
 JSON lines carry `ts`, `level`, `logger` and `msg`, plus `exc` for a
-traceback, so log shippers need no parsing rules.
+traceback and `trace_id` for a line logged while serving a request (the W3C
+trace id that its audit row and spans carry too, `tunnel.tracing`), so log
+shippers need no parsing rules. Text lines of a request end with
+`trace_id=<id>`.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import json
 import logging
 import sys
 import time
+
+from onprem.tunnel.tracing import current_trace_id
 
 
 class JsonFormatter(logging.Formatter):
@@ -20,9 +25,28 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        trace_id = getattr(record, "trace_id", "")
+        if trace_id:
+            entry["trace_id"] = trace_id
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        trace_id = getattr(record, "trace_id", "")
+        return f"{line} trace_id={trace_id}" if trace_id else line
+
+
+class TraceIdFilter(logging.Filter):
+    """Notes on each record the trace id of the request being served, read where the line is logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "trace_id"):
+            record.trace_id = current_trace_id()
+        return True
 
 
 def configure(level: str, fmt: str) -> None:
@@ -31,8 +55,10 @@ def configure(level: str, fmt: str) -> None:
         formatter: logging.Formatter = JsonFormatter()
         formatter.converter = time.gmtime
     else:
-        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        formatter = TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler.setFormatter(formatter)
+    # On the handler, not a logger: records of every logger pass through it, in the task that logs them.
+    handler.addFilter(TraceIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

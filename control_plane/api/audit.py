@@ -27,6 +27,7 @@ import functools
 import hashlib
 import hmac
 import json
+import re
 import secrets
 from typing import Any
 
@@ -62,6 +63,7 @@ PAGE_KEY_SETTING = "audit_page_token_key"
 _AGENT_ID_MAX = 128
 _PROFILE_MAX = 200
 _TOKEN_VERSION = 1
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def scope_of(principal: Principal) -> AuditScope:
@@ -123,9 +125,14 @@ def parse_filter(request: audit_pb2.ListAuditEventsRequest, principal: Principal
     if outcome is not None and outcome not in Code.__members__:
         raise InvalidArgument("'outcome' must be a gRPC status name, e.g. OK, NOT_FOUND or PERMISSION_DENIED",
                               reason="INVALID_OUTCOME", field="outcome")
+    trace_id = request.trace_id or None
+    if trace_id is not None and not _TRACE_ID.fullmatch(trace_id):
+        raise InvalidArgument("'trace_id' must be a W3C trace id: 32 lower-case hex digits, as AuditEvent.trace_id "
+                              "shows it", reason="INVALID_TRACE_ID", field="trace_id")
     return AuditFilter(start=start, end=end, token_id=token_id, group=group,
                        agent_id=_text(request.agent_id, "agent_id", _AGENT_ID_MAX),
-                       profile=_text(request.profile, "profile", _PROFILE_MAX), kind=kind, outcome=outcome)
+                       profile=_text(request.profile, "profile", _PROFILE_MAX), kind=kind, outcome=outcome,
+                       trace_id=trace_id)
 
 
 def page_size(requested: int) -> int:
@@ -151,6 +158,9 @@ def query_digest(wanted: AuditFilter, principal: Principal) -> str:
     fields = [principal.token_id, *(None if v is None else v.isoformat() if isinstance(v, dt.datetime) else v
                                     for v in (wanted.start, wanted.end, wanted.token_id, wanted.group, wanted.agent_id,
                                               wanted.profile, wanted.kind, wanted.outcome))]
+    if wanted.trace_id is not None:
+        # Only when given: the page tokens of the filters that came before stay valid across an upgrade.
+        fields.append(wanted.trace_id)
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:32]
 
 
@@ -199,7 +209,7 @@ def event_message(row: AuditEntry) -> audit_pb2.AuditEvent:
         id=row.id or 0, principal=row.principal, token_id=row.token_id or "", role=row.role, method=row.method,
         group=row.group_name or "", agent_id=row.agent_id or "", profile=row.profile or "", kind=row.kind,
         outcome=row.outcome, code=row.code, bytes_out=row.bytes_out, duration_ms=row.duration_ms, detail=row.detail,
-        peer=row.peer or "")
+        peer=row.peer or "", trace_id=row.trace_id or "")
     event.time.FromDatetime(row.at)
     return event
 

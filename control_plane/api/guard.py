@@ -20,7 +20,9 @@ An accepted call runs inside `_Guarded`, which
   or expiring the token ends it with UNAUTHENTICATED (a call not waiting on an
   agent is cancelled, and the cancellation is turned into that status here);
 - observes the call (`observe.Observer.observe`): services note on it what they
-  did, and its end becomes the call's audit row and metrics.
+  did, and its end becomes the call's audit row and metrics;
+- runs it in its trace (`tunnel.tracing.enter`): the caller's `traceparent`, checked, or a new one,
+  with a server span when spans are exported; refusals too.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from onprem.control_plane.auth import Principal
 from onprem.control_plane.core import ControlPlane
 from onprem.control_plane.credentials import OpenCall, current_call
 from onprem.control_plane.observe import Observation
+from onprem.tunnel import tracing
 from onprem.tunnel.errors import RequestError
 
 log = logging.getLogger("onprem.control_plane.api")
@@ -59,6 +62,13 @@ else:
 
 def _metadata(context: Context) -> Metadata:
     return cast(Metadata, context.invocation_metadata())
+
+
+def _traced(method: str, context: Context) -> AbstractContextManager[object]:
+    """The call's span: a child of the caller's `traceparent` when it is valid, else in a new trace."""
+    service, _, name = method.lstrip("/").partition("/")
+    return tracing.enter(method.lstrip("/"), tracing.from_metadata(_metadata(context)),
+                         attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
 
 
 class AuthInterceptor(_ServerInterceptor):
@@ -90,7 +100,8 @@ class AuthInterceptor(_ServerInterceptor):
 
 def _refusal(cp: ControlPlane, method: str, error: RequestError) -> grpc.RpcMethodHandler[Any, Any]:
     async def refuse(_requests: AsyncIterator[bytes], context: Context) -> None:
-        cp.observer.refuse(method=method, peer=context.peer(), error=error)
+        with _traced(method, context):
+            cp.observer.refuse(method=method, peer=context.peer(), error=error)
         await errors.abort(context, error)
 
     return grpc.stream_stream_rpc_method_handler(refuse)
@@ -139,7 +150,10 @@ class _Guarded:
                 await errors.abort(context, exc)
                 raise AssertionError("unreachable: abort raises") from None
         observation.principal = principal
-        call = self._cp.tokens.open_call(principal, self._method, observation.peer)
+        with tracing.span("auth", attributes={"onprem.token_id": principal.token_id or "",
+                                              "onprem.role": principal.role}):
+            # For RPCs with a streamed request the token was checked on arrival; this binds it to the call.
+            call = self._cp.tokens.open_call(principal, self._method, observation.peer)
         current_call.set(call)  # one task per call: the variable lives and dies with it
         return call
 
@@ -155,7 +169,7 @@ class _Guarded:
 
     def _unary_response(self, inner: Callable[[Any, Context], Awaitable[Any]]) -> Callable[[Any, Context], Awaitable[Any]]:
         async def behaviour(request: Any, context: Context) -> Any:
-            with self._observe(context) as observation:
+            with _traced(self._method, context), self._observe(context) as observation:
                 call = await self._open(context, observation)
                 try:
                     if call.error is not None:
@@ -174,7 +188,7 @@ class _Guarded:
         self, inner: Callable[[Any, Context], AsyncIterator[Any]]
     ) -> Callable[[Any, Context], AsyncIterator[Any]]:
         async def behaviour(request: Any, context: Context) -> AsyncIterator[Any]:
-            with self._observe(context) as observation:
+            with _traced(self._method, context), self._observe(context) as observation:
                 call = await self._open(context, observation)
                 try:
                     if call.error is not None:

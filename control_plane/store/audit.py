@@ -62,6 +62,7 @@ def _audit_values(entry: AuditEntry) -> dict[str, Any]:
         "detail": entry.detail[:AUDIT_DETAIL_MAX],
         "token_id": entry.token_id,
         "peer": entry.peer[:PEER_MAX] if entry.peer is not None else None,
+        "trace_id": entry.trace_id,
     }
 
 
@@ -83,6 +84,7 @@ def _audit_row(row: Row[Any]) -> AuditEntry:
         detail=row.detail,
         token_id=row.token_id,
         peer=row.peer,
+        trace_id=row.trace_id,
     )
 
 

@@ -3,7 +3,7 @@
 Kept apart from `store.audit` (which writes rows and serves the console's queries) so that the two grow
 independently. Pages are read by keyset, newest first: (at, id) below the cursor's, which an index on `at`
 serves (`ix_audit_at`), and one on (group_name, at) when a caller is limited to some groups or asks for one
-(`ix_audit_group_at`, revision 0004). Pruning deletes by batches of ids, each in its own short transaction,
+(`ix_audit_group_at`, revision 0004), and one on trace_id for the rows of a trace (revision 0005). Pruning deletes by batches of ids, each in its own short transaction,
 so that the writer of new rows (and SQLite's single write lock) never waits long behind it.
 """
 
@@ -36,6 +36,7 @@ class AuditFilter:
     profile: str | None = None
     kind: str | None = None
     outcome: str | None = None
+    trace_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ def _conditions(wanted: AuditFilter, scope: AuditScope) -> list[ColumnElement[bo
     if wanted.end is not None:
         where.append(c.at < utc(wanted.end, "end"))
     for column, value in ((c.token_id, wanted.token_id), (c.group_name, wanted.group), (c.agent_id, wanted.agent_id),
-                          (c.profile, wanted.profile), (c.kind, wanted.kind), (c.outcome, wanted.outcome)):
+                          (c.profile, wanted.profile), (c.kind, wanted.kind), (c.outcome, wanted.outcome),
+                          (c.trace_id, wanted.trace_id)):
         if value is not None:
             where.append(column == value)
     return where

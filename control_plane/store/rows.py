@@ -168,6 +168,8 @@ class AuditEntry:
     detail: str = ""
     token_id: str | None = None
     peer: str | None = None
+    #: The request's W3C trace id, 32 hex digits (revision 0005); None for rows of no trace.
+    trace_id: str | None = None
     id: int | None = None
 
 

@@ -211,7 +211,11 @@ audit_table = Table(
     # Added after release b333362 (issue 12): which token (its id, never its secret) and from where.
     Column("token_id", String(32), nullable=True),
     Column("peer", String(PEER_MAX), nullable=True),
+    # The request's W3C trace id (revision 0005, issue 17): its spans and log lines carry the same.
+    Column("trace_id", String(32), nullable=True),
     Index("ix_audit_at", "at"),
     # The audit API's pages of a group, or of a token limited to some groups, newest first (revision 0004).
     Index("ix_audit_group_at", "group_name", "at"),
+    # ListAuditEvents by trace id: the rows of one trace (revision 0005).
+    Index("ix_audit_trace_id", "trace_id"),
 )

@@ -30,3 +30,27 @@ def test_max_streams_outside_one_to_sixteen_is_refused_by_name(value: object) ->
     with pytest.raises(ConfigError, match=r"^control_plane\.max_streams: an integer from 1 to 16 \(the most streams "
                                           r"the agent holds, one per control-plane replica\), got "):
         parse_config(raw(max_streams=value), base_dir=Path("/"))
+
+
+def test_tracing_is_off_unless_configured() -> None:
+    config = parse_config(raw(), base_dir=Path("/"))
+    assert (config.otlp_endpoint, config.service_name) == (None, None)
+
+
+def test_tracing_names_an_otlp_endpoint_and_a_service_name() -> None:
+    config = parse_config({**raw(), "tracing": {"otlp_endpoint": "https://otel.internal:4317",
+                                                "service_name": "erp-agent"}}, base_dir=Path("/"))
+    assert (config.otlp_endpoint, config.service_name) == ("https://otel.internal:4317", "erp-agent")
+
+
+@pytest.mark.parametrize(("tracing", "message"), [
+    ({"otlp_endpoint": "otel.internal:4317"}, r"^tracing\.otlp_endpoint: expected http://host:port"),
+    ({"otlp_endpoint": "ftp://otel.internal:4317"}, r"^tracing\.otlp_endpoint: expected http://host:port"),
+    ({"otlp_endpoint": "http://otel.internal"}, r"^tracing\.otlp_endpoint: expected host:port"),
+    ({"endpoint": "http://otel.internal:4317"}, r"^tracing: unknown keys: endpoint$"),
+    ({"service_name": ""}, r"^tracing\.service_name: a non-empty string$"),
+    ("http://otel.internal:4317", r"^tracing: a mapping"),
+])
+def test_a_bad_tracing_key_is_refused_by_name(tracing: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config({**raw(), "tracing": tracing}, base_dir=Path("/"))

@@ -7,22 +7,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from onprem.v1 import agents_pb2, apps_pb2, apps_pb2_grpc
-from tests.support.apps_upstream import PATTERN
+from tests.support.apps_upstream import PATTERN, UpstreamProcess
 from tools.cluster import AgentProcess, ControlPlaneProcess, bearer, operator_channel, wait_for_agent_state
-from tools.ports import free_port
 
 GROUP = "e2e-apps"
 KEY = "e2e-app-key-51c9"
@@ -38,48 +33,14 @@ def vm_hwm_kib(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-class App:
-    """The HTTP app, in its own process so that its CPU does not compete with the test's client.
-
-    It is steerable: like a misconfigured framework it honours method
-    overrides, rewritten URLs and forwarded identities, so that what the agent
-    lets through really changes what it runs. Calls without such headers are
-    served exactly as by a plain app.
+class App(UpstreamProcess):
+    """The HTTP app, in its own process, steerable: like a misconfigured framework it honours method
+    overrides, rewritten URLs and forwarded identities, so that what the agent lets through really
+    changes what it runs. Calls without such headers are served exactly as by a plain app.
     """
 
     def __init__(self) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.support.apps_upstream", "--port", str(self.port),
-                                      "--steerable"], cwd=Path(__file__).resolve().parents[2])
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                self.events()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise
-                time.sleep(0.05)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api/"
-
-    def events(self) -> list[dict[str, object]]:
-        return self._get("/_events")
-
-    def requests(self) -> list[dict[str, Any]]:
-        """Every request the app has received, oldest first."""
-        return self._get("/_requests")
-
-    def _get(self, path: str) -> list[dict[str, Any]]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as response:
-            kept: list[dict[str, Any]] = json.load(response)
-            return kept
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+        super().__init__(steerable=True)
 
 
 @pytest.fixture(scope="module")

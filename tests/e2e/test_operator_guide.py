@@ -36,12 +36,13 @@ CANONICAL_PORTS = {"operator": 8443, "agent": 8444, "enroll": 8445, "app": 8480}
 VOLATILE_KEYS = {
     "agent_id", "session_id", "hostname", "version", "token", "enrolled_at", "last_seen_at", "uptime",
     "certificate_expires_at", "expires_at", "created_at", "modified_at", "changed_at", "checked_at", "marker",
-    "replica_ids", "id", "time", "duration_ms", "peer", "next_page_token",
+    "replica_ids", "id", "time", "duration_ms", "peer", "next_page_token", "trace_id",
 }
 _FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 _VOLATILE_TEXT = [
     (re.compile(r"onp[a-z]?_[A-Za-z0-9_-]+"), "<token>"),
     (re.compile(r"agent-[0-9a-f]{16}"), "<agent-id>"),
+    (re.compile(r"(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])"), "<trace-id>"),  # W3C trace ids
     (re.compile(r"(?<![0-9a-f])[0-9a-f]{16}(?![0-9a-f])"), "<id>"),  # token ids, alone or in tokens/<id>
     (re.compile(r"local CLI \([^)]*\)"), "local CLI (<user>)"),  # who ran onprem-control-plane
     (re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)?"), "<time>"),

@@ -52,9 +52,13 @@ def test_grpcurl_lists_every_service_without_a_token(cp: ControlPlaneProcess) ->
 def test_grpcurl_describes_a_service_with_its_comments(cp: ControlPlaneProcess) -> None:
     out = grpcurl(cp, "describe", "onprem.v1.DatabaseService")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("onprem.v1.DatabaseService is a service:\n"
-                                 "// Runs SQL against a database profile of an agent in a group.\n"
-                                 "service DatabaseService {\n")
+    lines = out.stdout.splitlines()
+    assert lines[:2] == ["onprem.v1.DatabaseService is a service:",
+                         "// Runs SQL against a database profile of an agent in a group."]
+    # The service's whole comment, then the service.
+    body = lines.index("service DatabaseService {")
+    assert all(line.startswith("//") for line in lines[1:body])
+    assert "// Idempotency: Query, ExecuteQuery, ExecuteBatch and ExecuteTransaction" in lines[1:body]
     assert "  // Runs one statement with named bound parameters and streams its result:\n" in out.stdout
 
 

@@ -1,5 +1,8 @@
 """Keyed writes across a lost agent: the outcome is recorded with the write, so a retry never runs it twice.
 
+Databases and folders record it on the agent's side; an app records it itself, told by the
+`Idempotency-Key` header (tests/support/apps_upstream.py's /payments deduplicates as the IETF draft says).
+
 Two agents of one group serve the same PostgreSQL profile, whose idempotency table `onprem-agent
 create-idempotency-table` made. The first agent (the one the router picks: it connected first, both
 idle) is armed with a failpoint that ends its process exactly after the commit, or exactly before it.
@@ -8,10 +11,11 @@ idle) is armed with a failpoint that ends its process exactly after the commit, 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +25,9 @@ import psycopg
 import pytest
 
 from onprem.agent.failpoints import EXIT_STATUS
-from onprem.v1 import database_pb2, profiles_pb2, values_pb2
+from onprem.v1 import apps_pb2, apps_pb2_grpc, database_pb2, profiles_pb2, values_pb2
 from tests.faults.support import ACTIVE, error_of, wait_state
+from tests.support.apps_upstream import UpstreamProcess
 from tests.support.postgres import PostgresServer
 from tools.cluster import BIN, AgentProcess, ControlPlaneProcess, bearer, database_stub, operator_channel
 from tools.hostile_agent import HostileAgent, hello
@@ -207,15 +212,17 @@ async def test_a_keyed_write_is_refused_rather_than_sent_to_an_agent_that_would_
         cp.stop(timeout=10)
 
 
-@pytest.fixture
-def folder_site(tmp_path: Path) -> Iterator[tuple[ControlPlaneProcess, AgentProcess, AgentProcess, str, Path]]:
+FolderSite = tuple[ControlPlaneProcess, AgentProcess, AgentProcess, str, Path]
+
+
+def make_folder_site(tmp_path: Path, failpoint: str) -> Iterator[FolderSite]:
     root = tmp_path / "shared"
     root.mkdir()
     cp = ControlPlaneProcess(tmp_path / "cp")
     cp.start()
     profiles = {"folders": {"drop": {"root": str(root)}}}
     first = AgentProcess(tmp_path / "first", cp, name="first", profiles=profiles,
-                         env={"ONPREM_FAILPOINTS": "files.after_rename=exit"})
+                         env={"ONPREM_FAILPOINTS": failpoint})
     second = AgentProcess(tmp_path / "second", cp, name="second", profiles=profiles)
     try:
         token = cp.admin_token()
@@ -232,6 +239,26 @@ def folder_site(tmp_path: Path) -> Iterator[tuple[ControlPlaneProcess, AgentProc
         cp.stop(timeout=10)
 
 
+@pytest.fixture
+def folder_site(tmp_path: Path) -> Iterator[FolderSite]:
+    yield from make_folder_site(tmp_path, "files.after_rename=exit")
+
+
+@pytest.fixture
+def folder_before_rename(tmp_path: Path) -> Iterator[FolderSite]:
+    yield from make_folder_site(tmp_path, "files.before_rename=exit")
+
+
+@pytest.fixture
+def folder_before_record(tmp_path: Path) -> Iterator[FolderSite]:
+    yield from make_folder_site(tmp_path, "files.before_record=exit")
+
+
+def visible(root: Path) -> list[str]:
+    """The names a caller sees in the root (the ledger and temporary files start with a dot)."""
+    return sorted(n for n in os.listdir(root) if not n.startswith("."))
+
+
 def keyed_upload(cp: ControlPlaneProcess, token: str, path: str, content: bytes, key: str) -> Any:
     from onprem.v1 import files_pb2, files_pb2_grpc
 
@@ -246,13 +273,174 @@ def keyed_upload(cp: ControlPlaneProcess, token: str, path: str, content: bytes,
 
 
 async def test_an_upload_whose_agent_died_after_the_rename_is_answered_by_the_retry_and_written_once(
-        folder_site: tuple[ControlPlaneProcess, AgentProcess, AgentProcess, str, Path]) -> None:
+        folder_site: FolderSite) -> None:
     cp, first, _, token, root = folder_site
     response = await asyncio.to_thread(keyed_upload, cp, token, "report.csv", b"a,b\n1,2\n", "upload-77")
     assert response.info.path == "report.csv"
     assert died_at_failpoint(first)
     # KEEP_BOTH: an upload run twice would have made "report (1).csv".
-    assert sorted(n for n in os.listdir(root) if not n.startswith(".")) == ["report.csv"]
+    assert visible(root) == ["report.csv"]
     again = await asyncio.to_thread(keyed_upload, cp, token, "report.csv", b"a,b\n1,2\n", "upload-77")
     assert again == response
-    assert sorted(n for n in os.listdir(root) if not n.startswith(".")) == ["report.csv"]
+    assert visible(root) == ["report.csv"]
+
+
+async def test_an_upload_whose_agent_died_before_the_rename_is_written_once_by_the_retry(
+        folder_before_rename: FolderSite) -> None:
+    cp, first, _, token, root = folder_before_rename
+    response = await asyncio.to_thread(keyed_upload, cp, token, "report.csv", b"a,b\n3,4\n", "upload-78")
+    assert died_at_failpoint(first)
+    assert response.info.path == "report.csv"
+    assert visible(root) == ["report.csv"]
+    assert (root / "report.csv").read_bytes() == b"a,b\n3,4\n"
+    assert await asyncio.to_thread(keyed_upload, cp, token, "report.csv", b"a,b\n3,4\n", "upload-78") == response
+    assert sorted(os.listdir(root)) == [".onprem-ledger", "report.csv"]  # the dead attempt's temp file went too
+
+
+async def test_an_upload_whose_agent_died_between_the_rename_and_its_record_is_not_written_twice(
+        folder_before_record: FolderSite) -> None:
+    cp, first, _, token, root = folder_before_record
+    (root / "report.csv").write_bytes(b"yesterday's")
+    response = await asyncio.to_thread(keyed_upload, cp, token, "report.csv", b"a,b\n5,6\n", "upload-79")
+    assert died_at_failpoint(first)
+    # The first agent's KEEP_BOTH rename made "report (1).csv"; the retry found it by its intent.
+    assert response.info.path == "report (1).csv"
+    assert visible(root) == ["report (1).csv", "report.csv"]
+    assert await asyncio.to_thread(keyed_upload, cp, token, "report.csv", b"a,b\n5,6\n", "upload-79") == response
+    assert visible(root) == ["report (1).csv", "report.csv"]
+
+
+def keyed_delete(cp: ControlPlaneProcess, token: str, path: str, key: str) -> Any:
+    from onprem.v1 import files_pb2, files_pb2_grpc
+
+    channel = grpc.secure_channel(cp.operator_address, grpc.ssl_channel_credentials(cp.ca_file.read_bytes()))
+    try:
+        return files_pb2_grpc.FileServiceStub(channel).Delete(
+            files_pb2.DeleteRequest(group=GROUP, profile="drop", path=path),
+            metadata=(*bearer(token), ("idempotency-key", key)), timeout=60)
+    finally:
+        channel.close()
+
+
+async def test_a_delete_whose_agent_died_after_it_took_effect_answers_the_retry_as_the_first_time(
+        folder_site: FolderSite) -> None:
+    cp, first, _, token, root = folder_site
+    (root / "old.csv").write_bytes(b"x")
+    response = await asyncio.to_thread(keyed_delete, cp, token, "old.csv", "delete-1")
+    assert died_at_failpoint(first)
+    assert visible(root) == []
+    # Run again, a delete of a missing file would be NOT_FOUND; the record answers as the first time.
+    assert await asyncio.to_thread(keyed_delete, cp, token, "old.csv", "delete-1") == response
+
+
+# --- app calls: the key travels as Idempotency-Key to an app that deduplicates by it -----------------
+
+@dataclass
+class AppSite:
+    cp: ControlPlaneProcess
+    first: AgentProcess
+    token: str
+    app: UpstreamProcess
+
+
+def make_app_site(tmp_path: Path, failpoint: str) -> Iterator[AppSite]:
+    app = UpstreamProcess()
+    cp = ControlPlaneProcess(tmp_path / "cp")
+    cp.start()
+    profiles = {"apps": {"pay": {"base_url": app.base_url}}}
+    first = AgentProcess(tmp_path / "first", cp, name="first", profiles=profiles,
+                         env={"ONPREM_FAILPOINTS": failpoint})
+    second = AgentProcess(tmp_path / "second", cp, name="second", profiles=profiles)
+    try:
+        token = cp.admin_token()
+        first.enroll(GROUP)
+        second.enroll(GROUP)
+        first.start()
+        asyncio.run(wait_state(cp, token, first.agent_id, ACTIVE))
+        second.start()
+        asyncio.run(wait_state(cp, token, second.agent_id, ACTIVE))
+        yield AppSite(cp, first, token, app)
+    finally:
+        first.stop(timeout=10)
+        second.stop(timeout=10)
+        cp.stop(timeout=10)
+        app.stop()
+
+
+@pytest.fixture
+def app_after_response(tmp_path: Path) -> Iterator[AppSite]:
+    yield from make_app_site(tmp_path, "apps.after_response=exit")
+
+
+@pytest.fixture
+def app_before_request(tmp_path: Path) -> Iterator[AppSite]:
+    yield from make_app_site(tmp_path, "apps.before_request=exit")
+
+
+def payment_calls(site: AppSite) -> list[dict[str, Any]]:
+    """The calls the app received on /payments (the agents' profile checks GET its base URL too)."""
+    return [r for r in site.app.requests() if r["path"] == "/api/payments"]
+
+
+async def pay(site: AppSite, amount: int, key: str | None) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """POST /payments through AppService/Call; the status, headers and JSON body the caller gets."""
+    head = apps_pb2.CallHead(group=GROUP, profile="pay", method="POST", path="payments",
+                             headers=[apps_pb2.Header(name="Content-Type", value="application/json")])
+    body = json.dumps({"amount": amount}).encode()
+
+    async def requests() -> AsyncIterator[apps_pb2.CallRequest]:
+        yield apps_pb2.CallRequest(head=head)
+        yield apps_pb2.CallRequest(body=body)
+
+    metadata = bearer(site.token) + ((("idempotency-key", key),) if key else ())
+    async with operator_channel(site.cp) as channel:
+        stub = apps_pb2_grpc.AppServiceStub(channel)
+        responses = [r async for r in stub.Call(requests(), metadata=metadata, timeout=60)]
+    got = responses[0].head
+    return (got.status_code, {h.name.lower(): h.value for h in got.headers},
+            json.loads(b"".join(r.body for r in responses[1:])))
+
+
+async def test_an_app_call_whose_agent_died_after_the_apps_answer_is_retried_and_the_app_pays_once(
+        app_after_response: AppSite) -> None:
+    site = app_after_response
+    status, headers, payment = await pay(site, 250, "pay-order-1")
+    assert died_at_failpoint(site.first)
+    # The first agent's call made the payment; the control plane's retry through the second agent got
+    # the app's recorded answer to that same key.
+    assert (status, headers["idempotent-replayed"]) == (201, "true")
+    assert payment == {"payment": 1, "request": {"amount": 250}, "idempotency_key": "pay-order-1"}
+    assert [p["payment"] for p in site.app.payments()] == [1]
+    assert [r["headers"].get("Idempotency-Key") for r in payment_calls(site)] == ["pay-order-1", "pay-order-1"]
+    # A manual retry by the caller: the same answer, still one payment.
+    assert (await pay(site, 250, "pay-order-1"))[::2] == (201, payment)
+    assert len(site.app.payments()) == 1
+
+
+async def test_an_app_call_whose_agent_died_before_sending_it_is_sent_once_by_the_retry(
+        app_before_request: AppSite) -> None:
+    site = app_before_request
+    status, headers, payment = await pay(site, 99, "pay-order-2")
+    assert died_at_failpoint(site.first)
+    assert (status, "idempotent-replayed" in headers) == (201, False)
+    assert payment == {"payment": 1, "request": {"amount": 99}, "idempotency_key": "pay-order-2"}
+    assert len(payment_calls(site)) == 1
+    assert len(site.app.payments()) == 1
+
+
+async def test_an_app_call_without_a_key_whose_agent_died_fails_unavailable_and_may_have_run(
+        app_after_response: AppSite) -> None:
+    site = app_after_response
+    failure = await error_of(pay(site, 5, None))
+    assert failure.code == grpc.StatusCode.UNAVAILABLE
+    assert "it may have run in part or in full" in failure.details
+    assert died_at_failpoint(site.first)
+    assert len(site.app.payments()) == 1  # it did run, and was not sent again
+
+
+async def test_the_same_key_with_another_body_gets_the_apps_refusal(app_before_request: AppSite) -> None:
+    site = app_before_request
+    await pay(site, 10, "pay-order-3")
+    status, _, refusal = await pay(site, 11, "pay-order-3")
+    assert (status, refusal) == (422, {"error": "this Idempotency-Key was used with another body"})
+    assert len(site.app.payments()) == 1

@@ -25,6 +25,7 @@ from tools.cluster import ControlPlaneProcess
 ONPREM = str(Path(sys.executable).parent / "onprem")
 T0 = (dt.datetime.now(dt.UTC) + dt.timedelta(days=30)).replace(microsecond=0)
 SINCE = T0.isoformat().replace("+00:00", "Z")
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 def row(seconds: float, detail: str, **values: Any) -> AuditEntry:
@@ -65,7 +66,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     (base / "work").mkdir()
     s = Site(cp, base / "work")
     s.add(row(1, "first"), row(2, "second, \"quoted\"", group_name="erp", profile="ledger", outcome="NOT_FOUND", code=5),
-          row(3, "third"))
+          row(3, "third", trace_id=TRACE_ID))
     yield s
     cp.stop()
 
@@ -92,8 +93,22 @@ def test_jsonl_is_one_event_a_line_with_every_documented_field(site: Site) -> No
         "principal": "ci", "token_id": "c1c1c1c1c1c1c1c1", "role": "operator",
         "method": "/onprem.v1.DatabaseService/Query", "group": "plant", "agent_id": "agent-1", "profile": "erp",
         "kind": "database", "outcome": "OK", "code": 0, "bytes_out": 1234, "duration_ms": 12, "detail": "third",
-        "peer": "ipv4:10.0.0.7:51234"}
+        "peer": "ipv4:10.0.0.7:51234", "trace_id": TRACE_ID}
     assert isinstance(third["id"], int)
+    assert events[1]["trace_id"] == ""  # a row of no trace (written before 0.3.0) has an empty one
+
+
+def test_trace_id_lists_the_events_of_one_trace_in_any_case(site: Site) -> None:
+    out = site.onprem("--since", SINCE, "--format", "csv", "--trace-id", TRACE_ID.upper())
+    assert out.returncode == 0, out.stderr
+    header, *rows = list(csv.reader(io.StringIO(out.stdout)))
+    assert [(r[header.index("detail")], r[header.index("trace_id")]) for r in rows] == [("third", TRACE_ID)]
+
+
+def test_a_malformed_trace_id_is_refused_naming_the_form(site: Site) -> None:
+    out = site.onprem("--since", SINCE, "--trace-id", "not-a-trace")
+    assert out.returncode != 0
+    assert "32 lower-case hex digits" in out.stderr
 
 
 def test_csv_has_a_header_of_the_fields_and_quotes_what_needs_it(site: Site) -> None:

@@ -8,6 +8,13 @@ closed is kept in `events` and, for a server in another process, served as
 JSON at `/_events` (outside any test's base URL); the requests it received
 likewise at `/_requests`.
 
+`POST /api/payments` is an app that deduplicates by the `Idempotency-Key` header, as the IETF draft
+(draft-ietf-httpapi-idempotency-key-header) and Stripe do: the first request with a key makes a payment
+and answers 201; a later one with the same key and the same body gets that first answer again, with
+`Idempotent-Replayed: true`, and makes nothing; the same key with another body is refused with 422; one
+while the first is still running, with 409. A request without the header makes a payment each time. The
+payments made are served at `/_payments`.
+
 A *steerable* server (`Upstream(steerable=True)`, `--steerable`) behaves like
 a misconfigured framework behind a trusted proxy: it runs the method named by
 `X-HTTP-Method-Override`, `X-HTTP-Method` or `X-Method-Override`, routes by
@@ -27,13 +34,19 @@ import argparse
 import hashlib
 import json
 import ssl
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tools.ports import free_port
 
 BIG = bytes(range(256)) * 1000  # 256 000 bytes
 PATTERN = bytes(range(256)) * 256  # 64 KiB, what /api/bytes repeats
@@ -48,12 +61,19 @@ class Seen:
     body_bytes_received: int = 0
     #: Users a steerable server deleted, by number: the damage a steered request does.
     deleted_users: list[int] = field(default_factory=list)
+    #: Payments made by POST /api/payments, oldest first: what a duplicated call would double.
+    payments: list[dict[str, Any]] = field(default_factory=list)
+    #: Idempotency-Key -> (sha256 of the body, the first answer's status and body; None while it runs).
+    keys: dict[str, tuple[str, tuple[int, bytes] | None]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def clear(self) -> None:
         self.requests.clear()
         self.events.clear()
         self.body_bytes_received = 0
         self.deleted_users.clear()
+        self.payments.clear()
+        self.keys.clear()
 
 
 #: What a steerable server honours, in the order it looks (lower case, '_' folded into '-').
@@ -146,8 +166,8 @@ def _handler(seen: Seen, steerable: bool) -> type[BaseHTTPRequestHandler]:
         def _serve(self) -> None:
             parts = urlsplit(self.path)
             query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-            if parts.path in ("/_events", "/_requests"):
-                kept = seen.events if parts.path == "/_events" else seen.requests
+            if parts.path in ("/_events", "/_requests", "/_payments"):
+                kept = {"/_events": seen.events, "/_requests": seen.requests, "/_payments": seen.payments}[parts.path]
                 self._reply(200, json.dumps(kept).encode(), [("Content-Type", "application/json")])
                 return
             ran = None
@@ -209,6 +229,8 @@ def _handler(seen: Seen, steerable: bool) -> type[BaseHTTPRequestHandler]:
                 self._reply(500, b"it broke")
             elif route == "admin" and "ran" in record:
                 self._admin(record["ran"])
+            elif route == "payments" and self.command == "POST":
+                self._payment(record["body"].encode("latin-1"))
             elif route == "redirect":
                 self._reply(302, b"", [("Location", "http://127.0.0.1:1/elsewhere")])
             elif route == "big":
@@ -262,6 +284,35 @@ def _handler(seen: Seen, steerable: bool) -> type[BaseHTTPRequestHandler]:
                             [("Content-Type", "application/json")])
             else:
                 self._reply(404, b"no such admin action")
+
+        def _payment(self, body: bytes) -> None:
+            """A payment, made at most once per Idempotency-Key."""
+            key = self.headers.get("Idempotency-Key")
+            fingerprint = hashlib.sha256(body).hexdigest()
+            json_type = ("Content-Type", "application/json")
+            if key is not None:
+                with seen.lock:
+                    known = seen.keys.get(key)
+                    if known is None:
+                        seen.keys[key] = (fingerprint, None)
+                if known is not None:
+                    first_fingerprint, answer = known
+                    if first_fingerprint != fingerprint:
+                        self._reply(422, b'{"error": "this Idempotency-Key was used with another body"}', [json_type])
+                    elif answer is None:
+                        self._reply(409, b'{"error": "a request with this Idempotency-Key is in progress"}',
+                                    [json_type])
+                    else:
+                        self._reply(answer[0], answer[1], [json_type, ("Idempotent-Replayed", "true")])
+                    return
+            with seen.lock:
+                payment = {"payment": len(seen.payments) + 1, "request": json.loads(body or b"{}"),
+                           "idempotency_key": key}
+                seen.payments.append(payment)
+                answer = (201, json.dumps(payment).encode())
+                if key is not None:
+                    seen.keys[key] = (fingerprint, answer)
+            self._reply(answer[0], answer[1], [json_type])
 
         def _bytes(self, n: int, chunked: bool) -> None:
             if chunked:
@@ -319,6 +370,50 @@ class Upstream:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class UpstreamProcess:
+    """The app in its own process (`python -m tests.support.apps_upstream`), so that its CPU does not
+    compete with the test's client; what it saw is read over HTTP."""
+
+    def __init__(self, steerable: bool = False) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.support.apps_upstream", "--port", str(self.port),
+                                      *(["--steerable"] if steerable else [])],
+                                     cwd=Path(__file__).resolve().parents[2])
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                self.events()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.05)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/"
+
+    def events(self) -> list[dict[str, Any]]:
+        return self._get("/_events")
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Every request the app has received, oldest first."""
+        return self._get("/_requests")
+
+    def payments(self) -> list[dict[str, Any]]:
+        """Every payment POST /api/payments made, oldest first."""
+        return self._get("/_payments")
+
+    def _get(self, path: str) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as response:
+            kept: list[dict[str, Any]] = json.load(response)
+            return kept
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
 
 
 def main() -> None:

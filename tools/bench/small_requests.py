@@ -18,7 +18,9 @@ latency are reported with the relay's as the baseline. A third side, for
 diagnosis, is the same relay with a backend that answers each request with
 three messages to the client (`bare_relay backend --shaped`), as the streamed
 shape of `DatabaseService/Query` (header, rows, summary) must: what that shape
-costs by itself, without protobuf, routing, credit, audit or metrics.
+costs by itself, without protobuf, routing, credit, audit or metrics. A fourth
+side is ours through `DatabaseService/ExecuteQuery`, which answers the same
+request with one message, the relay's own shape.
 
 The pieces here (`Load`, `drive`, `start_cluster`, `query_once`) are shared by
 the head-of-line, in-flight and footprint benchmarks.
@@ -190,6 +192,21 @@ def query_once(channel: grpc.aio.Channel, token: str, *, group: str = GROUP, pro
     return one
 
 
+def execute_once(channel: grpc.aio.Channel, token: str, *, group: str = GROUP, profile: str = PROFILE,
+                 sql: str = SQL, timeout: float = 60) -> Callable[[], Awaitable[None]]:
+    """The same query through ExecuteQuery (its result in one message); fails unless one row comes back."""
+    stub = database_stub(channel)
+    request = database_pb2.ExecuteQueryRequest(group=group, profile=profile, sql=sql)
+    metadata = bearer(token)
+
+    async def one() -> None:
+        response = await stub.ExecuteQuery(request, metadata=metadata, timeout=timeout)
+        if response.summary.row_count != 1:
+            raise AssertionError(f"expected 1 row, got {response.summary.row_count}")
+
+    return one
+
+
 # --- the bare relay -----------------------------------------------------------
 
 
@@ -290,20 +307,23 @@ async def _drive_metered(side: Side, requests: int, concurrency: int) -> tuple[L
 
 
 async def _measure(cluster: Cluster, relays: tuple[BareRelay, BareRelay], *, warmup: int, requests: int,
-                   rounds: int, concurrency: int, serial_requests: int) -> tuple[Measured, Measured, Measured]:
-    """The best runs of ours, of the bare relay and of the relay shaped like ours."""
+                   rounds: int, concurrency: int,
+                   serial_requests: int) -> tuple[Measured, Measured, Measured, Measured]:
+    """The best runs of ours (Query), of the bare relay, of the relay shaped like Query, and of ours
+    through ExecuteQuery."""
     await wait_active(cluster)
     plain, shaped = relays
     async with (operator_channel(cluster.cp) as ours_ch, relay_channel(plain) as relay_ch,
                 relay_channel(shaped) as shaped_ch):
         sides = [Side(query_once(ours_ch, cluster.token), (cluster.cp_pid, cluster.agent_pid)),
-                 Side(relay_once(relay_ch), plain.pids), Side(relay_once(shaped_ch, shaped=True), shaped.pids)]
-        for side in sides[1:]:
+                 Side(relay_once(relay_ch), plain.pids), Side(relay_once(shaped_ch, shaped=True), shaped.pids),
+                 Side(execute_once(ours_ch, cluster.token), (cluster.cp_pid, cluster.agent_pid))]
+        for side in sides[1:3]:
             await wait_relay_ready(side.one)
         for side in sides:
             await drive(side.one, warmup, concurrency)
-        loaded: list[list[tuple[Load, tuple[float, float]]]] = [[], [], []]
-        serial: list[list[Load]] = [[], [], []]
+        loaded: list[list[tuple[Load, tuple[float, float]]]] = [[] for _ in sides]
+        serial: list[list[Load]] = [[] for _ in sides]
         for _ in range(rounds):
             # Alternated, so that a burst of load elsewhere on the machine hits each alike.
             for side, side_runs in zip(sides, loaded, strict=True):
@@ -314,10 +334,10 @@ async def _measure(cluster: Cluster, relays: tuple[BareRelay, BareRelay], *, war
     for side_runs, side_serial in zip(loaded, serial, strict=True):
         load, cpu = max(side_runs, key=lambda run: run[0].rate)
         best.append(Measured(load, cpu, min(side_serial, key=lambda run: run.p50_ms)))
-    return best[0], best[1], best[2]
+    return best[0], best[1], best[2], best[3]
 
 
-def figures(ours: Measured, relay: Measured, shaped: Measured) -> list[Figure]:
+def figures(ours: Measured, relay: Measured, shaped: Measured, unary: Measured) -> list[Figure]:
     baseline = "bare grpc.aio relay, same layout"
     ours_cpu, relay_cpu = (sum(m.cpu_per_request) * 1000 for m in (ours, relay))
     (cp_cpu, agent_cpu), (relay_only, backend_only) = ((c * 1000 for c in m.cpu_per_request) for m in (ours, relay))
@@ -346,6 +366,17 @@ def figures(ours: Measured, relay: Measured, shaped: Measured) -> list[Figure]:
         Figure("small requests, for diagnosis: CPU per request of the relay of 3 messages, relay + backend",
                sum(shaped.cpu_per_request) * 1000, "ms", target="—", met=None,
                baseline_name=f"{baseline}: relay + backend", baseline=relay_cpu),
+        ratio_figure(f"small requests through ExecuteQuery (the result in one message, the relay's shape), "
+                     f"{CONCURRENCY} in flight", unary.loaded.rate, "req/s", baseline, relay.loaded.rate, MIN_RATIO),
+        Figure("small requests through ExecuteQuery, one at a time: p50 latency", unary.serial.p50_ms, "ms",
+               target=f"<= {MAX_SERIAL_P50:.0%} of baseline",
+               met=unary.serial.p50_ms <= MAX_SERIAL_P50 * relay.serial.p50_ms,
+               baseline_name=baseline, baseline=relay.serial.p50_ms),
+        Figure(f"CPU per small request through ExecuteQuery, control plane + agent "
+               f"({unary.cpu_per_request[0] * 1000:.2f} + {unary.cpu_per_request[1] * 1000:.2f} ms)",
+               sum(unary.cpu_per_request) * 1000, "ms", target=f"<= {MAX_CPU_RATIO:.0%} of baseline",
+               met=sum(unary.cpu_per_request) * 1000 <= MAX_CPU_RATIO * relay_cpu,
+               baseline_name=f"{baseline}: relay + backend", baseline=relay_cpu),
     ]
 
 
@@ -353,10 +384,10 @@ def run_small(workdir: Path, *, requests: int = REQUESTS, warmup: int = WARMUP, 
               concurrency: int = CONCURRENCY, serial_requests: int = SERIAL_REQUESTS) -> list[Figure]:
     with (start_cluster(workdir) as cluster, bare_relay(workdir, workdir / "lite.db") as plain,
           bare_relay(workdir, workdir / "lite.db", shaped=True) as shaped):
-        ours, relay, shaped_relay = asyncio.run(_measure(
+        ours, relay, shaped_relay, unary = asyncio.run(_measure(
             cluster, (plain, shaped), warmup=warmup, requests=requests, rounds=rounds, concurrency=concurrency,
             serial_requests=serial_requests))
-    return figures(ours, relay, shaped_relay)
+    return figures(ours, relay, shaped_relay, unary)
 
 
 def run(workdir: Path) -> list[Figure]:

@@ -15,6 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 
 import httpx
+from opentelemetry.trace import Span
 
 from onprem.agent import failpoints
 from onprem.agent.handlers.apps.auth import injected_headers, ssl_context
@@ -28,7 +29,9 @@ from onprem.agent.handlers.apps.confine import (
 )
 from onprem.agent.handlers.apps.errors import Progress, classify, http_errors, to_request_error
 from onprem.agent.handlers.base import RequestContext
+from onprem.agent.handlers.traced import traced
 from onprem.agent.profiles.apps import AppProfile
+from onprem.tunnel import tracing
 from onprem.tunnel.errors import (
     FailedPrecondition,
     NotFound,
@@ -127,7 +130,16 @@ class AppHandler:
                 )
             return client
 
-    async def handle(self, call: apps_pb2.AppCall, context: RequestContext) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
+    def handle(self, call: apps_pb2.AppCall, context: RequestContext) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
+        head = call.head
+
+        def attributes() -> dict[str, str | int | bool]:
+            return {"http.request.method": head.method.upper() or "GET", "onprem.profile": head.profile}
+
+        return traced(f"http {head.method.upper() or 'GET'}", attributes, lambda span: self._handle(call, context, span))
+
+    async def _handle(self, call: apps_pb2.AppCall, context: RequestContext,
+                      span: Span) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
         head = call.head
         profile = self._profile(head.profile)
         method = check_method(profile, head.method)
@@ -140,6 +152,11 @@ class AppHandler:
             # the control plane's retry of a lost call safe, so it replaces any such header the caller set.
             headers = [(n, v) for n, v in headers if n.lower() != IDEMPOTENCY_HEADER.lower()]
             headers.append((IDEMPOTENCY_HEADER, context.idempotency.key))
+        if span.is_recording():
+            # The app joins the trace under this call's span, as OpenTelemetry's HTTP clients do; the
+            # caller's own trace headers, if its profile lets them through, would name the wrong parent.
+            headers = [(n, v) for n, v in headers if n.lower() not in (tracing.TRACEPARENT, tracing.TRACESTATE)]
+            headers.append((tracing.TRACEPARENT, tracing.format_traceparent(span.get_span_context())))
         injected = await injected_headers(profile)
         client = await self._client(profile)
         length_given = any(name.lower() == "content-length" for name, _ in headers)
@@ -147,10 +164,13 @@ class AppHandler:
         chunk_size = max(1, context.max_chunk_bytes - _CHUNK_OVERHEAD)
         limit = profile.max_response_bytes
         progress = Progress()
+        failpoints.hit("apps.before_request")
         with http_errors(profile, progress):
             # On cancel (operator or deadline) leaving this block closes the response, and since its
             # body is unread, httpcore drops the connection instead of pooling it: the app sees it close.
             async with client.stream(method, url, headers=headers + injected.headers, content=content) as response:
+                if span.is_recording():
+                    span.set_attribute("http.response.status_code", response.status_code)
                 has_body = method != "HEAD" and response.status_code not in _NO_BODY_STATUSES
                 declared = response.headers.get("content-length", "")
                 if limit is not None and has_body and declared.isdigit() and int(declared) > limit:

@@ -25,6 +25,7 @@ from onprem.agent.handlers.database.errors import first_lines, map_error, scrub
 from onprem.agent.handlers.database.idempotency import IdempotencyTable
 from onprem.agent.handlers.database.operations import Batch, Poll, Transaction
 from onprem.agent.handlers.database.query import Query
+from onprem.agent.handlers.traced import traced
 from onprem.agent.profiles.database import DatabaseProfile
 from onprem.tunnel.errors import FailedPrecondition, InvalidArgument, NotFound
 from onprem.v1 import database_pb2, profiles_pb2, tunnel_pb2
@@ -117,7 +118,20 @@ class DatabaseHandler:
             runtime = self._runtimes[name] = ProfileRuntime(profile)
         return runtime
 
-    async def handle(
+    def handle(
+        self, payload: database_pb2.DatabaseQuery, context: RequestContext
+    ) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
+        operation = payload.WhichOneof("operation") or ""
+
+        def attributes() -> dict[str, str | int | bool]:
+            name = getattr(payload, operation).profile if operation else ""
+            profile = self._profiles.get(name)
+            return {"db.system.name": profile.dialect if profile is not None else "", "db.operation.name": operation,
+                    "onprem.profile": name}
+
+        return traced(f"db {operation}", attributes, lambda _span: self._handle(payload, context))
+
+    async def _handle(
         self, payload: database_pb2.DatabaseQuery, context: RequestContext
     ) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
         operation = payload.WhichOneof("operation")

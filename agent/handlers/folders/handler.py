@@ -57,6 +57,7 @@ from onprem.agent.handlers.folders.paths import (
 from onprem.agent.handlers.folders.scan import DEFAULT_PAGE_SIZE, checked_count, list_page, poll
 from onprem.agent.handlers.folders.temp import Sweeper
 from onprem.agent.handlers.folders.write import write
+from onprem.agent.handlers.traced import traced
 from onprem.agent.profiles.folders import FolderProfile
 from onprem.tunnel.errors import (
     AlreadyExists,
@@ -110,6 +111,7 @@ def _run_keyed(profile: FolderProfile, key: tunnel_pb2.Idempotency,
         recorded = ledger.recorded()
         if recorded is not None:
             return recorded[0]
+        failpoints.hit("files.before_rename")
         chunk = run()
         ledger.record([chunk])
         failpoints.hit("files.after_rename")
@@ -154,7 +156,16 @@ class FolderHandler:
             raise FailedPrecondition(f"folder profile '{name}' is read-only", reason="READ_ONLY_PROFILE")
         return profile
 
-    async def handle(self, op: files_pb2.FileOp, context: RequestContext) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
+    def handle(self, op: files_pb2.FileOp, context: RequestContext) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
+        kind = op.WhichOneof("operation") or ""
+
+        def attributes() -> dict[str, str | int | bool]:
+            # The profile, never the path: paths may name what a site keeps private.
+            return {"file.operation": kind, "onprem.profile": getattr(op, kind).profile if kind else ""}
+
+        return traced(f"file {kind}", attributes, lambda _span: self._handle(op, context))
+
+    async def _handle(self, op: files_pb2.FileOp, context: RequestContext) -> AsyncIterator[tunnel_pb2.ResponseChunk]:
         kind = op.WhichOneof("operation")
         try:
             if kind == "list":

@@ -182,11 +182,65 @@ def _publish_keyed(profile: FolderProfile, key: tunnel_pb2.Idempotency, fingerpr
         recorded = ledger.recorded(fingerprint)
         if recorded is not None:
             return recorded[0].write, False
+        if ledger.intent is not None:
+            # An attempt died between its intent and its outcome: did its rename take effect?
+            published = _published(dir_fd, ledger.intent, parts, mode, profile)
+            if published is not None:
+                response = files_pb2.WriteResponse(info=file_info(published[0], published[1]), sha256=actual)
+                ledger.record([tunnel_pb2.ResponseChunk(write=response)], fingerprint)
+                return response, False
+            _drop_stale_temp(dir_fd, ledger.intent)
+        ledger.intend(fingerprint, temp, st)
+        failpoints.hit("files.before_rename")
         final_rel = _publish(dir_fd, temp, parts, mode, profile)
+        failpoints.hit("files.before_record")
         response = files_pb2.WriteResponse(info=file_info(final_rel, st), sha256=actual)
         ledger.record([tunnel_pb2.ResponseChunk(write=response)], fingerprint)
         failpoints.hit("files.after_rename")
         return response, True
+
+
+def _published(dir_fd: int, intent: dict[str, int | str], parts: Parts, mode: int,
+               profile: FolderProfile) -> tuple[str, os.stat_result] | None:
+    """The relative path and stat of the file the intent's temp file became, if its rename took effect."""
+    name = parts[-1]
+    prefix = rel_of(parts[:-1]) + "/" if len(parts) > 1 else ""
+    # One pass over the folder (recovery is rare; numbered names may have gaps), then a stat to be sure.
+    with os.scandir(dir_fd) as entries:
+        found = [e.name for e in entries if e.inode() == intent["ino"]
+                 and (e.name == name or (mode == files_pb2.WRITE_MODE_KEEP_BOTH and _is_numbered(e.name, name)))]
+    for candidate in found:
+        st = os.stat(candidate, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISREG(st.st_mode) and _same_file(st, intent):
+            return prefix + candidate, st
+    return None
+
+
+def _is_numbered(candidate: str, name: str) -> bool:
+    """Whether `candidate` is one of KEEP_BOTH's numbered names for `name` ("a (3).csv" for "a.csv")."""
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem:
+        head, tail = name + " (", ")"
+    else:
+        head, tail = stem + " (", ")." + ext
+    number = candidate[len(head):len(candidate) - len(tail)]
+    return (candidate.startswith(head) and candidate.endswith(tail) and number.isdigit()
+            and _keep_both_name(name, int(number)) == candidate)
+
+
+def _drop_stale_temp(dir_fd: int, intent: dict[str, int | str]) -> None:
+    """Remove the dead attempt's temp file, if it is still there and still that file."""
+    temp = str(intent["temp"])
+    with contextlib.suppress(OSError):
+        st = os.stat(temp, dir_fd=dir_fd, follow_symlinks=False)
+        if _same_file(st, intent):
+            os.unlink(temp, dir_fd=dir_fd)
+
+
+def _same_file(st: os.stat_result, intent: dict[str, int | str]) -> bool:
+    """Whether `st` is the intent's file: the same inode, and not a later file given a freed inode."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == (
+        intent["dev"], intent["ino"], intent["size"], intent["mtime_ns"])
 
 
 def _keep_both_name(name: str, n: int) -> str:

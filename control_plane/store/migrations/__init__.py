@@ -9,6 +9,7 @@ released:
           the `change_counters` table (seeded with `api_tokens` = 0) and the `settings` table
     0003  control-plane replicas (issue 14): `replicas`, `agent_streams`, `agent_drains`
     0004  the audit API (issue 17): index `ix_audit_group_at` on audit (group_name, at)
+    0005  traces (issue 17, part 3): audit's `trace_id`, and its index `ix_audit_trace_id`
 
 A new revision copies the latest file, names the latest as its `down_revision`, and writes
 `upgrade` and `downgrade` with `alembic.op` and literal types and widths, never the `schema`

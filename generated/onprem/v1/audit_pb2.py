@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15onprem/v1/audit.proto\x12\tonprem.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x80\x02\n\x16ListAuditEventsRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08token_id\x18\x03 \x01(\t\x12\r\n\x05group\x18\x04 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\x12\x0f\n\x07profile\x18\x06 \x01(\t\x12\x0c\n\x04kind\x18\x07 \x01(\t\x12\x0f\n\x07outcome\x18\x08 \x01(\t\x12\x11\n\tpage_size\x18\t \x01(\x05\x12\x12\n\npage_token\x18\n \x01(\t\"Y\n\x17ListAuditEventsResponse\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.onprem.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xaa\x02\n\nAuditEvent\x12\n\n\x02id\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x10\n\x08token_id\x18\x04 \x01(\t\x12\x0c\n\x04role\x18\x05 \x01(\t\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\r\n\x05group\x18\x07 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x08 \x01(\t\x12\x0f\n\x07profile\x18\t \x01(\t\x12\x0c\n\x04kind\x18\n \x01(\t\x12\x0f\n\x07outcome\x18\x0b \x01(\t\x12\x0c\n\x04\x63ode\x18\x0c \x01(\x05\x12\x11\n\tbytes_out\x18\r \x01(\x03\x12\x13\n\x0b\x64uration_ms\x18\x0e \x01(\x03\x12\x0e\n\x06\x64\x65tail\x18\x0f \x01(\t\x12\x0c\n\x04peer\x18\x10 \x01(\t2h\n\x0c\x41uditService\x12X\n\x0fListAuditEvents\x12!.onprem.v1.ListAuditEventsRequest\x1a\".onprem.v1.ListAuditEventsResponseB]\n\rdev.onprem.v1B\nAuditProtoP\x01Z2github.com/onprem/onprem/gen/go/onprem/v1;onpremv1\xaa\x02\tOnprem.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15onprem/v1/audit.proto\x12\tonprem.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x92\x02\n\x16ListAuditEventsRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08token_id\x18\x03 \x01(\t\x12\r\n\x05group\x18\x04 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\x12\x0f\n\x07profile\x18\x06 \x01(\t\x12\x0c\n\x04kind\x18\x07 \x01(\t\x12\x0f\n\x07outcome\x18\x08 \x01(\t\x12\x11\n\tpage_size\x18\t \x01(\x05\x12\x12\n\npage_token\x18\n \x01(\t\x12\x10\n\x08trace_id\x18\x0b \x01(\t\"Y\n\x17ListAuditEventsResponse\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.onprem.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xbc\x02\n\nAuditEvent\x12\n\n\x02id\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x10\n\x08token_id\x18\x04 \x01(\t\x12\x0c\n\x04role\x18\x05 \x01(\t\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\r\n\x05group\x18\x07 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x08 \x01(\t\x12\x0f\n\x07profile\x18\t \x01(\t\x12\x0c\n\x04kind\x18\n \x01(\t\x12\x0f\n\x07outcome\x18\x0b \x01(\t\x12\x0c\n\x04\x63ode\x18\x0c \x01(\x05\x12\x11\n\tbytes_out\x18\r \x01(\x03\x12\x13\n\x0b\x64uration_ms\x18\x0e \x01(\x03\x12\x0e\n\x06\x64\x65tail\x18\x0f \x01(\t\x12\x0c\n\x04peer\x18\x10 \x01(\t\x12\x10\n\x08trace_id\x18\x11 \x01(\t2h\n\x0c\x41uditService\x12X\n\x0fListAuditEvents\x12!.onprem.v1.ListAuditEventsRequest\x1a\".onprem.v1.ListAuditEventsResponseB]\n\rdev.onprem.v1B\nAuditProtoP\x01Z2github.com/onprem/onprem/gen/go/onprem/v1;onpremv1\xaa\x02\tOnprem.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rdev.onprem.v1B\nAuditProtoP\001Z2github.com/onprem/onprem/gen/go/onprem/v1;onpremv1\252\002\tOnprem.V1'
   _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=70
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=326
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=328
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=417
-  _globals['_AUDITEVENT']._serialized_start=420
-  _globals['_AUDITEVENT']._serialized_end=718
-  _globals['_AUDITSERVICE']._serialized_start=720
-  _globals['_AUDITSERVICE']._serialized_end=824
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=344
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=346
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=435
+  _globals['_AUDITEVENT']._serialized_start=438
+  _globals['_AUDITEVENT']._serialized_end=754
+  _globals['_AUDITSERVICE']._serialized_start=756
+  _globals['_AUDITSERVICE']._serialized_end=860
 # @@protoc_insertion_point(module_scope)

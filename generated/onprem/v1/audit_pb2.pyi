@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ListAuditEventsRequest(_message.Message):
-    __slots__ = ("start_time", "end_time", "token_id", "group", "agent_id", "profile", "kind", "outcome", "page_size", "page_token")
+    __slots__ = ("start_time", "end_time", "token_id", "group", "agent_id", "profile", "kind", "outcome", "page_size", "page_token", "trace_id")
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class ListAuditEventsRequest(_message.Message):
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     start_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
     token_id: str
@@ -31,7 +32,8 @@ class ListAuditEventsRequest(_message.Message):
     outcome: str
     page_size: int
     page_token: str
-    def __init__(self, start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., token_id: _Optional[str] = ..., group: _Optional[str] = ..., agent_id: _Optional[str] = ..., profile: _Optional[str] = ..., kind: _Optional[str] = ..., outcome: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    trace_id: str
+    def __init__(self, start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., token_id: _Optional[str] = ..., group: _Optional[str] = ..., agent_id: _Optional[str] = ..., profile: _Optional[str] = ..., kind: _Optional[str] = ..., outcome: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., trace_id: _Optional[str] = ...) -> None: ...
 
 class ListAuditEventsResponse(_message.Message):
     __slots__ = ("events", "next_page_token")
@@ -42,7 +44,7 @@ class ListAuditEventsResponse(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[AuditEvent, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class AuditEvent(_message.Message):
-    __slots__ = ("id", "time", "principal", "token_id", "role", "method", "group", "agent_id", "profile", "kind", "outcome", "code", "bytes_out", "duration_ms", "detail", "peer")
+    __slots__ = ("id", "time", "principal", "token_id", "role", "method", "group", "agent_id", "profile", "kind", "outcome", "code", "bytes_out", "duration_ms", "detail", "peer", "trace_id")
     ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +61,7 @@ class AuditEvent(_message.Message):
     DURATION_MS_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     PEER_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     id: int
     time: _timestamp_pb2.Timestamp
     principal: str
@@ -75,4 +78,5 @@ class AuditEvent(_message.Message):
     duration_ms: int
     detail: str
     peer: str
-    def __init__(self, id: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., principal: _Optional[str] = ..., token_id: _Optional[str] = ..., role: _Optional[str] = ..., method: _Optional[str] = ..., group: _Optional[str] = ..., agent_id: _Optional[str] = ..., profile: _Optional[str] = ..., kind: _Optional[str] = ..., outcome: _Optional[str] = ..., code: _Optional[int] = ..., bytes_out: _Optional[int] = ..., duration_ms: _Optional[int] = ..., detail: _Optional[str] = ..., peer: _Optional[str] = ...) -> None: ...
+    trace_id: str
+    def __init__(self, id: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., principal: _Optional[str] = ..., token_id: _Optional[str] = ..., role: _Optional[str] = ..., method: _Optional[str] = ..., group: _Optional[str] = ..., agent_id: _Optional[str] = ..., profile: _Optional[str] = ..., kind: _Optional[str] = ..., outcome: _Optional[str] = ..., code: _Optional[int] = ..., bytes_out: _Optional[int] = ..., duration_ms: _Optional[int] = ..., detail: _Optional[str] = ..., peer: _Optional[str] = ..., trace_id: _Optional[str] = ...) -> None: ...

@@ -28,6 +28,37 @@ class QueryRequest(_message.Message):
     max_rows: int
     def __init__(self, group: _Optional[str] = ..., profile: _Optional[str] = ..., sql: _Optional[str] = ..., parameters: _Optional[_Mapping[str, _values_pb2.Value]] = ..., max_rows: _Optional[int] = ...) -> None: ...
 
+class ExecuteQueryRequest(_message.Message):
+    __slots__ = ("group", "profile", "sql", "parameters", "max_rows")
+    class ParametersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _values_pb2.Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_values_pb2.Value, _Mapping]] = ...) -> None: ...
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    SQL_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROWS_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    profile: str
+    sql: str
+    parameters: _containers.MessageMap[str, _values_pb2.Value]
+    max_rows: int
+    def __init__(self, group: _Optional[str] = ..., profile: _Optional[str] = ..., sql: _Optional[str] = ..., parameters: _Optional[_Mapping[str, _values_pb2.Value]] = ..., max_rows: _Optional[int] = ...) -> None: ...
+
+class ExecuteQueryResponse(_message.Message):
+    __slots__ = ("header", "batches", "summary")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    header: QueryHeader
+    batches: _containers.RepeatedCompositeFieldContainer[_values_pb2.RowBatch]
+    summary: QuerySummary
+    def __init__(self, header: _Optional[_Union[QueryHeader, _Mapping]] = ..., batches: _Optional[_Iterable[_Union[_values_pb2.RowBatch, _Mapping]]] = ..., summary: _Optional[_Union[QuerySummary, _Mapping]] = ...) -> None: ...
+
 class QueryResponse(_message.Message):
     __slots__ = ("header", "rows", "summary")
     HEADER_FIELD_NUMBER: _ClassVar[int]

@@ -28,14 +28,15 @@ if _version_not_supported:
 class DatabaseServiceStub:
     """Runs SQL against a database profile of an agent in a group.
 
-    Idempotency: Query, ExecuteBatch and ExecuteTransaction accept an
-    `idempotency-key` metadata entry (1 to 128 printable ASCII characters). The
-    agent records the outcome under the key in the profile's idempotency table,
-    in the write's own transaction, and a request with the same key answers
-    from that record instead of running again; the same key with another
-    request is FAILED_PRECONDITION (reason IDEMPOTENCY_KEY_REUSED). A keyed
-    write whose agent was lost is retried once on another agent of the group.
-    See docs/operators.md, "Writes that happen once".
+    Idempotency: Query, ExecuteQuery, ExecuteBatch and ExecuteTransaction
+    accept an `idempotency-key` metadata entry (1 to 128 printable ASCII
+    characters). The agent records the outcome under the key in the profile's
+    idempotency table, in the write's own transaction, and a request with the
+    same key answers from that record instead of running again; the same key
+    with another request is FAILED_PRECONDITION (reason
+    IDEMPOTENCY_KEY_REUSED). A keyed write whose agent was lost is retried
+    once on another agent of the group. See docs/operators.md, "Writes that
+    happen once".
     """
 
     def __init__(self, channel):
@@ -48,6 +49,11 @@ class DatabaseServiceStub:
                 '/onprem.v1.DatabaseService/Query',
                 request_serializer=onprem_dot_v1_dot_database__pb2.QueryRequest.SerializeToString,
                 response_deserializer=onprem_dot_v1_dot_database__pb2.QueryResponse.FromString,
+                _registered_method=True)
+        self.ExecuteQuery = channel.unary_unary(
+                '/onprem.v1.DatabaseService/ExecuteQuery',
+                request_serializer=onprem_dot_v1_dot_database__pb2.ExecuteQueryRequest.SerializeToString,
+                response_deserializer=onprem_dot_v1_dot_database__pb2.ExecuteQueryResponse.FromString,
                 _registered_method=True)
         self.ExecuteBatch = channel.unary_unary(
                 '/onprem.v1.DatabaseService/ExecuteBatch',
@@ -69,14 +75,15 @@ class DatabaseServiceStub:
 class DatabaseServiceServicer:
     """Runs SQL against a database profile of an agent in a group.
 
-    Idempotency: Query, ExecuteBatch and ExecuteTransaction accept an
-    `idempotency-key` metadata entry (1 to 128 printable ASCII characters). The
-    agent records the outcome under the key in the profile's idempotency table,
-    in the write's own transaction, and a request with the same key answers
-    from that record instead of running again; the same key with another
-    request is FAILED_PRECONDITION (reason IDEMPOTENCY_KEY_REUSED). A keyed
-    write whose agent was lost is retried once on another agent of the group.
-    See docs/operators.md, "Writes that happen once".
+    Idempotency: Query, ExecuteQuery, ExecuteBatch and ExecuteTransaction
+    accept an `idempotency-key` metadata entry (1 to 128 printable ASCII
+    characters). The agent records the outcome under the key in the profile's
+    idempotency table, in the write's own transaction, and a request with the
+    same key answers from that record instead of running again; the same key
+    with another request is FAILED_PRECONDITION (reason
+    IDEMPOTENCY_KEY_REUSED). A keyed write whose agent was lost is retried
+    once on another agent of the group. See docs/operators.md, "Writes that
+    happen once".
     """
 
     def Query(self, request, context):
@@ -84,6 +91,21 @@ class DatabaseServiceServicer:
         first a header with the columns, then row batches, then a summary.
         A statement that returns no rows (DML, DDL) yields a header with no
         columns and a summary with the rows affected.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExecuteQuery(self, request, context):
+        """Runs one statement, as Query does, and returns its whole result in one
+        message: the header, the row batches and the summary together. For
+        results that fit one gRPC message: one larger than 4 MiB (the default
+        receive limit of gRPC clients) fails with RESOURCE_EXHAUSTED, reason
+        RESULT_TOO_LARGE, and the statement is cancelled; stream it with Query
+        or cut it with `max_rows`. One message instead of three costs the
+        caller and the control plane less, which is most of what a small query
+        costs. ExecuteQuery and Query run the same request: an idempotency key
+        sent with one is answered from its record by the other.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -122,6 +144,11 @@ def add_DatabaseServiceServicer_to_server(servicer, server):
                     request_deserializer=onprem_dot_v1_dot_database__pb2.QueryRequest.FromString,
                     response_serializer=onprem_dot_v1_dot_database__pb2.QueryResponse.SerializeToString,
             ),
+            'ExecuteQuery': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExecuteQuery,
+                    request_deserializer=onprem_dot_v1_dot_database__pb2.ExecuteQueryRequest.FromString,
+                    response_serializer=onprem_dot_v1_dot_database__pb2.ExecuteQueryResponse.SerializeToString,
+            ),
             'ExecuteBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.ExecuteBatch,
                     request_deserializer=onprem_dot_v1_dot_database__pb2.ExecuteBatchRequest.FromString,
@@ -148,14 +175,15 @@ def add_DatabaseServiceServicer_to_server(servicer, server):
 class DatabaseService:
     """Runs SQL against a database profile of an agent in a group.
 
-    Idempotency: Query, ExecuteBatch and ExecuteTransaction accept an
-    `idempotency-key` metadata entry (1 to 128 printable ASCII characters). The
-    agent records the outcome under the key in the profile's idempotency table,
-    in the write's own transaction, and a request with the same key answers
-    from that record instead of running again; the same key with another
-    request is FAILED_PRECONDITION (reason IDEMPOTENCY_KEY_REUSED). A keyed
-    write whose agent was lost is retried once on another agent of the group.
-    See docs/operators.md, "Writes that happen once".
+    Idempotency: Query, ExecuteQuery, ExecuteBatch and ExecuteTransaction
+    accept an `idempotency-key` metadata entry (1 to 128 printable ASCII
+    characters). The agent records the outcome under the key in the profile's
+    idempotency table, in the write's own transaction, and a request with the
+    same key answers from that record instead of running again; the same key
+    with another request is FAILED_PRECONDITION (reason
+    IDEMPOTENCY_KEY_REUSED). A keyed write whose agent was lost is retried
+    once on another agent of the group. See docs/operators.md, "Writes that
+    happen once".
     """
 
     @staticmethod
@@ -175,6 +203,33 @@ class DatabaseService:
             '/onprem.v1.DatabaseService/Query',
             onprem_dot_v1_dot_database__pb2.QueryRequest.SerializeToString,
             onprem_dot_v1_dot_database__pb2.QueryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteQuery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onprem.v1.DatabaseService/ExecuteQuery',
+            onprem_dot_v1_dot_database__pb2.ExecuteQueryRequest.SerializeToString,
+            onprem_dot_v1_dot_database__pb2.ExecuteQueryResponse.FromString,
             options,
             channel_credentials,
             insecure,

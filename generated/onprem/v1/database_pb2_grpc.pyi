@@ -29,14 +29,15 @@ GRPC_VERSION: str
 class DatabaseServiceStub:
     """Runs SQL against a database profile of an agent in a group.
 
-    Idempotency: Query, ExecuteBatch and ExecuteTransaction accept an
-    `idempotency-key` metadata entry (1 to 128 printable ASCII characters). The
-    agent records the outcome under the key in the profile's idempotency table,
-    in the write's own transaction, and a request with the same key answers
-    from that record instead of running again; the same key with another
-    request is FAILED_PRECONDITION (reason IDEMPOTENCY_KEY_REUSED). A keyed
-    write whose agent was lost is retried once on another agent of the group.
-    See docs/operators.md, "Writes that happen once".
+    Idempotency: Query, ExecuteQuery, ExecuteBatch and ExecuteTransaction
+    accept an `idempotency-key` metadata entry (1 to 128 printable ASCII
+    characters). The agent records the outcome under the key in the profile's
+    idempotency table, in the write's own transaction, and a request with the
+    same key answers from that record instead of running again; the same key
+    with another request is FAILED_PRECONDITION (reason
+    IDEMPOTENCY_KEY_REUSED). A keyed write whose agent was lost is retried
+    once on another agent of the group. See docs/operators.md, "Writes that
+    happen once".
     """
 
     @_typing.overload
@@ -48,6 +49,17 @@ class DatabaseServiceStub:
     first a header with the columns, then row batches, then a summary.
     A statement that returns no rows (DML, DDL) yields a header with no
     columns and a summary with the rows affected.
+    """
+    ExecuteQuery: _grpc.UnaryUnaryMultiCallable[_database_pb2.ExecuteQueryRequest, _database_pb2.ExecuteQueryResponse]
+    """Runs one statement, as Query does, and returns its whole result in one
+    message: the header, the row batches and the summary together. For
+    results that fit one gRPC message: one larger than 4 MiB (the default
+    receive limit of gRPC clients) fails with RESOURCE_EXHAUSTED, reason
+    RESULT_TOO_LARGE, and the statement is cancelled; stream it with Query
+    or cut it with `max_rows`. One message instead of three costs the
+    caller and the control plane less, which is most of what a small query
+    costs. ExecuteQuery and Query run the same request: an idempotency key
+    sent with one is answered from its record by the other.
     """
     ExecuteBatch: _grpc.UnaryUnaryMultiCallable[_database_pb2.ExecuteBatchRequest, _database_pb2.ExecuteBatchResponse]
     """Runs one statement once per parameter set, all in one transaction: for
@@ -67,14 +79,15 @@ class DatabaseServiceStub:
 class DatabaseServiceAsyncStub(DatabaseServiceStub):
     """Runs SQL against a database profile of an agent in a group.
 
-    Idempotency: Query, ExecuteBatch and ExecuteTransaction accept an
-    `idempotency-key` metadata entry (1 to 128 printable ASCII characters). The
-    agent records the outcome under the key in the profile's idempotency table,
-    in the write's own transaction, and a request with the same key answers
-    from that record instead of running again; the same key with another
-    request is FAILED_PRECONDITION (reason IDEMPOTENCY_KEY_REUSED). A keyed
-    write whose agent was lost is retried once on another agent of the group.
-    See docs/operators.md, "Writes that happen once".
+    Idempotency: Query, ExecuteQuery, ExecuteBatch and ExecuteTransaction
+    accept an `idempotency-key` metadata entry (1 to 128 printable ASCII
+    characters). The agent records the outcome under the key in the profile's
+    idempotency table, in the write's own transaction, and a request with the
+    same key answers from that record instead of running again; the same key
+    with another request is FAILED_PRECONDITION (reason
+    IDEMPOTENCY_KEY_REUSED). A keyed write whose agent was lost is retried
+    once on another agent of the group. See docs/operators.md, "Writes that
+    happen once".
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -83,6 +96,17 @@ class DatabaseServiceAsyncStub(DatabaseServiceStub):
     first a header with the columns, then row batches, then a summary.
     A statement that returns no rows (DML, DDL) yields a header with no
     columns and a summary with the rows affected.
+    """
+    ExecuteQuery: _aio.UnaryUnaryMultiCallable[_database_pb2.ExecuteQueryRequest, _database_pb2.ExecuteQueryResponse]  # type: ignore[assignment]
+    """Runs one statement, as Query does, and returns its whole result in one
+    message: the header, the row batches and the summary together. For
+    results that fit one gRPC message: one larger than 4 MiB (the default
+    receive limit of gRPC clients) fails with RESOURCE_EXHAUSTED, reason
+    RESULT_TOO_LARGE, and the statement is cancelled; stream it with Query
+    or cut it with `max_rows`. One message instead of three costs the
+    caller and the control plane less, which is most of what a small query
+    costs. ExecuteQuery and Query run the same request: an idempotency key
+    sent with one is answered from its record by the other.
     """
     ExecuteBatch: _aio.UnaryUnaryMultiCallable[_database_pb2.ExecuteBatchRequest, _database_pb2.ExecuteBatchResponse]  # type: ignore[assignment]
     """Runs one statement once per parameter set, all in one transaction: for
@@ -101,14 +125,15 @@ class DatabaseServiceAsyncStub(DatabaseServiceStub):
 class DatabaseServiceServicer(metaclass=_abc_1.ABCMeta):
     """Runs SQL against a database profile of an agent in a group.
 
-    Idempotency: Query, ExecuteBatch and ExecuteTransaction accept an
-    `idempotency-key` metadata entry (1 to 128 printable ASCII characters). The
-    agent records the outcome under the key in the profile's idempotency table,
-    in the write's own transaction, and a request with the same key answers
-    from that record instead of running again; the same key with another
-    request is FAILED_PRECONDITION (reason IDEMPOTENCY_KEY_REUSED). A keyed
-    write whose agent was lost is retried once on another agent of the group.
-    See docs/operators.md, "Writes that happen once".
+    Idempotency: Query, ExecuteQuery, ExecuteBatch and ExecuteTransaction
+    accept an `idempotency-key` metadata entry (1 to 128 printable ASCII
+    characters). The agent records the outcome under the key in the profile's
+    idempotency table, in the write's own transaction, and a request with the
+    same key answers from that record instead of running again; the same key
+    with another request is FAILED_PRECONDITION (reason
+    IDEMPOTENCY_KEY_REUSED). A keyed write whose agent was lost is retried
+    once on another agent of the group. See docs/operators.md, "Writes that
+    happen once".
     """
 
     @_abc_1.abstractmethod
@@ -121,6 +146,23 @@ class DatabaseServiceServicer(metaclass=_abc_1.ABCMeta):
         first a header with the columns, then row batches, then a summary.
         A statement that returns no rows (DML, DDL) yields a header with no
         columns and a summary with the rows affected.
+        """
+
+    @_abc_1.abstractmethod
+    def ExecuteQuery(
+        self,
+        request: _database_pb2.ExecuteQueryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_database_pb2.ExecuteQueryResponse, _abc.Awaitable[_database_pb2.ExecuteQueryResponse]]:
+        """Runs one statement, as Query does, and returns its whole result in one
+        message: the header, the row batches and the summary together. For
+        results that fit one gRPC message: one larger than 4 MiB (the default
+        receive limit of gRPC clients) fails with RESOURCE_EXHAUSTED, reason
+        RESULT_TOO_LARGE, and the statement is cancelled; stream it with Query
+        or cut it with `max_rows`. One message instead of three costs the
+        caller and the control plane less, which is most of what a small query
+        costs. ExecuteQuery and Query run the same request: an idempotency key
+        sent with one is answered from its record by the other.
         """
 
     @_abc_1.abstractmethod

@@ -149,7 +149,7 @@ class ReplicaSet(_message.Message):
     def __init__(self, replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ...) -> None: ...
 
 class RequestStart(_message.Message):
-    __slots__ = ("timeout", "has_body", "attempt", "database_query", "file_op", "app_call", "profile_check", "idempotency")
+    __slots__ = ("timeout", "has_body", "attempt", "database_query", "file_op", "app_call", "profile_check", "idempotency", "trace_context")
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     HAS_BODY_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +158,7 @@ class RequestStart(_message.Message):
     APP_CALL_FIELD_NUMBER: _ClassVar[int]
     PROFILE_CHECK_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     timeout: _duration_pb2.Duration
     has_body: bool
     attempt: int
@@ -166,7 +167,16 @@ class RequestStart(_message.Message):
     app_call: _apps_pb2.AppCall
     profile_check: _profiles_pb2.CheckProfileRequest
     idempotency: Idempotency
-    def __init__(self, timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., has_body: _Optional[bool] = ..., attempt: _Optional[int] = ..., database_query: _Optional[_Union[_database_pb2.DatabaseQuery, _Mapping]] = ..., file_op: _Optional[_Union[_files_pb2.FileOp, _Mapping]] = ..., app_call: _Optional[_Union[_apps_pb2.AppCall, _Mapping]] = ..., profile_check: _Optional[_Union[_profiles_pb2.CheckProfileRequest, _Mapping]] = ..., idempotency: _Optional[_Union[Idempotency, _Mapping]] = ...) -> None: ...
+    trace_context: TraceContext
+    def __init__(self, timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., has_body: _Optional[bool] = ..., attempt: _Optional[int] = ..., database_query: _Optional[_Union[_database_pb2.DatabaseQuery, _Mapping]] = ..., file_op: _Optional[_Union[_files_pb2.FileOp, _Mapping]] = ..., app_call: _Optional[_Union[_apps_pb2.AppCall, _Mapping]] = ..., profile_check: _Optional[_Union[_profiles_pb2.CheckProfileRequest, _Mapping]] = ..., idempotency: _Optional[_Union[Idempotency, _Mapping]] = ..., trace_context: _Optional[_Union[TraceContext, _Mapping]] = ...) -> None: ...
+
+class TraceContext(_message.Message):
+    __slots__ = ("traceparent", "tracestate")
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    TRACESTATE_FIELD_NUMBER: _ClassVar[int]
+    traceparent: str
+    tracestate: str
+    def __init__(self, traceparent: _Optional[str] = ..., tracestate: _Optional[str] = ...) -> None: ...
 
 class Idempotency(_message.Message):
     __slots__ = ("key", "fingerprint")

@@ -93,7 +93,7 @@ def test_an_empty_database_migrated_to_the_head_has_exactly_the_schema_the_store
     migrated = new_url("migrated")
     assert current_revision(migrated) is None
     upgrade(migrated)
-    assert current_revision(migrated) == head_revision() == "0004"
+    assert current_revision(migrated) == head_revision() == "0005"
     expected = created_schema(new_url("created"))
     assert set(expected) == {"groups", "agents", "api_tokens", "enrollment_tokens", "audit", "change_counters",
                              "replicas", "agent_streams", "agent_drains",
@@ -209,3 +209,15 @@ def test_0004_adds_the_audit_apis_index_and_its_downgrade_removes_it(new_url: Ne
     assert ("ix_audit_group_at", ("group_name", "at"), False) in schema_of(url)["audit"]["indexes"]
     downgrade(url, "0003")
     assert "ix_audit_group_at" not in [i[0] for i in schema_of(url)["audit"]["indexes"]]
+
+
+def test_0005_adds_the_audit_trace_id_and_its_index_and_its_downgrade_removes_them(new_url: NewUrl) -> None:
+    url = new_url("audit_trace_id")
+    upgrade(url, "0004")
+    assert "trace_id" not in [c[0] for c in schema_of(url)["audit"]["columns"]]
+    upgrade(url, "0005")
+    assert ("trace_id", "VARCHAR(32)", True) in [c[:3] for c in schema_of(url)["audit"]["columns"]]
+    assert ("ix_audit_trace_id", ("trace_id",), False) in schema_of(url)["audit"]["indexes"]
+    downgrade(url, "0004")
+    assert "trace_id" not in [c[0] for c in schema_of(url)["audit"]["columns"]]
+    assert "ix_audit_trace_id" not in [i[0] for i in schema_of(url)["audit"]["indexes"]]

@@ -63,7 +63,7 @@ def test_an_older_revision_is_refused_without_upgrade_naming_the_command_to_run(
     with Store(url) as store, pytest.raises(StoreError) as info:
         store.create_schema(upgrade=False)
     assert str(info.value).endswith(
-        "is at schema revision 0002, older than this version's 0004: run `onprem-control-plane migrate "
+        "is at schema revision 0002, older than this version's 0005: run `onprem-control-plane migrate "
         "--database-url …` once (with the new version) before starting its replicas")
     assert current_revision(url) == "0002"
 
@@ -82,7 +82,7 @@ def test_a_revision_this_version_does_not_know_is_refused_naming_it_and_the_rele
     with Store(url) as store, pytest.raises(StoreError) as info:
         store.create_schema()
     assert str(info.value).endswith(
-        "is at schema revision 0042, which this version of onprem does not know (it knows up to 0004); it was "
+        "is at schema revision 0042, which this version of onprem does not know (it knows up to 0005); it was "
         "written by onprem 9.9.9 (revision 0042): run that version or a newer one")
     assert current_revision(url) == "0042"
 
@@ -91,4 +91,4 @@ def test_the_release_that_wrote_the_schema_is_recorded(new_url: NewUrl) -> None:
     url = new_url("writer")
     with Store(url) as store:
         store.create_schema(version="1.2.3")
-        assert store.claim_setting("schema_written_by", "ignored") == "onprem 1.2.3 (revision 0004)"
+        assert store.claim_setting("schema_written_by", "ignored") == "onprem 1.2.3 (revision 0005)"

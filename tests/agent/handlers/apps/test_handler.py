@@ -12,10 +12,14 @@ from pathlib import Path
 from types import MappingProxyType
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from onprem.agent.handlers.apps import AppHandler
 from onprem.agent.handlers.base import RequestContext
 from onprem.agent.profiles import AppProfile, BasicAuth, SecretSource
+from onprem.tunnel import tracing
 from onprem.tunnel.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -659,3 +663,34 @@ async def test_a_keyed_call_forwards_its_key_as_the_idempotency_key_header_repla
     [_ async for _ in handler.handle(start.app_call, context)]
     sent = {name.lower(): value for name, value in seen.requests[-1]["headers"].items()}
     assert sent["idempotency-key"] == "order-77"
+
+
+# -- traces --
+
+
+@pytest.fixture
+def exported() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(tracing.Tracing(provider.get_tracer("test"), enabled=True, provider=provider))
+    yield exporter
+    tracing.install(None)
+    provider.shutdown()
+
+
+async def test_with_tracing_on_the_app_gets_a_traceparent_naming_the_calls_span_in_place_of_the_callers(
+        handler: AppHandler, exported: InMemorySpanExporter) -> None:
+    callers = "00-11111111111111111111111111111111-2222222222222222-01"
+    _, body, _ = await run(handler, call("orders/1", headers={"traceparent": callers, "tracestate": "x=1"}))
+    echoed = {k.lower(): v for k, v in json.loads(body)["headers"].items()}
+    [span] = [s for s in exported.get_finished_spans() if s.name == "http GET"]
+    assert echoed["traceparent"] == tracing.format_traceparent(span.context)
+    assert "tracestate" not in echoed
+    assert span.attributes is not None and span.attributes["http.response.status_code"] == 200
+
+
+async def test_with_tracing_off_the_callers_headers_reach_the_app_as_before(handler: AppHandler) -> None:
+    callers = "00-11111111111111111111111111111111-2222222222222222-01"
+    _, body, _ = await run(handler, call("orders/1", headers={"traceparent": callers}))
+    assert {k.lower(): v for k, v in json.loads(body)["headers"].items()}["traceparent"] == callers

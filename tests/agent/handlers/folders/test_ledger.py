@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from onprem.agent.handlers.base import RequestContext
 from onprem.agent.handlers.folders import FolderHandler
+from onprem.agent.handlers.folders.common import TEMP_PREFIX
+from onprem.agent.handlers.folders.ledger import TTL_SECONDS, Ledger
 from onprem.agent.profiles import FolderProfile
 from onprem.tunnel import idempotency
-from onprem.tunnel.errors import FailedPrecondition, NotFound, PermissionDenied
+from onprem.tunnel.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
 from onprem.v1 import files_pb2, tunnel_pb2
 
 LEDGER = ".onprem-ledger"
@@ -120,3 +125,112 @@ async def test_a_symlink_put_in_place_of_the_ledger_is_not_followed(handler: Fol
         await run(handler, write("y.txt"), "via-link", b"y")
     assert info.value.reason == "IDEMPOTENCY_LEDGER"
     assert list(elsewhere.iterdir()) == []
+
+
+# --- an attempt that died between its intent and its outcome -----------------------------------------
+
+def dead_attempt(root: Path, path: str, content: bytes, key: str) -> Path:
+    """What an agent killed right after its intent leaves: a complete temp file and the intent naming it."""
+    temp = root / f"{TEMP_PREFIX}deadbeefdeadbeef"
+    temp.write_bytes(content)
+    op = write(path)
+    head = idempotency.fingerprint("/onprem.v1.FileService/write", "f", op.write)
+    fingerprint = idempotency.with_body(head, hashlib.sha256(content).digest())
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with Ledger(root_fd, "f", tunnel_pb2.Idempotency(key=key, fingerprint=head)).held() as ledger:
+            ledger.intend(fingerprint, temp.name, temp.stat())
+    finally:
+        os.close(root_fd)
+    return temp
+
+
+async def test_a_retry_after_the_dead_attempts_rename_answers_with_its_file_instead_of_writing_again(
+        handler: FolderHandler, root: Path) -> None:
+    temp = dead_attempt(root, "report.csv", b"a,b\n", "upload-9")
+    (root / "report.csv").write_bytes(b"older")
+    os.rename(temp, root / "report (1).csv")  # the dead attempt's KEEP_BOTH rename took effect
+    [chunk] = await run(handler, write("report.csv"), "upload-9", b"a,b\n")
+    assert (chunk.write.info.path, chunk.write.info.size) == ("report (1).csv", 4)
+    assert sorted(os.listdir(root)) == [LEDGER, "report (1).csv", "report.csv"]  # no "report (2).csv"
+    assert await run(handler, write("report.csv"), "upload-9", b"a,b\n") == [chunk]
+
+
+async def test_a_retry_after_a_dead_attempt_that_never_renamed_writes_once_and_drops_its_temp(
+        handler: FolderHandler, root: Path) -> None:
+    dead_attempt(root, "report.csv", b"a,b\n", "upload-10")
+    [chunk] = await run(handler, write("report.csv"), "upload-10", b"a,b\n")
+    assert chunk.write.info.path == "report.csv"
+    assert sorted(os.listdir(root)) == [LEDGER, "report.csv"]  # the dead attempt's temp file is gone
+    assert (root / "report.csv").read_bytes() == b"a,b\n"
+
+
+async def test_a_file_that_only_shares_the_name_is_not_taken_for_the_dead_attempts(
+        handler: FolderHandler, root: Path) -> None:
+    temp = dead_attempt(root, "report.csv", b"a,b\n", "upload-11")
+    temp.unlink()
+    (root / "report.csv").write_bytes(b"a,b\n")  # same name, same content, another inode: not the attempt's
+    [chunk] = await run(handler, write("report.csv"), "upload-11", b"a,b\n")
+    assert chunk.write.info.path == "report (1).csv"
+
+
+async def test_an_intent_left_by_another_request_refuses_the_key(handler: FolderHandler, root: Path) -> None:
+    dead_attempt(root, "report.csv", b"a,b\n", "upload-12")
+    with pytest.raises(FailedPrecondition) as info:
+        await run(handler, write("report.csv"), "upload-12", b"other content")
+    assert info.value.reason == "IDEMPOTENCY_KEY_REUSED"
+
+
+# --- expiry ------------------------------------------------------------------------------------------
+
+def keyed(key: str) -> tunnel_pb2.Idempotency:
+    return tunnel_pb2.Idempotency(key=key, fingerprint=hashlib.sha256(key.encode()).digest())
+
+
+def record_at(root_fd: int, key: str, when: float) -> None:
+    mkdir = tunnel_pb2.ResponseChunk(make_directory=files_pb2.MakeDirectoryResponse())
+    with Ledger(root_fd, "f", keyed(key), clock=lambda: when).held() as ledger:
+        ledger.record([mkdir])
+
+
+@pytest.fixture
+def root_fd(root: Path) -> Iterator[int]:
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    yield fd
+    os.close(fd)
+
+
+def test_an_expired_record_no_longer_answers(root_fd: int) -> None:
+    record_at(root_fd, "old", time.time() - TTL_SECONDS - 5)
+    with Ledger(root_fd, "f", keyed("old")).held() as ledger:
+        assert ledger.recorded() is None
+
+
+def test_prune_deletes_the_expired_records_and_keeps_the_live_ones(root_fd: int, root: Path) -> None:
+    record_at(root_fd, "old", time.time() - TTL_SECONDS - 5)
+    record_at(root_fd, "new", time.time())
+    with Ledger(root_fd, "f", keyed("other")).held() as ledger:
+        assert ledger.prune() == 1
+    names = {hashlib.sha256(k.encode()).hexdigest() for k in ("new", "other")}
+    assert {n.removesuffix(".lock") for n in os.listdir(root / LEDGER)} == names
+
+
+def test_prune_leaves_a_record_whose_key_an_attempt_holds(root_fd: int, root: Path) -> None:
+    record_at(root_fd, "old", time.time() - TTL_SECONDS - 5)
+    with Ledger(root_fd, "f", keyed("old")).held() as holder:
+        with Ledger(root_fd, "f", keyed("pruner")).held() as pruner:
+            assert pruner.prune() == 0
+        assert holder.recorded() is None  # expired, but its holder may replace it under its lock
+    with Ledger(root_fd, "f", keyed("pruner")).held() as pruner:
+        assert pruner.prune() == 1
+
+
+async def test_a_key_whose_record_expired_runs_its_write_again(handler: FolderHandler, root: Path,
+                                                               root_fd: int) -> None:
+    mkdir = files_pb2.FileOp(make_directory=files_pb2.MakeDirectoryRequest(profile="f", path="new"))
+    await run(handler, mkdir, "mkdir-9")
+    path = root / LEDGER / hashlib.sha256(b"mkdir-9").hexdigest()
+    entry = json.loads(path.read_bytes())
+    path.write_text(json.dumps({**entry, "expires_at": int(time.time()) - 1}))
+    with pytest.raises(AlreadyExists):
+        await run(handler, mkdir, "mkdir-9")  # ran again: the folder is there
