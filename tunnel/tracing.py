@@ -27,6 +27,7 @@ import random
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from opentelemetry import context as otel_context
@@ -234,6 +235,10 @@ def current_trace_id() -> str:
     return f"{span_context.trace_id:032x}" if span_context.is_valid else ""
 
 
+#: The span `enter` made current: its reset checks that a block ends in the context it began in.
+_ENTERED: ContextVar[Span | None] = ContextVar("onprem_entered_span", default=None)
+
+
 @contextmanager
 def enter(name: str, parent: SpanContext | None, *, kind: SpanKind = SpanKind.SERVER,
           attributes: Mapping[str, str | int] | None = None) -> Iterator[Span]:
@@ -253,11 +258,20 @@ def enter(name: str, parent: SpanContext | None, *, kind: SpanKind = SpanKind.SE
     else:
         current = NonRecordingSpan(_new_context(parent))
     token = otel_context.attach(trace.set_span_in_context(current))
+    entered = _ENTERED.set(current)
     try:
         yield current
     finally:
         current.end()
-        otel_context.detach(token)
+        try:
+            # Resetting our own variable first tells whether this is still the context the span was
+            # entered in: a streaming handler (an async generator) may be finalized in another task,
+            # whose context is a copy where otel's detach would fail and log an error.
+            _ENTERED.reset(entered)
+        except ValueError:
+            pass  # another context: it holds a copy of the span, and is thrown away with its task
+        else:
+            otel_context.detach(token)
 
 
 @contextmanager

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 import pytest
@@ -198,3 +199,32 @@ def test_no_frame_an_agent_sends_can_carry_trace_context() -> None:
     assert "onprem.v1.ConnectResponse" not in from_agent  # the walk stays on the agent's side
     assert tunnel_pb2.TraceContext.DESCRIPTOR.full_name not in from_agent
     assert tunnel_pb2.TraceContext.DESCRIPTOR.full_name in reachable(tunnel_pb2.ConnectResponse.DESCRIPTOR, set())
+
+
+def test_a_span_entered_in_an_async_generator_closed_in_another_task_leaves_no_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # grpc.aio may finalize a streaming handler (an async generator) from another task than the one that
+    # iterated it, e.g. when the client cancels: its context is a copy, where the attach cannot be undone.
+    async def stream() -> AsyncGenerator[int, None]:
+        with tracing.enter("onprem.v1.DatabaseService/Query", None):
+            yield 1
+            yield 2
+
+    async def main() -> str:
+        generator = stream()
+        assert await anext(generator) == 1
+        await asyncio.get_running_loop().create_task(generator.aclose())
+        return tracing.current_trace_id()
+
+    with caplog.at_level(logging.ERROR, logger="opentelemetry.context"):
+        assert asyncio.run(main()) != ""  # the iterating task still holds the span it entered
+    assert [r.getMessage() for r in caplog.records if "detach" in r.getMessage()] == []
+
+
+def test_a_span_left_in_its_own_task_is_no_longer_current() -> None:
+    async def main() -> str:
+        with tracing.enter("x", None):
+            assert tracing.current_trace_id() != ""
+        return tracing.current_trace_id()
+
+    assert asyncio.run(main()) == ""
