@@ -18,6 +18,7 @@ import datetime as dt
 import functools
 import logging
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,8 @@ class Membership:
     """This replica's row in the registry, kept alive, and the live set it reads back."""
 
     def __init__(self, cp: ControlPlane, identity: ReplicaIdentity, *, heartbeat: float = 2.0,
-                 missed_heartbeats: int = 3, version: str = "") -> None:
+                 missed_heartbeats: int = 3, version: str = "",
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._cp = cp
         self.identity = identity
         self.heartbeat = heartbeat
@@ -93,6 +95,9 @@ class Membership:
         self.store_reachable = True
         self._left = False
         self._beats = 0
+        self._clock = clock
+        #: When the store came back after an outage (`clock`), for as long as the others may not have beaten since.
+        self._store_back_at: float | None = None
         # A heartbeat and the leave never interleave: a beat in flight would bring the deleted row back.
         self._beating = asyncio.Lock()
 
@@ -107,6 +112,26 @@ class Membership:
         if self._state == SERVING and all(r.replica_id != self.identity.replica_id for r in replicas):
             replicas = sorted([*replicas, self.me], key=lambda r: r.replica_id)
         return replicas
+
+    def _after_outage(self, serving: list[tunnel_pb2.Replica]) -> list[tunnel_pb2.Replica]:
+        """`serving`, or while the store is just back from an outage, also the replicas last announced
+        that the registry no longer lists.
+
+        No replica could heartbeat during the outage, so when it ends every other row looks aged out
+        until its replica beats again; announcing the set that shrank would make agents drop healthy
+        streams to those replicas. For one `max_age` after the store came back, a replica whose row is
+        missing stays announced; one whose row says it drains goes at once, and after the grace, the
+        registry decides alone.
+        """
+        back_at = self._store_back_at
+        if back_at is None:
+            return serving
+        if self._clock() - back_at >= self.max_age.total_seconds() or self._announced is None:
+            self._store_back_at = None
+            return serving
+        listed = {r.replica_id for r in self.rows}
+        kept = [r for r in self._announced if r.replica_id not in listed]
+        return sorted([*serving, *kept], key=lambda r: r.replica_id) if kept else serving
 
     def wake(self) -> None:
         """Heartbeat now (another replica joined or left)."""
@@ -172,8 +197,9 @@ class Membership:
             return
         if not self.store_reachable:
             log.info("replica %s reaches the store again", identity.replica_id)
+            self._store_back_at = self._clock()
         self.store_reachable = True
-        serving = self.serving
+        serving = self._after_outage(self.serving)
         if serving != self._announced:
             if self._announced is not None:
                 log.info("serving replicas now: %s", ", ".join(r.replica_id for r in serving) or "none")
