@@ -67,6 +67,8 @@ class ControlPlaneProcess:
     enroll_port: int = field(default_factory=free_port)
     database_url: str | None = None
     extra_args: list[str] = field(default_factory=list)
+    #: DEBUG by default so a failing test's log says everything; benchmarks pass INFO, what a service runs at.
+    log_level: str = "DEBUG"
     #: More environment for the serving process, e.g. OTEL_*, ONPREM_LOG_FORMAT or NOTIFY_SOCKET.
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
@@ -93,7 +95,7 @@ class ControlPlaneProcess:
         log = open(self.log_file, "ab")  # noqa: SIM115
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [_bin("onprem-control-plane"), "--log-level", "DEBUG", "serve", *self._common(),
+            [_bin("onprem-control-plane"), "--log-level", self.log_level, "serve", *self._common(),
              "--operator-listen", f"127.0.0.1:{self.operator_port}",
              "--agent-listen", f"127.0.0.1:{self.agent_port}",
              "--enroll-listen", f"127.0.0.1:{self.enroll_port}",
@@ -140,6 +142,8 @@ class AgentProcess:
     extra_config: dict[str, Any] = field(default_factory=dict)
     #: More arguments for `onprem-agent` before `run`, e.g. ["--log-format", "json"].
     extra_args: list[str] = field(default_factory=list)
+    #: As for the control plane: DEBUG for tests, INFO for benchmarks.
+    log_level: str = "DEBUG"
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -182,7 +186,7 @@ class AgentProcess:
     def start(self) -> None:
         log = open(self.home / "agent.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [_bin("onprem-agent"), "--log-level", "DEBUG", *self.extra_args, "run", "--config", str(self.config_file)],
+            [_bin("onprem-agent"), "--log-level", self.log_level, *self.extra_args, "run", "--config", str(self.config_file)],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
         )
         _STARTED.append(self.proc)

@@ -10,6 +10,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+#: The log level the benchmarked processes run at: an installed service's (the units and the package run INFO).
+#: Tests run DEBUG so a failure's log says everything, and DEBUG costs about 3% of each side's CPU per small
+#: request (docs/perf/README.md), which the bare relay, logging nothing, does not pay.
+BENCH_LOG_LEVEL = "INFO"
+
 
 @dataclass(frozen=True)
 class Figure:

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 
 from onprem.v1 import agents_pb2, database_pb2
 from tests.support.postgres import PostgresServer, running_postgres
-from tools.bench.common import Figure, peak_rss_figure, peak_rss_mib, ratio_figure, stopwatch
+from tools.bench.common import BENCH_LOG_LEVEL, Figure, peak_rss_figure, peak_rss_mib, ratio_figure, stopwatch
 from tools.cluster import (
     AgentProcess,
     ControlPlaneProcess,
@@ -112,12 +112,12 @@ class RowsCluster:
 @contextmanager
 def rows_cluster(workdir: Path) -> Iterator[RowsCluster]:
     with running_postgres() as server:
-        cp = ControlPlaneProcess(workdir / "cp")
+        cp = ControlPlaneProcess(workdir / "cp", log_level=BENCH_LOG_LEVEL)
         cp.start()
         agent = AgentProcess(
             workdir / "agent", cp,
             profiles={"databases": {"pg": {"url": server.url(with_password=False), "password_env": "BENCH_PG_PW"}}},
-            env={"BENCH_PG_PW": server.password},
+            env={"BENCH_PG_PW": server.password}, log_level=BENCH_LOG_LEVEL,
         )
         try:
             token = cp.admin_token()

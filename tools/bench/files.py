@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from onprem.v1 import agents_pb2, files_pb2, files_pb2_grpc
-from tools.bench.common import CpuMeter, Figure, peak_rss_figure, peak_rss_mib, ratio_figure
+from tools.bench.common import BENCH_LOG_LEVEL, CpuMeter, Figure, peak_rss_figure, peak_rss_mib, ratio_figure
 from tools.cluster import AgentProcess, ControlPlaneProcess, bearer, operator_channel, wait_for_agent_state
 
 SIZE = 1024 ** 3
@@ -107,9 +107,10 @@ async def _measure(workdir: Path) -> list[Figure]:
     cert, key = _self_signed(workdir)
 
     bare, port = _start_bare(file, cert, key)
-    cp = ControlPlaneProcess(workdir / "cp")
+    cp = ControlPlaneProcess(workdir / "cp", log_level=BENCH_LOG_LEVEL)
     agent = AgentProcess(workdir / "agent", cp, profiles={"folders": {"bench": {"root": str(folder),
-                                                                                 "read_only": True}}})
+                                                                                 "read_only": True}}},
+                         log_level=BENCH_LOG_LEVEL)
     try:
         cp.start()
         token = cp.admin_token()

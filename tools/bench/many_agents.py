@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from onprem.v1 import agents_pb2
-from tools.bench.common import Figure, rss_mib
+from tools.bench.common import BENCH_LOG_LEVEL, Figure, rss_mib
 from tools.bench.fleet import batched, enroll, latency, simulators
 from tools.cluster import ControlPlaneProcess, agents_stub, bearer, operator_channel
 
@@ -46,7 +46,7 @@ async def _active(cp: ControlPlaneProcess, token: str, expected: int, within: fl
 
 def run_small(workdir: Path, *, agents: int = AGENTS, per_process: int = PER_PROCESS,
               requests: int = REQUESTS, warmup: int = WARMUP) -> list[Figure]:
-    cp = ControlPlaneProcess(workdir / "cp")
+    cp = ControlPlaneProcess(workdir / "cp", log_level=BENCH_LOG_LEVEL)
     try:
         cp.start()
         assert cp.proc is not None

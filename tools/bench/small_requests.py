@@ -43,7 +43,7 @@ import grpc
 
 from onprem.v1 import agents_pb2, database_pb2
 from tools.bench.bare_relay import CALL, make_self_signed
-from tools.bench.common import CpuMeter, Figure, ratio_figure
+from tools.bench.common import BENCH_LOG_LEVEL, CpuMeter, Figure, ratio_figure
 from tools.cluster import (
     AgentProcess,
     ControlPlaneProcess,
@@ -156,8 +156,9 @@ def start_cluster(workdir: Path, profiles: dict[str, Any] | None = None, *, max_
     """A control plane and one enrolled agent in group `GROUP`, offering a SQLite profile `PROFILE`."""
     db = make_sqlite(workdir / "lite.db")
     profiles = profiles or {"databases": {PROFILE: {"url": f"sqlite:///{db}"}}}
-    cp = ControlPlaneProcess(workdir / "cp")
-    agent = AgentProcess(workdir / "agent", cp, profiles=profiles, max_in_flight=max_in_flight, env=env or {})
+    cp = ControlPlaneProcess(workdir / "cp", log_level=BENCH_LOG_LEVEL)
+    agent = AgentProcess(workdir / "agent", cp, profiles=profiles, max_in_flight=max_in_flight, env=env or {},
+                         log_level=BENCH_LOG_LEVEL)
     try:
         cp.start()
         token = cp.admin_token()
