@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from onprem.agent.handlers.database.engine import COMMAND_TAG, ProfileRuntime, RequestConnection
 from onprem.agent.handlers.database.query import Query, bind_parameters
+from onprem.agent.handlers.database.statements import parse
 from onprem.agent.handlers.database.values import bind_value, to_value
 from onprem.tunnel.errors import InvalidArgument
 from onprem.v1 import database_pb2, tunnel_pb2, values_pb2
@@ -51,12 +52,12 @@ class Batch(RequestConnection):
         super().__init__(runtime)
         if not request.parameter_sets:
             raise InvalidArgument("a batch needs at least one parameter set", reason="INVALID_PARAMETER")
-        self.statement = sa.text(request.sql)
+        parsed = parse(request.sql)
+        self.statement = parsed.text
         self.sets = []
         for i, parameter_set in enumerate(request.parameter_sets):
             try:
-                self.sets.append(bind_parameters(self.statement, request.sql, parameter_set.parameters,
-                                                 runtime.dialect))
+                self.sets.append(bind_parameters(parsed, parameter_set.parameters, runtime.dialect))
             except InvalidArgument as exc:
                 raise InvalidArgument(f"parameter set {i}: {exc.message}", reason=exc.reason) from None
 
@@ -97,9 +98,9 @@ class Transaction(RequestConnection):
             raise InvalidArgument("a transaction needs at least one statement", reason="INVALID_PARAMETER")
         self.steps: list[tuple[sa.TextClause, dict[str, Any]]] = []
         for i, step in enumerate(request.statements):
-            statement = sa.text(step.sql)
+            parsed = parse(step.sql)
             try:
-                self.steps.append((statement, bind_parameters(statement, step.sql, step.parameters, runtime.dialect)))
+                self.steps.append((parsed.text, bind_parameters(parsed, step.parameters, runtime.dialect)))
             except InvalidArgument as exc:
                 raise InvalidArgument(f"statement {i}: {exc.message}", reason=exc.reason) from None
 
@@ -142,9 +143,9 @@ class Poll(Query):
             schema, _, name = request.table.rpartition(".")
             source = sa.table(name, schema=schema or None)
         else:
-            inner = sa.text(request.sql)
-            params = bind_parameters(inner, request.sql, request.parameters, dialect)
-            source = inner.columns().subquery("onprem_changes")
+            parsed = parse(request.sql)
+            params = bind_parameters(parsed, request.parameters, dialect)
+            source = parsed.text.columns().subquery("onprem_changes")
         watermark: sa.ColumnClause[Any] = sa.column(request.watermark_column)
         order: list[Any] = [watermark]
         statement = sa.select(sa.text("*")).select_from(source)

@@ -6,7 +6,9 @@ SQL Server has no server here: its profiles are tested up to the connection stri
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -91,6 +93,29 @@ async def test_psqlodbc_transaction_rolls_back_and_batch_commits(handler: Databa
     assert chunk.batch.sets_applied == 2
     _, rows = decode(await collect(handler, start("pg", "SELECT id FROM odbc_t ORDER BY id")))
     assert rows == [[1], [2]]
+
+
+async def test_psqlodbc_cancellation_stops_the_statement_and_frees_the_connection(
+        postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No statement timeout: only the cancel (SQLCancel on the statement's own cursor) can end the sleep.
+    monkeypatch.setenv("ODBC_TEST_PW", postgres.password)
+    profiles = parse_profiles({"databases": {"one": {
+        "dialect": "odbc", "connection_string": pg_connection_string(postgres), "username": postgres.user,
+        "password_env": "ODBC_TEST_PW", "pool_size": 1}}}).databases
+    h = DatabaseHandler(profiles)
+    try:
+        task = asyncio.create_task(collect(h, start("one", "SELECT pg_sleep(60)")))
+        await asyncio.sleep(1)
+        began = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert time.monotonic() - began < 10
+        # pool_size=1: this only works if the cancelled connection went back to the pool.
+        _, rows = decode(await asyncio.wait_for(collect(h, start("one", "SELECT 42 AS n")), 10))
+        assert rows == [[42]]
+    finally:
+        await h.aclose()
 
 
 async def test_sqlite_odbc_query_and_errors(handler: DatabaseHandler) -> None:
