@@ -120,10 +120,7 @@ def cmd_query(conn: Connection, args: argparse.Namespace) -> int:
     if args.whole:
         unary = database_pb2.ExecuteQueryRequest.FromString(request.SerializeToString())  # same field numbers
         whole = stub.ExecuteQuery(unary, metadata=metadata, timeout=conn.timeout)
-        messages: Iterable[database_pb2.QueryResponse] = [
-            database_pb2.QueryResponse(header=whole.header),
-            *(database_pb2.QueryResponse(rows=batch) for batch in whole.batches),
-            database_pb2.QueryResponse(summary=whole.summary)]
+        messages: Iterable[database_pb2.QueryResponse] = rowsmod.as_stream(whole)
     else:
         messages = stub.Query(request, metadata=metadata, timeout=conn.timeout)
     columns: list[values_pb2.Column] = []

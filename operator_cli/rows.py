@@ -16,9 +16,16 @@ from typing import IO, Protocol
 
 from google.protobuf import json_format
 
-from onprem.v1 import values_pb2
+from onprem.v1 import database_pb2, values_pb2
 
 Cell = bool | int | float | str | bytes | None
+
+def as_stream(whole: database_pb2.ExecuteQueryResponse) -> list[database_pb2.QueryResponse]:
+    """The Query messages that carry what one ExecuteQuery response carries: header, batches, summary."""
+    return [database_pb2.QueryResponse(header=whole.header),
+            *(database_pb2.QueryResponse(rows=batch) for batch in whole.batches),
+            database_pb2.QueryResponse(summary=whole.summary)]
+
 
 _NUMERIC = {values_pb2.VALUE_TYPE_INT64, values_pb2.VALUE_TYPE_DOUBLE, values_pb2.VALUE_TYPE_DECIMAL}
 

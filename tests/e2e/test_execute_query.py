@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from onprem.control_plane.api.database import MAX_RESULT_BYTES
+from onprem.operator_cli.rows import as_stream
 from onprem.v1 import agents_pb2, agents_pb2_grpc, database_pb2, database_pb2_grpc, values_pb2
 from tools.cluster import (
     BIN,
@@ -100,13 +101,6 @@ async def stream(channel: grpc.aio.Channel, site: Site, query: database_pb2.Quer
     metadata = bearer(site.token) + ((("idempotency-key", key),) if key else ())
     call = database_pb2_grpc.DatabaseServiceStub(channel).Query(query, metadata=metadata, timeout=60)
     return [message async for message in call]
-
-
-def as_stream(response: database_pb2.ExecuteQueryResponse) -> list[database_pb2.QueryResponse]:
-    """The Query messages that carry what `response` carries."""
-    return [database_pb2.QueryResponse(header=response.header),
-            *(database_pb2.QueryResponse(rows=batch) for batch in response.batches),
-            database_pb2.QueryResponse(summary=response.summary)]
 
 
 async def failure(call: asyncio.Future[object] | object) -> grpc.aio.AioRpcError:

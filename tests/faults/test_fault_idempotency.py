@@ -15,7 +15,8 @@ import json
 import os
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,10 +62,16 @@ def once_db(postgres: PostgresServer) -> PostgresServer:
     return server
 
 
-def make_site(tmp_path: Path, db: PostgresServer, failpoint: str | None) -> Iterator[Site]:
+@contextmanager
+def two_agents(tmp_path: Path, profiles: dict[str, Any], failpoint: str | None,
+               prepare: Callable[[AgentProcess], None] | None = None,
+               ) -> Iterator[tuple[ControlPlaneProcess, AgentProcess, AgentProcess, str]]:
+    """A control plane and two agents of GROUP offering `profiles`, both ACTIVE; `first` carries the failpoint.
+
+    `prepare` runs on `first` once both are enrolled and before either starts.
+    """
     cp = ControlPlaneProcess(tmp_path / "cp")
     cp.start()
-    profiles = {"databases": {"shop": {"url": db.url(), "idempotency_table": TABLE}}}
     env = {"ONPREM_FAILPOINTS": failpoint} if failpoint else {}
     first = AgentProcess(tmp_path / "first", cp, name="first", profiles=profiles, env=env)
     second = AgentProcess(tmp_path / "second", cp, name="second", profiles=profiles)
@@ -72,18 +79,29 @@ def make_site(tmp_path: Path, db: PostgresServer, failpoint: str | None) -> Iter
         token = cp.admin_token()
         first.enroll(GROUP)
         second.enroll(GROUP)
-        made = subprocess.run([str(BIN / "onprem-agent"), "create-idempotency-table", "--profile", "shop",
-                               "--config", str(first.config_file)], capture_output=True, text=True, timeout=60)
-        assert made.returncode == 0, made.stderr
+        if prepare is not None:
+            prepare(first)
         first.start()
         asyncio.run(wait_state(cp, token, first.agent_id, ACTIVE))
         second.start()
         asyncio.run(wait_state(cp, token, second.agent_id, ACTIVE))
-        yield Site(cp, first, second, token, db)
+        yield cp, first, second, token
     finally:
         first.stop(timeout=10)
         second.stop(timeout=10)
         cp.stop(timeout=10)
+
+
+def create_idempotency_table(agent: AgentProcess) -> None:
+    made = subprocess.run([str(BIN / "onprem-agent"), "create-idempotency-table", "--profile", "shop",
+                           "--config", str(agent.config_file)], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+
+
+def make_site(tmp_path: Path, db: PostgresServer, failpoint: str | None) -> Iterator[Site]:
+    profiles = {"databases": {"shop": {"url": db.url(), "idempotency_table": TABLE}}}
+    with two_agents(tmp_path, profiles, failpoint, create_idempotency_table) as (cp, first, second, token):
+        yield Site(cp, first, second, token, db)
 
 
 @pytest.fixture
@@ -218,25 +236,8 @@ FolderSite = tuple[ControlPlaneProcess, AgentProcess, AgentProcess, str, Path]
 def make_folder_site(tmp_path: Path, failpoint: str) -> Iterator[FolderSite]:
     root = tmp_path / "shared"
     root.mkdir()
-    cp = ControlPlaneProcess(tmp_path / "cp")
-    cp.start()
-    profiles = {"folders": {"drop": {"root": str(root)}}}
-    first = AgentProcess(tmp_path / "first", cp, name="first", profiles=profiles,
-                         env={"ONPREM_FAILPOINTS": failpoint})
-    second = AgentProcess(tmp_path / "second", cp, name="second", profiles=profiles)
-    try:
-        token = cp.admin_token()
-        first.enroll(GROUP)
-        second.enroll(GROUP)
-        first.start()
-        asyncio.run(wait_state(cp, token, first.agent_id, ACTIVE))
-        second.start()
-        asyncio.run(wait_state(cp, token, second.agent_id, ACTIVE))
+    with two_agents(tmp_path, {"folders": {"drop": {"root": str(root)}}}, failpoint) as (cp, first, second, token):
         yield cp, first, second, token, root
-    finally:
-        first.stop(timeout=10)
-        second.stop(timeout=10)
-        cp.stop(timeout=10)
 
 
 @pytest.fixture
@@ -345,25 +346,10 @@ class AppSite:
 
 def make_app_site(tmp_path: Path, failpoint: str) -> Iterator[AppSite]:
     app = UpstreamProcess()
-    cp = ControlPlaneProcess(tmp_path / "cp")
-    cp.start()
-    profiles = {"apps": {"pay": {"base_url": app.base_url}}}
-    first = AgentProcess(tmp_path / "first", cp, name="first", profiles=profiles,
-                         env={"ONPREM_FAILPOINTS": failpoint})
-    second = AgentProcess(tmp_path / "second", cp, name="second", profiles=profiles)
     try:
-        token = cp.admin_token()
-        first.enroll(GROUP)
-        second.enroll(GROUP)
-        first.start()
-        asyncio.run(wait_state(cp, token, first.agent_id, ACTIVE))
-        second.start()
-        asyncio.run(wait_state(cp, token, second.agent_id, ACTIVE))
-        yield AppSite(cp, first, token, app)
+        with two_agents(tmp_path, {"apps": {"pay": {"base_url": app.base_url}}}, failpoint) as (cp, first, _, token):
+            yield AppSite(cp, first, token, app)
     finally:
-        first.stop(timeout=10)
-        second.stop(timeout=10)
-        cp.stop(timeout=10)
         app.stop()
 
 
