@@ -8,10 +8,13 @@ tested), only that each figure is well formed and the counts add up.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import math
+import os
 from pathlib import Path
 
+import grpc
 import pytest
 
 from tests.support.postgres import PostgresServer
@@ -40,6 +43,31 @@ def test_small_requests_against_the_bare_relay(tmp_path: Path) -> None:
     rate = figures[0]
     assert rate.unit == "req/s" and rate.baseline is not None and rate.baseline > 0
     assert rate.met is not None
+
+
+def test_the_bare_relay_of_the_files_benchmark_passes_every_byte_on(tmp_path: Path) -> None:
+    from tools.bench.bare_stream import CHUNK, METHOD
+    from tools.bench.files import _self_signed, _start_bare
+
+    file = tmp_path / "data.bin"
+    file.write_bytes(os.urandom(3 * CHUNK + 12345))
+    cert, key = _self_signed(tmp_path)
+    source, port = _start_bare(["--file", str(file)], cert, key)
+    relay, relay_port = _start_bare(["--relay-to", str(port)], cert, key)
+
+    async def read(at: int) -> list[bytes]:
+        creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        async with grpc.aio.secure_channel(f"127.0.0.1:{at}", creds) as channel:
+            call = channel.unary_stream(METHOD, request_serializer=None, response_deserializer=None)
+            return [bytes(m) async for m in call(b"")]
+
+    try:
+        direct, relayed = asyncio.run(read(port)), asyncio.run(read(relay_port))
+    finally:
+        for proc in (relay, source):
+            proc.kill()
+            proc.wait()
+    assert relayed == direct and b"".join(relayed) == file.read_bytes() and len(relayed) == 4
 
 
 def test_database_against_sqlalchemy_directly_and_psycopg_through_ssh_reverse_tunnel(tmp_path: Path) -> None:

@@ -1,5 +1,8 @@
 """A 1 GiB file read through control plane and agent, against a bare grpc.aio stream of the same file.
 
+For diagnosis the same stream is also read through a bare relay (tools/bench/bare_stream.py
+`--relay-to`): the tunnel's two TLS hops with nothing else, the floor of any relayed read on grpc.aio.
+
 Both sides stream over TLS on loopback between separate processes, in chunks
 of the tunnel's size, to a client in this process that only counts bytes.
 Each is run three times, alternately, and the fastest run of each counts, so
@@ -86,9 +89,9 @@ async def _tunnel_mb_s(cp: ControlPlaneProcess, token: str) -> float:
     return received / elapsed / 1e6
 
 
-def _start_bare(file: Path, cert: Path, key: Path) -> tuple[subprocess.Popen[str], int]:
+def _start_bare(source: list[str], cert: Path, key: Path) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tools.bench.bare_stream", "--file", str(file), "--cert", str(cert), "--key", str(key)],
+        [sys.executable, "-m", "tools.bench.bare_stream", *source, "--cert", str(cert), "--key", str(key)],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
     )
     assert proc.stdout is not None
@@ -106,7 +109,8 @@ async def _measure(workdir: Path) -> list[Figure]:
     await asyncio.to_thread(_make_file, file)
     cert, key = _self_signed(workdir)
 
-    bare, port = _start_bare(file, cert, key)
+    bare, port = _start_bare(["--file", str(file)], cert, key)
+    relay, relay_port = _start_bare(["--relay-to", str(port)], cert, key)
     cp = ControlPlaneProcess(workdir / "cp", log_level=BENCH_LOG_LEVEL)
     agent = AgentProcess(workdir / "agent", cp, profiles={"folders": {"bench": {"root": str(folder),
                                                                                  "read_only": True}}},
@@ -121,19 +125,25 @@ async def _measure(workdir: Path) -> list[Figure]:
         assert agent.proc is not None and cp.proc is not None
         # CPU seconds per GiB of each process of each side (the client is this process), from the fastest runs.
         bare_meter = CpuMeter([bare.pid, os.getpid()])
+        relay_meter = CpuMeter([bare.pid, relay.pid, os.getpid()])
         tunnel_meter = CpuMeter([agent.proc.pid, cp.proc.pid, os.getpid()])
         bare_runs: list[tuple[float, list[float]]] = []
+        relay_runs: list[tuple[float, list[float]]] = []
         tunnel_runs: list[tuple[float, list[float]]] = []
-        for _ in range(RUNS):  # alternated, so that a burst of load elsewhere hits both alike
+        for _ in range(RUNS):  # alternated, so that a burst of load elsewhere hits all alike
             bare_meter.start()
             bare_runs.append((await _bare_mb_s(port, cert.read_bytes()), bare_meter.stop()))
+            relay_meter.start()
+            relay_runs.append((await _bare_mb_s(relay_port, cert.read_bytes()), relay_meter.stop()))
             tunnel_meter.start()
             tunnel_runs.append((await _tunnel_mb_s(cp, token), tunnel_meter.stop()))
         (baseline, bare_cpu), (tunnel, tunnel_cpu) = max(bare_runs), max(tunnel_runs)
+        two_hops, (_, relay_cpu, _) = max(relay_runs)
         agent_peak, cp_peak = peak_rss_mib(agent.proc.pid), peak_rss_mib(cp.proc.pid)
     finally:
-        bare.kill()
-        bare.wait()
+        for proc in (relay, bare):
+            proc.kill()
+            proc.wait()
         agent.stop()
         cp.stop()
     (server_cpu, bare_client_cpu), (agent_cpu, cp_cpu, client_cpu) = bare_cpu, tunnel_cpu
@@ -144,6 +154,15 @@ async def _measure(workdir: Path) -> list[Figure]:
                f"chunk (the agent {agent_cpu:.2f} s, the client {client_cpu:.2f} s)", cp_cpu, "s",
                target="—", met=None, baseline_name=f"bare stream's server, which only sends (its client "
                                                    f"{bare_client_cpu:.2f} s)", baseline=server_cpu),
+        Figure("1 GiB file read, for diagnosis: the bare stream through a bare relay (the tunnel's two TLS hops, "
+               "each message passed on untouched)", two_hops, "MB/s", target="—", met=None,
+               baseline_name="bare grpc.aio stream, TLS", baseline=baseline),
+        Figure("1 GiB file read, for diagnosis: ours against that bare relay (what the tunnel costs beyond its "
+               "two hops)", tunnel, "MB/s", target="—", met=None,
+               baseline_name="bare stream through a bare relay", baseline=two_hops),
+        Figure("1 GiB file read, for diagnosis: CPU seconds of the control plane against the bare relay's, each "
+               "receiving and sending every chunk", cp_cpu, "s", target="—", met=None,
+               baseline_name="the bare relay", baseline=relay_cpu),
         peak_rss_figure("agent peak RSS while reading 1 GiB", agent_peak, 200),
         peak_rss_figure("control plane peak RSS while relaying 1 GiB", cp_peak, 200),
     ]
