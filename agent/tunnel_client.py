@@ -167,8 +167,13 @@ class TunnelClient:
 
     @property
     def slot_tasks(self) -> int:
-        """The tasks of slots running now (seeking, holding or closing a stream)."""
-        return len(self._tasks)
+        """The tasks of slots running now (seeking, holding or closing a stream).
+
+        Not one cancelled while it sought a stream (the plan dropped its slot, see `_apply`): it dials
+        nothing more, and only waits for the loop to deliver its cancellation. Counting it made a set
+        that flaps every millisecond look like more slots than `max_streams` for that instant.
+        """
+        return sum(1 for task in self._tasks.values() if not task.cancelling())
 
     def describe_streams(self) -> str:
         """The streams held, for logs and `systemctl status`: "2 streams: replica r1 at h1:8444, ..."."""
