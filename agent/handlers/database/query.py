@@ -152,7 +152,19 @@ class Query(RequestConnection):
         cursor = self.dbapi.cursor()
         self.cursor = cursor  # closed by close_result, also when the statement fails
         conn.info["onprem_cursor"] = cursor  # what `interrupt` cancels: pyodbc cancels per cursor
-        cursor.execute(statement.sql, statement.parameters(self.params))
+        params = statement.parameters(self.params)
+        try:
+            cursor.execute(statement.sql, params)
+        except Exception as exc:
+            # Wrapped as SQLAlchemy's execute wraps it, so that map_error answers as it did on that path
+            # (e.g. sqlite3's ProgrammingError for a NUL in the SQL is INVALID_ARGUMENT, not INTERNAL),
+            # and a lost connection is reported, and discarded, as SQLAlchemy would invalidate it.
+            error_class = conn.dialect.loaded_dbapi.Error
+            lost = isinstance(exc, error_class) and conn.dialect.is_disconnect(exc, self.dbapi, cursor)
+            if lost:
+                self._discard = True
+            raise sa.exc.DBAPIError.instance(statement.sql, params, exc, error_class, connection_invalidated=lost,
+                                             dialect=conn.dialect) from exc
         if cursor.description is None:
             self.rows_affected = cursor.rowcount
             self.done = True

@@ -23,7 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 
-__all__ = ["CACHED_SQL_CHARS", "CACHED_STATEMENTS", "DriverStatement", "Parsed", "for_driver", "parse"]
+__all__ = ["CACHED_SQL_CHARS", "CACHED_STATEMENTS", "DriverStatement", "Parsed", "cache_sizes", "for_driver", "parse"]
 
 #: The longest SQL text kept; longer statements are parsed and compiled per request.
 CACHED_SQL_CHARS = 4096

@@ -314,6 +314,17 @@ async def test_sqlite_large_result_streams_in_bounded_batches(sqlite_handler: Da
     assert sum(b.rows.row_count for b in batches) == 50000 == responses[-1].summary.row_count
 
 
+@pytest.mark.parametrize("profile", ["rw", "ro"])
+async def test_sqlite_sql_the_driver_refuses_before_running_it_is_invalid_argument(
+        sqlite_handler: DatabaseHandler, profile: str) -> None:
+    # sqlite3 refuses a NUL in the SQL text itself (ProgrammingError), without a message SQLite would write.
+    with pytest.raises(InvalidArgument) as info:
+        await collect(sqlite_handler, start(profile, "SELECT 1\x00"))
+    assert info.value.reason == "SQL_ERROR" and "null character" in info.value.message
+    _, rows = decode(await collect(sqlite_handler, start(profile, "SELECT 7")))
+    assert rows == [[7]]
+
+
 async def test_sqlite_cancellation_interrupts_and_frees_the_connection(tmp_path: Path) -> None:
     path = tmp_path / "one.db"
     handler = DatabaseHandler({"one": DatabaseProfile(name="one", url=f"sqlite:///{path}", pool_size=1)})
